@@ -1,0 +1,131 @@
+"""Normalise user arguments once, at the boundary, into plain per-axis tuples of ints.
+
+Every public function calls these helpers before it builds a graph or touches a store, so a bad
+argument fails early with a message naming the parameter, the expectation and the value given.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any, Literal
+
+BorderMode = Literal["shift", "pad", "drop"]
+BORDERS: tuple[str, ...] = ("shift", "pad", "drop")
+
+PadMode = Literal["reflect", "symmetric", "edge", "wrap", "constant"]
+PAD_MODES: tuple[str, ...] = ("reflect", "symmetric", "edge", "wrap", "constant")
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} of type {type(value).__name__}"
+
+
+def parse_int(value: Any, name: str, *, minimum: int | None = None) -> int:
+    """Return ``value`` as a plain ``int``, rejecting bools, floats and strings."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {_describe(value)}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return value
+
+
+def parse_shape(value: Any, name: str = "shape", *, minimum: int = 1) -> tuple[int, ...]:
+    """Return a shape as a tuple of ints >= ``minimum``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of integers; got {_describe(value)}")
+    if len(value) == 0:
+        raise ValueError(f"{name} must have at least one axis; got {tuple(value)!r}")
+    out = tuple(parse_int(v, f"{name}[{i}]") for i, v in enumerate(value))
+    bad = [i for i, v in enumerate(out) if v < minimum]
+    if bad:
+        raise ValueError(f"{name} must be >= {minimum} on every axis; got {out} (axis {bad[0]})")
+    return out
+
+
+def parse_per_axis(value: Any, ndim: int, name: str, *, minimum: int = 1) -> tuple[int, ...]:
+    """Turn an int or a sequence of ``ndim`` ints into a per-axis tuple of ints >= ``minimum``.
+
+    Examples
+    --------
+    >>> parse_per_axis(4, 3, "size")
+    (4, 4, 4)
+    >>> parse_per_axis((4, 2), 2, "stride")
+    (4, 2)
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        out = (int(value),) * ndim
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != ndim:
+            raise ValueError(
+                f"{name} must be an integer or a sequence of {ndim} integers (one per spatial "
+                f"axis); got {tuple(value)!r} with {len(value)} entries"
+            )
+        out = tuple(parse_int(v, f"{name}[{i}]") for i, v in enumerate(value))
+    else:
+        raise TypeError(
+            f"{name} must be an integer or a sequence of integers; got {_describe(value)}"
+        )
+    bad = [i for i, v in enumerate(out) if v < minimum]
+    if bad:
+        raise ValueError(
+            f"{name} must be >= {minimum} on every axis; got {out} (axis {bad[0]} is {out[bad[0]]})"
+        )
+    return out
+
+
+def parse_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """Check that ``value`` is one of the accepted mode names."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {choices}; got {_describe(value)}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+    return value
+
+
+def spatial_ndim(size: Any) -> int | None:
+    """Number of spatial axes a ``size`` argument names, or ``None`` for a scalar size."""
+    if isinstance(size, Sequence) and not isinstance(size, (str, bytes)):
+        return len(size)
+    return None
+
+
+def split_axes(
+    ndim: int, size: Any, channel_axis: Any, *, name: str = "volume"
+) -> tuple[int | None, int, int]:
+    """Split an array's axes into (channel axis, number of batch axes, number of spatial axes).
+
+    The spatial axes are the last ``len(size)`` non-channel axes (all of them when ``size`` is a
+    scalar); the non-channel axes before them are batch axes. The channel axis must come before
+    the spatial axes or be the last axis.
+    """
+    if channel_axis is None:
+        ch = None
+    else:
+        ch = parse_int(channel_axis, "channel_axis")
+        if not -ndim <= ch < ndim:
+            raise ValueError(
+                f"channel_axis must be None or an axis of the {ndim}-D {name} "
+                f"(from {-ndim} to {ndim - 1}); got {channel_axis}"
+            )
+        ch %= ndim
+    n_nonchannel = ndim - (ch is not None)
+    k = spatial_ndim(size)
+    if k is None:
+        k = n_nonchannel
+    if k == 0 or k > n_nonchannel:
+        raise ValueError(
+            f"size has {k} entries but the {ndim}-D {name} has {n_nonchannel} non-channel axes "
+            f"(channel_axis={channel_axis}); size must name between 1 and {n_nonchannel} "
+            "spatial axes"
+        )
+    n_batch = n_nonchannel - k
+    if ch is not None and ch != ndim - 1 and ch > n_batch:
+        raise ValueError(
+            f"channel_axis must come before the spatial axes or be the last axis of the {ndim}-D "
+            f"{name}; got channel_axis={channel_axis} between spatial axes"
+        )
+    if n_nonchannel == 0:
+        raise ValueError(f"the {name} has no spatial axes besides channel_axis={channel_axis}")
+    return ch, n_batch, k
