@@ -4,7 +4,20 @@ Lazy Dask graphs cut a volume into patches, run a model on every patch exactly o
 predictions back into a seamless volume with exact normalisation; volumes live in Zarr stores.
 """
 
+from .blend import apply_patches, reconstruct
+from .extract import extract_patches
 from .grid import PatchGrid
+from .seed import get_patches, reconstruct_patch
+from .windows import BLENDS, window
 
-__all__ = ["PatchGrid"]
+__all__ = [
+    "BLENDS",
+    "PatchGrid",
+    "apply_patches",
+    "extract_patches",
+    "get_patches",
+    "reconstruct",
+    "reconstruct_patch",
+    "window",
+]
 __version__ = "0.1.0"

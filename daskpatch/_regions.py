@@ -1,0 +1,210 @@
+"""Reading rectangular regions of a volume inside graph tasks.
+
+Patch extraction and the blending engine both build one task per group of patches that reads a
+region (a group's bounding box, or a work block plus its halo). This module turns a user volume
+into a :class:`Volume` in a canonical layout — channel axis first, then batch and spatial axes —
+and builds the task that reads a region of it, padded past the end where a ``border="pad"`` grid
+needs it.
+
+Two ways to read:
+
+- *direct*: the volume is an array-like (NumPy, Zarr, or a Dask array that is a bare
+  ``from_array``/``from_zarr`` over one) and the task slices it itself, so a Zarr-backed task reads
+  exactly the chunks its region touches, and no chunk stays in memory between tasks;
+- *chunks*: any other Dask array; the task depends on the chunks its region overlaps and copies
+  the overlapping parts into place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from ._validate import _describe
+
+
+def _direct_source(x: da.Array) -> Any | None:
+    """The array-like under a Dask array built by ``from_array``/``from_zarr``, else ``None``."""
+    layers = x.dask.layers
+    if len(layers) != 2:
+        return None
+    top = x.dask.dependencies.get(x.name, set())
+    if len(top) != 1:
+        return None
+    (orig,) = top
+    if not orig.startswith("original-"):
+        return None
+    values = list(dict(layers[orig]).values())
+    if len(values) != 1:
+        return None
+    obj = values[0]
+    if getattr(obj, "shape", None) != x.shape or not hasattr(obj, "__getitem__"):
+        return None
+    return obj
+
+
+def _pad_map(n: int, total: int, mode: str) -> np.ndarray:
+    """Source index for each padded position along an axis (-1 for a constant fill)."""
+    if mode == "constant":
+        return np.concatenate([np.arange(n), np.full(total - n, -1)])
+    return np.pad(np.arange(n), (0, total - n), mode=mode)
+
+
+@dataclass
+class Volume:
+    """A user volume seen in the canonical layout ``(C, *grid_axes)``.
+
+    ``grid_axes`` are the batch axes followed by the spatial axes (the non-channel axes in their
+    order). ``channels`` is 1 when the volume has no channel axis.
+    """
+
+    array: Any  # array-like (direct) or dask array (chunks), in the user's layout
+    direct: bool
+    channel_axis: int | None  # in the user's array (direct reads)
+    shape: tuple[int, ...]  # grid axes only
+    channels: int
+    dtype: np.dtype
+    name: str
+
+    @classmethod
+    def from_user(cls, volume: Any, channel_axis: int | None, *, param: str = "volume") -> Volume:
+        if isinstance(volume, da.Array):
+            src = _direct_source(volume)
+            if src is not None:
+                volume = src
+        if isinstance(volume, da.Array):
+            if any(math.isnan(c) for c in volume.shape):
+                raise ValueError(f"{param} must have a known shape; got {volume.shape}")
+            x = volume
+            if channel_axis is None:
+                grid_shape, channels = x.shape, 1
+            else:
+                if len(x.chunks[channel_axis]) > 1:
+                    x = x.rechunk({channel_axis: -1})
+                grid_shape = x.shape[:channel_axis] + x.shape[channel_axis + 1:]
+                channels = x.shape[channel_axis]
+            return cls(x, False, channel_axis, tuple(grid_shape), channels, x.dtype, x.name)
+        if not (hasattr(volume, "shape") and hasattr(volume, "dtype")
+                and hasattr(volume, "__getitem__")):
+            raise TypeError(
+                f"{param} must be a NumPy, Dask or Zarr array; got {_describe(volume)}"
+            )
+        if isinstance(volume, np.ndarray) or not hasattr(volume, "ndim"):
+            volume = np.asarray(volume)
+        shape = tuple(int(s) for s in volume.shape)
+        if channel_axis is None:
+            grid_shape, channels = shape, 1
+        else:
+            grid_shape = shape[:channel_axis] + shape[channel_axis + 1:]
+            channels = shape[channel_axis]
+        name = "source-" + tokenize(volume)
+        return cls(volume, True, channel_axis, grid_shape, channels, np.dtype(volume.dtype), name)
+
+    # -- graph pieces --------------------------------------------------------------------------
+    def source_layer(self) -> tuple[list, dict]:
+        """Collections the read tasks depend on, and graph entries they read."""
+        if self.direct:
+            return [], {self.name: self.array}
+        return [self.array], {}
+
+    def _axis_read(self, a: int, lo: int, hi: int, pad_mode: str) -> tuple:
+        """Per-axis part of a read: (pad map, source lo, source hi, chunk pieces)."""
+        key = (a, lo, hi, pad_mode)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        n = self.shape[a]
+        if hi <= n:
+            m, s0, s1 = None, lo, hi
+        else:
+            full = _pad_map(n, hi, pad_mode)[lo:hi]
+            valid = full[full >= 0]
+            s0, s1 = (int(valid.min()), int(valid.max()) + 1) if valid.size else (0, 0)
+            m = np.where(full >= 0, full - s0, -1)
+        pieces = []
+        if not self.direct:
+            bounds = self._bounds[a]
+            i0 = int(np.searchsorted(bounds, s0, "right")) - 1
+            i1 = int(np.searchsorted(bounds, s1, "left"))
+            for i in range(i0, max(i1, i0 + 1)):
+                p0, p1 = max(s0, int(bounds[i])), min(s1, int(bounds[i + 1]))
+                if p0 < p1:
+                    pieces.append((i, slice(p0 - s0, p1 - s0), slice(p0 - bounds[i], p1 - bounds[i])))
+        out = self._cache[key] = (m, s0, s1, pieces)
+        return out
+
+    def read_task(self, lo: tuple[int, ...], hi: tuple[int, ...], pad_mode: str) -> tuple:
+        """A task reading ``[lo, hi)`` (padded coordinates) as ``(C, *region)``, and its inputs."""
+        axes = [self._axis_read(a, l, h, pad_mode) for a, (l, h) in enumerate(zip(lo, hi))]
+        maps = [ax[0] for ax in axes]
+        src_lo = tuple(ax[1] for ax in axes)
+        src_hi = tuple(ax[2] for ax in axes)
+        if self.direct:
+            return (_read_direct, self.name, src_lo, src_hi, self.channel_axis, maps), {self.name}
+        keys, spec = [], []
+        ch = self.channel_axis
+        for combo in itertools.product(*[ax[3] for ax in axes]):
+            idx = [p[0] for p in combo]
+            if ch is not None:
+                idx.insert(ch, 0)
+            keys.append((self.array.name, *idx))
+            spec.append((tuple(p[1] for p in combo), tuple(p[2] for p in combo)))
+        shape = (self.channels,) + tuple(h - l for l, h in zip(src_lo, src_hi))
+        return (_read_chunks, shape, self.dtype, spec, maps, ch, keys), set(keys)
+
+    def __post_init__(self) -> None:
+        self._cache: dict = {}
+        if not self.direct:
+            chunks = list(self.array.chunks)
+            if self.channel_axis is not None:
+                del chunks[self.channel_axis]
+            self._bounds = [np.cumsum((0,) + c) for c in chunks]
+
+
+def _apply_maps(a: np.ndarray, maps: list) -> np.ndarray:
+    """Expand the source read ``a`` (C, *src) to the padded region with the per-axis maps."""
+    if all(m is None for m in maps):
+        return a
+    for ax, m in enumerate(maps):
+        if m is None:
+            continue
+        if a.shape[ax + 1] == 0:
+            a = np.zeros(a.shape[: ax + 1] + (len(m),) + a.shape[ax + 2:], a.dtype)
+            continue
+        fill = m < 0
+        a = np.take(a, np.where(fill, 0, m), axis=ax + 1)
+        if fill.any():
+            index = [slice(None)] * a.ndim
+            index[ax + 1] = fill
+            a[tuple(index)] = 0
+    return a
+
+
+def _read_direct(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps: list
+                 ) -> np.ndarray:
+    index = [slice(l, h) for l, h in zip(lo, hi)]
+    if channel_axis is not None:
+        index.insert(channel_axis, slice(None))
+    return _apply_maps(_canonical(arr[tuple(index)], channel_axis), maps)
+
+
+def _canonical(block: Any, channel_axis: int | None) -> np.ndarray:
+    block = np.asarray(block)
+    return block[None] if channel_axis is None else np.moveaxis(block, channel_axis, 0)
+
+
+def _read_chunks(shape: tuple, dtype: np.dtype, spec: list, maps: list,
+                 channel_axis: int | None, blocks: list) -> np.ndarray:
+    if len(spec) == 1 and _canonical(blocks[0], channel_axis).shape == tuple(shape):
+        a = _canonical(blocks[0], channel_axis)
+    else:
+        a = np.empty(shape, dtype=dtype)
+        for (dst, src), b in zip(spec, blocks):
+            a[(slice(None),) + dst] = _canonical(b, channel_axis)[(slice(None),) + src]
+    return _apply_maps(a, maps)

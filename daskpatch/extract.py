@@ -1,0 +1,198 @@
+"""Lazy patch extraction: a volume in, a Dask array of patches ``(N, ...patch)`` out."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.utils import parse_bytes
+
+from ._layer import LazyLayer, lazy_graph
+from ._regions import Volume
+from ._validate import (
+    BORDERS,
+    PAD_MODES,
+    BorderMode,
+    PadMode,
+    parse_choice,
+    parse_per_axis,
+    split_axes,
+)
+from .grid import PatchGrid
+
+__all__ = ["extract_patches"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a user's array maps onto the canonical ``(C, *batch, *spatial)`` layout."""
+
+    ndim: int
+    channel_axis: int | None
+    n_batch: int
+    channels_first: bool  # in patches: (N, C, ...) rather than (N, ..., C)
+
+    @property
+    def n_spatial(self) -> int:
+        return self.ndim - (self.channel_axis is not None) - self.n_batch
+
+    def patch_shape(self, size: tuple[int, ...], channels: int) -> tuple[int, ...]:
+        if self.channel_axis is None:
+            return size
+        return (channels, *size) if self.channels_first else (*size, channels)
+
+    def from_canonical(self, a: np.ndarray) -> np.ndarray:
+        """``(k, C, *size)`` patches to the user's patch layout."""
+        if self.channel_axis is None:
+            return a[:, 0]
+        return a if self.channels_first else np.moveaxis(a, 1, -1)
+
+    def to_canonical(self, a: np.ndarray) -> np.ndarray:
+        """User patch layout to ``(k, C, *size)``."""
+        if self.channel_axis is None:
+            return a[:, None]
+        return a if self.channels_first else np.moveaxis(a, -1, 1)
+
+
+def parse_layout(ndim: int, size: Any, channel_axis: Any, name: str = "volume") -> Layout:
+    ch, n_batch, _ = split_axes(ndim, size, channel_axis, name=name)
+    return Layout(ndim, ch, n_batch, ch is not None and ch != ndim - 1)
+
+
+def full_grid(
+    shape: tuple[int, ...], n_batch: int, size: Any, stride: Any, border: str
+) -> PatchGrid:
+    """The grid over batch and spatial axes: batch axes are patches of size 1."""
+    k = len(shape) - n_batch
+    size = parse_per_axis(size, k, "size")
+    stride = size if stride is None else parse_per_axis(stride, k, "stride")
+    ones = (1,) * n_batch
+    return PatchGrid(shape, ones + size, ones + stride, border=border)  # type: ignore[arg-type]
+
+
+def _groups(grid_shape: tuple[int, ...], per_group: int) -> tuple[int, ...]:
+    """Grid-space group shape whose flat indices are contiguous: ``(1, .., c_j, full, .., full)``."""
+    out = list(grid_shape)
+    budget = max(1, per_group)
+    for ax in range(len(grid_shape) - 1, -1, -1):
+        if budget >= grid_shape[ax]:
+            budget //= grid_shape[ax]
+            continue
+        out[ax] = budget
+        out[:ax] = [1] * ax
+        break
+    return tuple(out)
+
+
+def extract_patches(
+    volume: Any,
+    size: int | tuple[int, ...],
+    stride: int | tuple[int, ...] | None = None,
+    *,
+    border: BorderMode = "shift",
+    pad_mode: PadMode = "reflect",
+    channel_axis: int | None = None,
+) -> da.Array:
+    """Cut a volume into patches, lazily.
+
+    Parameters
+    ----------
+    volume : array-like
+        A NumPy, Dask or Zarr array. Nothing is read until the result is computed; with a Zarr
+        store (or a Dask array over one) each task reads only the chunks its patches overlap.
+    size : int or tuple of int
+        Patch shape. An int applies to every spatial axis. A tuple with fewer entries than the
+        volume's non-channel axes makes the leading extra axes batch axes (a stack of volumes):
+        each volume gets its own grid and the patches are concatenated in volume order.
+    stride : int or tuple of int, optional
+        Step between patches (``None``: ``stride = size``, no overlap).
+    border : {"shift", "pad", "drop"}
+        See :class:`PatchGrid`. ``"pad"`` reads past the end with ``pad_mode``.
+    pad_mode : {"reflect", "symmetric", "edge", "wrap", "constant"}
+        How ``border="pad"`` fills the part of a patch past the volume (``np.pad`` modes;
+        ``"constant"`` fills zeros).
+    channel_axis : int, optional
+        The volume's channel axis, kept whole in every patch: patches are ``(N, C, *size)`` when it
+        comes before the spatial axes, ``(N, *size, C)`` when it is the last axis.
+
+    Returns
+    -------
+    dask.array.Array
+        Patches ``(N, *size)`` (with the channel axis where ``channel_axis`` says), in C order over
+        the per-axis starts of :class:`PatchGrid`, chunked along ``N`` in groups of about
+        ``dask.config.get("array.chunk-size")`` bytes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> vol = np.arange(6 * 5, dtype=np.float32).reshape(6, 5)
+    >>> p = extract_patches(vol, 4, 2)
+    >>> p.shape
+    (4, 4, 4)
+    >>> bool((p[3].compute() == vol[2:6, 1:5]).all())
+    True
+    >>> extract_patches(np.zeros((2, 8, 8, 3)), (4, 4), channel_axis=-1).shape
+    (8, 4, 4, 3)
+    """
+    if not hasattr(volume, "ndim"):
+        volume = Volume.from_user(volume, None).array  # raises a TypeError for non-arrays
+    layout = parse_layout(volume.ndim, size, channel_axis)
+    border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
+    pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)  # type: ignore[assignment]
+    vol = Volume.from_user(volume, layout.channel_axis)
+    grid = full_grid(vol.shape, layout.n_batch, size, stride, border)
+    nb = layout.n_batch
+    patch = grid.size[nb:]
+
+    patch_bytes = math.prod(patch) * vol.channels * vol.dtype.itemsize
+    target = parse_bytes(dask.config.get("array.chunk-size"))
+    group = _groups(grid.grid_shape, target // max(patch_bytes, 1))
+    starts = [grid.axis_starts(a) for a in range(grid.ndim)]
+
+    shape = layout.patch_shape(patch, vol.channels)
+    name = "extract-patches-" + tokenize(vol.name, grid, pad_mode, layout)
+    ranges = [[(i, min(i + g, n)) for i in range(0, n, g)]
+              for n, g in zip(grid.grid_shape, group)]
+    counts = [len(r) for r in ranges]
+    key_tail = (0,) * len(shape)
+
+    def contains(key: Any) -> bool:
+        return (isinstance(key, tuple) and len(key) == 2 + len(shape) and key[0] == name
+                and isinstance(key[1], int) and 0 <= key[1] < n_groups
+                and key[2:] == key_tail)
+
+    def task(key: tuple) -> tuple[tuple, set]:
+        gidx = np.unravel_index(key[1], counts)
+        offsets = [starts[a][slice(*ranges[a][g])] for a, g in enumerate(gidx)]
+        lo = tuple(int(o[0]) for o in offsets)
+        hi = tuple(int(o[-1]) + z for o, z in zip(offsets, grid.size))
+        read, deps = vol.read_task(lo, hi, pad_mode)
+        rel = [o - l for o, l in zip(offsets, lo)]
+        return (_cut, read, rel, grid.size, nb, layout), deps
+
+    n_groups = math.prod(counts)
+    per_group = np.ones((), dtype=np.int64)
+    for r in ranges:
+        per_group = np.multiply.outer(per_group, [i1 - i0 for i0, i1 in r])
+    chunks = (tuple(per_group.ravel().tolist()),) + tuple((s,) for s in shape)
+    layer = LazyLayer(lambda: ((name, g, *key_tail) for g in range(n_groups)), n_groups,
+                      contains, task)
+    collections, extra = vol.source_layer()
+    graph = lazy_graph(name, layer, collections, extra)
+    return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype=vol.dtype))
+
+
+def _cut(region: np.ndarray, rel: list[np.ndarray], size: tuple[int, ...], n_batch: int,
+         layout: Layout) -> np.ndarray:
+    """Cut the patches at relative starts ``rel`` (per axis, C-order product) out of a region."""
+    counts = [len(r) for r in rel]
+    out = np.empty((math.prod(counts), region.shape[0]) + size[n_batch:], dtype=region.dtype)
+    for k, idx in enumerate(np.ndindex(*counts)):
+        sl = tuple(slice(int(r[i]), int(r[i]) + z) for r, i, z in zip(rel, idx, size))
+        out[k] = region[(slice(None),) + sl].reshape(out.shape[1:])
+    return layout.from_canonical(out)
