@@ -1,0 +1,91 @@
+"""The same graphs on a real dask.distributed LocalCluster (worker processes): same output."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+import daskpatch as dp
+
+distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
+
+pytestmark = [
+    pytest.mark.cluster,
+    # a killed worker makes distributed log and warn while it recovers
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore:.*:UserWarning:distributed"),
+]
+
+
+class Model:
+    """A callable with state (weights) that must travel to the workers."""
+
+    def __init__(self, seed: int, delay: float = 0.0) -> None:
+        self.weights = np.random.default_rng(seed).random(3).astype(np.float32)
+        self.delay = delay
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.delay:
+            time.sleep(self.delay)
+        w = self.weights
+        return w[0] * batch + w[1] * batch.mean(axis=(1, 2, 3), keepdims=True) + w[2]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", silence_logs=50) as cluster:
+        with distributed.Client(cluster) as c:
+            yield c
+
+
+@pytest.fixture
+def volume(tmp_path):
+    data = np.random.default_rng(0).random((48, 40, 36)).astype(np.float32)
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=data.shape, chunks=(16, 16, 12),
+                          dtype=data.dtype)
+    z[...] = data
+    return zarr.open_array(str(tmp_path / "in.zarr"), mode="r")
+
+
+def _graph(volume, model):
+    return dp.apply_patches(volume, model, (16, 16, 12), (8, 8, 6), batch_size=4, blend="gaussian")
+
+
+def test_identical_to_the_threaded_scheduler(client, volume):
+    model = Model(1)
+    local = _graph(volume, model).compute(scheduler="threads")
+    remote = client.compute(_graph(volume, model)).result()
+    np.testing.assert_array_equal(remote, local)
+
+
+def test_closure_and_reconstruct_on_the_cluster(client, volume):
+    scale = np.float32(3.0)
+    out = dp.apply_patches(volume, lambda b: b * scale, 16, 8, blend="hann")  # a closure
+    np.testing.assert_allclose(client.compute(out).result(), 3 * volume[...], atol=1e-5)
+    p = dp.extract_patches(volume, 16, 8)
+    back = dp.reconstruct(p, volume.shape, 16, 8, blend="crop")
+    np.testing.assert_array_equal(client.compute(back).result(), volume[...])
+
+
+def test_worker_killed_mid_run_gives_the_identical_result(client, volume):
+    model = Model(2, delay=0.02)
+    expected = _graph(volume, Model(2)).compute(scheduler="threads")
+    future = client.compute(_graph(volume, model))
+    deadline = time.time() + 30
+    while not any(ts for ts in client.processing().values()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # some tasks done, some running
+    victim = next(iter(client.scheduler_info()["workers"]))
+    assert not future.done()  # really mid-run
+    try:
+        client.run(os._exit, 1, workers=[victim])
+    except Exception:  # the worker dies before it can answer
+        pass
+    result = future.result(timeout=120)
+    np.testing.assert_array_equal(result, expected)
+    assert victim not in client.scheduler_info()["workers"]  # it did die (the nanny restarts it)
