@@ -7,17 +7,23 @@ predictions back into a seamless volume with exact normalisation; volumes live i
 from .blend import apply_patches, reconstruct
 from .extract import extract_patches
 from .grid import PatchGrid
+from .io import aligned_chunks, is_stride_aligned, open_volume, rechunk_to_stride, to_zarr
 from .seed import get_patches, reconstruct_patch
 from .windows import BLENDS, window
 
 __all__ = [
     "BLENDS",
     "PatchGrid",
+    "aligned_chunks",
     "apply_patches",
     "extract_patches",
     "get_patches",
+    "is_stride_aligned",
+    "open_volume",
+    "rechunk_to_stride",
     "reconstruct",
     "reconstruct_patch",
+    "to_zarr",
     "window",
 ]
 __version__ = "0.1.0"
