@@ -5,6 +5,7 @@ predictions back into a seamless volume with exact normalisation; volumes live i
 """
 
 from .blend import apply_patches, reconstruct
+from .data import PatchDataset, RandomPatchDataset
 from .extract import extract_patches
 from .grid import PatchGrid
 from .io import aligned_chunks, is_stride_aligned, open_volume, rechunk_to_stride, to_zarr
@@ -13,7 +14,9 @@ from .windows import BLENDS, window
 
 __all__ = [
     "BLENDS",
+    "PatchDataset",
     "PatchGrid",
+    "RandomPatchDataset",
     "aligned_chunks",
     "apply_patches",
     "extract_patches",
