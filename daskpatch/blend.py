@@ -24,6 +24,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +57,8 @@ __all__ = ["apply_patches", "reconstruct"]
 
 #: Default byte budget of one work block's accumulation buffer (``block_shape=None``).
 BLOCK_BYTES = 64 * 2**20
+#: Fewest work blocks the automatic block shape aims for, where the volume allows it.
+MIN_BLOCKS = 8
 
 
 # -- geometry of the blocks ----------------------------------------------------------------------
@@ -131,6 +137,15 @@ def _auto_block(
             break
         i = min(options, key=lambda j: mult[j] * stride[j])
         mult[i] += 1
+    # enough blocks to keep every core busy on small volumes ...
+    starts = [len(grid.axis_starts(a)) for a in spatial]
+    while math.prod(-(-m // k) for m, k in zip(starts, mult)) < MIN_BLOCKS:
+        i = max(range(len(mult)), key=lambda j: mult[j] * stride[j])
+        if mult[i] == 1:
+            break
+        mult[i] -= 1
+    # ... and the same number of patch starts in each block of an axis, as far as possible
+    mult = [-(-m // -(-m // k)) for m, k in zip(starts, mult)]
     return tuple(m * s for m, s in zip(mult, stride))
 
 
@@ -146,6 +161,7 @@ class _Accumulator:
         self.q, self.q_ids, self.user = q, q_ids, user_window
         self.acc_dtype = acc_dtype
         self._w: dict = {}
+        self._tmp: np.ndarray | None = None
 
     def weight(self, gidx: tuple[int, ...]) -> np.ndarray:
         if self.user is not None:
@@ -166,11 +182,19 @@ class _Accumulator:
         size = data.shape[1:]
         end = np.minimum(rel + size, self.shape)
         dst = tuple(slice(int(r), int(e)) for r, e in zip(rel, end))
-        src = tuple(slice(0, int(e - r)) for r, e in zip(rel, end))
         n = data.shape[0]
-        wc = w[src]
         target = self.buf[(slice(0, n),) + dst]
-        target += data[(slice(None),) + src] * wc
+        if target.shape == data.shape:
+            # one reused scratch buffer: no fresh (page-faulting) temporary per patch
+            if self._tmp is None or self._tmp.shape != data.shape:
+                self._tmp = np.empty(data.shape, dtype=self.acc_dtype)
+            np.multiply(data, w, out=self._tmp, casting="unsafe")
+            target += self._tmp
+            wc = w
+        else:  # a border="pad" patch running past the volume: crop it
+            src = tuple(slice(0, int(e - r)) for r, e in zip(rel, end))
+            wc = w[src]
+            target += data[(slice(None),) + src] * wc
         if self.user is not None:
             self.buf[(n,) + dst] += wc
 
@@ -202,9 +226,10 @@ def _apply_block(region, region_lo, ext_lo, ext_shape, owned, starts, q, q_ids, 
     size = tuple(int(v) for v in out_patch_shape)
     channels = region.shape[0]
     spatial = size[n_batch:]
+    full = np.empty((min(batch_size, len(items)), channels) + spatial, dtype=region.dtype)
     for b0 in range(0, len(items), batch_size):
         chunk = items[b0:b0 + batch_size]
-        batch = np.empty((len(chunk), channels) + spatial, dtype=region.dtype)
+        batch = full[:len(chunk)]
         for k, (_, st) in enumerate(chunk):
             rel = st - region_lo
             sl = tuple(slice(int(r), int(r) + z) for r, z in zip(rel, size))
@@ -228,13 +253,25 @@ def _reconstruct_block(chunks, where, ext_lo, ext_shape, gidxs, starts, q, q_ids
     return acc.buf
 
 
-def _halo(buf: np.ndarray, pieces: list) -> dict:
-    """Copy the parts of a block buffer that belong to other chunks, keyed by chunk index."""
-    return {target: buf[(slice(None),) + sl].copy() for target, sl in pieces}
+def _halo(buf: np.ndarray, pieces: list, spill: str | None = None, prefix: str = "") -> dict:
+    """Copy the parts of a block buffer that belong to other chunks, keyed by chunk index.
+
+    With ``spill`` (a directory) the parts go to ``.npy`` files there and the dict holds their
+    paths, so the scheduler keeps only file names between a block and its neighbours' chunks.
+    """
+    if spill is None:
+        return {target: buf[(slice(None),) + sl].copy() for target, sl in pieces}
+    os.makedirs(spill, exist_ok=True)
+    out = {}
+    for target, sl in pieces:
+        path = os.path.join(spill, f"{prefix}-{'.'.join(map(str, target))}.npy")
+        np.save(path, buf[(slice(None),) + sl])
+        out[target] = path
+    return out
 
 
 def _add(parts, dsts, sels, chunk_shape, channels, user, cov, fill_value, acc_dtype, out_dtype,
-         channel_axis):
+         channel_axis, after=None):
     """Sum one output chunk from its own block buffer and its neighbours' halo pieces.
 
     ``parts[k]`` is a block buffer (``sels[k]`` a tuple of slices into it) or a halo dict
@@ -242,7 +279,12 @@ def _add(parts, dsts, sels, chunk_shape, channels, user, cov, fill_value, acc_dt
     """
     out = np.zeros((channels + user,) + tuple(chunk_shape), dtype=acc_dtype)
     for part, sel, dst in zip(parts, sels, dsts):
-        piece = part[sel] if isinstance(part, dict) else part[(slice(None),) + sel]
+        if isinstance(part, dict):
+            piece = part[sel]
+            if isinstance(piece, str):  # spilled to disk
+                piece = np.load(piece)
+        else:
+            piece = part[(slice(None),) + sel]
         out[(slice(None),) + dst] += piece
     if user:
         w = out[-1]
@@ -270,8 +312,9 @@ class _Engine:
     """
 
     def __init__(self, plan: _Plan, name: str, accumulate: Callable, channels: int,
-                 acc_dtype: np.dtype, out_dtype: np.dtype, fill_value: Any, layout: Layout):
-        self.plan, self.name, self.accumulate = plan, name, accumulate
+                 acc_dtype: np.dtype, out_dtype: np.dtype, fill_value: Any, layout: Layout,
+                 spill: str | None):
+        self.plan, self.name, self.accumulate, self.spill = plan, name, accumulate, spill
         self.acc_name, self.halo_name = "acc-" + name, "halo-" + name
         self.args = (channels, 0 if plan.window.separable else 1)
         self.dtypes = (fill_value, acc_dtype, out_dtype)
@@ -355,7 +398,8 @@ class _Engine:
                 if target != idx:
                     pieces.append((target, tuple(p[1] for p in combo)))
             acc = (self.acc_name, *idx)
-            return (_halo, acc, pieces), {acc}
+            prefix = f"{self.name}-{'.'.join(map(str, idx))}"
+            return (_halo, acc, pieces, self.spill, prefix), {acc}
         parts, sels, dsts = [], [], []
         for combo in itertools.product(*[self.src_ax[a][c] for a, c in enumerate(idx)]):
             bidx = tuple(p[0] for p in combo)
@@ -373,8 +417,12 @@ class _Engine:
             if all(c.all() for c in cov):
                 cov = None
         shape = tuple(hi - lo for lo, hi in bounds)
-        task = (_add, parts, dsts, sels, shape, *self.args, cov, *self.dtypes, self.ch)
-        return task, set(parts)
+        # Depending on this block's own halo task (unused here) makes the scheduler copy the
+        # halo out before the chunk is summed, so the block buffer is freed right after.
+        after = (self.halo_name, *idx) if self.plan.has_patches(idx) and self._has_halo(idx) \
+            else None
+        task = (_add, parts, dsts, sels, shape, *self.args, cov, *self.dtypes, self.ch, after)
+        return task, set(parts) | ({after} if after else set())
 
     def array(self, collections: list, extra: dict | None) -> da.Array:
         layer = LazyLayer(self.keys, self.count, self.contains, self.task)
@@ -420,6 +468,21 @@ def _check_coverage(grid: PatchGrid, fill_value: Any) -> None:
         raise TypeError(f"fill_value must be a number or None; got {_describe(fill_value)}")
 
 
+def _parse_spill(spill: Any) -> str | None:
+    """``None``/``False``: halos in memory; ``True``: a temporary directory; else a directory."""
+    if spill is None or spill is False:
+        return None
+    if spill is True:
+        path = tempfile.mkdtemp(prefix="daskpatch-spill-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        return path
+    if isinstance(spill, (str, os.PathLike)):
+        return os.fspath(spill)
+    raise TypeError(
+        f"spill must be None, True or a directory path (str or os.PathLike); got {_describe(spill)}"
+    )
+
+
 def reconstruct(
     patches: Any,
     shape: tuple[int, ...],
@@ -432,6 +495,7 @@ def reconstruct(
     fill_value: float | None = None,
     block_shape: int | tuple[int, ...] | None = None,
     sigma_scale: float = 0.125,
+    spill: bool | str | os.PathLike | None = None,
 ) -> da.Array:
     """Blend patches back into a volume, lazily (overlap-add with exact normalisation).
 
@@ -459,6 +523,13 @@ def reconstruct(
         64 MiB.
     sigma_scale : float
         Gaussian sigma as a fraction of the patch size.
+    spill : bool or path, optional
+        Where the halo parts that a block hands to its neighbours' chunks wait. ``None`` (default)
+        keeps them in memory: fastest, but the scheduler then holds about one plane of halos
+        (roughly ``3 * (size - stride)`` voxels times the volume's cross-section), which grows with
+        the volume. A directory (or ``True`` for a temporary one, removed at exit) writes them to
+        ``.npy`` files instead, so memory depends on the block size and the number of threads
+        only. On a multi-machine cluster the directory must be visible to every worker.
 
     Returns
     -------
@@ -512,8 +583,9 @@ def reconstruct(
     block = _block(grid, nb, block_shape, acc_dtype.itemsize, channels, None)
     plan = _Plan(grid, block, window)
     nbounds = np.cumsum((0,) + patches.chunks[0])
+    spill = _parse_spill(spill)  # last: a temporary directory only for a valid call
     name = "reconstruct-" + tokenize(patches.name, shape, grid, block, window.blend,
-                                     window.sigma_scale, window.array, fill_value, ch)
+                                     window.sigma_scale, window.array, fill_value, ch, spill)
     user = window.array
 
     def accumulate(bidx, ext_lo, ext_hi):
@@ -532,7 +604,8 @@ def reconstruct(
                 plan.q_ids, user, layout, channels, acc_dtype, grid.size)
         return task, set(keys)
 
-    engine = _Engine(plan, name, accumulate, channels, acc_dtype, out_dtype, fill_value, layout)
+    engine = _Engine(plan, name, accumulate, channels, acc_dtype, out_dtype, fill_value, layout,
+                     spill)
     return engine.array([patches], None)
 
 
@@ -552,6 +625,7 @@ def apply_patches(
     block_shape: int | tuple[int, ...] | None = None,
     fill_value: float | None = None,
     sigma_scale: float = 0.125,
+    spill: bool | str | os.PathLike | None = None,
 ) -> da.Array:
     """Run ``fn`` on every patch of a volume, in batches, and blend the results, lazily.
 
@@ -569,8 +643,8 @@ def apply_patches(
         shape, with ``out_channels`` channels, in any numeric dtype.
     size, stride, border, pad_mode, channel_axis
         As in :func:`extract_patches`.
-    blend, fill_value, block_shape, sigma_scale
-        As in :func:`reconstruct`.
+    blend, fill_value, block_shape, sigma_scale, spill
+        As in :func:`reconstruct`; for volumes larger than RAM pass ``spill``.
     batch_size : int
         Most patches per call of ``fn``.
     out_channels : int, optional
@@ -635,9 +709,10 @@ def apply_patches(
         chunks_in = None
     block = _block(grid, nb, block_shape, acc_dtype.itemsize, cout, chunks_in)
     plan = _Plan(grid, block, window)
+    spill = _parse_spill(spill)  # last: a temporary directory only for a valid call
     name = "apply-patches-" + tokenize(vol.name, fn, grid, block, window.blend, window.sigma_scale,
                                        window.array, pad_mode, batch_size, cout, out_dtype,
-                                       fill_value, layout)
+                                       fill_value, layout, spill)
     user = window.array
     q = plan.q if window.separable else None
 
@@ -652,5 +727,6 @@ def apply_patches(
                 layout, nb, cout, acc_dtype, grid.size)
         return task, deps
 
-    engine = _Engine(plan, name, accumulate, cout, acc_dtype, out_dtype, fill_value, layout)
+    engine = _Engine(plan, name, accumulate, cout, acc_dtype, out_dtype, fill_value, layout,
+                     spill)
     return engine.array(*vol.source_layer())

@@ -150,3 +150,16 @@ def test_tasks_per_output_chunk():
     keys = list(dict(out.dask.layers[out.name]))
     per_chunk = len(keys) / out.npartitions
     assert per_chunk <= 3
+
+
+def test_spilled_halos_give_the_same_result(tmp_path):
+    vol = np.random.default_rng(5).random((40, 36, 28)).astype(np.float32)
+    in_memory = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16).compute()
+    spill = tmp_path / "halos"
+    out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16, spill=spill)
+    assert not spill.exists()  # nothing written while building
+    np.testing.assert_array_equal(out.compute(), in_memory)
+    assert len(list(spill.glob("*.npy"))) > 0
+    p = dp.extract_patches(vol, 16, 8)
+    back = dp.reconstruct(p, vol.shape, 16, 8, block_shape=16, spill=True)
+    np.testing.assert_allclose(back.compute(), vol, atol=1e-6)
