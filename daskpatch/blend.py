@@ -256,8 +256,9 @@ def _reconstruct_block(chunks, where, ext_lo, ext_shape, gidxs, starts, q, q_ids
 def _halo(buf: np.ndarray, pieces: list, spill: str | None = None, prefix: str = "") -> dict:
     """Copy the parts of a block buffer that belong to other chunks, keyed by chunk index.
 
-    With ``spill`` (a directory) the parts go to ``.npy`` files there and the dict holds their
-    paths, so the scheduler keeps only file names between a block and its neighbours' chunks.
+    With ``spill`` (a directory) the parts — the block's own chunk included — go to ``.npy``
+    files there and the dict holds their paths, so the scheduler keeps only file names between
+    a block and the chunks it reaches, whatever order it runs them in.
     """
     if spill is None:
         return {target: buf[(slice(None),) + sl].copy() for target, sl in pieces}
@@ -339,8 +340,8 @@ class _Engine:
         self.self_only = [[b for b in own if plan.targets[a][b] == [b]]
                           for a, own in enumerate(self.owning)]
         n_acc = math.prod(len(o) for o in self.owning)
-        self.count = 2 * n_acc - math.prod(len(o) for o in self.self_only) + math.prod(
-            plan.nblocks)
+        n_halo = 0 if spill else n_acc - math.prod(len(o) for o in self.self_only)
+        self.count = n_acc + n_halo + math.prod(plan.nblocks)
         self.cov_needed = plan.grid.uncovered > 0
 
     # -- keys ------------------------------------------------------------------------------------
@@ -354,6 +355,8 @@ class _Engine:
             yield self._out_key(cidx)
 
     def _has_halo(self, bidx: tuple[int, ...]) -> bool:
+        if self.spill:  # the accumulate task writes every part itself
+            return False
         return any(self.plan.targets[a][b] != [b] for a, b in enumerate(bidx))
 
     def _out_key(self, cidx: tuple[int, ...]) -> tuple:
@@ -384,27 +387,39 @@ class _Engine:
     def contains(self, key: Any) -> bool:
         return self._index(key) is not None
 
+    def _pieces(self, bidx: tuple[int, ...], with_own: bool) -> list:
+        """(target chunk, buffer slices) for the chunks block ``bidx`` reaches."""
+        return [
+            (target, tuple(p[1] for p in combo))
+            for combo in itertools.product(*[self.halo_ax[a][b] for a, b in enumerate(bidx)])
+            for target in [tuple(p[0] for p in combo)]
+            if with_own or target != bidx
+        ]
+
+    def _prefix(self, bidx: tuple[int, ...]) -> str:
+        return f"{self.name}-{'.'.join(map(str, bidx))}"
+
     # -- tasks -----------------------------------------------------------------------------------
     def task(self, key: tuple) -> tuple[tuple, set]:
         kind, idx = self._index(key)  # type: ignore[misc]
         if kind == self.acc_name:
             ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(idx))
             ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(idx))
-            return self.accumulate(idx, ext_lo, ext_hi)
+            task, deps = self.accumulate(idx, ext_lo, ext_hi)
+            if self.spill:  # the buffer goes to disk whole, in parts; only file names stay
+                task = (_halo, task, self._pieces(idx, True), self.spill, self._prefix(idx))
+            return task, deps
         if kind == self.halo_name:
-            pieces = []
-            for combo in itertools.product(*[self.halo_ax[a][b] for a, b in enumerate(idx)]):
-                target = tuple(p[0] for p in combo)
-                if target != idx:
-                    pieces.append((target, tuple(p[1] for p in combo)))
             acc = (self.acc_name, *idx)
-            prefix = f"{self.name}-{'.'.join(map(str, idx))}"
-            return (_halo, acc, pieces, self.spill, prefix), {acc}
+            return (_halo, acc, self._pieces(idx, False)), {acc}
         parts, sels, dsts = [], [], []
         for combo in itertools.product(*[self.src_ax[a][c] for a, c in enumerate(idx)]):
             bidx = tuple(p[0] for p in combo)
             dsts.append(tuple(p[2] for p in combo))
-            if bidx == idx:
+            if self.spill:
+                parts.append((self.acc_name, *bidx))
+                sels.append(idx)
+            elif bidx == idx:
                 parts.append((self.acc_name, *bidx))
                 sels.append(tuple(p[1] for p in combo))
             else:
@@ -527,9 +542,12 @@ def reconstruct(
         Where the halo parts that a block hands to its neighbours' chunks wait. ``None`` (default)
         keeps them in memory: fastest, but the scheduler then holds about one plane of halos
         (roughly ``3 * (size - stride)`` voxels times the volume's cross-section), which grows with
-        the volume. A directory (or ``True`` for a temporary one, removed at exit) writes them to
-        ``.npy`` files instead, so memory depends on the block size and the number of threads
-        only. On a multi-machine cluster the directory must be visible to every worker.
+        the volume. A directory (or ``True`` for a temporary one, removed at exit) makes each
+        block write its buffer there as ``.npy`` files, one per output chunk it reaches, so that
+        between tasks the scheduler holds only file names and memory depends on the block size
+        and the number of threads, not on the volume or the task order (at the cost of writing
+        and reading about twice the output's bytes). The files stay until the directory is
+        removed. On a multi-machine cluster the directory must be visible to every worker.
 
     Returns
     -------
