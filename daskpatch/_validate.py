@@ -92,7 +92,7 @@ def spatial_ndim(size: Any) -> int | None:
 
 
 def split_axes(
-    ndim: int, size: Any, channel_axis: Any, *, name: str = "volume"
+    ndim: int, size: Any, channel_axis: Any, *, name: str = "volume", param: str = "size"
 ) -> tuple[int | None, int, int]:
     """Split an array's axes into (channel axis, number of batch axes, number of spatial axes).
 
@@ -111,13 +111,17 @@ def split_axes(
             )
         ch %= ndim
     n_nonchannel = ndim - (ch is not None)
+    if n_nonchannel == 0:
+        raise ValueError(
+            f"the {ndim}-D {name} has no spatial axes besides channel_axis={channel_axis}"
+        )
     k = spatial_ndim(size)
     if k is None:
         k = n_nonchannel
     if k == 0 or k > n_nonchannel:
         raise ValueError(
-            f"size has {k} entries but the {ndim}-D {name} has {n_nonchannel} non-channel axes "
-            f"(channel_axis={channel_axis}); size must name between 1 and {n_nonchannel} "
+            f"{param} has {k} entries but the {ndim}-D {name} has {n_nonchannel} non-channel axes "
+            f"(channel_axis={channel_axis}); {param} must name between 1 and {n_nonchannel} "
             "spatial axes"
         )
     n_batch = n_nonchannel - k
@@ -126,6 +130,4 @@ def split_axes(
             f"channel_axis must come before the spatial axes or be the last axis of the {ndim}-D "
             f"{name}; got channel_axis={channel_axis} between spatial axes"
         )
-    if n_nonchannel == 0:
-        raise ValueError(f"the {name} has no spatial axes besides channel_axis={channel_axis}")
     return ch, n_batch, k

@@ -48,7 +48,7 @@ from zarr.buffer import default_buffer_prototype
 from zarr.core.sync import collect_aiterator
 from zarr.core.sync import sync as _zarr_sync
 
-from ._validate import _describe, parse_int, parse_per_axis, parse_shape
+from ._validate import _describe, parse_int, parse_per_axis, parse_shape, split_axes
 
 __all__ = [
     "DEFAULT_TARGET_BYTES",
@@ -597,27 +597,8 @@ def _spatial_layout(
     The spatial axes are the last ``len(stride)`` non-channel axes (all of them for an int);
     earlier non-channel axes are batch axes.
     """
-    ch = None
-    if channel_axis is not None:
-        ch = parse_int(channel_axis, "channel_axis")
-        if not -ndim <= ch < ndim:
-            raise ValueError(
-                f"channel_axis must be None or an axis of the {ndim}-D array (from {-ndim} to "
-                f"{ndim - 1}); got {channel_axis}"
-            )
-        ch %= ndim
+    ch, _, k = split_axes(ndim, stride, channel_axis, name="array", param="stride")
     nonchannel = [i for i in range(ndim) if i != ch]
-    if isinstance(stride, Sequence) and not isinstance(stride, (str, bytes)):
-        k = len(stride)
-        if k == 0 or k > len(nonchannel):
-            raise ValueError(
-                f"stride must have 1 to {len(nonchannel)} entries (one per spatial axis of the "
-                f"{ndim}-D array, channel_axis={channel_axis}); got {tuple(stride)!r}"
-            )
-    else:
-        k = len(nonchannel)
-    if k == 0:
-        raise ValueError(f"the {ndim}-D array has no spatial axes besides channel_axis={ch}")
     strides = parse_per_axis(stride, k, "stride")
     return ch, tuple(nonchannel[len(nonchannel) - k:]), strides
 
