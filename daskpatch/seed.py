@@ -16,7 +16,6 @@ end (``border="shift"``), and overlaps are blended.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
