@@ -169,10 +169,14 @@ class _Accumulator:
         key = tuple(int(ids[i]) for ids, i in zip(self.q_ids, gidx))
         w = self._w.get(key)
         if w is None:
-            w = np.ones((), dtype=np.float64)
-            for q, i in zip(self.q, gidx):
-                w = np.multiply.outer(w, q[i])
-            w = self._w[key] = w.astype(self.acc_dtype)
+            # outer product in float64 over all axes but the last (small), then one pass in
+            # the buffer's dtype for the last axis
+            rows = [q[i] for q, i in zip(self.q, gidx)]
+            head = np.ones((), dtype=np.float64)
+            for r in rows[:-1]:
+                head = np.multiply.outer(head, r)
+            w = self._w[key] = np.multiply.outer(head.astype(self.acc_dtype),
+                                                 rows[-1].astype(self.acc_dtype))
         return w
 
     def add(self, gidx: tuple[int, ...], start: np.ndarray, data: np.ndarray) -> None:
