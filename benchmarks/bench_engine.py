@@ -380,8 +380,8 @@ def worker_zarr(p: dict) -> dict:
         "timeline": sampler.timeline, "held_at_peak": tracker.best,
         "max_held": tracker.max_held, "max_err": max(errs), "writer": writer,
         "spill": bool(p.get("spill")), "spill_bytes_left": spill_bytes,
-        "spill_files_left": spill_files, "block_bytes_default": dpblend.BLOCK_BYTES, "num_workers": dask.config.get(
-            "num_workers", None) or os.cpu_count(), "ntasks": ntasks,
+        "spill_files_left": spill_files, "block_bytes_default": dpblend.BLOCK_BYTES,
+        "num_workers": dask.config.get("num_workers", None) or os.cpu_count(), "ntasks": ntasks,
     }
 
 
@@ -646,6 +646,7 @@ def section_graph(args, report: dict) -> None:
     import dask.array as da
     import numpy as np
     import zarr
+    from dask.core import flatten
 
     import daskpatch as dp
 
@@ -787,7 +788,7 @@ def section_graph(args, report: dict) -> None:
     n_one = len(dict(o1.__dask_graph__()))
     t_one = time.perf_counter() - t0
     t0 = time.perf_counter()
-    keys = set(dask.core.flatten(out.__dask_keys__()))
+    keys = set(flatten(out.__dask_keys__()))
     culled = out.__dask_graph__().cull(keys)
     n_all = len(culled)
     t_cull = time.perf_counter() - t0
@@ -961,7 +962,8 @@ def main() -> None:
     import daskpatch as dp
 
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    print(f"# daskpatch engine benchmark — {datetime.datetime.now().isoformat(timespec='seconds')}")
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    print(f"# daskpatch engine benchmark — {now}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.1f} GiB RAM; "

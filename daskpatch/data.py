@@ -364,7 +364,23 @@ def _check_item(index: Any, n: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Grid patches
 # ----------------------------------------------------------------------------------------------
-class PatchDataset:
+class _Dataset:
+    """What both datasets share: a set of volumes."""
+
+    _set: _VolumeSet
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """Patch shape (spatial)."""
+        return self._set.size
+
+    @property
+    def volumes(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """Per volume: its position in the ``images`` list and its batch index in that array."""
+        return self._set.volumes
+
+
+class PatchDataset(_Dataset):
     """Map-style dataset of the patches of a regular grid over one or many volumes.
 
     Parameters
@@ -443,15 +459,6 @@ class PatchDataset:
         self.grids: tuple[PatchGrid, ...] = tuple(grids)
         self._offsets = np.cumsum([0] + [len(g) for g in grids], dtype=np.int64)
 
-    @property
-    def size(self) -> tuple[int, ...]:
-        """Patch shape (spatial)."""
-        return self._set.size
-
-    @property
-    def volumes(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
-        """Per volume: its position in the ``images`` list and its batch index in that array."""
-        return self._set.volumes
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -673,7 +680,7 @@ def _parse_fraction(value: Any, name: str) -> float:
     return value
 
 
-class RandomPatchDataset:
+class RandomPatchDataset(_Dataset):
     """Map-style dataset of ``samples_per_epoch`` random patches, re-drawn every epoch.
 
     Each sample picks a voxel, then the patch of shape ``size`` centred on it (start
@@ -813,15 +820,6 @@ class RandomPatchDataset:
         self._voxel_cdf = np.cumsum(voxels, dtype=np.int64)
 
     # -- public --------------------------------------------------------------------------------
-    @property
-    def size(self) -> tuple[int, ...]:
-        """Patch shape (spatial)."""
-        return self._set.size
-
-    @property
-    def volumes(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
-        """Per volume: its position in the ``images`` list and its batch index in that array."""
-        return self._set.volumes
 
     @property
     def epoch(self) -> int:
