@@ -820,7 +820,6 @@ class RandomPatchDataset(_Dataset):
         self._voxel_cdf = np.cumsum(voxels, dtype=np.int64)
 
     # -- public --------------------------------------------------------------------------------
-
     @property
     def epoch(self) -> int:
         """The epoch the samples are drawn for (see :meth:`set_epoch`)."""
