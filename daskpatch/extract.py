@@ -37,10 +37,6 @@ class Layout:
     n_batch: int
     channels_first: bool  # in patches: (N, C, ...) rather than (N, ..., C)
 
-    @property
-    def n_spatial(self) -> int:
-        return self.ndim - (self.channel_axis is not None) - self.n_batch
-
     def patch_shape(self, size: tuple[int, ...], channels: int) -> tuple[int, ...]:
         if self.channel_axis is None:
             return size
