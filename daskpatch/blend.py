@@ -475,6 +475,14 @@ def _block(grid: PatchGrid, n_batch: int, block_shape: Any, itemsize: int, chann
     return (1,) * n_batch + tuple(spatial)
 
 
+def _window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Window:
+    """Parse ``blend`` against the spatial patch shape; a user window gets size-1 batch axes."""
+    window = parse_blend(blend, grid.size[n_batch:], sigma_scale)
+    if n_batch and not window.separable:
+        window = Window("user", window.sigma_scale, window.array.reshape(grid.size))
+    return window
+
+
 def _check_coverage(grid: PatchGrid, fill_value: Any) -> None:
     if grid.uncovered and fill_value is None:
         raise ValueError(
@@ -578,9 +586,7 @@ def reconstruct(
     grid = full_grid(grid_shape, layout.n_batch, size, stride, border)
     nb = layout.n_batch
     spatial = grid.size[nb:]
-    window = parse_blend(blend, spatial, sigma_scale)
-    if nb and not window.separable:
-        window = Window("user", window.sigma_scale, window.array.reshape(grid.size))
+    window = _window(blend, grid, nb, sigma_scale)
     _check_coverage(grid, fill_value)
     expected = (len(grid),) + layout.patch_shape(spatial, channels)
     if not (hasattr(patches, "shape") and hasattr(patches, "dtype")):
@@ -699,10 +705,7 @@ def apply_patches(
     vol = Volume.from_user(volume, layout.channel_axis)
     nb = layout.n_batch
     grid = full_grid(vol.shape, nb, size, stride, border)
-    spatial = grid.size[nb:]
-    window = parse_blend(blend, spatial, sigma_scale)
-    if nb and not window.separable:
-        window = Window("user", window.sigma_scale, window.array.reshape(grid.size))
+    window = _window(blend, grid, nb, sigma_scale)
     _check_coverage(grid, fill_value)
     if out_channels is None:
         cout = vol.channels
