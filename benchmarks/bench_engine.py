@@ -326,9 +326,12 @@ def worker_zarr(p: dict) -> dict:
     sampler.start()
     c0 = cpu_s()
     t0 = time.perf_counter()
-    kw_spill = {}
-    spill_dir = None
-    if p.get("spill"):
+    mode = p.get("spill", "auto")
+    kw_spill: dict = {}  # auto: spill=None, to_zarr decides (spills into the output store)
+    spill_dir = str(Path(p["out_path"]) / ".daskpatch-spill")
+    if mode == "off":
+        kw_spill = {"spill": False}
+    elif mode == "on":
         spill_dir = str(Path(p["out_path"]).parent / "spill")
         kw_spill = {"spill": spill_dir}
     out = dp.apply_patches(src, lambda b: b, p["size"], p["stride"], blend="gaussian",
@@ -369,17 +372,18 @@ def worker_zarr(p: dict) -> dict:
         b = np.asarray(src[sl], dtype=np.float64)
         errs.append(float(np.abs(a - b).max()))
     ntasks = len(dict(out.__dask_graph__())) if p.get("count_tasks") else None
-    spill_bytes = spill_files = None
-    if spill_dir is not None:
-        files = list(Path(spill_dir).glob("*")) if Path(spill_dir).exists() else []
-        spill_files, spill_bytes = len(files), sum(f.stat().st_size for f in files)
+    files = [f for f in Path(spill_dir).rglob("*") if f.is_file()]
+    spill_files, spill_bytes = len(files), sum(f.stat().st_size for f in files)
+    # did the halos go to a store? (spill_into only rebuilds the graph; nothing runs)
+    would_spill = bool(dpblend.spill_into(out, None, "probe")[1])
+    spilled = would_spill and (mode == "on" or writer == "daskpatch.io.to_zarr")
     return {
         "n": p["n"], "chunk": p["chunk"], "block": chunks, "numblocks": list(out.numblocks),
         "build_s": t_build, "store_s": t_store, "wall_s": wall, "cpu_s": cpu, "peak_rss": peak,
         "baseline_rss": baseline, "sampled_peak": sampled, "peak_at_s": sampler.peak_t,
         "timeline": sampler.timeline, "held_at_peak": tracker.best,
         "max_held": tracker.max_held, "max_err": max(errs), "writer": writer,
-        "spill": bool(p.get("spill")), "spill_bytes_left": spill_bytes,
+        "spill": mode, "spilled": spilled, "spill_bytes_left": spill_bytes,
         "spill_files_left": spill_files, "block_bytes_default": dpblend.BLOCK_BYTES,
         "num_workers": dask.config.get("num_workers", None) or os.cpu_count(), "ntasks": ntasks,
     }
@@ -515,8 +519,8 @@ def section_memory(args, report: dict) -> None:
                         f"{n}^3 ({vol_bytes / GiB:.3g} GiB)", f"{chunk}^3",
                         "x".join(map(str, r["block"])), math.prod(r["numblocks"]),
                         r["writer"].split(" (")[0],
-                        "no" if not spill else f"yes ({mib(r['spill_bytes_left'] or 0):.0f} MiB"
-                                               " left on disk)",
+                        f"{spill}: " + ("no" if not r["spilled"] else
+                                        f"yes ({mib(r['spill_bytes_left'] or 0):.0f} MiB left)"),
                         r["wall_s"], r["cpu_s"],
                         vol_bytes / MiB / r["wall_s"],
                         mib(r["peak_rss"]), mib(r["peak_rss"] - r["baseline_rss"]),
@@ -912,10 +916,11 @@ def main() -> None:
                     help="Zarr writers to compare: io = daskpatch.io.to_zarr (falls back to store"
                          " if missing or failing), store = dask.array.store into zarr.create_array"
                          " (default: io,store)")
-    ap.add_argument("--spill", default="off,on",
-                    help="halo spilling of the Zarr case: off (in memory, the default of "
-                         "apply_patches), on (spill= a directory beside the output); default "
-                         "off,on")
+    ap.add_argument("--spill", default="auto,off",
+                    help="halo spilling of the Zarr case: auto (spill=None, the default: to_zarr "
+                         "spills into the output store above SPILL_BYTES of halos), off "
+                         "(spill=False: in memory), on (spill= a directory beside the output); "
+                         "default auto,off")
     ap.add_argument("--zarr-concurrency", type=int, default=None,
                     help="zarr's async.concurrency in the Zarr case (default: zarr's, 10): how "
                          "many chunks one read decodes at once")
@@ -937,7 +942,9 @@ def main() -> None:
 
     q = args.quick
     args.writers = [w.strip() for w in args.writers.split(",") if w.strip()]
-    args.spill = [v.strip() == "on" for v in args.spill.split(",") if v.strip()]
+    args.spill = [v.strip() for v in args.spill.split(",") if v.strip()]
+    if not set(args.spill) <= {"auto", "off", "on"}:
+        ap.error(f"--spill takes auto, off and on; got {args.spill}")
     args.sizes = args.sizes or ([64, 128] if q else [256, 512, 1024])
     if q and args.block_shape is None:
         args.block_shape = 32  # several blocks even at tiny sizes, so halos are exercised

@@ -24,9 +24,14 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import zarr
 from dask.base import tokenize
 
 from ._validate import _describe
+
+
+#: A region read of a Zarr array touching more chunk bytes than this reads chunk by chunk.
+READ_BYTES = 64 * 2**20
 
 
 def _direct_source(x: da.Array) -> Any | None:
@@ -190,8 +195,28 @@ def _read_direct(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps:
                  ) -> np.ndarray:
     index = [slice(l, h) for l, h in zip(lo, hi)]
     if channel_axis is not None:
-        index.insert(channel_axis, slice(None))
-    return _apply_maps(_canonical(arr[tuple(index)], channel_axis), maps)
+        index.insert(channel_axis, slice(0, arr.shape[channel_axis]))
+    return _apply_maps(_canonical(_read_region(arr, tuple(index)), channel_axis), maps)
+
+
+def _read_region(arr: Any, index: tuple[slice, ...]) -> Any:
+    """``arr[index]``; a Zarr read touching more than :data:`READ_BYTES` of chunks is done one
+    chunk at a time (zarr decodes all the chunks of one read at once: 8 chunks of 64 MiB for a
+    block plus halo is half a GiB of transient memory)."""
+    chunks = getattr(arr, "chunks", None)
+    if not isinstance(arr, zarr.Array) or not isinstance(chunks, tuple):
+        return arr[index]
+    ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(index, chunks)]
+    touched = math.prod(len(r) for r in ranges)
+    if touched <= 1 or touched * math.prod(chunks) * arr.dtype.itemsize <= READ_BYTES:
+        return arr[index]
+    out = np.empty(tuple(s.stop - s.start for s in index), dtype=arr.dtype)
+    for combo in itertools.product(*ranges):
+        src = tuple(slice(max(s.start, k * c), min(s.stop, (k + 1) * c))
+                    for s, k, c in zip(index, combo, chunks))
+        out[tuple(slice(a.start - s.start, a.stop - s.start) for a, s in zip(src, index))] = \
+            arr[src]
+    return out
 
 
 def _canonical(block: Any, channel_axis: int | None) -> np.ndarray:

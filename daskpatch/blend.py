@@ -22,9 +22,10 @@ Each output chunk is produced by exactly one task, so writing the result to Zarr
 
 from __future__ import annotations
 
+import atexit
+import copy
 import itertools
 import math
-import atexit
 import os
 import shutil
 import tempfile
@@ -34,8 +35,13 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+import zarr.storage
 from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 from dask.utils import parse_bytes
+from zarr.abc.store import Store
+from zarr.buffer import default_buffer_prototype
+from zarr.core.sync import sync as _zarr_sync
 
 from ._layer import LazyLayer, lazy_graph
 from ._regions import Volume
@@ -59,6 +65,9 @@ __all__ = ["apply_patches", "reconstruct"]
 BLOCK_BYTES = 64 * 2**20
 #: Fewest work blocks the automatic block shape aims for, where the volume allows it.
 MIN_BLOCKS = 8
+#: With ``spill=None``, :func:`daskpatch.to_zarr` spills the halos of a result whose blocks hand
+#: more than this many bytes to their neighbours (held in memory, they grow with the volume).
+SPILL_BYTES = 256 * 2**20
 
 
 # -- geometry of the blocks ----------------------------------------------------------------------
@@ -257,21 +266,58 @@ def _reconstruct_block(chunks, where, ext_lo, ext_shape, gidxs, starts, q, q_ids
     return acc.buf
 
 
-def _halo(buf: np.ndarray, pieces: list, spill: str | None = None, prefix: str = "") -> dict:
+class _Spill:
+    """Where spilled block parts wait: raw bytes under ``prefix/<engine name>/`` of a Zarr store.
+
+    Any Zarr store works (a local directory, an object store, the output array's own store), so
+    a cluster's workers see the parts wherever they can see the output. The reader knows each
+    part's shape and dtype from the geometry, so a part is stored as plain bytes.
+    """
+
+    def __init__(self, store: Any, prefix: str = "") -> None:
+        self.store, self.prefix = store, prefix.strip("/")
+
+    def __repr__(self) -> str:  # part of the graph's name: the same target gives the same name
+        return f"_Spill({self.store!r}, {self.prefix!r})"
+
+    def __dask_tokenize__(self) -> str:
+        return repr(self)
+
+    def key(self, name: str, block: tuple[int, ...], target: tuple[int, ...]) -> str:
+        part = f"{'.'.join(map(str, block))}-{'.'.join(map(str, target))}"
+        return "/".join(p for p in (self.prefix, name, part) if p)
+
+    def put(self, key: str, data: np.ndarray) -> None:
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        _zarr_sync(self.store.set(key, default_buffer_prototype().buffer.from_array_like(raw)))
+
+    def get(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        buf = _zarr_sync(self.store.get(key, prototype=default_buffer_prototype()))
+        if buf is None:
+            raise FileNotFoundError(f"spilled block part {key!r} is missing from {self.store!r}")
+        return buf.as_numpy_array().view(dtype).reshape(shape)
+
+    def clear(self, name: str) -> None:
+        """Delete the parts of one engine (after its result is written)."""
+        if self.store.supports_deletes:
+            _zarr_sync(self.store.delete_dir("/".join(p for p in (self.prefix, name) if p)))
+
+
+def _halo(buf: np.ndarray, pieces: list, spill: _Spill | None = None, name: str = "",
+          bidx: tuple[int, ...] = ()) -> dict:
     """Copy the parts of a block buffer that belong to other chunks, keyed by chunk index.
 
-    With ``spill`` (a directory) the parts — the block's own chunk included — go to ``.npy``
-    files there and the dict holds their paths, so the scheduler keeps only file names between
-    a block and the chunks it reaches, whatever order it runs them in.
+    With ``spill`` the parts — the block's own chunk included — are written there and the dict
+    holds their keys, so the scheduler keeps only names between a block and the chunks it
+    reaches, whatever order it runs them in.
     """
     if spill is None:
         return {target: buf[(slice(None),) + sl].copy() for target, sl in pieces}
-    os.makedirs(spill, exist_ok=True)
     out = {}
     for target, sl in pieces:
-        path = os.path.join(spill, f"{prefix}-{'.'.join(map(str, target))}.npy")
-        np.save(path, buf[(slice(None),) + sl])
-        out[target] = path
+        key = spill.key(name, bidx, target)
+        spill.put(key, buf[(slice(None),) + sl])
+        out[target] = (spill, key)
     return out
 
 
@@ -286,8 +332,9 @@ def _add(parts, dsts, sels, chunk_shape, channels, user, cov, fill_value, acc_dt
     for part, sel, dst in zip(parts, sels, dsts):
         if isinstance(part, dict):
             piece = part[sel]
-            if isinstance(piece, str):  # spilled to disk
-                piece = np.load(piece)
+            if isinstance(piece, tuple):  # spilled: (where, key)
+                shape = (out.shape[0],) + tuple(d.stop - d.start for d in dst)
+                piece = piece[0].get(piece[1], shape, out.dtype)
         else:
             piece = part[(slice(None),) + sel]
         out[(slice(None),) + dst] += piece
@@ -318,8 +365,11 @@ class _Engine:
 
     def __init__(self, plan: _Plan, name: str, accumulate: Callable, channels: int,
                  acc_dtype: np.dtype, out_dtype: np.dtype, fill_value: Any, layout: Layout,
-                 spill: str | None):
-        self.plan, self.name, self.accumulate, self.spill = plan, name, accumulate, spill
+                 spill: _Spill | bool | None):
+        self.plan, self.name, self.accumulate = plan, name, accumulate
+        #: ``None``: halos in memory, but :func:`spill_into` may still send them to a store
+        self.auto = spill is None
+        self.spill: _Spill | None = spill if isinstance(spill, _Spill) else None
         self.acc_name, self.halo_name = "acc-" + name, "halo-" + name
         self.args = (channels, 0 if plan.window.separable else 1)
         self.dtypes = (fill_value, acc_dtype, out_dtype)
@@ -343,10 +393,23 @@ class _Engine:
                        for a, n in enumerate(plan.nblocks)]
         self.self_only = [[b for b in own if plan.targets[a][b] == [b]]
                           for a, own in enumerate(self.owning)]
-        n_acc = math.prod(len(o) for o in self.owning)
-        n_halo = 0 if spill else n_acc - math.prod(len(o) for o in self.self_only)
-        self.count = n_acc + n_halo + math.prod(plan.nblocks)
         self.cov_needed = plan.grid.uncovered > 0
+        # bytes the blocks hand to other chunks: what waits in memory without spilling
+        ext = math.prod(sum(hi - lo for lo, hi in e) for e in plan.ext)
+        self.halo_bytes = (ext - math.prod(plan.grid.shape)) * (channels + self.args[1]) \
+            * np.dtype(acc_dtype).itemsize
+
+    @property
+    def count(self) -> int:
+        n_acc = math.prod(len(o) for o in self.owning)
+        n_halo = 0 if self.spill else n_acc - math.prod(len(o) for o in self.self_only)
+        return n_acc + n_halo + math.prod(self.plan.nblocks)
+
+    def spilled(self, spill: _Spill) -> _Engine:
+        """The same engine (same keys for blocks and chunks) with its parts sent to ``spill``."""
+        engine = copy.copy(self)
+        engine.spill, engine.auto = spill, False
+        return engine
 
     # -- keys ------------------------------------------------------------------------------------
     def keys(self):
@@ -400,9 +463,6 @@ class _Engine:
             if with_own or target != bidx
         ]
 
-    def _prefix(self, bidx: tuple[int, ...]) -> str:
-        return f"{self.name}-{'.'.join(map(str, bidx))}"
-
     # -- tasks -----------------------------------------------------------------------------------
     def task(self, key: tuple) -> tuple[tuple, set]:
         kind, idx = self._index(key)  # type: ignore[misc]
@@ -410,8 +470,8 @@ class _Engine:
             ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(idx))
             ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(idx))
             task, deps = self.accumulate(idx, ext_lo, ext_hi)
-            if self.spill:  # the buffer goes to disk whole, in parts; only file names stay
-                task = (_halo, task, self._pieces(idx, True), self.spill, self._prefix(idx))
+            if self.spill:  # the buffer is written whole, in parts; only their keys stay
+                task = (_halo, task, self._pieces(idx, True), self.spill, self.name, idx)
             return task, deps
         if kind == self.halo_name:
             acc = (self.acc_name, *idx)
@@ -443,9 +503,13 @@ class _Engine:
         task = (_add, parts, dsts, sels, shape, *self.args, cov, *self.dtypes, self.ch, after)
         return task, set(parts) | ({after} if after else set())
 
-    def array(self, collections: list, extra: dict | None) -> da.Array:
+    def layer(self) -> LazyLayer:
         layer = LazyLayer(self.keys, self.count, self.contains, self.task)
-        graph = lazy_graph(self.name, layer, collections, extra)
+        layer.engine = self  # type: ignore[attr-defined]  # found again by spill_into
+        return layer
+
+    def array(self, collections: list, extra: dict | None) -> da.Array:
+        graph = lazy_graph(self.name, self.layer(), collections, extra)
         plan = self.plan
         chunks = [tuple(plan.chunk(a, c)[1] - plan.chunk(a, c)[0] for c in range(n))
                   for a, n in enumerate(plan.nblocks)]
@@ -495,19 +559,53 @@ def _check_coverage(grid: PatchGrid, fill_value: Any) -> None:
         raise TypeError(f"fill_value must be a number or None; got {_describe(fill_value)}")
 
 
-def _parse_spill(spill: Any) -> str | None:
-    """``None``/``False``: halos in memory; ``True``: a temporary directory; else a directory."""
+def _parse_spill(spill: Any) -> _Spill | bool | None:
+    """``None``: automatic; ``False``: in memory; ``True``: a temporary directory; a directory
+    or a Zarr store: there."""
     if spill is None or spill is False:
-        return None
+        return spill
     if spill is True:
         path = tempfile.mkdtemp(prefix="daskpatch-spill-")
         atexit.register(shutil.rmtree, path, ignore_errors=True)
-        return path
+        return _Spill(zarr.storage.LocalStore(path))
     if isinstance(spill, (str, os.PathLike)):
-        return os.fspath(spill)
+        return _Spill(zarr.storage.LocalStore(os.fspath(spill)))
+    if isinstance(spill, Store):
+        return _Spill(spill)
     raise TypeError(
-        f"spill must be None, True or a directory path (str or os.PathLike); got {_describe(spill)}"
+        "spill must be None, False, True, a directory path (str or os.PathLike) or a zarr store; "
+        f"got {_describe(spill)}"
     )
+
+
+def spill_into(x: da.Array, store: Any, prefix: str, *, threshold: int | None = None
+               ) -> tuple[da.Array, list[tuple[_Spill, str]]]:
+    """Send the halos of the overlap-add engines in ``x``'s graph to ``store`` under ``prefix``.
+
+    Engines built with ``spill=None`` whose halos exceed ``threshold`` bytes (default
+    :data:`SPILL_BYTES`) are rebuilt with the same keys to spill into the store; engines built with
+    an explicit ``spill`` keep it. Returns the new array and the ``(spill, engine name)`` pairs to
+    :meth:`_Spill.clear` once the result is written. Used by :func:`daskpatch.to_zarr`, which
+    spills into the output store (visible to every worker that writes the output).
+    """
+    threshold = SPILL_BYTES if threshold is None else threshold
+    layers = dict(x.dask.layers)
+    used: list[tuple[_Spill, str]] = []
+    changed = False
+    for name, layer in layers.items():
+        engine = getattr(layer, "engine", None)
+        if not isinstance(engine, _Engine):
+            continue
+        if engine.auto and engine.halo_bytes > threshold:
+            engine = engine.spilled(_Spill(store, prefix))
+            layers[name] = engine.layer()
+            changed = True
+        if engine.spill is not None:
+            used.append((engine.spill, engine.name))
+    if changed:
+        graph = HighLevelGraph(layers, dict(x.dask.dependencies))
+        x = da.Array(graph, x.name, x.chunks, meta=x._meta)
+    return x, used
 
 
 def reconstruct(
@@ -550,16 +648,19 @@ def reconstruct(
         64 MiB.
     sigma_scale : float
         Gaussian sigma as a fraction of the patch size.
-    spill : bool or path, optional
-        Where the halo parts that a block hands to its neighbours' chunks wait. ``None`` (default)
-        keeps them in memory: fastest, but the scheduler then holds about one plane of halos
-        (roughly ``3 * (size - stride)`` voxels times the volume's cross-section), which grows with
-        the volume. A directory (or ``True`` for a temporary one, removed at exit) makes each
-        block write its buffer there as ``.npy`` files, one per output chunk it reaches, so that
-        between tasks the scheduler holds only file names and memory depends on the block size
-        and the number of threads, not on the volume or the task order (at the cost of writing
-        and reading about twice the output's bytes). The files stay until the directory is
-        removed. On a multi-machine cluster the directory must be visible to every worker.
+    spill : None, bool, path or zarr store, optional
+        Where the halo parts that a block hands to its neighbours' chunks wait between tasks.
+        Held in memory, they cost about one plane of halos (roughly ``3 * (size - stride)``
+        voxels times the volume's cross-section), which grows with the volume. Spilled, each
+        block writes its buffer in parts (one per output chunk it reaches) and the scheduler holds
+        only their names, so memory depends on the block size and the number of threads, not on
+        the volume (at the cost of writing and reading about twice the output's bytes).
+        ``None`` (default): in memory, except that :func:`daskpatch.to_zarr` spills into the
+        output store, and deletes the parts after writing, when the halos exceed
+        :data:`SPILL_BYTES` (256 MiB). ``False``: always in memory. A directory, or any Zarr
+        store: there (``True``: a temporary directory removed at exit); ``to_zarr`` deletes the
+        parts after writing, a plain ``compute`` leaves them. On a multi-machine cluster the
+        location must be visible to every worker.
 
     Returns
     -------
@@ -672,7 +773,7 @@ def apply_patches(
     size, stride, border, pad_mode, channel_axis
         As in :func:`extract_patches`.
     blend, fill_value, block_shape, sigma_scale, spill
-        As in :func:`reconstruct`; for volumes larger than RAM pass ``spill``.
+        As in :func:`reconstruct`.
     batch_size : int
         Most patches per call of ``fn``.
     out_channels : int, optional

@@ -49,6 +49,7 @@ from zarr.core.sync import collect_aiterator
 from zarr.core.sync import sync as _zarr_sync
 
 from ._validate import _describe, parse_int, parse_per_axis, parse_shape, split_axes
+from .blend import spill_into
 
 __all__ = [
     "DEFAULT_TARGET_BYTES",
@@ -71,6 +72,7 @@ StoreLike: TypeAlias = (
 )
 
 _MARKER_DIR = ".daskpatch-done"
+_SPILL_DIR = ".daskpatch-spill"
 _STORE_TYPES = "a path or URL string, an os.PathLike, a zarr store, a zarr.Group or a mapping"
 
 
@@ -283,10 +285,13 @@ def _write_block(block: np.ndarray, z: zarr.Array, block_info: Any = None) -> np
     return np.ones((1,) * block.ndim, dtype=np.uint8)
 
 
-def _finalize(z: zarr.Array, written: list[Any]) -> zarr.Array:
-    """Runs after every write task: record the array as complete, drop per-chunk markers."""
+def _finalize(z: zarr.Array, spills: list, written: list[Any]) -> zarr.Array:
+    """Runs after every write task: record the array as complete, drop per-chunk markers and
+    the spilled block parts of the engines that made the array."""
     _put(z.store, _complete_marker(z))
     _delete_dir(z.store, f"{_marker_dir(z)}/chunks")
+    for spill, name in spills:
+        spill.clear(name)
     return z
 
 
@@ -470,6 +475,13 @@ def to_zarr(
 
     Notes
     -----
+    The result of :func:`~daskpatch.apply_patches` or :func:`~daskpatch.reconstruct` built with
+    ``spill=None`` (the default) has its halos -- the parts of a block's buffer that belong to
+    neighbouring chunks -- written under ``<array path>/.daskpatch-spill/`` of the output store
+    while it runs, when they total more than ``daskpatch.blend.SPILL_BYTES`` (256 MiB), so peak
+    memory depends on the block size and threads, not on the volume; the parts are deleted
+    once every chunk is written (and left for ``resume=True`` after an interruption).
+
     Every argument is checked, and the target probed, before anything is created in the store.
     An input that reads the target array directly (``open_volume`` of the same array) is
     refused; one that reads it through some other path is not detected -- do not do that.
@@ -553,6 +565,7 @@ def to_zarr(
             overwrite=overwrite, zarr_format=3,
         )
         _delete_dir(z.store, _marker_dir(z))  # stale markers of a hand-deleted array
+        _delete_dir(z.store, _join(z.path, _SPILL_DIR) or _SPILL_DIR)  # and stale spilled parts
         done = set()
     n_total = math.prod(x.numblocks)
     if done is None:
@@ -561,6 +574,10 @@ def to_zarr(
         logger.info("to_zarr: resuming %s: %d of %d chunks already done", where, len(done),
                     n_total)
 
+    # Overlap-add engines (apply_patches, reconstruct) built with spill=None send the halos
+    # their blocks hand to neighbouring chunks into the output store when they are large, so
+    # memory stays bounded whatever the volume; the parts are deleted once all is written.
+    x, spills = spill_into(x, z.store, _join(z.path, _SPILL_DIR) or _SPILL_DIR)
     token = tokenize(x.name, str(z.store), z.path, zchunks)
     todo = []
     if done is not None and len(done) < n_total:
@@ -575,7 +592,7 @@ def to_zarr(
         )
         parts = written.to_delayed(optimize_graph=True)
         todo = [d for loc, d in np.ndenumerate(parts) if loc not in done]
-    job = dask.delayed(functools.partial(_finalize, z), pure=False)(
+    job = dask.delayed(functools.partial(_finalize, z, spills), pure=False)(
         todo, dask_key_name=f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}"
     )
     if not compute:

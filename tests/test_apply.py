@@ -158,8 +158,43 @@ def test_spilled_halos_give_the_same_result(tmp_path):
     spill = tmp_path / "halos"
     out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16, spill=spill)
     assert not spill.exists()  # nothing written while building
+    assert not any(k[0].startswith("halo-") for k in dict(out.dask))  # no halo tasks
     np.testing.assert_array_equal(out.compute(), in_memory)
-    assert len(list(spill.glob("*.npy"))) > 0
+    (engine_dir,) = spill.iterdir()
+    parts = list(engine_dir.iterdir())
+    # blocks owning patches: 2 x 2 x 1; each block's buffer reaches 2 chunks per axis
+    assert len(parts) == (2 * 2) * (2 * 2) * (1 * 2)
     p = dp.extract_patches(vol, 16, 8)
     back = dp.reconstruct(p, vol.shape, 16, 8, block_shape=16, spill=True)
     np.testing.assert_allclose(back.compute(), vol, atol=1e-6)
+
+
+def test_large_zarr_region_reads_decode_one_chunk_at_a_time(counting_zarr, monkeypatch):
+    import zarr
+
+    import daskpatch._regions as regions
+
+    data = np.random.default_rng(8).random((40, 36, 28)).astype(np.float32)
+    z, store = counting_zarr(data, (8, 12, 7))
+    expected = dp.apply_patches(data, np.sqrt, 16, 8, block_shape=16).compute()
+    before = store.chunk_reads
+    np.testing.assert_array_equal(dp.apply_patches(z, np.sqrt, 16, 8, block_shape=16).compute(),
+                                  expected)
+    reads_whole = store.chunk_reads - before  # one read per block region
+
+    touched: list[int] = []
+    getitem = zarr.Array.__getitem__
+
+    def recording(self, index):
+        if isinstance(index, tuple) and all(isinstance(s, slice) for s in index):
+            touched.append(int(np.prod([-(-s.stop // c) - s.start // c
+                                        for s, c in zip(index, self.chunks)])))
+        return getitem(self, index)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", recording)
+    monkeypatch.setattr(regions, "READ_BYTES", 0)
+    before = store.chunk_reads
+    out = dp.apply_patches(z, np.sqrt, 16, 8, block_shape=16).compute()
+    np.testing.assert_array_equal(out, expected)
+    assert touched and set(touched) == {1}  # every read is one chunk
+    assert store.chunk_reads - before == reads_whole  # and no chunk is read twice more

@@ -72,10 +72,7 @@ def test_closure_and_reconstruct_on_the_cluster(client, volume):
     np.testing.assert_array_equal(client.compute(back).result(), volume[...])
 
 
-def test_worker_killed_mid_run_gives_the_identical_result(client, volume):
-    model = Model(2, delay=0.02)
-    expected = _graph(volume, Model(2)).compute(scheduler="threads")
-    future = client.compute(_graph(volume, model))
+def _kill_a_worker_mid_run(client, future):
     deadline = time.time() + 30
     while not any(ts for ts in client.processing().values()) and time.time() < deadline:
         time.sleep(0.05)
@@ -86,6 +83,27 @@ def test_worker_killed_mid_run_gives_the_identical_result(client, volume):
         client.run(os._exit, 1, workers=[victim])
     except Exception:  # the worker dies before it can answer
         pass
+    return victim
+
+
+def test_worker_killed_mid_run_gives_the_identical_result(client, volume):
+    model = Model(2, delay=0.02)
+    expected = _graph(volume, Model(2)).compute(scheduler="threads")
+    future = client.compute(_graph(volume, model))
+    victim = _kill_a_worker_mid_run(client, future)
     result = future.result(timeout=120)
     np.testing.assert_array_equal(result, expected)
     assert victim not in client.scheduler_info()["workers"]  # it did die (the nanny restarts it)
+
+
+def test_to_zarr_with_spilled_halos_survives_a_worker_loss(client, volume, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)  # spill into the output store
+    expected = _graph(volume, Model(3)).compute(scheduler="threads")
+    job = dp.to_zarr(_graph(volume, Model(3, delay=0.02)), tmp_path / "o.zarr", compute=False)
+    future = client.compute(job)
+    _kill_a_worker_mid_run(client, future)
+    z = future.result(timeout=120)
+    np.testing.assert_array_equal(z[...], expected)
+    spill = tmp_path / "o.zarr" / ".daskpatch-spill"
+    assert spill.exists() and not [p for p in spill.rglob("*") if p.is_file()]

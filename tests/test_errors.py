@@ -69,7 +69,8 @@ def ident(b):
         (lambda: dp.apply_patches(VOL, ident, 8, dtype="floaty"), TypeError,
          r"dtype must be a NumPy dtype; got 'floaty' of type str"),
         (lambda: dp.apply_patches(VOL, ident, 8, spill=3), TypeError,
-         r"spill must be None, True or a directory path \(str or os.PathLike\); got 3 of type int"),
+         r"spill must be None, False, True, a directory path \(str or os.PathLike\) or a zarr "
+         r"store; got 3 of type int"),
         (lambda: dp.get_patches(np.zeros((8, 8)), 4), ValueError,
          r"img_arr must be a 3-D volume \(X, Y, Z\) or a stack \(B, X, Y, Z\); got 2-D shape \(8, 8\)"),
         (lambda: dp.reconstruct_patch(np.zeros((3, 4, 4, 4, 1)), (8, 8, 8), 4, 4), ValueError,

@@ -559,3 +559,85 @@ def test_to_zarr_on_local_cluster(tmp_path, capsys):
     np.testing.assert_array_equal(z[:], x.compute())
     twice = open_volume(tmp_path / "d.zarr", "twice")
     np.testing.assert_array_equal(twice.compute(), x.compute() * 2)
+
+
+# --------------------------------------------------------------------------------------------
+# overlap-add results: halos spilled into the output store
+# --------------------------------------------------------------------------------------------
+
+
+class WritesStore(zarr.storage.WrapperStore):
+    """Records every key written through it (class-level list: zarr re-wraps stores)."""
+
+    written: list[str] = []
+
+    async def set(self, key, value, *args, **kwargs):
+        WritesStore.written.append(key)
+        return await self._store.set(key, value, *args, **kwargs)
+
+
+def _engine_case():
+    import daskpatch as dp
+
+    vol = np.random.default_rng(7).random((40, 36, 28)).astype(np.float32)
+    expected = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16, spill=False).compute()
+    return dp, vol, expected
+
+
+@pytest.mark.parametrize("threshold, spills", [(0, True), (None, False)])
+def test_to_zarr_spills_large_halos_into_the_output_and_deletes_them(
+        tmp_path, monkeypatch, threshold, spills):
+    dp, vol, expected = _engine_case()
+    if threshold is not None:
+        monkeypatch.setattr(dp.blend, "SPILL_BYTES", threshold)
+    WritesStore.written = []
+    store = WritesStore(zarr.storage.LocalStore(str(tmp_path / "o.zarr")))
+    out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16)
+    z = to_zarr(out, store, "pred")
+    spilled = [k for k in WritesStore.written if k.startswith("pred/.daskpatch-spill/")]
+    assert bool(spilled) == spills  # the default threshold (256 MiB) is far above this volume
+    if spills:
+        assert len(spilled) == 32  # every block part of the engine (see test_apply)
+    assert not (tmp_path / "o.zarr" / "pred" / ".daskpatch-spill").exists() or not any(
+        (tmp_path / "o.zarr" / "pred" / ".daskpatch-spill").rglob("*.*"))
+    np.testing.assert_array_equal(z[...], expected)
+    # the user's array is untouched: computing it still keeps halos in memory
+    assert any(k[0].startswith("halo-") for k in dict(out.dask))
+
+
+def test_to_zarr_never_spills_with_spill_false_and_deletes_explicit_parts(tmp_path, monkeypatch):
+    dp, vol, expected = _engine_case()
+    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)
+    WritesStore.written = []
+    store = WritesStore(zarr.storage.LocalStore(str(tmp_path / "o.zarr")))
+    z = to_zarr(dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16, spill=False), store)
+    assert not [k for k in WritesStore.written if ".daskpatch-spill" in k]
+    np.testing.assert_array_equal(z[...], expected)
+    # an explicit spill directory: used, then emptied by to_zarr (compute alone leaves it)
+    halos = tmp_path / "halos"
+    out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16, spill=halos) + 1
+    z = to_zarr(out, tmp_path / "e.zarr", compute=False).compute()
+    np.testing.assert_array_equal(z[...], expected + 1)
+    assert halos.exists() and not [p for p in halos.rglob("*") if p.is_file()]
+
+
+def test_to_zarr_resumes_a_spilled_engine(tmp_path, monkeypatch):
+    dp, vol, expected = _engine_case()
+    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)
+    target = tmp_path / "r.zarr"
+    calls = Counter()
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 30:  # 48 patches, 12 per block: mid-run
+            raise RuntimeError("simulated crash")
+        return np.sqrt(batch)
+
+    out = dp.apply_patches(vol, flaky, 16, 8, block_shape=16)
+    with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError, match="simulated"):
+        to_zarr(out, target)
+    assert any((target / ".daskpatch-spill").rglob("*"))  # parts of the interrupted run
+    with dask.config.set(scheduler="synchronous"):
+        z = to_zarr(out, target, resume=True)
+    np.testing.assert_array_equal(z[...], expected)
+    assert not [p for p in (target / ".daskpatch-spill").rglob("*") if p.is_file()]
