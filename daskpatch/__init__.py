@@ -8,7 +8,14 @@ from .blend import apply_patches, reconstruct
 from .data import PatchDataset, RandomPatchDataset
 from .extract import extract_patches
 from .grid import PatchGrid
-from .io import aligned_chunks, is_stride_aligned, open_volume, rechunk_to_stride, to_zarr
+from .io import (
+    aligned_chunks,
+    is_stride_aligned,
+    open_volume,
+    rechunk_to_stride,
+    to_numpy,
+    to_zarr,
+)
 from .seed import get_patches, reconstruct_patch
 from .windows import BLENDS, window
 
@@ -26,6 +33,7 @@ __all__ = [
     "rechunk_to_stride",
     "reconstruct",
     "reconstruct_patch",
+    "to_numpy",
     "to_zarr",
     "window",
 ]

@@ -23,13 +23,16 @@ Each output chunk is produced by exactly one task, so writing the result to Zarr
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import itertools
 import math
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -37,7 +40,8 @@ import dask.array as da
 import numpy as np
 import zarr.storage
 from dask.base import tokenize
-from dask.highlevelgraph import HighLevelGraph
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.utils import parse_bytes
 from zarr.abc.store import Store
 from zarr.buffer import default_buffer_prototype
@@ -67,7 +71,9 @@ BLOCK_BYTES = 64 * 2**20
 MIN_BLOCKS = 8
 #: With ``spill=None``, :func:`daskpatch.to_zarr` spills the halos of a result whose blocks hand
 #: more than this many bytes to their neighbours (held in memory, they grow with the volume).
-SPILL_BYTES = 256 * 2**20
+SPILL_BYTES = 128 * 2**20
+#: Scratch of the row-by-row accumulation (sized to stay in a core's cache).
+SLAB_BYTES = 2**19
 
 
 # -- geometry of the blocks ----------------------------------------------------------------------
@@ -159,18 +165,116 @@ def _auto_block(
 
 
 # -- task functions ------------------------------------------------------------------------------
-class _Accumulator:
-    """The extended buffer of one block and the weights of its patches."""
+class _BatchPool:
+    """Batch arrays reused by block tasks.
 
-    def __init__(self, ext_lo, ext_shape, channels, acc_dtype, q, q_ids, user_window):
+    A fresh batch (8 patches of 128^3 float32 is 64 MiB) costs its page faults on every block
+    (~8 ms here, as much as copying the patches in); reused, it costs the copy alone. The
+    process-wide pool is emptied whenever no block task holds a batch, so nothing stays
+    allocated after a compute; a pool with ``keep=True`` (one :func:`daskpatch.to_numpy` job's)
+    keeps its batches until :meth:`clear`.
+    """
+
+    def __init__(self, keep: bool = False) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        self.free: dict = {}
+        self.keep = keep
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with self.lock:
+            self.active += 1
+            stack = self.free.get((shape, dtype.str))
+            if stack:
+                return stack.pop()
+        return np.empty(shape, dtype=dtype)
+
+    def give(self, batch: np.ndarray) -> None:
+        with self.lock:
+            self.active -= 1
+            if self.active == 0 and not self.keep:
+                self.free.clear()
+            else:
+                self.free.setdefault((batch.shape, batch.dtype.str), []).append(batch)
+
+
+_BATCHES = _BatchPool()
+
+
+class _Sink:
+    """The in-memory result that block tasks add into directly (:func:`daskpatch.to_numpy` on
+    the local scheduler): a canonical ``(C, *grid)`` view of it and a lock per output chunk, as
+    neighbouring blocks' buffers overlap.
+
+    With ``workers > 1`` block tasks take turns, and each splits its batch copies and its
+    accumulation across a pool of that many threads: one batch in memory at a time (as a model
+    on one GPU, or torch with its own threads, wants), all cores on the NumPy work.
+    """
+
+    def __init__(self, canon: np.ndarray, block: tuple[int, ...], workers: int = 1) -> None:
+        self.canon, self.block = canon, block
+        nblocks = [-(-n // b) for n, b in zip(canon.shape[1:], block)]
+        self.locks = {c: threading.Lock() for c in itertools.product(*map(range, nblocks))}
+        self.workers = workers
+        self.pool = ThreadPoolExecutor(workers, "daskpatch-sink") if workers > 1 else None
+        self.turn = threading.Lock()
+        self.batches = _BatchPool(keep=True)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        self.batches.clear()
+
+    def view(self, lo: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+        return self.canon[(slice(None),) + tuple(slice(l, l + n) for l, n in zip(lo, shape))]
+
+    def add(self, lo: tuple[int, ...], data: np.ndarray) -> None:
+        """``result[:, lo:lo + data.shape[1:]] += data``, holding the locks of the chunks hit
+        (none when blocks take turns: the pool's threads then add disjoint rows)."""
+        if self.pool is not None:
+            dst = self.view(lo, data.shape[1:])[:data.shape[0]]
+            np.add(dst, data, out=dst)
+            return
+        hit = [range(l // b, (l + n - 1) // b + 1)
+               for l, n, b in zip(lo, data.shape[1:], self.block)]
+        locks = [self.locks[c] for c in itertools.product(*hit)]  # sorted: no deadlock
+        for lock in locks:
+            lock.acquire()
+        try:
+            dst = self.view(lo, data.shape[1:])[:data.shape[0]]
+            np.add(dst, data, out=dst)
+        finally:
+            for lock in locks:
+                lock.release()
+
+
+class _Accumulator:
+    """The extended buffer of one block and the weights of its patches.
+
+    With a ``sink`` (separable windows, two or more axes) the buffer is the result itself, and
+    each slab is added into it under the locks of the chunks it touches.
+    """
+
+    def __init__(self, ext_lo, ext_shape, channels, acc_dtype, q, q_ids, user_window,
+                 sink: _Sink | None = None):
         self.lo = np.asarray(ext_lo)
         self.shape = tuple(ext_shape)
         extra = user_window is not None
-        self.buf = np.zeros((channels + extra,) + self.shape, dtype=acc_dtype)
+        self.sink = sink
+        if sink is None:
+            self.buf = np.zeros((channels + extra,) + self.shape, dtype=acc_dtype)
+        else:
+            self.buf = sink.view(tuple(ext_lo), self.shape)
         self.q, self.q_ids, self.user = q, q_ids, user_window
         self.acc_dtype = acc_dtype
         self._w: dict = {}
         self._tmp: np.ndarray | None = None
+        self._planes: dict = {}
+        self._scratch: dict = {}
 
     def weight(self, gidx: tuple[int, ...]) -> np.ndarray:
         if self.user is not None:
@@ -187,6 +291,102 @@ class _Accumulator:
             w = self._w[key] = np.multiply.outer(head.astype(self.acc_dtype),
                                                  rows[-1].astype(self.acc_dtype))
         return w
+
+    def add_batch(self, gidxs: list, starts: list, ys: list) -> None:
+        """Add patches ``ys[m]`` ``(C, *size)`` placed at absolute ``starts[m]``, weighted.
+
+        Separable weights are applied row by row: patches with the same start (and weight row) on
+        the first axis form a group; for each slab of a few rows of the buffer, the group's
+        patches, each times its cached weight plane (the outer product over the other axes), are
+        summed into a scratch that stays in cache, which is then scaled by the first axis's
+        weights and added into the buffer once. Memory traffic: each output read once and the
+        buffer updated once per group, instead of a multiply and an add over every whole patch.
+        """
+        if self.user is not None or len(self.shape) < 2:
+            for g, st, y in zip(gidxs, starts, ys):
+                self.add(g, st, y)
+            return
+        groups: dict = {}
+        for m, (g, st) in enumerate(zip(gidxs, starts)):
+            rel = tuple(int(v) for v in np.asarray(st) - self.lo)
+            groups.setdefault((rel[0], int(self.q_ids[0][g[0]])), []).append((m, rel, g))
+        for (r0, _), members in groups.items():
+            self._add_group(r0, members, ys)
+
+    def _add_group(self, r0: int, members: list, ys: list) -> None:
+        dt, rest = self.acc_dtype, len(self.shape) - 1
+        channels = ys[members[0][0]].shape[0]
+        ext = [tuple(min(y, b - r) for y, b, r in zip(ys[m].shape[1:], self.shape, rel))
+               for m, rel, _ in members]
+        lo = [min(rel[a + 1] for _, rel, _ in members) for a in range(rest)]
+        hi = [max(rel[a + 1] + e[a + 1] for (_, rel, _), e in zip(members, ext))
+              for a in range(rest)]
+        box = tuple(h - l for l, h in zip(lo, hi))
+        rows = max(1, SLAB_BYTES // (channels * math.prod(box) * dt.itemsize))
+        n0 = max(e[0] for e in ext)
+        rows = min(rows, n0)
+        tmp_shape = tuple(max(e[a + 1] for e in ext) for a in range(rest))
+        col = self.q[0][members[0][2][0]].astype(dt)
+        col = col.reshape(col.shape + (1,) * rest)
+        planes = [self._plane(g) for _, _, g in members]
+        whole = slice(None)
+
+        def run(part: int, i0: int, i1: int) -> None:
+            acc = self._scratch_array(("acc", part), (channels, rows) + box)
+            tmp = self._scratch_array(("tmp", part), (channels, rows) + tmp_shape)
+            for i in range(i0, i1, rows):
+                n = min(rows, i1 - i)
+                slab = acc[:, :n]
+                slab.fill(0)
+                for (m, rel, _), e, plane in zip(members, ext, planes):
+                    k = min(n, e[0] - i)
+                    if k <= 0:
+                        continue
+                    inner = tuple(slice(0, x) for x in e[1:])
+                    t = tmp[(whole, slice(0, k)) + inner]
+                    np.multiply(ys[m][(whole, slice(i, i + k)) + inner], plane[inner], out=t,
+                                casting="unsafe")
+                    d = slab[(whole, slice(0, k)) + tuple(
+                        slice(r - l, r - l + x) for r, l, x in zip(rel[1:], lo, e[1:]))]
+                    np.add(d, t, out=d)
+                np.multiply(slab, col[i:i + n], out=slab)
+                if self.sink is not None:
+                    self.sink.add((int(self.lo[0]) + r0 + i,)
+                                  + tuple(int(o) + l for o, l in zip(self.lo[1:], lo)), slab)
+                    continue
+                dst = self.buf[(slice(0, channels), slice(r0 + i, r0 + i + n))
+                               + tuple(slice(l, h) for l, h in zip(lo, hi))]
+                np.add(dst, slab, out=dst)
+
+        pool = self.sink.pool if self.sink is not None else None
+        if pool is None or n0 <= rows:
+            run(0, 0, n0)
+            return
+        # the sink runs one block at a time and splits its rows across the cores
+        cut = np.linspace(0, -(-n0 // rows), self.sink.workers + 1).round().astype(int) * rows
+        parts = [(p, int(a), min(int(b), n0)) for p, (a, b) in enumerate(zip(cut, cut[1:]))
+                 if a < b and a < n0]
+        for f in [pool.submit(run, *part) for part in parts]:
+            f.result()
+
+    def _plane(self, gidx: tuple[int, ...]) -> np.ndarray:
+        """Outer product of the weight rows of all axes but the first, cached by row identity."""
+        key = tuple(int(ids[i]) for ids, i in zip(self.q_ids[1:], gidx[1:]))
+        w = self._planes.get(key)
+        if w is None:
+            w = np.ones((), dtype=np.float64)
+            for q, i in zip(self.q[1:], gidx[1:]):
+                w = np.multiply.outer(w, q[i])
+            w = self._planes[key] = w.astype(self.acc_dtype)
+        return w
+
+    def _scratch_array(self, key: tuple, shape: tuple[int, ...]) -> np.ndarray:
+        """A scratch array of ``shape``: one buffer per ``key``, grown when too small."""
+        n = math.prod(shape)
+        flat = self._scratch.get(key)
+        if flat is None or flat.size < n:
+            flat = self._scratch[key] = np.empty(n, dtype=self.acc_dtype)
+        return flat[:n].reshape(shape)
 
     def add(self, gidx: tuple[int, ...], start: np.ndarray, data: np.ndarray) -> None:
         """Add one patch's ``data`` ``(C, *size)`` placed at absolute ``start``."""
@@ -230,40 +430,53 @@ def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
 
 
 def _apply_block(region, region_lo, ext_lo, ext_shape, owned, starts, q, q_ids, user, fn,
-                 batch_size, layout, n_batch, out_channels, acc_dtype, out_patch_shape):
+                 batch_size, layout, n_batch, out_channels, acc_dtype, out_patch_shape, sink=None):
     """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches."""
-    acc = _Accumulator(ext_lo, ext_shape, out_channels, acc_dtype, q, q_ids, user)
+    acc = _Accumulator(ext_lo, ext_shape, out_channels, acc_dtype, q, q_ids, user, sink)
     region_lo = np.asarray(region_lo)
     items = [(g, np.array([s[i] for s, i in zip(starts, g)]))
              for g in itertools.product(*owned)]
     size = tuple(int(v) for v in out_patch_shape)
     channels = region.shape[0]
     spatial = size[n_batch:]
-    full = np.empty((min(batch_size, len(items)), channels) + spatial, dtype=region.dtype)
-    for b0 in range(0, len(items), batch_size):
-        chunk = items[b0:b0 + batch_size]
-        batch = full[:len(chunk)]
-        for k, (_, st) in enumerate(chunk):
-            rel = st - region_lo
-            sl = tuple(slice(int(r), int(r) + z) for r, z in zip(rel, size))
-            batch[k] = region[(slice(None),) + sl].reshape(batch.shape[1:])
-        user_batch = layout.from_canonical(batch)
-        expected = layout.patch_shape(spatial, out_channels)
-        out = _check_output(fn(user_batch), user_batch.shape, (len(chunk),) + expected)
-        out = layout.to_canonical(out)
-        for k, (gidx, st) in enumerate(chunk):
-            acc.add(gidx, st, out[k].reshape((out_channels,) + size))
-    return acc.buf
+    pool = sink.pool if sink is not None else None
+    batches = sink.batches if sink is not None else _BATCHES
+    with sink.turn if pool is not None else contextlib.nullcontext():
+        full = batches.take((min(batch_size, len(items)), channels) + spatial, region.dtype)
+        try:
+            for b0 in range(0, len(items), batch_size):
+                chunk = items[b0:b0 + batch_size]
+                batch = full[:len(chunk)]
+
+                def put(k: int, st: np.ndarray, batch: np.ndarray = batch) -> None:
+                    rel = st - region_lo
+                    sl = tuple(slice(int(r), int(r) + z) for r, z in zip(rel, size))
+                    batch[k] = region[(slice(None),) + sl].reshape(batch.shape[1:])
+
+                if pool is None:
+                    for k, (_, st) in enumerate(chunk):
+                        put(k, st)
+                else:
+                    for f in [pool.submit(put, k, st) for k, (_, st) in enumerate(chunk)]:
+                        f.result()
+                user_batch = layout.from_canonical(batch)
+                expected = layout.patch_shape(spatial, out_channels)
+                out = _check_output(fn(user_batch), user_batch.shape, (len(chunk),) + expected)
+                out = layout.to_canonical(out).reshape((len(chunk), out_channels) + size)
+                acc.add_batch([g for g, _ in chunk], [st for _, st in chunk], list(out))
+        finally:
+            batches.give(full)
+    return acc.buf if sink is None else None
 
 
 def _reconstruct_block(chunks, where, ext_lo, ext_shape, gidxs, starts, q, q_ids, user, layout,
-                       channels, acc_dtype, size):
+                       channels, acc_dtype, size, sink=None):
     """Accumulate task of ``reconstruct``: the block's patches come from the patch array."""
-    acc = _Accumulator(ext_lo, ext_shape, channels, acc_dtype, q, q_ids, user)
-    for (c, i), gidx, st in zip(where, gidxs, starts):
-        data = layout.to_canonical(np.asarray(chunks[c][i:i + 1]))[0]
-        acc.add(gidx, np.asarray(st), data.reshape((channels,) + size))
-    return acc.buf
+    acc = _Accumulator(ext_lo, ext_shape, channels, acc_dtype, q, q_ids, user, sink)
+    ys = [layout.to_canonical(np.asarray(chunks[c][i:i + 1]))[0].reshape((channels,) + size)
+          for c, i in where]
+    acc.add_batch(gidxs, [np.asarray(st) for st in starts], ys)
+    return acc.buf if sink is None else None
 
 
 class _Spill:
@@ -353,6 +566,14 @@ def _add(parts, dsts, sels, chunk_shape, channels, user, cov, fill_value, acc_dt
     if channel_axis is None:
         return out[0]
     return np.moveaxis(out, 0, channel_axis)
+
+
+def _finish_into(out: np.ndarray, cov: list | None, fill_value: Any, done: list) -> None:
+    if cov is not None:
+        mask = np.ones((), dtype=bool)
+        for c in cov:
+            mask = np.logical_and.outer(mask, c)
+        out[:, ~mask] = fill_value
 
 
 # -- graph ---------------------------------------------------------------------------------------
@@ -503,6 +724,27 @@ class _Engine:
         task = (_add, parts, dsts, sels, shape, *self.args, cov, *self.dtypes, self.ch, after)
         return task, set(parts) | ({after} if after else set())
 
+    def into(self, out: np.ndarray, workers: int) -> tuple[dict, tuple, _Sink] | None:
+        """Tasks that accumulate straight into the in-memory result ``out`` (zeroed; shared
+        memory: the local scheduler only), with no halo or chunk tasks; ``None`` where that path
+        does not apply (a non-separable window needs a division, another dtype a cast, one axis
+        no slabs)."""
+        fill_value, acc_dtype, out_dtype = self.dtypes
+        if self.args[1] or out_dtype != acc_dtype or self.plan.grid.ndim < 2:
+            return None
+        canon = out[None] if self.ch is None else np.moveaxis(out, self.ch, 0)
+        sink = _Sink(canon, self.plan.block, workers)
+        dsk: dict = {}
+        for bidx in itertools.product(*self.owning):
+            ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(bidx))
+            ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(bidx))
+            task, _ = self.accumulate(bidx, ext_lo, ext_hi)
+            dsk[("into-" + self.name, *bidx)] = task + (sink,)
+        cov = self.plan.coverage if self.cov_needed else None
+        key = ("into-done-" + self.name,)
+        dsk[key] = (_finish_into, canon, cov, fill_value, list(dsk))
+        return dsk, key, sink
+
     def layer(self) -> LazyLayer:
         layer = LazyLayer(self.keys, self.count, self.contains, self.task)
         layer.engine = self  # type: ignore[attr-defined]  # found again by spill_into
@@ -608,6 +850,27 @@ def spill_into(x: da.Array, store: Any, prefix: str, *, threshold: int | None = 
     return x, used
 
 
+def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
+                ) -> tuple[Delayed, Callable[[], None]] | None:
+    """A job accumulating the overlap-add result ``x`` straight into ``out`` (zeroed by the
+    caller) with ``workers`` threads per block, and what to call after it; ``None`` when ``x``
+    is not an engine's result or the direct path does not apply. Used by
+    :func:`daskpatch.to_numpy` on the local scheduler."""
+    engine = getattr(x.dask.layers.get(x.name), "engine", None)
+    if not isinstance(engine, _Engine):
+        return None
+    made = engine.into(out, workers)
+    if made is None:
+        return None
+    dsk, key, sink = made
+    layers = {k: v for k, v in x.dask.layers.items() if k != x.name}
+    deps = {k: set(v) for k, v in x.dask.dependencies.items() if k != x.name}
+    name = key[0]
+    layers[name] = MaterializedLayer(dsk)
+    deps[name] = set(x.dask.dependencies[x.name])
+    return Delayed(key, HighLevelGraph(layers, deps), layer=name), sink.close
+
+
 def reconstruct(
     patches: Any,
     shape: tuple[int, ...],
@@ -657,7 +920,7 @@ def reconstruct(
         the volume (at the cost of writing and reading about twice the output's bytes).
         ``None`` (default): in memory, except that :func:`daskpatch.to_zarr` spills into the
         output store, and deletes the parts after writing, when the halos exceed
-        :data:`SPILL_BYTES` (256 MiB). ``False``: always in memory. A directory, or any Zarr
+        :data:`SPILL_BYTES` (128 MiB). ``False``: always in memory. A directory, or any Zarr
         store: there (``True``: a temporary directory removed at exit); ``to_zarr`` deletes the
         parts after writing, a plain ``compute`` leaves them. On a multi-machine cluster the
         location must be visible to every worker.

@@ -32,11 +32,14 @@ import functools
 import logging
 import math
 import os
-from collections.abc import MutableMapping, Sequence
+import sys
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any, TypeAlias, cast
 
 import dask
 import dask.array as da
+import dask.local
+import dask.threaded
 import numpy as np
 import zarr
 import zarr.storage
@@ -49,7 +52,7 @@ from zarr.core.sync import collect_aiterator
 from zarr.core.sync import sync as _zarr_sync
 
 from ._validate import _describe, parse_int, parse_per_axis, parse_shape, split_axes
-from .blend import spill_into
+from .blend import engine_into, spill_into
 
 __all__ = [
     "DEFAULT_TARGET_BYTES",
@@ -57,6 +60,7 @@ __all__ = [
     "is_stride_aligned",
     "open_volume",
     "rechunk_to_stride",
+    "to_numpy",
     "to_zarr",
 ]
 
@@ -369,6 +373,8 @@ def _check_resumable(z: zarr.Array, x: da.Array, chunks: tuple[int, ...], where:
 
 def _active_client() -> Any | None:
     """The distributed Client that ``compute()`` would use now, or ``None`` (local scheduler)."""
+    if "distributed" not in sys.modules:  # no Client without it (and importing it costs 0.3 s)
+        return None
     scheduler = dask.config.get("scheduler", None)
     if scheduler is not None:
         if "Client" in type(scheduler).__name__:
@@ -385,9 +391,24 @@ def _active_client() -> Any | None:
         return None
 
 
-def _compute(obj: Delayed, progress: bool) -> Any:
+def _local_get() -> Callable | None:
+    """The local scheduler (threads or synchronous) that ``compute()`` would use now, else
+    ``None`` (a distributed Client, processes)."""
+    scheduler = dask.config.get("scheduler", None)
+    if scheduler is None:
+        return None if _active_client() is not None else dask.threaded.get
+    if isinstance(scheduler, str):
+        return {"threads": dask.threaded.get, "threading": dask.threaded.get,
+                "sync": dask.local.get_sync, "synchronous": dask.local.get_sync,
+                "single-threaded": dask.local.get_sync}.get(scheduler.lower())
+    if scheduler in (dask.threaded.get, dask.local.get_sync):
+        return scheduler
+    return None
+
+
+def _compute(obj: Delayed, progress: bool, **kwargs: Any) -> Any:
     if not progress:
-        return obj.compute()
+        return obj.compute(**kwargs)
     client = _active_client()
     if client is not None:
         from distributed import progress as distributed_progress
@@ -405,7 +426,7 @@ def _compute(obj: Delayed, progress: bool) -> Any:
     from dask.diagnostics import ProgressBar
 
     with ProgressBar():
-        return obj.compute()
+        return obj.compute(**kwargs)
 
 
 def to_zarr(
@@ -478,7 +499,7 @@ def to_zarr(
     The result of :func:`~daskpatch.apply_patches` or :func:`~daskpatch.reconstruct` built with
     ``spill=None`` (the default) has its halos -- the parts of a block's buffer that belong to
     neighbouring chunks -- written under ``<array path>/.daskpatch-spill/`` of the output store
-    while it runs, when they total more than ``daskpatch.blend.SPILL_BYTES`` (256 MiB), so peak
+    while it runs, when they total more than ``daskpatch.blend.SPILL_BYTES`` (128 MiB), so peak
     memory depends on the block size and threads, not on the volume; the parts are deleted
     once every chunk is written (and left for ``resume=True`` after an interruption).
 
@@ -599,6 +620,78 @@ def to_zarr(
         return job
     _compute(job, progress)
     return z
+
+
+def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool = False
+             ) -> np.ndarray:
+    """Compute a Dask array into one NumPy array, each chunk written in place as it finishes.
+
+    ``array.compute()`` keeps every chunk until the last one is done and then concatenates them:
+    twice the result in memory. Here chunks go into the result as they finish, so the peak is the
+    result plus what the running tasks hold. The result of :func:`~daskpatch.apply_patches` or
+    :func:`~daskpatch.reconstruct` (float results with a built-in window) is accumulated straight
+    into it: each block adds its buffer in place, with no halo or chunk tasks.
+
+    Parameters
+    ----------
+    array : dask.array.Array
+        What to compute.
+    out : numpy.ndarray, optional
+        Where to write: a writable array of ``array``'s shape and dtype (its content is
+        replaced). ``None`` allocates one.
+    progress : bool, default False
+        Show a progress bar (as :func:`to_zarr`).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``out``, or the new array.
+
+    Notes
+    -----
+    Shared memory needs the local (threaded or synchronous) scheduler; under a
+    ``distributed.Client`` the chunks travel back to this process and this is ``compute()``.
+
+    Examples
+    --------
+    >>> import numpy as np, daskpatch as dp
+    >>> vol = np.random.default_rng(0).random((40, 30), dtype=np.float32)
+    >>> res = to_numpy(dp.apply_patches(vol, lambda b: 2 * b, 16, 8, batch_size=4))
+    >>> bool(np.allclose(res, 2 * vol, atol=1e-5))
+    True
+    """
+    if not isinstance(array, da.Array):
+        raise TypeError(f"array must be a dask.array.Array; got {_describe(array)}")
+    progress = _parse_bool(progress, "progress")
+    if any(math.isnan(n) for n in array.shape):
+        raise ValueError(f"array must have known chunk sizes; got shape {array.shape} (call "
+                         "compute_chunk_sizes() first)")
+    fresh = out is None
+    if out is None:
+        out = np.zeros(array.shape, dtype=array.dtype)  # pages are touched by the tasks
+    elif not isinstance(out, np.ndarray) or out.shape != array.shape or out.dtype != array.dtype \
+            or not out.flags.writeable:
+        got = (f"a numpy.ndarray of shape {out.shape}, dtype {out.dtype}, writeable="
+               f"{out.flags.writeable}" if isinstance(out, np.ndarray) else _describe(out))
+        raise ValueError(f"out must be a writable numpy.ndarray of shape {array.shape} and dtype "
+                         f"{array.dtype}; got {got}")
+    get = _local_get()
+    if get is None:  # no shared memory with the workers
+        out[...] = _compute(cast(Delayed, array), progress)
+        return out
+    workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    direct = engine_into(array, out, 1 if get is dask.local.get_sync else workers)
+    if direct is not None:
+        job, close = direct
+        if not fresh:
+            out[...] = 0
+        try:
+            _compute(job, progress, scheduler=get)
+        finally:
+            close()
+        return out
+    _compute(da.store(array, out, lock=False, compute=False), progress, scheduler=get)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

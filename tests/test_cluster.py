@@ -107,3 +107,9 @@ def test_to_zarr_with_spilled_halos_survives_a_worker_loss(client, volume, tmp_p
     np.testing.assert_array_equal(z[...], expected)
     spill = tmp_path / "o.zarr" / ".daskpatch-spill"
     assert spill.exists() and not [p for p in spill.rglob("*") if p.is_file()]
+
+
+def test_to_numpy_under_a_client_gathers_the_chunks(client, volume):
+    local = _graph(volume, Model(4)).compute(scheduler="threads")
+    out = dp.to_numpy(_graph(volume, Model(4)))  # the Client is the default scheduler here
+    np.testing.assert_array_equal(out, local)

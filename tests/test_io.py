@@ -595,7 +595,7 @@ def test_to_zarr_spills_large_halos_into_the_output_and_deletes_them(
     out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16)
     z = to_zarr(out, store, "pred")
     spilled = [k for k in WritesStore.written if k.startswith("pred/.daskpatch-spill/")]
-    assert bool(spilled) == spills  # the default threshold (256 MiB) is far above this volume
+    assert bool(spilled) == spills  # the default threshold (128 MiB) is far above this volume
     if spills:
         assert len(spilled) == 32  # every block part of the engine (see test_apply)
     assert not (tmp_path / "o.zarr" / "pred" / ".daskpatch-spill").exists() or not any(
