@@ -229,6 +229,13 @@ class _Sink:
             self.pool.shutdown()
         self.batches.clear()
 
+    @staticmethod
+    def turn_of(sink: _Sink | None) -> contextlib.AbstractContextManager:
+        """What a block task holds while it works: its turn when blocks take turns."""
+        if sink is not None and sink.pool is not None:
+            return sink.turn
+        return contextlib.nullcontext()
+
     def view(self, lo: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
         return self.canon[(slice(None),) + tuple(slice(l, l + n) for l, n in zip(lo, shape))]
 
@@ -441,7 +448,7 @@ def _apply_block(region, region_lo, ext_lo, ext_shape, owned, starts, q, q_ids, 
     spatial = size[n_batch:]
     pool = sink.pool if sink is not None else None
     batches = sink.batches if sink is not None else _BATCHES
-    with sink.turn if pool is not None else contextlib.nullcontext():
+    with _Sink.turn_of(sink):
         full = batches.take((min(batch_size, len(items)), channels) + spatial, region.dtype)
         try:
             for b0 in range(0, len(items), batch_size):
@@ -475,7 +482,8 @@ def _reconstruct_block(chunks, where, ext_lo, ext_shape, gidxs, starts, q, q_ids
     acc = _Accumulator(ext_lo, ext_shape, channels, acc_dtype, q, q_ids, user, sink)
     ys = [layout.to_canonical(np.asarray(chunks[c][i:i + 1]))[0].reshape((channels,) + size)
           for c, i in where]
-    acc.add_batch(gidxs, [np.asarray(st) for st in starts], ys)
+    with _Sink.turn_of(sink):
+        acc.add_batch(gidxs, [np.asarray(st) for st in starts], ys)
     return acc.buf if sink is None else None
 
 
