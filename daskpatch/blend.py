@@ -828,7 +828,7 @@ def _parse_spill(spill: Any) -> _Spill | bool | None:
     )
 
 
-def spill_into(x: da.Array, store: Any, prefix: str, *, threshold: int | None = None
+def spill_into(x: da.Array, store: Any, prefix: str, *, threshold: float | None = None
                ) -> tuple[da.Array, list[tuple[_Spill, str]]]:
     """Send the halos of the overlap-add engines in ``x``'s graph to ``store`` under ``prefix``.
 

@@ -598,7 +598,11 @@ def to_zarr(
     # Overlap-add engines (apply_patches, reconstruct) built with spill=None send the halos
     # their blocks hand to neighbouring chunks into the output store when they are large, so
     # memory stays bounded whatever the volume; the parts are deleted once all is written.
-    x, spills = spill_into(x, z.store, _join(z.path, _SPILL_DIR) or _SPILL_DIR)
+    # (Not into a store in RAM: parts would stay there until the end instead of being freed.)
+    if not isinstance(z.store, zarr.storage.MemoryStore):
+        x, spills = spill_into(x, z.store, _join(z.path, _SPILL_DIR) or _SPILL_DIR)
+    else:
+        x, spills = spill_into(x, None, "", threshold=math.inf)
     token = tokenize(x.name, str(z.store), z.path, zchunks)
     todo = []
     if done is not None and len(done) < n_total:

@@ -641,3 +641,13 @@ def test_to_zarr_resumes_a_spilled_engine(tmp_path, monkeypatch):
         z = to_zarr(out, target, resume=True)
     np.testing.assert_array_equal(z[...], expected)
     assert not [p for p in (target / ".daskpatch-spill").rglob("*") if p.is_file()]
+
+
+def test_to_zarr_does_not_spill_into_a_store_in_memory(monkeypatch):
+    dp, vol, expected = _engine_case()
+    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)
+    puts = []
+    monkeypatch.setattr(dp.blend._Spill, "put", lambda self, key, data: puts.append(key))
+    z = to_zarr(dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16), zarr.storage.MemoryStore())
+    np.testing.assert_array_equal(z[...], expected)
+    assert puts == []  # parts in RAM would wait there until the end, instead of being freed
