@@ -23,7 +23,6 @@ Each output chunk is produced by exactly one task, so writing the result to Zarr
 from __future__ import annotations
 
 import atexit
-import contextlib
 import copy
 import itertools
 import math
@@ -207,21 +206,18 @@ _BATCHES = _BatchPool()
 
 class _Sink:
     """The in-memory result that block tasks add into directly (:func:`daskpatch.to_numpy` on
-    the local scheduler): a canonical ``(C, *grid)`` view of it and a lock per output chunk, as
-    neighbouring blocks' buffers overlap.
+    the local scheduler), as a canonical ``(C, *grid)`` view.
 
-    With ``workers > 1`` block tasks take turns, and each splits its batch copies and its
-    accumulation across a pool of that many threads: one batch in memory at a time (as a model
-    on one GPU, or torch with its own threads, wants), all cores on the NumPy work.
+    Block tasks run one after another, in C order (each depends on the previous one), so the
+    sums are the same on every run and no two blocks write at once; with ``workers > 1`` each
+    block splits its batch copies and its accumulation across a pool of that many threads. One
+    batch is in memory at a time, as a model on one GPU, or torch with its own threads, wants.
     """
 
-    def __init__(self, canon: np.ndarray, block: tuple[int, ...], workers: int = 1) -> None:
-        self.canon, self.block = canon, block
-        nblocks = [-(-n // b) for n, b in zip(canon.shape[1:], block)]
-        self.locks = {c: threading.Lock() for c in itertools.product(*map(range, nblocks))}
+    def __init__(self, canon: np.ndarray, workers: int = 1) -> None:
+        self.canon = canon
         self.workers = workers
         self.pool = ThreadPoolExecutor(workers, "daskpatch-sink") if workers > 1 else None
-        self.turn = threading.Lock()
         self.batches = _BatchPool(keep=True)
 
     def close(self) -> None:
@@ -229,41 +225,25 @@ class _Sink:
             self.pool.shutdown()
         self.batches.clear()
 
-    @staticmethod
-    def turn_of(sink: _Sink | None) -> contextlib.AbstractContextManager:
-        """What a block task holds while it works: its turn when blocks take turns."""
-        if sink is not None and sink.pool is not None:
-            return sink.turn
-        return contextlib.nullcontext()
-
     def view(self, lo: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
         return self.canon[(slice(None),) + tuple(slice(l, l + n) for l, n in zip(lo, shape))]
 
     def add(self, lo: tuple[int, ...], data: np.ndarray) -> None:
-        """``result[:, lo:lo + data.shape[1:]] += data``, holding the locks of the chunks hit
-        (none when blocks take turns: the pool's threads then add disjoint rows)."""
-        if self.pool is not None:
-            dst = self.view(lo, data.shape[1:])[:data.shape[0]]
-            np.add(dst, data, out=dst)
-            return
-        hit = [range(l // b, (l + n - 1) // b + 1)
-               for l, n, b in zip(lo, data.shape[1:], self.block)]
-        locks = [self.locks[c] for c in itertools.product(*hit)]  # sorted: no deadlock
-        for lock in locks:
-            lock.acquire()
-        try:
-            dst = self.view(lo, data.shape[1:])[:data.shape[0]]
-            np.add(dst, data, out=dst)
-        finally:
-            for lock in locks:
-                lock.release()
+        """``result[:, lo:lo + data.shape[1:]] += data`` (the pool's threads add disjoint rows)."""
+        dst = self.view(lo, data.shape[1:])[:data.shape[0]]
+        np.add(dst, data, out=dst)
+
+
+def _then(previous: Any, result: Any) -> Any:
+    """``result``, computed after ``previous`` (a task that orders blocks)."""
+    return result
 
 
 class _Accumulator:
     """The extended buffer of one block and the weights of its patches.
 
     With a ``sink`` (separable windows, two or more axes) the buffer is the result itself, and
-    each slab is added into it under the locks of the chunks it touches.
+    each slab is added into it.
     """
 
     def __init__(self, ext_lo, ext_shape, channels, acc_dtype, q, q_ids, user_window,
@@ -369,7 +349,7 @@ class _Accumulator:
         if pool is None or n0 <= rows:
             run(0, 0, n0)
             return
-        # the sink runs one block at a time and splits its rows across the cores
+        # blocks run one at a time into a sink: each splits its rows across the cores
         cut = np.linspace(0, -(-n0 // rows), self.sink.workers + 1).round().astype(int) * rows
         parts = [(p, int(a), min(int(b), n0)) for p, (a, b) in enumerate(zip(cut, cut[1:]))
                  if a < b and a < n0]
@@ -448,31 +428,30 @@ def _apply_block(region, region_lo, ext_lo, ext_shape, owned, starts, q, q_ids, 
     spatial = size[n_batch:]
     pool = sink.pool if sink is not None else None
     batches = sink.batches if sink is not None else _BATCHES
-    with _Sink.turn_of(sink):
-        full = batches.take((min(batch_size, len(items)), channels) + spatial, region.dtype)
-        try:
-            for b0 in range(0, len(items), batch_size):
-                chunk = items[b0:b0 + batch_size]
-                batch = full[:len(chunk)]
+    full = batches.take((min(batch_size, len(items)), channels) + spatial, region.dtype)
+    try:
+        for b0 in range(0, len(items), batch_size):
+            chunk = items[b0:b0 + batch_size]
+            batch = full[:len(chunk)]
 
-                def put(k: int, st: np.ndarray, batch: np.ndarray = batch) -> None:
-                    rel = st - region_lo
-                    sl = tuple(slice(int(r), int(r) + z) for r, z in zip(rel, size))
-                    batch[k] = region[(slice(None),) + sl].reshape(batch.shape[1:])
+            def put(k: int, st: np.ndarray, batch: np.ndarray = batch) -> None:
+                rel = st - region_lo
+                sl = tuple(slice(int(r), int(r) + z) for r, z in zip(rel, size))
+                batch[k] = region[(slice(None),) + sl].reshape(batch.shape[1:])
 
-                if pool is None:
-                    for k, (_, st) in enumerate(chunk):
-                        put(k, st)
-                else:
-                    for f in [pool.submit(put, k, st) for k, (_, st) in enumerate(chunk)]:
-                        f.result()
-                user_batch = layout.from_canonical(batch)
-                expected = layout.patch_shape(spatial, out_channels)
-                out = _check_output(fn(user_batch), user_batch.shape, (len(chunk),) + expected)
-                out = layout.to_canonical(out).reshape((len(chunk), out_channels) + size)
-                acc.add_batch([g for g, _ in chunk], [st for _, st in chunk], list(out))
-        finally:
-            batches.give(full)
+            if pool is None:
+                for k, (_, st) in enumerate(chunk):
+                    put(k, st)
+            else:
+                for f in [pool.submit(put, k, st) for k, (_, st) in enumerate(chunk)]:
+                    f.result()
+            user_batch = layout.from_canonical(batch)
+            expected = layout.patch_shape(spatial, out_channels)
+            out = _check_output(fn(user_batch), user_batch.shape, (len(chunk),) + expected)
+            out = layout.to_canonical(out).reshape((len(chunk), out_channels) + size)
+            acc.add_batch([g for g, _ in chunk], [st for _, st in chunk], list(out))
+    finally:
+        batches.give(full)
     return acc.buf if sink is None else None
 
 
@@ -482,8 +461,7 @@ def _reconstruct_block(chunks, where, ext_lo, ext_shape, gidxs, starts, q, q_ids
     acc = _Accumulator(ext_lo, ext_shape, channels, acc_dtype, q, q_ids, user, sink)
     ys = [layout.to_canonical(np.asarray(chunks[c][i:i + 1]))[0].reshape((channels,) + size)
           for c, i in where]
-    with _Sink.turn_of(sink):
-        acc.add_batch(gidxs, [np.asarray(st) for st in starts], ys)
+    acc.add_batch(gidxs, [np.asarray(st) for st in starts], ys)
     return acc.buf if sink is None else None
 
 
@@ -741,13 +719,16 @@ class _Engine:
         if self.args[1] or out_dtype != acc_dtype or self.plan.grid.ndim < 2:
             return None
         canon = out[None] if self.ch is None else np.moveaxis(out, self.ch, 0)
-        sink = _Sink(canon, self.plan.block, workers)
+        sink = _Sink(canon, workers)
         dsk: dict = {}
+        previous = None
         for bidx in itertools.product(*self.owning):
             ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(bidx))
             ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(bidx))
             task, _ = self.accumulate(bidx, ext_lo, ext_hi)
-            dsk[("into-" + self.name, *bidx)] = task + (sink,)
+            key = ("into-" + self.name, *bidx)
+            dsk[key] = (_then, previous, task + (sink,))  # blocks in C order, one at a time
+            previous = key
         cov = self.plan.coverage if self.cov_needed else None
         key = ("into-done-" + self.name,)
         dsk[key] = (_finish_into, canon, cov, fill_value, list(dsk))

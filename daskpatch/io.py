@@ -634,7 +634,10 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
     twice the result in memory. Here chunks go into the result as they finish, so the peak is the
     result plus what the running tasks hold. The result of :func:`~daskpatch.apply_patches` or
     :func:`~daskpatch.reconstruct` (float results with a built-in window) is accumulated straight
-    into it: each block adds its buffer in place, with no halo or chunk tasks.
+    into it, with no halo or chunk tasks: blocks run one after another in C order (the same sums
+    on every run), each splitting its batch copies and accumulation across the scheduler's
+    threads, so one batch is in memory at a time. Overlaps are summed in another order than
+    ``compute()``'s: results agree to the last bits of float rounding.
 
     Parameters
     ----------

@@ -74,9 +74,11 @@ def test_blend_of_distinct_patches_matches_naive(shape, size, stride, blend, bor
         blend = 0.5 + rng.random(grid.size)
     expected = naive_blend(patches[:, None], grid, blend)[0]
     for block in (None, tuple(2 * s for s in grid.stride)):
-        got = dp.reconstruct(patches, shape, size, stride, border=border, blend=blend,
-                             block_shape=block).compute()
-        np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+        arr = dp.reconstruct(patches, shape, size, stride, border=border, blend=blend,
+                             block_shape=block)
+        np.testing.assert_allclose(arr.compute(), expected, rtol=1e-10, atol=1e-12)
+        # straight into one array (blocks add in place, in any order)
+        np.testing.assert_allclose(dp.to_numpy(arr), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_gaussian_sigma_scale_changes_weights():
@@ -221,3 +223,5 @@ def test_property_round_trip(params):
     ap = dp.apply_patches(vol, lambda b: b, size, stride, border=border, blend=blend,
                           block_shape=block, batch_size=3)
     np.testing.assert_allclose(ap.compute(), vol, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(dp.to_numpy(ap), vol, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(dp.to_numpy(out), vol, rtol=0, atol=1e-12)
