@@ -117,6 +117,9 @@ def test_out_is_filled_and_checked():
         dp.to_numpy(arr, frozen)
     with pytest.raises(TypeError, match="array must be a dask.array.Array; got"):
         dp.to_numpy(VOL)
+    x = da.arange(10, chunks=5)
+    with pytest.raises(ValueError, match=r"known chunk sizes; got shape \(nan,\)"):
+        dp.to_numpy(x[x > 3])
 
 
 def test_progress_bar(capsys):
