@@ -651,3 +651,16 @@ def test_to_zarr_does_not_spill_into_a_store_in_memory(monkeypatch):
     z = to_zarr(dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16), zarr.storage.MemoryStore())
     np.testing.assert_array_equal(z[...], expected)
     assert puts == []  # parts in RAM would wait there until the end, instead of being freed
+
+
+def test_spilled_engine_under_a_rechunk(tmp_path, monkeypatch):
+    dp, vol, expected = _engine_case()
+    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)
+    puts = []
+    put = dp.blend._Spill.put
+    monkeypatch.setattr(dp.blend._Spill, "put",
+                        lambda self, key, data: (puts.append(key), put(self, key, data)))
+    out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16) * 2
+    z = to_zarr(out, tmp_path / "r.zarr", chunks=(10, 12, 7))  # not the engine's chunks
+    assert z.chunks == (10, 12, 7) and puts  # the engine under the rechunk still spilled
+    np.testing.assert_array_equal(z[...], expected * 2)
