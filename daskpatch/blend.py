@@ -264,19 +264,14 @@ class _Accumulator:
         self._scratch: dict = {}
 
     def weight(self, gidx: tuple[int, ...]) -> np.ndarray:
+        """A patch's whole weight in :meth:`add`: the user window, or on one axis its row
+        (separable weights on two or more axes go through :meth:`add_batch`'s planes)."""
         if self.user is not None:
             return self.user
-        key = tuple(int(ids[i]) for ids, i in zip(self.q_ids, gidx))
+        key = int(self.q_ids[0][gidx[0]])
         w = self._w.get(key)
         if w is None:
-            # outer product in float64 over all axes but the last (small), then one pass in
-            # the buffer's dtype for the last axis
-            rows = [q[i] for q, i in zip(self.q, gidx)]
-            head = np.ones((), dtype=np.float64)
-            for r in rows[:-1]:
-                head = np.multiply.outer(head, r)
-            w = self._w[key] = np.multiply.outer(head.astype(self.acc_dtype),
-                                                 rows[-1].astype(self.acc_dtype))
+            w = self._w[key] = self.q[0][gidx[0]].astype(self.acc_dtype)
         return w
 
     def add_batch(self, gidxs: list, starts: list, ys: list) -> None:
