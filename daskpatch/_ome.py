@@ -165,9 +165,11 @@ def open_volume(store: Any, path: Any = None, *, level: Any = 0, xarray: Any = F
 
 
 def _plain_dataarray(z: zarr.Array, data: da.Array) -> Any:
-    attrs = dict(z.attrs)
-    names = getattr(z.metadata, "dimension_names", None) or attrs.pop("_ARRAY_DIMENSIONS", None)
-    if not names or len(names) != z.ndim or any(n is None for n in names):
+    attrs: dict[str, Any] = dict(z.attrs)
+    names: Any = getattr(z.metadata, "dimension_names", None)
+    names = names or attrs.pop("_ARRAY_DIMENSIONS", None)
+    if not isinstance(names, (list, tuple)) or len(names) != z.ndim or \
+            not all(isinstance(n, str) for n in names):
         names = [f"dim_{i}" for i in range(z.ndim)]
     return wrap(data, names, attrs=attrs)
 
@@ -522,7 +524,7 @@ def write(
     base, full = _resolve_store(store, path)
     where = _where(base, full)
     node = _probe(base, full)
-    marker = node.attrs.get(_MARKER) if isinstance(node, zarr.Group) else None
+    marker: Any = node.attrs.get(_MARKER) if isinstance(node, zarr.Group) else None
     ours = isinstance(marker, Mapping)
     if isinstance(node, zarr.Group) and not ours:
         raise ValueError(
@@ -553,11 +555,12 @@ def write(
                     f"to_zarr: cannot create an image at {where}: its parent "
                     f"{parent or '(the root)'!r} is an array, and only groups have children"
                 )
-    target = _location(base, full)
+    (target_store, target_path), prefix = _location(base, full) or (None, None), f"{full}/"
     for src in _zarr_sources(x):
-        loc = _location(src.store, src.path or None)
-        if loc[0] == target[0] and (target[1] is None or (loc[1] or "").startswith(
-                f"{target[1]}/") or loc[1] == target[1]):
+        src_store, src_path = _location(src.store, src.path or None) or (None, None)
+        if src_store is not None and src_store == target_store and (
+                target_path is None or src_path == target_path
+                or (src_path or "").startswith(prefix)):
             raise ValueError(
                 f"to_zarr: the input array reads from {where}, which this call would write; "
                 "write to another path"

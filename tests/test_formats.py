@@ -526,7 +526,7 @@ def test_recipe_nifti(tmp_path):
 
     img = nib.load(tmp_path / "ct.nii")  # header only; dataobj reads slices on demand
     volume = da.from_array(img.dataobj, chunks=(20, 16, 10)).transpose(2, 1, 0)  # z, y, x
-    zooms = tuple(float(z) for z in img.header.get_zooms()[::-1])
+    zooms = [float(z) for z in img.header.get_zooms()[2::-1]]
     dp.to_zarr(dp.apply_patches(volume, lambda b: 2 * b, 16, 8), tmp_path / "pred.zarr",
                ome=True, scale=zooms, units=dict.fromkeys("zyx", "millimeter"))
     pred = dp.open_volume(tmp_path / "pred.zarr", xarray=True)
