@@ -444,6 +444,13 @@ def test_ome_overwrite_safety(tmp_path):
         dp.to_zarr(dp.open_volume(ours) + 1, ours, ome=True, overwrite=True)
     np.testing.assert_array_equal(dp.open_volume(ours).compute(), 2 * np.ones((4, 8, 8)))
 
+    array = tmp_path / "array.zarr"
+    dp.to_zarr(x, array)
+    with pytest.raises(FileExistsError, match="an array already exists"):
+        dp.to_zarr(x, array, ome=True)
+    dp.to_zarr(x, array, ome=True, overwrite=True)  # an array may be replaced by an image
+    assert [a.shape for a in _read_ome(array)[0]] == [(4, 8, 8)]
+
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
@@ -532,3 +539,24 @@ def test_recipe_nifti(tmp_path):
     pred = dp.open_volume(tmp_path / "pred.zarr", xarray=True)
     np.testing.assert_allclose(pred.values, 2 * vol.transpose(2, 1, 0), rtol=1e-6)
     np.testing.assert_allclose(pred.coords["z"].values, 2.5 * np.arange(20))
+
+
+def test_open_volume_combines_dataset_and_multiscale_transformations(tmp_path):
+    """NGFF: a point is dataset scale, then dataset translation, then the multiscale's own
+    transformations (here a further scale and a translation)."""
+    root = zarr.open_group(str(tmp_path / "img.zarr"), mode="w", zarr_format=3)
+    root.create_array("full", shape=(4, 6), dtype="f4", dimension_names=("y", "x"))
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": "y", "type": "space", "unit": "nanometer"},
+                 {"name": "x", "type": "space", "unit": "nanometer"}],
+        "datasets": [{"path": "full", "coordinateTransformations": [
+            {"type": "scale", "scale": [2.0, 3.0]},
+            {"type": "translation", "translation": [1.0, -1.0]}]}],
+        "coordinateTransformations": [{"type": "scale", "scale": [10.0, 1.0]},
+                                      {"type": "translation", "translation": [0.0, 5.0]}],
+    }]}
+    models05.Image.from_zarr(root)  # a valid image
+    vol = dp.open_volume(tmp_path / "img.zarr", xarray=True)
+    np.testing.assert_allclose(vol.coords["y"].values, 10.0 * (1.0 + 2.0 * np.arange(4)))
+    np.testing.assert_allclose(vol.coords["x"].values, 5.0 + (-1.0 + 3.0 * np.arange(6)))
+    assert vol.coords["y"].attrs["units"] == "nanometer"
