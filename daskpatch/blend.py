@@ -58,6 +58,7 @@ from ._validate import (
     parse_int,
     parse_shape,
 )
+from ._xarray import accepts_dataarray
 from .extract import Layout, full_grid, parse_layout
 from .grid import PatchGrid
 from .windows import Blend, Window, parse_blend
@@ -855,6 +856,7 @@ def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
     return Delayed(key, HighLevelGraph(layers, deps), layer=name), sink.close
 
 
+@accepts_dataarray
 def reconstruct(
     patches: Any,
     shape: tuple[int, ...],
@@ -985,6 +987,7 @@ def reconstruct(
     return engine.array([patches], None)
 
 
+@accepts_dataarray
 def apply_patches(
     volume: Any,
     fn: Callable[[np.ndarray], np.ndarray],

@@ -23,6 +23,7 @@ from ._validate import (
     parse_per_axis,
     split_axes,
 )
+from ._xarray import accepts_dataarray
 from .grid import PatchGrid
 
 __all__ = ["extract_patches"]
@@ -85,6 +86,7 @@ def _groups(grid_shape: tuple[int, ...], per_group: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+@accepts_dataarray
 def extract_patches(
     volume: Any,
     size: int | tuple[int, ...],
