@@ -38,11 +38,12 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import dask
 import numpy as np
 import zarr
+from dask.delayed import Delayed
 from dask.utils import format_bytes, parse_bytes
 
 from . import __version__
@@ -56,6 +57,8 @@ from .io import (
     _probe,
     _resolve_store,
     _where,
+    _compute,
+    _location,
     aligned_chunks,
     is_stride_aligned,
     open_volume,
@@ -407,13 +410,8 @@ def _import_attr(spec: str) -> Any:
 
 
 def _load_torch_file(path: str) -> Any:
-    try:
-        import torch
-    except ImportError as err:
-        raise _UsageError(f"--model {path!r} is a torch file, but torch is not installed "
-                          "(pip install 'daskpatch[torch]')") from err
-    if not os.path.isfile(path):
-        raise _UsageError(f"--model {path!r}: no such file")
+    import torch
+
     try:
         if path.endswith(".pt2"):
             return torch.export.load(path).module()
@@ -431,22 +429,38 @@ def _load_torch_file(path: str) -> Any:
         ) from err
 
 
-def _load_model(spec: str, device: str | None, channels: str) -> Callable[[np.ndarray], np.ndarray]:
+def _resolve_spec(spec: str) -> Any:
+    """What ``--model SPEC`` names, checked but not built: the module attribute, or the torch
+    file's path (checked to exist)."""
+    if spec.endswith(TORCH_FILES):
+        try:
+            import torch  # noqa: F401
+        except ImportError as err:
+            raise _UsageError(f"--model {spec!r} is a torch file, but torch is not installed "
+                              "(pip install 'daskpatch[torch]')") from err
+        if not os.path.isfile(spec):
+            raise _UsageError(f"--model {spec!r}: no such file")
+        return spec
+    obj = _import_attr(spec)
+    if inspect.isclass(obj) and _needs_arguments(obj):
+        raise _UsageError(f"--model {spec!r} is a class whose constructor needs arguments; name "
+                          "a function that builds the model instead")
+    return obj
+
+
+def _load_model(spec: str, device: str | None, channels: str
+                ) -> Callable[[np.ndarray], np.ndarray]:
     """The NumPy-batch callable ``--model SPEC`` names (see ``daskpatch apply --help``)."""
+    obj = _resolve_spec(spec)
     if spec.endswith(TORCH_FILES):
         obj = _load_torch_file(spec)
-    else:
-        obj = _import_attr(spec)
+    elif inspect.isclass(obj):
+        obj = obj()
+    elif (inspect.isfunction(obj) or inspect.ismethod(obj)) and not _needs_arguments(obj):
+        obj = obj()  # a factory
         if inspect.isclass(obj):
-            if _needs_arguments(obj):
-                raise _UsageError(f"--model {spec!r} is a class whose constructor needs "
-                                  "arguments; name a function that builds the model instead")
-            obj = obj()
-        elif (inspect.isfunction(obj) or inspect.ismethod(obj)) and not _needs_arguments(obj):
-            obj = obj()  # a factory
-            if inspect.isclass(obj):
-                raise _UsageError(f"--model {spec!r}: the factory returned a class ({obj!r}); "
-                                  "it must return a model")
+            raise _UsageError(f"--model {spec!r}: the factory returned a class ({obj!r}); it "
+                              "must return a model")
     if _is_torch_module(obj):
         return _torch_adapter(obj, device, channels)
     if device is not None:
@@ -854,11 +868,20 @@ def _progress(args: argparse.Namespace) -> bool:
 def _cmd_apply(args: argparse.Namespace) -> int:
     volume = open_volume(args.src, args.src_path)
     _check_target(args.dst, args.dst_path, args)
+    if _location(*_resolve_store(args.dst, _parse_path(args.dst_path))) == _location(
+            *_resolve_store(args.src, _parse_path(args.src_path))):
+        raise _UsageError(f"DST must differ from SRC (the run reads SRC while it writes DST); "
+                          f"both are {_where(args.src, _parse_path(args.src_path))}")
     layout = parse_layout(volume.ndim, args.size, args.channel_axis)
     channels = "none" if layout.channel_axis is None else (
         "first" if layout.channels_first else "last")
     model = _SpecModel(args.model, args.device, channels)
-    model.load()  # here, so that a bad SPEC fails before anything is written
+    # A bad SPEC fails here, before anything is written. Local schedulers run the model in this
+    # process: build it now; worker processes build their own (this one may have no GPU).
+    if args.scheduler in ("threads", "sync"):
+        model.load()
+    else:
+        _resolve_spec(args.model)
     result = apply_patches(
         volume, model, args.size, args.stride, border=args.border, pad_mode=args.pad_mode,
         blend=args.blend, batch_size=args.batch_size, channel_axis=args.channel_axis,
@@ -866,9 +889,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         fill_value=args.fill_value, sigma_scale=args.sigma_scale,
     )
     with _scheduler(args.scheduler, args.workers):
+        job = to_zarr(result, args.dst, args.dst_path, resume=args.resume,
+                      overwrite=args.overwrite, compute=False)  # checks, then creates DST
         args.started = True
-        z = to_zarr(result, args.dst, args.dst_path, resume=args.resume,
-                    overwrite=args.overwrite, progress=_progress(args))
+        z = _compute(cast(Delayed, job), _progress(args))  # as to_zarr(compute=True) does
     print(f"{PROG}: wrote {_where(args.dst, z.path or None)}: {_x(z.shape)} {z.dtype}, chunks "
           f"{_x(z.chunks)}")
     return 0

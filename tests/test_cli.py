@@ -426,6 +426,17 @@ def test_more_bad_inputs_in_process(tmp_path, src, on_path, capsys, args, match)
     assert not (tmp_path / "out.zarr").exists()
 
 
+def test_writing_over_the_source_is_refused_before_anything_is_written(src, on_path, capsys):
+    before = zarr.open_array(src, mode="r")[...]
+    assert main(["apply", src, src, "--model", "cli_models:affine", "--size", "16",
+                 "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    _assert_one_error_line(err)
+    assert "must differ from SRC" in err
+    np.testing.assert_array_equal(zarr.open_array(src, mode="r")[...], before)
+    assert on_path.CALLS[0] == 0
+
+
 def test_debug_adds_the_traceback(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing.zarr"), "--debug"]) == 2
     err = capsys.readouterr().err
