@@ -213,6 +213,12 @@ one batch (batch size x patch, input dtype, and the model's output as float32), 
 number of worker threads (--workers, else dask's num_workers, else the number of cores).
 """
 
+_RECHUNK_DESCRIPTION = """\
+Copy the array SRC into DST (Zarr format 3) with chunks on the patch-stride grid: a multiple of
+the stride on each spatial axis, near --target-bytes, the channel axis whole. That is the layout
+`daskpatch apply` reads and writes best. Nothing is written when SRC is already aligned.
+"""
+
 
 def _add_geometry(p: argparse.ArgumentParser, *, apply: bool) -> None:
     g = p.add_argument_group("patches")
@@ -305,10 +311,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_apply)
 
     p = sub.add_parser("rechunk", help="copy a store into stride-aligned chunks",
-                       description="Copy the array SRC into DST with chunks on the patch-stride "
-                                   "grid (a multiple of the stride per spatial axis, near "
-                                   "--target-bytes), the layout apply reads and writes best. "
-                                   "Nothing is written when SRC is already aligned.",
+                       description=_RECHUNK_DESCRIPTION,
                        formatter_class=fmt,
                        epilog="example:\n  daskpatch rechunk raw.zarr volume.zarr --stride 32")
     p.add_argument("src", metavar="SRC", help="input Zarr store")
@@ -373,11 +376,8 @@ def _needs_arguments(fn: Callable) -> bool:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature: a model, not a factory
         return True
-    return any(
-        p.kind is p.VAR_POSITIONAL
-        or (p.default is p.empty and p.kind not in (p.VAR_KEYWORD,))
-        for p in params
-    )
+    return any(p.kind is p.VAR_POSITIONAL
+               or (p.default is p.empty and p.kind is not p.VAR_KEYWORD) for p in params)
 
 
 def _import_attr(spec: str) -> Any:
@@ -866,6 +866,9 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    if args.workers is not None and "://" in args.scheduler:
+        raise _UsageError("--workers sets the threads or processes of a local scheduler; a "
+                          f"cluster ({args.scheduler}) has its own workers")
     volume = open_volume(args.src, args.src_path)
     _check_target(args.dst, args.dst_path, args)
     if _location(*_resolve_store(args.dst, _parse_path(args.dst_path))) == _location(

@@ -417,6 +417,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(models, src, tmp_path, case
      "not allowed with argument"),
     (["--model", "cli_models:affine", "--size", "16", "--scheduler", "gpu"], "--scheduler"),
     (["--model", "cli_models:affine"], "required: --size"),
+    (["--model", "cli_models:affine", "--size", "16", "--scheduler", "tcp://127.0.0.1:1",
+      "--workers", "2"], "has its own workers"),
 ])
 def test_more_bad_inputs_in_process(tmp_path, src, on_path, capsys, args, match):
     assert main(["apply", src, str(tmp_path / "out.zarr"), *args]) == 2
