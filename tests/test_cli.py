@@ -301,8 +301,10 @@ def test_resume_after_a_killed_run_is_bit_identical(models, tmp_path, on_path, c
             "8", "--block-shape", "16", "--workers", "2"]
     proc = _cli(models, *argv, env={"DASKPATCH_TEST_DELAY": "0.02"}, wait=False)
     markers = dst / ".daskpatch-done" / "chunks"
+    deadline = time.monotonic() + 300  # a guard against a hung child, not a timing check
     try:
-        while proc.poll() is None and not (markers.is_dir() and len(os.listdir(markers)) >= 3):
+        while proc.poll() is None and not (markers.is_dir() and len(os.listdir(markers)) >= 3) \
+                and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
         proc.send_signal(signal.SIGKILL)
