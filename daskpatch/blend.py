@@ -48,6 +48,7 @@ from zarr.core.sync import sync as _zarr_sync
 
 from ._layer import LazyLayer, lazy_graph
 from ._regions import Volume
+from ._torch import wrap_fn
 from ._validate import (
     BORDERS,
     PAD_MODES,
@@ -1013,10 +1014,18 @@ def apply_patches(
     volume : array-like
         NumPy, Dask or Zarr array. A Zarr array (or a Dask array straight over one, as from
         :func:`open_volume`) is read region by region inside the tasks.
-    fn : callable
+    fn : callable or torch.nn.Module
         ``fn(batch) -> batch``: takes a NumPy batch ``(B, *size)`` (``(B, C, *size)`` or
         ``(B, *size, C)`` with a channel axis, as in the volume) and returns the same spatial patch
-        shape, with ``out_channels`` channels, in any numeric dtype.
+        shape, with ``out_channels`` channels, in any numeric dtype. It may return a
+        ``torch.Tensor``: it is detached, copied to the CPU and converted to NumPy (float16 and
+        bfloat16 as float32). A ``torch.nn.Module`` is used as it is, wrapped in
+        :class:`~daskpatch.TorchModel` (``module.eval()``; each batch as a tensor on the
+        module's device and dtype, under ``torch.inference_mode()`` in whichever thread or worker
+        runs it); use ``TorchModel`` itself for another device, dtype or mixed precision. Torch
+        layers take channel-first batches: give a single-channel volume one with
+        ``volume[None]`` and ``channel_axis=0``. ``fn`` is called from several threads at once
+        on the threaded scheduler, and pickled to each worker process of a cluster.
     size, stride, border, pad_mode, channel_axis
         As in :func:`extract_patches`.
     blend, fill_value, block_shape, sigma_scale, spill
@@ -1047,7 +1056,7 @@ def apply_patches(
     batch_size = parse_int(batch_size, "batch_size", minimum=1)
     if not hasattr(volume, "ndim"):
         volume = Volume.from_user(volume, None).array
-    layout = parse_layout(volume.ndim, size, channel_axis)
+    layout = parse_layout(volume.ndim, size, channel_axis, shape=volume.shape)
     border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
     pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)  # type: ignore[assignment]
     vol = Volume.from_user(volume, layout.channel_axis)
@@ -1064,6 +1073,7 @@ def apply_patches(
                 f"out_channels={cout} needs a channel axis: the volume has channel_axis=None "
                 "(add one, e.g. volume[None] with channel_axis=0)"
             )
+    fn = wrap_fn(fn, layout, tuple(volume.shape), grid.size[nb:], vol.channels, cout)
     if dtype is None:
         out_dtype = vol.dtype if vol.dtype.kind == "f" else np.dtype(np.float32)
     else:

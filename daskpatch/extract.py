@@ -55,8 +55,9 @@ class Layout:
         return a if self.channels_first else np.moveaxis(a, -1, 1)
 
 
-def parse_layout(ndim: int, size: Any, channel_axis: Any, name: str = "volume") -> Layout:
-    ch, n_batch, _ = split_axes(ndim, size, channel_axis, name=name)
+def parse_layout(ndim: int, size: Any, channel_axis: Any, name: str = "volume",
+                 shape: Any = None) -> Layout:
+    ch, n_batch, _ = split_axes(ndim, size, channel_axis, name=name, shape=shape)
     return Layout(ndim, ch, n_batch, ch is not None and ch != ndim - 1)
 
 
@@ -137,7 +138,7 @@ def extract_patches(
     """
     if not hasattr(volume, "ndim"):
         volume = Volume.from_user(volume, None).array  # raises a TypeError for non-arrays
-    layout = parse_layout(volume.ndim, size, channel_axis)
+    layout = parse_layout(volume.ndim, size, channel_axis, shape=volume.shape)
     border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
     pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)  # type: ignore[assignment]
     vol = Volume.from_user(volume, layout.channel_axis)
