@@ -10,6 +10,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import numpy as np
+
 BorderMode = Literal["shift", "pad", "drop"]
 BORDERS: tuple[str, ...] = ("shift", "pad", "drop")
 
@@ -82,6 +84,38 @@ def parse_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}; got {value!r}")
     return value
+
+
+def parse_pad_value(value: Any, pad_mode: str, dtype: Any, name: str = "pad_value") -> float:
+    """Check a constant padding value: a number that ``dtype`` holds exactly, used only with
+    ``pad_mode="constant"`` (any other mode with a non-zero value is an error).
+
+    Examples
+    --------
+    >>> parse_pad_value(-1024, "constant", "int16")
+    -1024
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number; got {_describe(value)}")
+    if value != 0 and pad_mode != "constant":
+        raise ValueError(
+            f"{name}={value} is the fill of pad_mode='constant'; got pad_mode={pad_mode!r} "
+            "(pass pad_mode='constant', or drop pad_value)"
+        )
+    dtype = np.dtype(dtype)
+    v = float(value)
+    if dtype.kind in "iub":
+        info = np.iinfo(dtype) if dtype.kind != "b" else None
+        lo, hi = (0, 1) if info is None else (int(info.min), int(info.max))
+        if not (np.isfinite(v) and v.is_integer() and lo <= v <= hi):
+            raise ValueError(
+                f"{name}={value} does not fit the volume's dtype {dtype} (an integer from {lo} "
+                f"to {hi})"
+            )
+        return int(v)
+    if dtype.kind == "f" and np.isfinite(v) and abs(v) > float(np.finfo(dtype).max):
+        raise ValueError(f"{name}={value} does not fit the volume's dtype {dtype}")
+    return value if isinstance(value, int) else v
 
 
 def spatial_ndim(size: Any) -> int | None:
