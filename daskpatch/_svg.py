@@ -430,7 +430,7 @@ def plot_window(
     for t in sorted({0, n} | {int(s) for s in starts[:: max(1, len(starts) // 8)]}):
         c.text((xy(t, 0)[0], xy(t, 0)[1] + 14), str(t))
     name = window.blend if window.separable else "user"
-    sigma = f", sigma_scale {window.sigma_scale:g}" if name == "gaussian" else ""
+    sigma = f", sigma_scale {window.sigma(0):g}" if name == "gaussian" else ""
     dev = float(np.abs(total[covered] - 1).max()) if covered.any() else 0.0
     c.text((0, height + 32), f"{name} window{sigma}: size {size}, stride {stride}, n {n}, "
            f"border {border!r}: {len(starts)} patches", anchor="start")

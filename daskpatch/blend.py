@@ -57,6 +57,7 @@ from ._validate import (
     _describe,
     parse_choice,
     parse_int,
+    parse_pad_value,
     parse_shape,
 )
 from .extract import Layout, full_grid, parse_layout
@@ -108,7 +109,7 @@ class _Plan:
                     targets[k].append(c)
             self.targets.append(targets)
             if window.separable:
-                q = window.axis_weights(s, z, grid.padded_shape[a])
+                q = window.axis_weights(s, z, grid.padded_shape[a], axis=a)
                 _, ids = np.unique(q, axis=0, return_inverse=True)
                 self.q.append(q)
                 self.q_ids.append(ids.ravel())
@@ -769,6 +770,8 @@ def _block(grid: PatchGrid, n_batch: int, block_shape: Any, itemsize: int, chann
 def _window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Window:
     """Parse ``blend`` against the spatial patch shape; a user window gets size-1 batch axes."""
     window = parse_blend(blend, grid.size[n_batch:], sigma_scale)
+    if n_batch and isinstance(window.sigma_scale, tuple):  # batch axes: patches of size 1
+        window = Window(window.blend, (1.0,) * n_batch + window.sigma_scale, window.array)
     if n_batch and not window.separable:
         window = Window("user", window.sigma_scale, window.array.reshape(grid.size))
     return window
@@ -867,7 +870,7 @@ def reconstruct(
     channel_axis: int | None = None,
     fill_value: float | None = None,
     block_shape: int | tuple[int, ...] | None = None,
-    sigma_scale: float = 0.125,
+    sigma_scale: float | tuple[float, ...] = 0.125,
     spill: bool | str | os.PathLike | None = None,
 ) -> da.Array:
     """Blend patches back into a volume, lazily (overlap-add with exact normalisation).
@@ -894,8 +897,9 @@ def reconstruct(
     block_shape : int or tuple of int, optional
         Work-block (and output chunk) shape, a multiple of the stride; ``None`` picks one near
         64 MiB.
-    sigma_scale : float
-        Gaussian sigma as a fraction of the patch size.
+    sigma_scale : float or tuple of float
+        Gaussian sigma as a fraction of the patch size, or one per spatial axis (e.g.
+        ``(0.125, 0.125, 0.25)`` for anisotropic voxels, where a patch is short on one axis).
     spill : None, bool, path or zarr store, optional
         Where the halo parts that a block hands to its neighbours' chunks wait between tasks.
         Held in memory, they cost about one plane of halos (roughly ``3 * (size - stride)``
@@ -994,6 +998,7 @@ def apply_patches(
     *,
     border: BorderMode = "shift",
     pad_mode: PadMode = "reflect",
+    pad_value: float = 0,
     blend: Blend = "gaussian",
     batch_size: int = 1,
     channel_axis: int | None = None,
@@ -1001,7 +1006,7 @@ def apply_patches(
     dtype: Any = None,
     block_shape: int | tuple[int, ...] | None = None,
     fill_value: float | None = None,
-    sigma_scale: float = 0.125,
+    sigma_scale: float | tuple[float, ...] = 0.125,
     spill: bool | str | os.PathLike | None = None,
 ) -> da.Array:
     """Run ``fn`` on every patch of a volume, in batches, and blend the results, lazily.
@@ -1026,7 +1031,7 @@ def apply_patches(
         layers take channel-first batches: give a single-channel volume one with
         ``volume[None]`` and ``channel_axis=0``. ``fn`` is called from several threads at once
         on the threaded scheduler, and pickled to each worker process of a cluster.
-    size, stride, border, pad_mode, channel_axis
+    size, stride, border, pad_mode, pad_value, channel_axis
         As in :func:`extract_patches`.
     blend, fill_value, block_shape, sigma_scale, spill
         As in :func:`reconstruct`.
@@ -1060,6 +1065,7 @@ def apply_patches(
     border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
     pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)  # type: ignore[assignment]
     vol = Volume.from_user(volume, layout.channel_axis)
+    pad_value = parse_pad_value(pad_value, pad_mode, vol.dtype)
     nb = layout.n_batch
     grid = full_grid(vol.shape, nb, size, stride, border)
     window = _window(blend, grid, nb, sigma_scale)
@@ -1094,8 +1100,8 @@ def apply_patches(
     plan = _Plan(grid, block, window)
     spill = _parse_spill(spill)  # last: a temporary directory only for a valid call
     name = "apply-patches-" + tokenize(vol.name, fn, grid, block, window.blend, window.sigma_scale,
-                                       window.array, pad_mode, batch_size, cout, out_dtype,
-                                       fill_value, layout, spill)
+                                       window.array, pad_mode, pad_value, batch_size, cout,
+                                       out_dtype, fill_value, layout, spill)
     user = window.array
     q = plan.q if window.separable else None
 
@@ -1104,7 +1110,7 @@ def apply_patches(
         starts = [plan.starts[a][i0:i1] for a, (i0, i1) in enumerate(owned)]
         lo = tuple(int(s[0]) for s in starts)
         hi = tuple(int(s[-1]) + z for s, z in zip(starts, grid.size))
-        read, deps = vol.read_task(lo, hi, pad_mode)
+        read, deps = vol.read_task(lo, hi, pad_mode, pad_value)
         task = (_apply_block, read, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
                 [range(*o) for o in owned], plan.starts, q, plan.q_ids, user, fn, batch_size,
                 layout, nb, cout, acc_dtype, grid.size)
