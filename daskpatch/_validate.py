@@ -130,7 +130,7 @@ def _axis_list(axes: Sequence[int], shape: Sequence[int] | None) -> str:
     where = ", ".join(str(a) for a in axes)
     if shape is None:
         return f"{word} {where}"
-    return f"{word} {where} {tuple(int(shape[a]) for a in axes)}"
+    return f"{word} {where} ({', '.join(str(int(shape[a])) for a in axes)})"
 
 
 def describe_axes(ndim: int, channel_axis: int | None, n_batch: int,

@@ -779,11 +779,16 @@ def _window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Wind
 
 def _check_coverage(grid: PatchGrid, fill_value: Any) -> None:
     if grid.uncovered and fill_value is None:
+        sparse = [a for a in range(grid.ndim) if grid.stride[a] > grid.size[a]]
+        fixes = []
+        if grid.border == "drop":
+            fixes.append("border='shift' or 'pad'")
+        if sparse:
+            fixes.append(f"a stride <= size (the stride is larger on axis {sparse[0]})")
         raise ValueError(
             f"the patch grid leaves {grid.uncovered} of {math.prod(grid.shape)} voxels uncovered "
             f"(size={grid.size}, stride={grid.stride}, border={grid.border!r}); pass "
-            "fill_value=... to fill them explicitly, or use border='shift' or 'pad' with "
-            "stride <= size"
+            f"fill_value=... to fill them explicitly, or use {' with '.join(fixes)}"
         )
     if fill_value is not None and not isinstance(fill_value, (int, float, np.number)):
         raise TypeError(f"fill_value must be a number or None; got {_describe(fill_value)}")
@@ -931,7 +936,7 @@ def reconstruct(
     True
     """
     shape = parse_shape(shape, "shape")
-    layout = parse_layout(len(shape), size, channel_axis, name="shape")
+    layout = parse_layout(len(shape), size, channel_axis, name="shape", shape=shape)
     border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
     ch = layout.channel_axis
     grid_shape = shape if ch is None else shape[:ch] + shape[ch + 1:]

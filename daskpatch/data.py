@@ -199,7 +199,7 @@ class _Layout:
 
     @classmethod
     def of(cls, shape: tuple[int, ...], size: Any, channel_axis: Any, name: str) -> _Layout:
-        ch, n_batch, k = split_axes(len(shape), size, channel_axis, name=name)
+        ch, n_batch, k = split_axes(len(shape), size, channel_axis, name=name, shape=shape)
         rest = [n for a, n in enumerate(shape) if a != ch]
         return cls(len(shape), ch, n_batch, tuple(rest[:n_batch]), tuple(rest[n_batch:]),
                    1 if ch is None else shape[ch])

@@ -122,15 +122,6 @@ def test_one_channel_volume_without_a_channel_axis_fails_at_build_time():
         dp.apply_patches(vol, seq, 8)
 
 
-def test_a_wrong_output_shape_names_the_axes():
-    vol = np.zeros((2, 16, 16), np.float32)
-    out = dp.apply_patches(vol, lambda b: b[:, :1], 8, channel_axis=0)
-    with pytest.raises(ValueError, match=r"fn returned shape \(\d, 1, 8, 8\) for a batch of shape "
-                       r"\(\d, 2, 8, 8\); expected \(\d, 2, 8, 8\): the 3-D volume of shape "
-                       r"\(2, 16, 16\) is read as channel axis 0 \(2 channels\)"):
-        out.compute(scheduler="sync")
-
-
 def test_a_failing_model_error_notes_the_batch_layout():
     vol = np.zeros((1, 16, 16, 16), np.float32)
     net = torch.nn.Conv2d(1, 2, 3, padding=1)  # a 2-D net on 3-D patches: torch itself fails
