@@ -19,6 +19,7 @@ Both return SVG text that parses as XML; in a notebook, ``PatchGrid`` shows its 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -98,7 +99,7 @@ class _Canvas:
 
 
 # -- the grid ----------------------------------------------------------------------------------
-def _lengths(shape: tuple[int, ...]) -> list[float]:
+def _lengths(shape: Sequence[int]) -> list[float]:
     """Drawn length in pixels of each axis: proportional, clamped to [_SHORT, _LONG]."""
     longest = max(shape)
     return [min(_LONG, max(_SHORT, _LONG * n / longest)) for n in shape]
@@ -171,7 +172,7 @@ def grid_svg(grid: Any, block_shape: Any = None) -> str:
     d = len(drawn)
     c = _Canvas()
 
-    def pt(coord: list[float]) -> tuple[float, float]:
+    def pt(coord: Sequence[float]) -> tuple[float, float]:
         p = sum((t / n * v for t, n, v in zip(coord, shape, vec)), np.zeros(2))
         return float(p[0]), float(p[1])
 
@@ -195,7 +196,9 @@ def grid_svg(grid: Any, block_shape: Any = None) -> str:
 
     # work blocks: dashed lines across each face that spans the axis
     if blocks is not None:
-        fixed = {1: [], 2: [None], 3: [(2, 0.0), (1, 0.0), (0, float(shape[0]))]}[d]
+        faces_of: dict[int, list[tuple[int, float] | None]] = {
+            1: [], 2: [None], 3: [(2, 0.0), (1, 0.0), (0, float(shape[0]))]}
+        fixed = faces_of[d]
         dashed = "stroke:#333;stroke-width:1;stroke-dasharray:4,3"
         for i, a in enumerate(drawn):
             bounds = list(range(blocks[a], grid.shape[a], blocks[a]))
@@ -205,13 +208,13 @@ def grid_svg(grid: Any, block_shape: Any = None) -> str:
                 if d == 1:
                     p = pt([b])
                     c.line(p, (p[0], p[1] + _BAR), dashed, "block")
-                for face in fixed:
-                    if face is not None and face[0] == i:
+                for side in fixed:
+                    if side is not None and side[0] == i:
                         continue
-                    j = 1 - i if face is None else 3 - i - face[0]
+                    j = 1 - i if side is None else 3 - i - side[0]
                     lo = [0.0] * d
-                    if face is not None:
-                        lo[face[0]] = face[1]
+                    if side is not None:
+                        lo[side[0]] = side[1]
                     lo[i] = b
                     hi = list(lo)
                     hi[j] = shape[j]
@@ -257,7 +260,7 @@ def grid_svg(grid: Any, block_shape: Any = None) -> str:
             p = o + along * t + normal * off  # noqa: B023 - used inside this iteration only
             return float(p[0]), float(p[1])
 
-        b, count = _coverage(starts[i], size[i], shape[i], extent[i])
+        edges, count = _coverage(starts[i], size[i], shape[i], extent[i])
         for j, k in enumerate(count):
             if k == 0:
                 style = f"fill:{_SHIFTED};fill-opacity:0.35;stroke:none"
@@ -266,8 +269,8 @@ def grid_svg(grid: Any, block_shape: Any = None) -> str:
                 style = f"fill:{_COVER};fill-opacity:{min(0.85, 0.2 + 0.22 * (k - 1)):.2f};" \
                         "stroke:none"
                 cls = f"cover{min(int(k), 3)}"
-            c.polygon([at(b[j], _GAP), at(b[j + 1], _GAP), at(b[j + 1], _GAP + _BAND),
-                       at(b[j], _GAP + _BAND)], style, cls)
+            c.polygon([at(edges[j], _GAP), at(edges[j + 1], _GAP),
+                       at(edges[j + 1], _GAP + _BAND), at(edges[j], _GAP + _BAND)], style, cls)
         shifted = _shifted(starts[i], grid.stride[a], grid.border)
         shown = _tick_indices(len(starts[i]))
         for j in shown:
@@ -303,8 +306,8 @@ def grid_svg(grid: Any, block_shape: Any = None) -> str:
     if any(_shifted(grid.axis_starts(a), grid.stride[a], grid.border) for a in range(nd)):
         lines.append("red: a patch shifted back to end flush with the volume")
     lines += notes
-    for k, s in enumerate(lines):
-        c.text((x, y + 15 * k), s, anchor="start")
+    for row, line in enumerate(lines):
+        c.text((x, y + 15 * row), line, anchor="start")
     return c.svg()
 
 

@@ -1,4 +1,4 @@
-"""PyTorch models as they are: NumPy batches in, the module under ``torch.inference_mode()``, NumPy out.
+"""PyTorch models as they are: NumPy batches in, the module under inference mode, NumPy out.
 
 :func:`daskpatch.apply_patches` hands its ``fn`` NumPy batches in whatever thread or process runs
 a block task, so a ``with torch.no_grad():`` around ``compute()`` in the caller's thread does not
@@ -15,6 +15,7 @@ made the module).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import threading
@@ -244,7 +245,9 @@ class TorchModel:
     with one dask thread per core is usually fastest.
 
     *Pickling.* A ``TorchModel`` pickles with its module (parameters on their current device), so
-    it ships to ``dask.distributed`` workers and spawned processes. Its dask token hashes the
+    it ships to ``dask.distributed`` workers and spawned processes; a TorchScript module
+    (``torch.jit.script``/``torch.jit.load``) travels as its ``torch.jit.save`` bytes and arrives
+    on the CPU (give ``device=`` to run it elsewhere). Its dask token hashes the
     module's class, ``repr``, plain attributes and every tensor of its ``state_dict``: changed
     weights give a new graph name, the same weights the same name in any session.
 
@@ -282,10 +285,21 @@ class TorchModel:
 
     # -- pickling ----------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        return {k: self.__dict__[k] for k in ("module", "device", "dtype", "amp")}
+        state = {k: self.__dict__[k] for k in ("module", "device", "dtype", "amp")}
+        torch = sys.modules["torch"]
+        if isinstance(self.module, torch.jit.ScriptModule):  # it has no pickle of its own
+            buf = io.BytesIO()
+            torch.jit.save(self.module, buf)
+            state["module"] = None
+            state["script"] = buf.getvalue()
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        script = state.pop("script", None)
         self.__dict__.update(state)
+        if script is not None:
+            torch = _import_torch()
+            self.module = torch.jit.load(io.BytesIO(script), map_location="cpu").eval()
         self._init_local()
 
     def __repr__(self) -> str:

@@ -139,8 +139,8 @@ def describe_axes(ndim: int, channel_axis: int | None, n_batch: int,
 
     Examples
     --------
-    >>> describe_axes(3, 0, 0, (64, 64, 64))
-    'the 3-D volume of shape (64, 64, 64) is read as channel axis 0 (64 channels) and spatial axes 1, 2 (64, 64)'
+    >>> describe_axes(3, 0, 0, (64, 64, 64), name="image")
+    'the 3-D image of shape (64, 64, 64) is read as channel axis 0 (64 channels) and spatial ...'
     >>> describe_axes(4, None, 1)
     'the 4-D volume is read as batch axis 0 and spatial axes 1, 2, 3 (no channel axis)'
     """

@@ -861,9 +861,8 @@ def is_stride_aligned(
         array = chunks
         if shape is None:
             shape = tuple(int(n) for n in array.shape)
-        chunks = getattr(array, "chunks", None)
-        if chunks is None:  # NumPy: a single chunk
-            chunks = tuple(int(n) for n in array.shape)
+        # NumPy (no chunks): a single chunk
+        chunks = getattr(array, "chunks", None) or tuple(int(n) for n in array.shape)
     if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence):
         raise TypeError(f"chunks must be a sequence (one entry per axis) or an array; got "
                         f"{_describe(chunks)}")

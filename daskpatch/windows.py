@@ -154,9 +154,10 @@ class Window:
 def _parse_sigma(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive number; got {_describe(value)}")
-    if not (math.isfinite(value) and value > 0):
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a positive finite number; got {value}")
-    return float(value)
+    return v
 
 
 def parse_sigma_scale(sigma_scale: Any, ndim: int) -> float | tuple[float, ...]:

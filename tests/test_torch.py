@@ -215,6 +215,16 @@ def test_pickles_and_tokenizes_by_content(volume):
     assert tokenize(model) != tokenize(dp.TorchModel(net, amp=True))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch 2.13 deprecates TorchScript
+def test_a_torchscript_module_pickles(volume):
+    scripted = torch.jit.script(conv(hook=False))
+    model = pickle.loads(pickle.dumps(dp.TorchModel(scripted)))
+    batch = np.random.default_rng(2).random((2, 1, 8, 8, 8), dtype=np.float32)
+    np.testing.assert_array_equal(model(batch), dp.TorchModel(scripted)(batch))
+    expected = logits(volume, conv(hook=False)).compute(scheduler="sync")
+    np.testing.assert_array_equal(logits(volume, model).compute(scheduler="sync"), expected)
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match=r"module must be a torch.nn.Module; got 'net' of type str"):
         dp.TorchModel("net")
@@ -231,7 +241,9 @@ def test_bad_arguments():
 
 
 def test_import_daskpatch_does_not_import_torch():
-    code = "import sys, daskpatch; print('torch' in sys.modules)"
+    code = ("import sys, numpy as np, daskpatch as dp; "
+            "dp.apply_patches(np.ones((8, 8)), lambda b: b, 4, 2).compute(); "
+            "print('torch' in sys.modules)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)
