@@ -48,6 +48,7 @@ from zarr.core.sync import sync as _zarr_sync
 
 from ._layer import LazyLayer, lazy_graph
 from ._regions import Volume
+from ._torch import wrap_fn
 from ._validate import (
     BORDERS,
     PAD_MODES,
@@ -56,6 +57,7 @@ from ._validate import (
     _describe,
     parse_choice,
     parse_int,
+    parse_pad_value,
     parse_shape,
 )
 from ._xarray import accepts_dataarray
@@ -108,7 +110,7 @@ class _Plan:
                     targets[k].append(c)
             self.targets.append(targets)
             if window.separable:
-                q = window.axis_weights(s, z, grid.padded_shape[a])
+                q = window.axis_weights(s, z, grid.padded_shape[a], axis=a)
                 _, ids = np.unique(q, axis=0, return_inverse=True)
                 self.q.append(q)
                 self.q_ids.append(ids.ravel())
@@ -769,6 +771,8 @@ def _block(grid: PatchGrid, n_batch: int, block_shape: Any, itemsize: int, chann
 def _window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Window:
     """Parse ``blend`` against the spatial patch shape; a user window gets size-1 batch axes."""
     window = parse_blend(blend, grid.size[n_batch:], sigma_scale)
+    if n_batch and isinstance(window.sigma_scale, tuple):  # batch axes: patches of size 1
+        window = Window(window.blend, (1.0,) * n_batch + window.sigma_scale, window.array)
     if n_batch and not window.separable:
         window = Window("user", window.sigma_scale, window.array.reshape(grid.size))
     return window
@@ -776,11 +780,16 @@ def _window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Wind
 
 def _check_coverage(grid: PatchGrid, fill_value: Any) -> None:
     if grid.uncovered and fill_value is None:
+        sparse = [a for a in range(grid.ndim) if grid.stride[a] > grid.size[a]]
+        fixes = []
+        if grid.border == "drop":
+            fixes.append("border='shift' or 'pad'")
+        if sparse:
+            fixes.append(f"a stride <= size (the stride is larger on axis {sparse[0]})")
         raise ValueError(
             f"the patch grid leaves {grid.uncovered} of {math.prod(grid.shape)} voxels uncovered "
             f"(size={grid.size}, stride={grid.stride}, border={grid.border!r}); pass "
-            "fill_value=... to fill them explicitly, or use border='shift' or 'pad' with "
-            "stride <= size"
+            f"fill_value=... to fill them explicitly, or use {' with '.join(fixes)}"
         )
     if fill_value is not None and not isinstance(fill_value, (int, float, np.number)):
         raise TypeError(f"fill_value must be a number or None; got {_describe(fill_value)}")
@@ -868,7 +877,7 @@ def reconstruct(
     channel_axis: int | None = None,
     fill_value: float | None = None,
     block_shape: int | tuple[int, ...] | None = None,
-    sigma_scale: float = 0.125,
+    sigma_scale: float | tuple[float, ...] = 0.125,
     spill: bool | str | os.PathLike | None = None,
 ) -> da.Array:
     """Blend patches back into a volume, lazily (overlap-add with exact normalisation).
@@ -895,8 +904,9 @@ def reconstruct(
     block_shape : int or tuple of int, optional
         Work-block (and output chunk) shape, a multiple of the stride; ``None`` picks one near
         64 MiB.
-    sigma_scale : float
-        Gaussian sigma as a fraction of the patch size.
+    sigma_scale : float or tuple of float
+        Gaussian sigma as a fraction of the patch size, or one per spatial axis (e.g.
+        ``(0.125, 0.125, 0.25)`` for anisotropic voxels, where a patch is short on one axis).
     spill : None, bool, path or zarr store, optional
         Where the halo parts that a block hands to its neighbours' chunks wait between tasks.
         Held in memory, they cost about one plane of halos (roughly ``3 * (size - stride)``
@@ -928,7 +938,7 @@ def reconstruct(
     True
     """
     shape = parse_shape(shape, "shape")
-    layout = parse_layout(len(shape), size, channel_axis, name="shape")
+    layout = parse_layout(len(shape), size, channel_axis, name="shape", shape=shape)
     border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
     ch = layout.channel_axis
     grid_shape = shape if ch is None else shape[:ch] + shape[ch + 1:]
@@ -996,6 +1006,7 @@ def apply_patches(
     *,
     border: BorderMode = "shift",
     pad_mode: PadMode = "reflect",
+    pad_value: float = 0,
     blend: Blend = "gaussian",
     batch_size: int = 1,
     channel_axis: int | None = None,
@@ -1003,7 +1014,7 @@ def apply_patches(
     dtype: Any = None,
     block_shape: int | tuple[int, ...] | None = None,
     fill_value: float | None = None,
-    sigma_scale: float = 0.125,
+    sigma_scale: float | tuple[float, ...] = 0.125,
     spill: bool | str | os.PathLike | None = None,
 ) -> da.Array:
     """Run ``fn`` on every patch of a volume, in batches, and blend the results, lazily.
@@ -1016,11 +1027,19 @@ def apply_patches(
     volume : array-like
         NumPy, Dask or Zarr array. A Zarr array (or a Dask array straight over one, as from
         :func:`open_volume`) is read region by region inside the tasks.
-    fn : callable
+    fn : callable or torch.nn.Module
         ``fn(batch) -> batch``: takes a NumPy batch ``(B, *size)`` (``(B, C, *size)`` or
         ``(B, *size, C)`` with a channel axis, as in the volume) and returns the same spatial patch
-        shape, with ``out_channels`` channels, in any numeric dtype.
-    size, stride, border, pad_mode, channel_axis
+        shape, with ``out_channels`` channels, in any numeric dtype. It may return a
+        ``torch.Tensor``: it is detached, copied to the CPU and converted to NumPy (float16 and
+        bfloat16 as float32). A ``torch.nn.Module`` is used as it is, wrapped in
+        :class:`~daskpatch.TorchModel` (``module.eval()``; each batch as a tensor on the
+        module's device and dtype, under ``torch.inference_mode()`` in whichever thread or worker
+        runs it); use ``TorchModel`` itself for another device, dtype or mixed precision. Torch
+        layers take channel-first batches: give a single-channel volume one with
+        ``volume[None]`` and ``channel_axis=0``. ``fn`` is called from several threads at once
+        on the threaded scheduler, and pickled to each worker process of a cluster.
+    size, stride, border, pad_mode, pad_value, channel_axis
         As in :func:`extract_patches`.
     blend, fill_value, block_shape, sigma_scale, spill
         As in :func:`reconstruct`.
@@ -1050,10 +1069,11 @@ def apply_patches(
     batch_size = parse_int(batch_size, "batch_size", minimum=1)
     if not hasattr(volume, "ndim"):
         volume = Volume.from_user(volume, None).array
-    layout = parse_layout(volume.ndim, size, channel_axis)
+    layout = parse_layout(volume.ndim, size, channel_axis, shape=volume.shape)
     border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
     pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)  # type: ignore[assignment]
     vol = Volume.from_user(volume, layout.channel_axis)
+    pad_value = parse_pad_value(pad_value, pad_mode, vol.dtype)
     nb = layout.n_batch
     grid = full_grid(vol.shape, nb, size, stride, border)
     window = _window(blend, grid, nb, sigma_scale)
@@ -1067,6 +1087,7 @@ def apply_patches(
                 f"out_channels={cout} needs a channel axis: the volume has channel_axis=None "
                 "(add one, e.g. volume[None] with channel_axis=0)"
             )
+    fn = wrap_fn(fn, layout, tuple(volume.shape), grid.size[nb:], vol.channels, cout)
     if dtype is None:
         out_dtype = vol.dtype if vol.dtype.kind == "f" else np.dtype(np.float32)
     else:
@@ -1087,8 +1108,8 @@ def apply_patches(
     plan = _Plan(grid, block, window)
     spill = _parse_spill(spill)  # last: a temporary directory only for a valid call
     name = "apply-patches-" + tokenize(vol.name, fn, grid, block, window.blend, window.sigma_scale,
-                                       window.array, pad_mode, batch_size, cout, out_dtype,
-                                       fill_value, layout, spill)
+                                       window.array, pad_mode, pad_value, batch_size, cout,
+                                       out_dtype, fill_value, layout, spill)
     user = window.array
     q = plan.q if window.separable else None
 
@@ -1097,7 +1118,7 @@ def apply_patches(
         starts = [plan.starts[a][i0:i1] for a, (i0, i1) in enumerate(owned)]
         lo = tuple(int(s[0]) for s in starts)
         hi = tuple(int(s[-1]) + z for s, z in zip(starts, grid.size))
-        read, deps = vol.read_task(lo, hi, pad_mode)
+        read, deps = vol.read_task(lo, hi, pad_mode, pad_value)
         task = (_apply_block, read, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
                 [range(*o) for o in owned], plan.starts, q, plan.q_ids, user, fn, batch_size,
                 layout, nb, cout, acc_dtype, grid.size)

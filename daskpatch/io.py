@@ -901,9 +901,10 @@ def is_stride_aligned(
 
     Parameters
     ----------
-    chunks : sequence of int or of sequences of int
-        A Zarr chunk shape (one int per axis), or Dask ``chunks`` (one tuple of block lengths per
-        axis); both may be mixed.
+    chunks : array, or sequence of int or of sequences of int
+        An array (Dask, Zarr or NumPy: its ``chunks`` and ``shape`` are used; a NumPy array is one
+        chunk), a Zarr chunk shape (one int per axis), or Dask ``chunks`` (one tuple of block
+        lengths per axis); both may be mixed.
     stride : int or sequence of int
         Patch stride, as in :func:`aligned_chunks`.
     shape : sequence of int, optional
@@ -926,9 +927,19 @@ def is_stride_aligned(
     True
     >>> is_stride_aligned(((64, 64, 20), (96, 4)), (32, 32))
     True
+    >>> import dask.array as da
+    >>> is_stride_aligned(da.zeros((200, 200), chunks=96), 48)
+    True
     """
+    if hasattr(chunks, "shape") and hasattr(chunks, "ndim"):  # an array: its chunks and shape
+        array = chunks
+        if shape is None:
+            shape = tuple(int(n) for n in array.shape)
+        # NumPy (no chunks): a single chunk
+        chunks = getattr(array, "chunks", None) or tuple(int(n) for n in array.shape)
     if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence):
-        raise TypeError(f"chunks must be a sequence (one entry per axis); got {_describe(chunks)}")
+        raise TypeError(f"chunks must be a sequence (one entry per axis) or an array; got "
+                        f"{_describe(chunks)}")
     if len(chunks) == 0:
         raise ValueError(f"chunks must have at least one axis; got {tuple(chunks)!r}")
     ndim = len(chunks)
