@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,15 +39,15 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr.storage
-from dask.base import tokenize
+from dask.base import clone_key, tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
-from dask.utils import parse_bytes
+from dask.utils import key_split, parse_bytes
 from zarr.abc.store import Store
 from zarr.buffer import default_buffer_prototype
 from zarr.core.sync import sync as _zarr_sync
 
-from ._layer import LazyLayer, lazy_graph
+from ._layer import LazyLayer, key_names, lazy_graph, rename_task, renamed_layer
 from ._regions import Volume
 from ._validate import (
     BORDERS,
@@ -69,7 +70,8 @@ BLOCK_BYTES = 64 * 2**20
 #: Fewest work blocks the automatic block shape aims for, where the volume allows it.
 MIN_BLOCKS = 8
 #: With ``spill=None``, :func:`daskpatch.to_zarr` spills the halos of a result whose blocks hand
-#: more than this many bytes to their neighbours (held in memory, they grow with the volume).
+#: more than this many bytes to their neighbours (held in memory, they grow with the volume),
+#: unless the ``daskpatch.spill-bytes`` setting of :mod:`dask.config` says otherwise.
 SPILL_BYTES = 128 * 2**20
 #: Scratch of the row-by-row accumulation (sized to stay in a core's cache).
 SLAB_BYTES = 2**19
@@ -573,6 +575,7 @@ class _Engine:
         self.auto = spill is None
         self.spill: _Spill | None = spill if isinstance(spill, _Spill) else None
         self.acc_name, self.halo_name = "acc-" + name, "halo-" + name
+        self.names: dict[str, str] = {}  # input key names -> new names (see renamed)
         self.args = (channels, 0 if plan.window.separable else 1)
         self.dtypes = (fill_value, acc_dtype, out_dtype)
         self.ch = layout.channel_axis
@@ -601,16 +604,33 @@ class _Engine:
         self.halo_bytes = (ext - math.prod(plan.grid.shape)) * (channels + self.args[1]) \
             * np.dtype(acc_dtype).itemsize
 
+    def _accumulate(self, bidx: tuple[int, ...], ext_lo: tuple[int, ...],
+                    ext_hi: tuple[int, ...]) -> tuple[Any, set]:
+        """The accumulate task of a block (inputs under their current names) and its inputs."""
+        task, deps = self.accumulate(bidx, ext_lo, ext_hi)
+        if self.names:
+            task = rename_task(task, self.names)
+            deps = {rename_task(d, self.names) for d in deps}
+        return task, deps
+
     @property
     def count(self) -> int:
         n_acc = math.prod(len(o) for o in self.owning)
         n_halo = 0 if self.spill else n_acc - math.prod(len(o) for o in self.self_only)
         return n_acc + n_halo + math.prod(self.plan.nblocks)
 
-    def spilled(self, spill: _Spill) -> _Engine:
-        """The same engine (same keys for blocks and chunks) with its parts sent to ``spill``."""
+    def renamed(self, name: str, spill: _Spill | None, names: dict[str, str]) -> _Engine:
+        """A new engine computing the same result under the new output name ``name`` (its block
+        and halo tasks renamed with it), with its parts sent to ``spill`` (``None``: in memory),
+        and reading its inputs under the key names ``names`` maps them to (old -> new).
+
+        ``self`` is left as it is: keys of the two engines never meet, so both can be computed
+        at once, on one scheduler (see :func:`spill_into`).
+        """
         engine = copy.copy(self)
+        engine.name, engine.acc_name, engine.halo_name = name, "acc-" + name, "halo-" + name
         engine.spill, engine.auto = spill, False
+        engine.names = dict(names)
         return engine
 
     # -- keys ------------------------------------------------------------------------------------
@@ -671,7 +691,7 @@ class _Engine:
         if kind == self.acc_name:
             ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(idx))
             ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(idx))
-            task, deps = self.accumulate(idx, ext_lo, ext_hi)
+            task, deps = self._accumulate(idx, ext_lo, ext_hi)
             if self.spill:  # the buffer is written whole, in parts; only their keys stay
                 task = (_halo, task, self._pieces(idx, True), self.spill, self.name, idx)
             return task, deps
@@ -715,17 +735,19 @@ class _Engine:
             return None
         canon = out[None] if self.ch is None else np.moveaxis(out, self.ch, 0)
         sink = _Sink(canon, workers)
+        # each job writes into its own array: keys of their own, never another job's
+        tag = f"{self.name}-{uuid.uuid4().hex}"
         dsk: dict = {}
         previous = None
         for bidx in itertools.product(*self.owning):
             ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(bidx))
             ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(bidx))
-            task, _ = self.accumulate(bidx, ext_lo, ext_hi)
-            key = ("into-" + self.name, *bidx)
+            task, _ = self._accumulate(bidx, ext_lo, ext_hi)
+            key = ("into-" + tag, *bidx)
             dsk[key] = (_then, previous, task + (sink,))  # blocks in C order, one at a time
             previous = key
         cov = self.plan.coverage if self.cov_needed else None
-        key = ("into-done-" + self.name,)
+        key = ("into-done-" + tag,)
         dsk[key] = (_finish_into, canon, cov, fill_value, list(dsk))
         return dsk, key, sink
 
@@ -804,34 +826,104 @@ def _parse_spill(spill: Any) -> _Spill | bool | None:
     )
 
 
+def spill_bytes() -> float:
+    """The halo size above which :func:`daskpatch.to_zarr` spills an engine's halos: the
+    ``daskpatch.spill-bytes`` setting of :mod:`dask.config` (bytes, or a string such as
+    ``"64 MiB"``), else :data:`SPILL_BYTES`.
+
+    Examples
+    --------
+    >>> import dask
+    >>> with dask.config.set({"daskpatch.spill-bytes": "1 MiB"}):
+    ...     spill_bytes()
+    1048576
+    """
+    value = dask.config.get("daskpatch.spill-bytes", None)
+    if value is None:
+        return SPILL_BYTES
+    if isinstance(value, str):
+        try:
+            return parse_bytes(value)
+        except ValueError as err:
+            raise ValueError(
+                f"dask.config setting daskpatch.spill-bytes must be a number of bytes or a "
+                f"string such as '64 MiB'; got {_describe(value)}"
+            ) from err
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            "dask.config setting daskpatch.spill-bytes must be a number of bytes or a string "
+            f"such as '64 MiB'; got {_describe(value)}"
+        )
+    if not value >= 0:
+        raise ValueError(f"dask.config setting daskpatch.spill-bytes must be >= 0; got {value}")
+    return value
+
+
 def spill_into(x: da.Array, store: Any, prefix: str, *, threshold: float | None = None
                ) -> tuple[da.Array, list[tuple[_Spill, str]]]:
-    """Send the halos of the overlap-add engines in ``x``'s graph to ``store`` under ``prefix``.
+    """``x`` computed with the halos of its overlap-add engines sent to ``store`` under
+    ``prefix``, as a new array (a new graph with keys of its own); ``x`` is left as it is.
 
     Engines built with ``spill=None`` whose halos exceed ``threshold`` bytes (default
-    :data:`SPILL_BYTES`) are rebuilt with the same keys to spill into the store; engines built with
-    an explicit ``spill`` keep it. Returns the new array and the ``(spill, engine name)`` pairs to
-    :meth:`_Spill.clear` once the result is written. Used by :func:`daskpatch.to_zarr`, which
-    spills into the output store (visible to every worker that writes the output).
+    :func:`spill_bytes`) spill there; engines built with an explicit ``spill`` keep it. A
+    spilled engine's tasks return other things (part names, not buffers) than the in-memory
+    engine's, so it gets new names -- its output chunks' too -- and so does every layer above it
+    (a downstream operation, a rechunk), rebuilt over the new names: the two graphs share no
+    key whose task differs, and ``x`` computed on the same cluster at the same time (a kept
+    future) is unaffected. The new names derive from the spill target (the same call gives the
+    same names, so ``resume=True`` finds the parts of an interrupted run).
+
+    Returns the array and the ``(spill, engine name)`` pairs to :meth:`_Spill.clear` once the
+    result is written. Used by :func:`daskpatch.to_zarr`, which spills into the output store
+    (visible to every worker that writes the output).
     """
-    threshold = SPILL_BYTES if threshold is None else threshold
-    layers = dict(x.dask.layers)
-    used: list[tuple[_Spill, str]] = []
-    changed = False
-    for name, layer in layers.items():
-        engine = getattr(layer, "engine", None)
-        if not isinstance(engine, _Engine):
-            continue
-        if engine.auto and engine.halo_bytes > threshold:
-            engine = engine.spilled(_Spill(store, prefix))
-            layers[name] = engine.layer()
-            changed = True
-        if engine.spill is not None:
-            used.append((engine.spill, engine.name))
-    if changed:
-        graph = HighLevelGraph(layers, dict(x.dask.dependencies))
-        x = da.Array(graph, x.name, x.chunks, meta=x._meta)
-    return x, used
+    threshold = spill_bytes() if threshold is None else threshold
+    graph = x.dask
+    engines = {n: layer.engine for n, layer in graph.layers.items()
+               if isinstance(getattr(layer, "engine", None), _Engine)}
+    spilling = {n for n, e in engines.items() if e.auto and e.halo_bytes > threshold}
+    if not spilling:
+        return x, [(e.spill, e.name) for e in engines.values() if e.spill is not None]
+    target = _Spill(store, prefix)
+    seed = tokenize("spilled", target, sorted(spilling))
+    # the spilled engines and every layer that depends on them, directly or not
+    dependents: dict[str, set[str]] = {}
+    for n, deps in graph.dependencies.items():
+        for d in deps:
+            dependents.setdefault(d, set()).add(n)
+    above, todo = set(), list(spilling)
+    while todo:
+        n = todo.pop()
+        if n not in above:
+            above.add(n)
+            todo.extend(dependents.get(n, ()))
+    names: dict[str, str] = {}  # old key name -> new, for every key of those layers
+    for n in above:
+        if n in engines:
+            e = engines[n]
+            tag = "-spilled" if n in spilling else ""
+            new = f"{key_split(e.name)}{tag}-{tokenize(e.name, seed)}"
+            names.update({e.name: new, e.acc_name: "acc-" + new, e.halo_name: "halo-" + new})
+        else:
+            names.update({k: clone_key(k, seed) for k in key_names(graph.layers[n])})
+    rename = {n: names.get(n) or clone_key(n, seed) for n in above}  # layer names
+    layers, used = {}, []
+    for n, layer in graph.layers.items():
+        if n in engines:
+            e = engines[n]
+            if n in above:
+                e = e.renamed(names[e.name], target if n in spilling else e.spill, names)
+                layer = e.layer()
+                layer.annotations = graph.layers[n].annotations
+            if e.spill is not None:
+                used.append((e.spill, e.name))
+        elif n in above:
+            layer = renamed_layer(layer, names)
+        layers[rename.get(n, n)] = layer
+    deps = {rename.get(n, n): {rename.get(d, d) for d in ds}
+            for n, ds in graph.dependencies.items()}
+    new_graph = HighLevelGraph(layers, deps)
+    return da.Array(new_graph, names.get(x.name, x.name), x.chunks, meta=x._meta), used
 
 
 def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
@@ -903,8 +995,9 @@ def reconstruct(
         only their names, so memory depends on the block size and the number of threads, not on
         the volume (at the cost of writing and reading about twice the output's bytes).
         ``None`` (default): in memory, except that :func:`daskpatch.to_zarr` spills into the
-        output store, and deletes the parts after writing, when the halos exceed
-        :data:`SPILL_BYTES` (128 MiB). ``False``: always in memory. A directory, or any Zarr
+        output store, and deletes the parts after writing, when the halos exceed the
+        ``daskpatch.spill-bytes`` setting of :mod:`dask.config` (default 128 MiB; it writes a
+        graph of its own, leaving this array as it is). ``False``: always in memory. A directory, or any Zarr
         store: there (``True``: a temporary directory removed at exit); ``to_zarr`` deletes the
         parts after writing, a plain ``compute`` leaves them. On a multi-machine cluster the
         location must be visible to every worker.
