@@ -396,14 +396,38 @@ class _Accumulator:
             self.buf[(n,) + dst] += wc
 
 
+def _describe_output(out: Any) -> str:
+    """A model output's type and shape (or length); its values only when they are a few
+    scalars (a list of arrays would print megabytes)."""
+    kind = type(out).__name__
+    shape = getattr(out, "shape", None)
+    if shape is not None:
+        return f"a {kind} of shape {tuple(shape)}"
+    try:
+        n = len(out)
+    except TypeError:
+        text = repr(out)
+        return f"{text} of type {kind}" if len(text) <= 80 else f"a {kind}"
+    if n <= 8 and isinstance(out, (list, tuple)) and all(
+            isinstance(v, (bool, int, float, complex, str)) and len(repr(v)) <= 20 for v in out):
+        return f"{out!r} of type {kind} (length {n})"
+    return f"a {kind} of length {n}"
+
+
 def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
     """Check a model's output against the shape the engine expects back."""
     if not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        hint = " (stack it with numpy.stack)" if isinstance(out, (list, tuple)) else ""
         raise TypeError(
             f"fn must return an array of shape {expected} for a batch of shape {batch_shape}; "
-            f"got {_describe(out)}"
+            f"got {_describe_output(out)}{hint}"
         )
     out = np.asarray(out)
+    if out.dtype.kind not in "biufc":
+        raise TypeError(
+            f"fn must return numbers (a numeric dtype) for a batch of shape {batch_shape}; "
+            f"got an array of dtype {out.dtype} ({out.dtype.name}) and shape {out.shape}"
+        )
     if out.shape != expected:
         raise ValueError(
             f"fn returned shape {out.shape} for a batch of shape {batch_shape}; expected "
@@ -413,9 +437,31 @@ def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
     return out
 
 
+def _batch_note(block: tuple[int, ...], gidxs: list, starts: list, grid_shape: tuple[int, ...],
+                region_lo: np.ndarray, region_shape: tuple[int, ...]) -> str:
+    """Where a failing batch of ``fn`` was: its work block, its patches, the region read."""
+    flat = [int(np.ravel_multi_index(g, grid_shape)) for g in gidxs]
+    shown = 8
+    st = ", ".join(str(tuple(int(v) for v in x)) for x in starts[:shown])
+    more = f", ... ({len(starts)} patches)" if len(starts) > shown else ""
+    ids = ", ".join(map(str, flat[:shown])) + (", ..." if len(flat) > shown else "")
+    region = ", ".join(f"{int(lo)}:{int(lo) + n}" for lo, n in zip(region_lo, region_shape))
+    return (
+        f"daskpatch: raised for fn's batch of {len(starts)} "
+        f"patch{'es' if len(starts) != 1 else ''} (indices {ids} in the order of "
+        f"extract_patches) starting at {st}{more}, in apply_patches work block {tuple(block)}, "
+        f"which reads the input region [{region}] (non-channel axes, padded coordinates)"
+    )
+
+
 def _apply_block(region, region_lo, ext_lo, ext_shape, owned, starts, q, q_ids, user, fn,
-                 batch_size, layout, n_batch, out_channels, acc_dtype, out_patch_shape, sink=None):
-    """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches."""
+                 batch_size, layout, n_batch, out_channels, acc_dtype, out_patch_shape, block=(),
+                 sink=None):
+    """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches.
+
+    An exception raised by ``fn``, or by the check of what it returned, is re-raised as it is
+    with a note (PEP 678) naming the work ``block``, the batch's patches and the region read.
+    """
     acc = _Accumulator(ext_lo, ext_shape, out_channels, acc_dtype, q, q_ids, user, sink)
     region_lo = np.asarray(region_lo)
     items = [(g, np.array([s[i] for s, i in zip(starts, g)]))
@@ -444,7 +490,13 @@ def _apply_block(region, region_lo, ext_lo, ext_shape, owned, starts, q, q_ids, 
                     f.result()
             user_batch = layout.from_canonical(batch)
             expected = layout.patch_shape(spatial, out_channels)
-            out = _check_output(fn(user_batch), user_batch.shape, (len(chunk),) + expected)
+            try:
+                out = _check_output(fn(user_batch), user_batch.shape, (len(chunk),) + expected)
+            except Exception as err:
+                err.add_note(_batch_note(block, [g for g, _ in chunk], [st for _, st in chunk],
+                                         tuple(len(s) for s in starts), region_lo,
+                                         region.shape[1:]))
+                raise
             out = layout.to_canonical(out).reshape((len(chunk), out_channels) + size)
             acc.add_batch([g for g, _ in chunk], [st for _, st in chunk], list(out))
     finally:
@@ -807,6 +859,30 @@ def _check_coverage(grid: PatchGrid, fill_value: Any) -> None:
         raise TypeError(f"fill_value must be a number or None; got {_describe(fill_value)}")
 
 
+def _check_spill_dir(spill: str | os.PathLike) -> None:
+    """Refuse a ``spill`` directory that cannot be written, while the graph is built (the tasks
+    would fail much later). Creates nothing: a file is created and removed in the directory, or
+    in its nearest existing parent."""
+    path = os.path.abspath(os.fspath(spill))
+    probe = path
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(
+            f"spill must be a directory this process can create or write; got {path!r}, but "
+            f"{probe!r} is {'a file' if os.path.exists(probe) else 'not a directory'}"
+        )
+    try:
+        fd, name = tempfile.mkstemp(prefix=".daskpatch-probe-", dir=probe)
+        os.close(fd)
+        os.remove(name)
+    except OSError as err:
+        raise ValueError(
+            f"spill must be a directory this process can create or write; got {path!r}, but "
+            f"{probe!r} cannot be written ({err.strerror or err})"
+        ) from err
+
+
 def _parse_spill(spill: Any) -> _Spill | bool | None:
     """``None``: automatic; ``False``: in memory; ``True``: a temporary directory; a directory
     or a Zarr store: there."""
@@ -817,6 +893,7 @@ def _parse_spill(spill: Any) -> _Spill | bool | None:
         atexit.register(shutil.rmtree, path, ignore_errors=True)
         return _Spill(zarr.storage.LocalStore(path))
     if isinstance(spill, (str, os.PathLike)):
+        _check_spill_dir(spill)
         return _Spill(zarr.storage.LocalStore(os.fspath(spill)))
     if isinstance(spill, Store):
         return _Spill(spill)
@@ -1190,7 +1267,7 @@ def apply_patches(
         read, deps = vol.read_task(lo, hi, pad_mode)
         task = (_apply_block, read, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
                 [range(*o) for o in owned], plan.starts, q, plan.q_ids, user, fn, batch_size,
-                layout, nb, cout, acc_dtype, grid.size)
+                layout, nb, cout, acc_dtype, grid.size, bidx)
         return task, deps
 
     engine = _Engine(plan, name, accumulate, cout, acc_dtype, out_dtype, fill_value, layout,
