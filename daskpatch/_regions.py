@@ -205,8 +205,43 @@ def _read_direct(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps:
     index = [slice(l, h) for l, h in zip(lo, hi)]
     if channel_axis is not None:
         index.insert(channel_axis, slice(0, arr.shape[channel_axis]))
-    return _apply_maps(_canonical(_read_region(arr, tuple(index)), channel_axis), maps,
-                       pad_value)
+    try:
+        region = _read_region(arr, tuple(index))
+    except Exception as err:  # a corrupt chunk, a lost store: say which array and where
+        err.add_note(_read_note(arr, tuple(index)))
+        raise
+    return _apply_maps(_canonical(region, channel_axis), maps, pad_value)
+
+
+#: Most stored chunks (or shards) probed one by one to find the one a failed read tripped on.
+PROBE_CHUNKS = 64
+
+
+def _read_note(arr: Any, index: tuple[slice, ...]) -> str:
+    """A note for an exception raised reading ``arr[index]``: the array, the region and, for a
+    Zarr array, the first stored chunk (or shard) of the region that cannot be read alone."""
+    region = "[" + ", ".join(f"{s.start}:{s.stop}" for s in index) + "]"
+    if not isinstance(arr, zarr.Array):
+        return (f"daskpatch: raised reading region {region} of a {type(arr).__name__} of shape "
+                f"{tuple(arr.shape)}")
+    where = f"the Zarr array at {arr.store_path}"
+    grid = arr.shards or arr.chunks
+    ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(index, grid)]
+    combos = list(itertools.islice(itertools.product(*ranges), PROBE_CHUNKS))
+    for combo in combos:
+        sel = tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(combo, grid, arr.shape))
+        try:
+            arr[sel]
+        except Exception as err:
+            try:
+                key = f" (stored as {arr.metadata.encode_chunk_key(combo)!r})"
+            except Exception:
+                key = ""
+            what = "shard" if arr.shards else "chunk"
+            return (f"daskpatch: raised reading region {region} of {where}: its {what} "
+                    f"{combo}{key} cannot be read ({type(err).__name__}: {err})")
+    span = ", ".join(f"{r.start}..{r.stop - 1}" for r in ranges)
+    return f"daskpatch: raised reading region {region} (chunks {span}) of {where}"
 
 
 def _read_region(arr: Any, index: tuple[slice, ...]) -> Any:

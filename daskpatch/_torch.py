@@ -65,21 +65,15 @@ def to_numpy(out: Any) -> Any:
 class BatchFn:
     """The ``fn`` that :func:`daskpatch.apply_patches` calls: the user's callable (or a
     :class:`TorchModel`), its torch tensor results turned into NumPy (see :func:`to_numpy`),
-    its output shape checked against what the engine expects, and its errors noted with how the
-    volume's axes were read.
+    its output shape checked against what the engine expects. The engine notes its errors with
+    the block, the patches and how the volume's axes were read (:attr:`axes`).
     """
 
     def __init__(self, fn: Any, out_shape: tuple[int, ...], axes: str) -> None:
         self.fn, self.out_shape, self.axes = fn, tuple(out_shape), axes
 
     def __call__(self, batch: np.ndarray) -> Any:
-        try:
-            out = self.fn(batch)
-        except Exception as err:
-            err.add_note(f"daskpatch: fn was called on a batch of shape {batch.shape}; "
-                         f"{self.axes}")
-            raise
-        out = to_numpy(out)
+        out = to_numpy(self.fn(batch))  # errors get the engine's note (block, patches, axes)
         shape = getattr(out, "shape", None)
         expected = (batch.shape[0],) + self.out_shape
         if shape is not None and tuple(shape) != expected:

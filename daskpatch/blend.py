@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,15 +39,15 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr.storage
-from dask.base import tokenize
+from dask.base import clone_key, tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
-from dask.utils import parse_bytes
+from dask.utils import key_split, parse_bytes
 from zarr.abc.store import Store
 from zarr.buffer import default_buffer_prototype
 from zarr.core.sync import sync as _zarr_sync
 
-from ._layer import LazyLayer, lazy_graph
+from ._layer import LazyLayer, key_names, lazy_graph, rename_task, renamed_layer
 from ._regions import Volume
 from ._torch import wrap_fn
 from ._validate import (
@@ -72,7 +73,8 @@ BLOCK_BYTES = 64 * 2**20
 #: Fewest work blocks the automatic block shape aims for, where the volume allows it.
 MIN_BLOCKS = 8
 #: With ``spill=None``, :func:`daskpatch.to_zarr` spills the halos of a result whose blocks hand
-#: more than this many bytes to their neighbours (held in memory, they grow with the volume).
+#: more than this many bytes to their neighbours (held in memory, they grow with the volume),
+#: unless the ``daskpatch.spill-bytes`` setting of :mod:`dask.config` says otherwise.
 SPILL_BYTES = 128 * 2**20
 #: Scratch of the row-by-row accumulation (sized to stay in a core's cache).
 SLAB_BYTES = 2**19
@@ -397,14 +399,38 @@ class _Accumulator:
             self.buf[(n,) + dst] += wc
 
 
+def _describe_output(out: Any) -> str:
+    """A model output's type and shape (or length); its values only when they are a few
+    scalars (a list of arrays would print megabytes)."""
+    kind = type(out).__name__
+    shape = getattr(out, "shape", None)
+    if shape is not None:
+        return f"a {kind} of shape {tuple(shape)}"
+    try:
+        n = len(out)
+    except TypeError:
+        text = repr(out)
+        return f"{text} of type {kind}" if len(text) <= 80 else f"a {kind}"
+    if n <= 8 and isinstance(out, (list, tuple)) and all(
+            isinstance(v, (bool, int, float, complex, str)) and len(repr(v)) <= 20 for v in out):
+        return f"{out!r} of type {kind} (length {n})"
+    return f"a {kind} of length {n}"
+
+
 def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
     """Check a model's output against the shape the engine expects back."""
     if not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        hint = " (stack it with numpy.stack)" if isinstance(out, (list, tuple)) else ""
         raise TypeError(
             f"fn must return an array of shape {expected} for a batch of shape {batch_shape}; "
-            f"got {_describe(out)}"
+            f"got {_describe_output(out)}{hint}"
         )
     out = np.asarray(out)
+    if out.dtype.kind not in "biufc":
+        raise TypeError(
+            f"fn must return numbers (a numeric dtype) for a batch of shape {batch_shape}; "
+            f"got an array of dtype {out.dtype} ({out.dtype.name}) and shape {out.shape}"
+        )
     if out.shape != expected:
         raise ValueError(
             f"fn returned shape {out.shape} for a batch of shape {batch_shape}; expected "
@@ -414,9 +440,31 @@ def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
     return out
 
 
+def _batch_note(block: tuple[int, ...], gidxs: list, starts: list, grid_shape: tuple[int, ...],
+                region_lo: np.ndarray, region_shape: tuple[int, ...]) -> str:
+    """Where a failing batch of ``fn`` was: its work block, its patches, the region read."""
+    flat = [int(np.ravel_multi_index(g, grid_shape)) for g in gidxs]
+    shown = 8
+    st = ", ".join(str(tuple(int(v) for v in x)) for x in starts[:shown])
+    more = f", ... ({len(starts)} patches)" if len(starts) > shown else ""
+    ids = ", ".join(map(str, flat[:shown])) + (", ..." if len(flat) > shown else "")
+    region = ", ".join(f"{int(lo)}:{int(lo) + n}" for lo, n in zip(region_lo, region_shape))
+    return (
+        f"daskpatch: raised for fn's batch of {len(starts)} "
+        f"patch{'es' if len(starts) != 1 else ''} (indices {ids} in the order of "
+        f"extract_patches) starting at {st}{more}, in apply_patches work block {tuple(block)}, "
+        f"which reads the input region [{region}] (non-channel axes, padded coordinates)"
+    )
+
+
 def _apply_block(region, region_lo, ext_lo, ext_shape, owned, starts, q, q_ids, user, fn,
-                 batch_size, layout, n_batch, out_channels, acc_dtype, out_patch_shape, sink=None):
-    """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches."""
+                 batch_size, layout, n_batch, out_channels, acc_dtype, out_patch_shape, block=(),
+                 sink=None):
+    """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches.
+
+    An exception raised by ``fn``, or by the check of what it returned, is re-raised as it is
+    with a note (PEP 678) naming the work ``block``, the batch's patches and the region read.
+    """
     acc = _Accumulator(ext_lo, ext_shape, out_channels, acc_dtype, q, q_ids, user, sink)
     region_lo = np.asarray(region_lo)
     items = [(g, np.array([s[i] for s, i in zip(starts, g)]))
@@ -445,7 +493,16 @@ def _apply_block(region, region_lo, ext_lo, ext_shape, owned, starts, q, q_ids, 
                     f.result()
             user_batch = layout.from_canonical(batch)
             expected = layout.patch_shape(spatial, out_channels)
-            out = _check_output(fn(user_batch), user_batch.shape, (len(chunk),) + expected)
+            try:
+                out = _check_output(fn(user_batch), user_batch.shape, (len(chunk),) + expected)
+            except Exception as err:
+                note = _batch_note(block, [g for g, _ in chunk], [st for _, st in chunk],
+                                   tuple(len(s) for s in starts), region_lo, region.shape[1:])
+                axes = getattr(fn, "axes", None)  # how the volume's axes were read
+                if axes:
+                    note += f"; fn was called on a batch of shape {user_batch.shape}; {axes}"
+                err.add_note(note)
+                raise
             out = layout.to_canonical(out).reshape((len(chunk), out_channels) + size)
             acc.add_batch([g for g, _ in chunk], [st for _, st in chunk], list(out))
     finally:
@@ -576,6 +633,7 @@ class _Engine:
         self.auto = spill is None
         self.spill: _Spill | None = spill if isinstance(spill, _Spill) else None
         self.acc_name, self.halo_name = "acc-" + name, "halo-" + name
+        self.names: dict[str, str] = {}  # input key names -> new names (see renamed)
         self.args = (channels, 0 if plan.window.separable else 1)
         self.dtypes = (fill_value, acc_dtype, out_dtype)
         self.ch = layout.channel_axis
@@ -604,16 +662,33 @@ class _Engine:
         self.halo_bytes = (ext - math.prod(plan.grid.shape)) * (channels + self.args[1]) \
             * np.dtype(acc_dtype).itemsize
 
+    def _accumulate(self, bidx: tuple[int, ...], ext_lo: tuple[int, ...],
+                    ext_hi: tuple[int, ...]) -> tuple[Any, set]:
+        """The accumulate task of a block (inputs under their current names) and its inputs."""
+        task, deps = self.accumulate(bidx, ext_lo, ext_hi)
+        if self.names:
+            task = rename_task(task, self.names)
+            deps = {rename_task(d, self.names) for d in deps}
+        return task, deps
+
     @property
     def count(self) -> int:
         n_acc = math.prod(len(o) for o in self.owning)
         n_halo = 0 if self.spill else n_acc - math.prod(len(o) for o in self.self_only)
         return n_acc + n_halo + math.prod(self.plan.nblocks)
 
-    def spilled(self, spill: _Spill) -> _Engine:
-        """The same engine (same keys for blocks and chunks) with its parts sent to ``spill``."""
+    def renamed(self, name: str, spill: _Spill | None, names: dict[str, str]) -> _Engine:
+        """A new engine computing the same result under the new output name ``name`` (its block
+        and halo tasks renamed with it), with its parts sent to ``spill`` (``None``: in memory),
+        and reading its inputs under the key names ``names`` maps them to (old -> new).
+
+        ``self`` is left as it is: keys of the two engines never meet, so both can be computed
+        at once, on one scheduler (see :func:`spill_into`).
+        """
         engine = copy.copy(self)
+        engine.name, engine.acc_name, engine.halo_name = name, "acc-" + name, "halo-" + name
         engine.spill, engine.auto = spill, False
+        engine.names = dict(names)
         return engine
 
     # -- keys ------------------------------------------------------------------------------------
@@ -674,7 +749,7 @@ class _Engine:
         if kind == self.acc_name:
             ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(idx))
             ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(idx))
-            task, deps = self.accumulate(idx, ext_lo, ext_hi)
+            task, deps = self._accumulate(idx, ext_lo, ext_hi)
             if self.spill:  # the buffer is written whole, in parts; only their keys stay
                 task = (_halo, task, self._pieces(idx, True), self.spill, self.name, idx)
             return task, deps
@@ -718,17 +793,19 @@ class _Engine:
             return None
         canon = out[None] if self.ch is None else np.moveaxis(out, self.ch, 0)
         sink = _Sink(canon, workers)
+        # each job writes into its own array: keys of their own, never another job's
+        tag = f"{self.name}-{uuid.uuid4().hex}"
         dsk: dict = {}
         previous = None
         for bidx in itertools.product(*self.owning):
             ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(bidx))
             ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(bidx))
-            task, _ = self.accumulate(bidx, ext_lo, ext_hi)
-            key = ("into-" + self.name, *bidx)
+            task, _ = self._accumulate(bidx, ext_lo, ext_hi)
+            key = ("into-" + tag, *bidx)
             dsk[key] = (_then, previous, task + (sink,))  # blocks in C order, one at a time
             previous = key
         cov = self.plan.coverage if self.cov_needed else None
-        key = ("into-done-" + self.name,)
+        key = ("into-done-" + tag,)
         dsk[key] = (_finish_into, canon, cov, fill_value, list(dsk))
         return dsk, key, sink
 
@@ -795,6 +872,30 @@ def _check_coverage(grid: PatchGrid, fill_value: Any) -> None:
         raise TypeError(f"fill_value must be a number or None; got {_describe(fill_value)}")
 
 
+def _check_spill_dir(spill: str | os.PathLike) -> None:
+    """Refuse a ``spill`` directory that cannot be written, while the graph is built (the tasks
+    would fail much later). Creates nothing: a file is created and removed in the directory, or
+    in its nearest existing parent."""
+    path = os.path.abspath(os.fspath(spill))
+    probe = path
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(
+            f"spill must be a directory this process can create or write; got {path!r}, but "
+            f"{probe!r} is {'a file' if os.path.exists(probe) else 'not a directory'}"
+        )
+    try:
+        fd, name = tempfile.mkstemp(prefix=".daskpatch-probe-", dir=probe)
+        os.close(fd)
+        os.remove(name)
+    except OSError as err:
+        raise ValueError(
+            f"spill must be a directory this process can create or write; got {path!r}, but "
+            f"{probe!r} cannot be written ({err.strerror or err})"
+        ) from err
+
+
 def _parse_spill(spill: Any) -> _Spill | bool | None:
     """``None``: automatic; ``False``: in memory; ``True``: a temporary directory; a directory
     or a Zarr store: there."""
@@ -805,6 +906,7 @@ def _parse_spill(spill: Any) -> _Spill | bool | None:
         atexit.register(shutil.rmtree, path, ignore_errors=True)
         return _Spill(zarr.storage.LocalStore(path))
     if isinstance(spill, (str, os.PathLike)):
+        _check_spill_dir(spill)
         return _Spill(zarr.storage.LocalStore(os.fspath(spill)))
     if isinstance(spill, Store):
         return _Spill(spill)
@@ -814,34 +916,104 @@ def _parse_spill(spill: Any) -> _Spill | bool | None:
     )
 
 
+def spill_bytes() -> float:
+    """The halo size above which :func:`daskpatch.to_zarr` spills an engine's halos: the
+    ``daskpatch.spill-bytes`` setting of :mod:`dask.config` (bytes, or a string such as
+    ``"64 MiB"``), else :data:`SPILL_BYTES`.
+
+    Examples
+    --------
+    >>> import dask
+    >>> with dask.config.set({"daskpatch.spill-bytes": "1 MiB"}):
+    ...     spill_bytes()
+    1048576
+    """
+    value = dask.config.get("daskpatch.spill-bytes", None)
+    if value is None:
+        return SPILL_BYTES
+    if isinstance(value, str):
+        try:
+            return parse_bytes(value)
+        except ValueError as err:
+            raise ValueError(
+                f"dask.config setting daskpatch.spill-bytes must be a number of bytes or a "
+                f"string such as '64 MiB'; got {_describe(value)}"
+            ) from err
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            "dask.config setting daskpatch.spill-bytes must be a number of bytes or a string "
+            f"such as '64 MiB'; got {_describe(value)}"
+        )
+    if not value >= 0:
+        raise ValueError(f"dask.config setting daskpatch.spill-bytes must be >= 0; got {value}")
+    return value
+
+
 def spill_into(x: da.Array, store: Any, prefix: str, *, threshold: float | None = None
                ) -> tuple[da.Array, list[tuple[_Spill, str]]]:
-    """Send the halos of the overlap-add engines in ``x``'s graph to ``store`` under ``prefix``.
+    """``x`` computed with the halos of its overlap-add engines sent to ``store`` under
+    ``prefix``, as a new array (a new graph with keys of its own); ``x`` is left as it is.
 
     Engines built with ``spill=None`` whose halos exceed ``threshold`` bytes (default
-    :data:`SPILL_BYTES`) are rebuilt with the same keys to spill into the store; engines built with
-    an explicit ``spill`` keep it. Returns the new array and the ``(spill, engine name)`` pairs to
-    :meth:`_Spill.clear` once the result is written. Used by :func:`daskpatch.to_zarr`, which
-    spills into the output store (visible to every worker that writes the output).
+    :func:`spill_bytes`) spill there; engines built with an explicit ``spill`` keep it. A
+    spilled engine's tasks return other things (part names, not buffers) than the in-memory
+    engine's, so it gets new names -- its output chunks' too -- and so does every layer above it
+    (a downstream operation, a rechunk), rebuilt over the new names: the two graphs share no
+    key whose task differs, and ``x`` computed on the same cluster at the same time (a kept
+    future) is unaffected. The new names derive from the spill target (the same call gives the
+    same names, so ``resume=True`` finds the parts of an interrupted run).
+
+    Returns the array and the ``(spill, engine name)`` pairs to :meth:`_Spill.clear` once the
+    result is written. Used by :func:`daskpatch.to_zarr`, which spills into the output store
+    (visible to every worker that writes the output).
     """
-    threshold = SPILL_BYTES if threshold is None else threshold
-    layers = dict(x.dask.layers)
-    used: list[tuple[_Spill, str]] = []
-    changed = False
-    for name, layer in layers.items():
-        engine = getattr(layer, "engine", None)
-        if not isinstance(engine, _Engine):
-            continue
-        if engine.auto and engine.halo_bytes > threshold:
-            engine = engine.spilled(_Spill(store, prefix))
-            layers[name] = engine.layer()
-            changed = True
-        if engine.spill is not None:
-            used.append((engine.spill, engine.name))
-    if changed:
-        graph = HighLevelGraph(layers, dict(x.dask.dependencies))
-        x = da.Array(graph, x.name, x.chunks, meta=x._meta)
-    return x, used
+    threshold = spill_bytes() if threshold is None else threshold
+    graph = x.dask
+    engines = {n: layer.engine for n, layer in graph.layers.items()
+               if isinstance(getattr(layer, "engine", None), _Engine)}
+    spilling = {n for n, e in engines.items() if e.auto and e.halo_bytes > threshold}
+    if not spilling:
+        return x, [(e.spill, e.name) for e in engines.values() if e.spill is not None]
+    target = _Spill(store, prefix)
+    seed = tokenize("spilled", target, sorted(spilling))
+    # the spilled engines and every layer that depends on them, directly or not
+    dependents: dict[str, set[str]] = {}
+    for n, deps in graph.dependencies.items():
+        for d in deps:
+            dependents.setdefault(d, set()).add(n)
+    above, todo = set(), list(spilling)
+    while todo:
+        n = todo.pop()
+        if n not in above:
+            above.add(n)
+            todo.extend(dependents.get(n, ()))
+    names: dict[str, str] = {}  # old key name -> new, for every key of those layers
+    for n in above:
+        if n in engines:
+            e = engines[n]
+            tag = "-spilled" if n in spilling else ""
+            new = f"{key_split(e.name)}{tag}-{tokenize(e.name, seed)}"
+            names.update({e.name: new, e.acc_name: "acc-" + new, e.halo_name: "halo-" + new})
+        else:
+            names.update({k: clone_key(k, seed) for k in key_names(graph.layers[n])})
+    rename = {n: names.get(n) or clone_key(n, seed) for n in above}  # layer names
+    layers, used = {}, []
+    for n, layer in graph.layers.items():
+        if n in engines:
+            e = engines[n]
+            if n in above:
+                e = e.renamed(names[e.name], target if n in spilling else e.spill, names)
+                layer = e.layer()
+                layer.annotations = graph.layers[n].annotations
+            if e.spill is not None:
+                used.append((e.spill, e.name))
+        elif n in above:
+            layer = renamed_layer(layer, names)
+        layers[rename.get(n, n)] = layer
+    deps = {rename.get(n, n): {rename.get(d, d) for d in ds}
+            for n, ds in graph.dependencies.items()}
+    new_graph = HighLevelGraph(layers, deps)
+    return da.Array(new_graph, names.get(x.name, x.name), x.chunks, meta=x._meta), used
 
 
 def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
@@ -915,8 +1087,9 @@ def reconstruct(
         only their names, so memory depends on the block size and the number of threads, not on
         the volume (at the cost of writing and reading about twice the output's bytes).
         ``None`` (default): in memory, except that :func:`daskpatch.to_zarr` spills into the
-        output store, and deletes the parts after writing, when the halos exceed
-        :data:`SPILL_BYTES` (128 MiB). ``False``: always in memory. A directory, or any Zarr
+        output store, and deletes the parts after writing, when the halos exceed the
+        ``daskpatch.spill-bytes`` setting of :mod:`dask.config` (default 128 MiB; it writes a
+        graph of its own, leaving this array as it is). ``False``: always in memory. A directory, or any Zarr
         store: there (``True``: a temporary directory removed at exit); ``to_zarr`` deletes the
         parts after writing, a plain ``compute`` leaves them. On a multi-machine cluster the
         location must be visible to every worker.
@@ -1121,7 +1294,7 @@ def apply_patches(
         read, deps = vol.read_task(lo, hi, pad_mode, pad_value)
         task = (_apply_block, read, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
                 [range(*o) for o in owned], plan.starts, q, plan.q_ids, user, fn, batch_size,
-                layout, nb, cout, acc_dtype, grid.size)
+                layout, nb, cout, acc_dtype, grid.size, bidx)
         return task, deps
 
     engine = _Engine(plan, name, accumulate, cout, acc_dtype, out_dtype, fill_value, layout,

@@ -53,7 +53,7 @@ from zarr.core.sync import sync as _zarr_sync
 
 from ._validate import _describe, parse_int, parse_per_axis, parse_shape, split_axes
 from ._xarray import is_dataarray as _is_dataarray
-from .blend import engine_into, spill_into
+from .blend import engine_into, spill_bytes, spill_into
 
 __all__ = [
     "DEFAULT_TARGET_BYTES",
@@ -558,9 +558,13 @@ def to_zarr(
     The result of :func:`~daskpatch.apply_patches` or :func:`~daskpatch.reconstruct` built with
     ``spill=None`` (the default) has its halos -- the parts of a block's buffer that belong to
     neighbouring chunks -- written under ``<array path>/.daskpatch-spill/`` of the output store
-    while it runs, when they total more than ``daskpatch.blend.SPILL_BYTES`` (128 MiB), so peak
-    memory depends on the block size and threads, not on the volume; the parts are deleted
-    once every chunk is written (and left for ``resume=True`` after an interruption).
+    while it runs, when they total more than the ``daskpatch.spill-bytes`` setting of
+    :mod:`dask.config` (default 128 MiB; e.g. ``dask.config.set({"daskpatch.spill-bytes":
+    "1 GiB"})``), so peak memory depends on the block size and threads, not on the volume; the
+    parts are deleted once every chunk is written (and left for ``resume=True`` after an
+    interruption). The spilled computation is a graph of its own (new task names for the engine
+    and everything computed from it), so the same array computed at the same time on the same
+    cluster (a kept ``client.compute`` future) is not disturbed.
 
     Every argument is checked, and the target probed, before anything is created in the store.
     An input that reads the target array directly (``open_volume`` of the same array) is
@@ -614,6 +618,7 @@ def to_zarr(
             "dask.diagnostics.ProgressBar or distributed.progress"
         )
     path = _parse_path(path)
+    threshold = spill_bytes()  # the setting is checked before anything is written
     x = _as_dask(array)
     x, zchunks = _write_chunks(x, chunks)
     base, full = _resolve_store(store, path)
@@ -674,7 +679,8 @@ def to_zarr(
     # memory stays bounded whatever the volume; the parts are deleted once all is written.
     # (Not into a store in RAM: parts would stay there until the end instead of being freed.)
     if not isinstance(z.store, zarr.storage.MemoryStore):
-        x, spills = spill_into(x, z.store, _join(z.path, _SPILL_DIR) or _SPILL_DIR)
+        x, spills = spill_into(x, z.store, _join(z.path, _SPILL_DIR) or _SPILL_DIR,
+                               threshold=threshold)
     else:
         x, spills = spill_into(x, None, "", threshold=math.inf)
     token = tokenize(x.name, str(z.store), z.path, zchunks)
