@@ -9,6 +9,7 @@ from .data import PatchDataset, RandomPatchDataset
 from .extract import extract_patches
 from .grid import PatchGrid
 from .io import (
+    IncompleteWarning,
     aligned_chunks,
     is_stride_aligned,
     open_volume,
@@ -21,6 +22,7 @@ from .windows import BLENDS, window
 
 __all__ = [
     "BLENDS",
+    "IncompleteWarning",
     "PatchDataset",
     "PatchGrid",
     "RandomPatchDataset",
