@@ -591,21 +591,27 @@ def check_fingerprint(z: zarr.Array, fp: dict[str, Any], where: str) -> None:
         )
 
 
-def reread(z: zarr.Array) -> zarr.Array:
-    """``z`` opened again, so its attributes are the store's current ones."""
-    return zarr.open_array(store=z.store, path=z.path or "", mode="r")
+def current_fingerprint(z: zarr.Array) -> dict[str, Any] | None:
+    """The fingerprint in the store now (one small read of the array's ``zarr.json``)."""
+    raw = get(z.store, _join(z.path, "zarr.json"))
+    try:
+        attrs = json.loads(raw or b"null")["attributes"]
+        return attrs[ATTR]["fingerprint"]
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def check_still_ours(z: zarr.Array, fp: dict[str, Any], where: str) -> None:
-    """Refuse to go on when another writer replaced the array's fingerprint meanwhile."""
-    now = stored_fingerprint(reread(z))
+    """Refuse to go on when another writer replaced the array (and its fingerprint) since this
+    write began: checked before each chunk is written and before the array is marked complete."""
+    now = current_fingerprint(z)
     if now != fp:
         diff = first_difference(fp, now) if now is not None else ("fingerprint", fp, None)
         name, mine, theirs = diff or ("fingerprint", fp, now)
         raise ValueError(
             f"to_zarr: {where} was rewritten by another writer while this one ran (its {name} "
-            f"is now {_show(theirs)}, this call's is {_show(mine)}); it is not marked complete. "
-            "Run one writer at a time per array"
+            f"is now {_show(theirs)}, this call's is {_show(mine)}); this write stops here and "
+            "does not touch it further. Run one writer at a time per array"
         )
 
 

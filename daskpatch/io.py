@@ -248,10 +248,13 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None) -> da.Ar
 # --------------------------------------------------------------------------------------------
 
 
-def _write_block(block: np.ndarray, z: zarr.Array, block_info: Any = None) -> np.ndarray:
-    """Write one block (exactly one Zarr chunk) and then record it as done."""
+def _write_block(block: np.ndarray, z: zarr.Array, fingerprint: dict, where: str,
+                 block_info: Any = None) -> np.ndarray:
+    """Write one block (exactly one Zarr chunk) and then record it as done; first check that
+    no other writer replaced the array since this write began."""
     info = block_info[0]
     region = tuple(slice(start, stop) for start, stop in info["array-location"])
+    _store.check_still_ours(z, fingerprint, where)
     z[region] = block
     _store.put(z.store, _store.chunk_marker(z, info["chunk-location"]))
     return np.ones((1,) * block.ndim, dtype=np.uint8)
@@ -495,8 +498,8 @@ def to_zarr(
     :func:`open_volume`, ``dask.array.from_zarr``, :func:`~daskpatch.extract_patches`,
     :func:`~daskpatch.apply_patches`, :func:`~daskpatch.reconstruct`, rechunks) is refused.
     Two writers of one array at once are not supported: a second ``resume=True`` with other
-    parameters is refused, and a writer whose fingerprint was replaced meanwhile does not mark
-    the array complete.
+    parameters is refused, and a writer whose array was replaced meanwhile (another call with
+    ``overwrite=True``) stops before its next chunk, without marking the array complete.
 
     Examples
     --------
@@ -613,7 +616,7 @@ def to_zarr(
         # One task per chunk: compute the block, write it, mark it done. Computing only the
         # keys of the chunks not done culls the rest of the graph (their inputs included).
         written = x.map_blocks(
-            functools.partial(_write_block, z=z),
+            functools.partial(_write_block, z=z, fingerprint=fingerprint, where=where),
             chunks=tuple((1,) * n for n in x.numblocks),
             dtype=np.uint8,
             meta=np.empty((0,) * x.ndim, dtype=np.uint8),

@@ -388,6 +388,20 @@ def test_a_concurrent_resume_with_other_parameters_is_refused(tmp_path, source):
     np.testing.assert_array_equal(dp.open_volume(target).compute(), expected[...])
 
 
+def test_a_writer_whose_array_was_replaced_stops(tmp_path, source):
+    target = tmp_path / "o.zarr"
+    stale = dp.to_zarr(build(source), target, compute=False)  # created, not computed yet
+    dp.to_zarr(build(source, blend="hann"), target, overwrite=True)  # someone else replaces it
+    before = _files(target)
+    with pytest.raises(ValueError, match=r"was rewritten by another writer while this one ran "
+                       r"\(its blend is now 'hann', this call's is 'gaussian'\); this write stops"):
+        stale.compute()
+    assert _files(target) == before  # the other writer's complete result is untouched
+    np.testing.assert_array_equal(
+        dp.open_volume(target).compute(),
+        dp.to_zarr(build(source, blend="hann"), tmp_path / "hann.zarr")[...])
+
+
 # --------------------------------------------------------------------------------------------
 # 8. every spilled part is deleted on completion
 # --------------------------------------------------------------------------------------------
