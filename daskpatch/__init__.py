@@ -11,6 +11,7 @@ from .data import PatchDataset, RandomPatchDataset
 from .extract import extract_patches
 from .grid import PatchGrid
 from .io import (
+    IncompleteWarning,
     aligned_chunks,
     is_stride_aligned,
     open_volume,
@@ -23,6 +24,7 @@ from .windows import BLENDS, window
 
 __all__ = [
     "BLENDS",
+    "IncompleteWarning",
     "PatchDataset",
     "PatchGrid",
     "RandomPatchDataset",

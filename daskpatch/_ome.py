@@ -155,6 +155,9 @@ def open_volume(store: Any, path: Any = None, *, level: Any = 0, xarray: Any = F
             f"level must be 0 for a plain Zarr array (only an OME-Zarr image group has levels); "
             f"got {level}"
         )
+    from . import _store
+
+    _store.warn_if_incomplete(z, _where(z.store, z.path or None))
     data = da.from_zarr(z)
     if not xarray:
         return data
@@ -480,16 +483,18 @@ def write(
     scale: Any,
     units: Any,
     downsample: Any,
+    run_id: Any = None,
 ) -> Any:
     """Implementation of ``to_zarr`` for DataArrays and OME-Zarr output (see there)."""
+    from . import _store
     from .io import _as_dask, _join, _parse_bool, _parse_path, _probe, _resolve_store, _where
-    from .io import _location, _zarr_sources, _write_chunks
+    from .io import _write_chunks
 
     ome = _parse_bool(ome, "ome")
     levels = parse_int(levels, "levels", minimum=1)
     downsample = parse_choice(downsample, "downsample", DOWNSAMPLE)
     plain = dict(chunks=chunks, overwrite=overwrite, resume=resume, progress=progress,
-                 compute=compute)
+                 compute=compute, run_id=run_id)
     data = array.data if is_dataarray(array) else array
     if not ome:
         extra = [k for k, v in (("levels", levels != 1), ("axes", axes is not None),
@@ -555,16 +560,10 @@ def write(
                     f"to_zarr: cannot create an image at {where}: its parent "
                     f"{parent or '(the root)'!r} is an array, and only groups have children"
                 )
-    (target_store, target_path), prefix = _location(base, full) or (None, None), f"{full}/"
-    for src in _zarr_sources(x):
-        src_store, src_path = _location(src.store, src.path or None) or (None, None)
-        if src_store is not None and src_store == target_store and (
-                target_path is None or src_path == target_path
-                or (src_path or "").startswith(prefix)):
-            raise ValueError(
-                f"to_zarr: the input array reads from {where}, which this call would write; "
-                "write to another path"
-            )
+    target, prefix = _store.as_store(base)
+    _store.check_not_read(x, target, _join(prefix, full), where)
+    if node is not None and overwrite:
+        _store.check_deletable(target, _join(prefix, full), where)
 
     # Everything is checked: create the group (marked incomplete), the levels, then the metadata.
     info = {"complete": False, "levels": levels, "downsample": method}
@@ -588,7 +587,8 @@ def write(
         level_chunks = tuple(min(c, n) for c, n in zip(zchunks, shapes[k]))
         y = _downsampled(written, factors, level_chunks, method)
         written = to_zarr(y, base, level_paths[k], chunks=level_chunks, overwrite=overwrite,
-                          resume=resume, progress=progress, _dimension_names=names)
+                          resume=resume, progress=progress, run_id=run_id,
+                          _dimension_names=names)
     return _finish(group, meta, None)
 
 

@@ -49,6 +49,7 @@ from zarr.core.sync import sync as _zarr_sync
 
 from ._layer import LazyLayer, key_names, lazy_graph, rename_task, renamed_layer
 from ._regions import Volume
+from ._store import window_digest
 from ._torch import wrap_fn
 from ._validate import (
     BORDERS,
@@ -627,8 +628,11 @@ class _Engine:
 
     def __init__(self, plan: _Plan, name: str, accumulate: Callable, channels: int,
                  acc_dtype: np.dtype, out_dtype: np.dtype, fill_value: Any, layout: Layout,
-                 spill: _Spill | bool | None):
+                 spill: _Spill | bool | None, params: dict | None = None):
         self.plan, self.name, self.accumulate = plan, name, accumulate
+        #: what determines the result besides the model and the input data (JSON-ready): the
+        #: fingerprint :func:`daskpatch.to_zarr` stores and ``resume=True`` checks
+        self.params = dict(params or {})
         #: ``None``: halos in memory, but :func:`spill_into` may still send them to a store
         self.auto = spill is None
         self.spill: _Spill | None = spill if isinstance(spill, _Spill) else None
@@ -1165,8 +1169,10 @@ def reconstruct(
                 plan.q_ids, user, layout, channels, acc_dtype, grid.size)
         return task, set(keys)
 
+    params = _params("reconstruct", grid, nb, window, block, fill_value, ch, shape=shape,
+                     channels=channels, input_dtype=in_dtype, dtype=out_dtype)
     engine = _Engine(plan, name, accumulate, channels, acc_dtype, out_dtype, fill_value, layout,
-                     spill)
+                     spill, params=params)
     return engine.array([patches], None)
 
 
@@ -1297,6 +1303,26 @@ def apply_patches(
                 layout, nb, cout, acc_dtype, grid.size, bidx)
         return task, deps
 
+    params = _params("apply_patches", grid, nb, window, block, fill_value, layout.channel_axis,
+                     pad_mode=pad_mode, pad_value=pad_value, batch_size=batch_size,
+                     input_shape=vol.shape,
+                     channels=vol.channels, out_channels=cout, input_dtype=vol.dtype,
+                     dtype=out_dtype)
     engine = _Engine(plan, name, accumulate, cout, acc_dtype, out_dtype, fill_value, layout,
-                     spill)
+                     spill, params=params)
     return engine.array(*vol.source_layer())
+
+
+def _params(kind: str, grid: PatchGrid, n_batch: int, window: Window, block: tuple[int, ...],
+            fill_value: Any, channel_axis: int | None, **more: Any) -> dict:
+    """An engine's :attr:`_Engine.params`: its parameters as JSON-ready values."""
+    return {
+        "kind": kind, "size": list(grid.size[n_batch:]), "stride": list(grid.stride[n_batch:]),
+        "border": grid.border, "blend": window.blend, "window": window_digest(window.array),
+        "sigma_scale": (list(window.sigma_scale) if isinstance(window.sigma_scale, tuple)
+                        else float(window.sigma_scale)), "channel_axis": channel_axis,
+        "fill_value": fill_value.item() if isinstance(fill_value, np.generic) else fill_value,
+        "block_shape": list(block[n_batch:]),
+        **{k: (str(np.dtype(v)) if k.endswith("dtype") else
+               list(v) if isinstance(v, tuple) else v) for k, v in more.items()},
+    }

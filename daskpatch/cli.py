@@ -46,19 +46,17 @@ import zarr
 from dask.delayed import Delayed
 from dask.utils import format_bytes, parse_bytes
 
-from . import __version__
+from . import __version__, _store
 from .blend import _acc_dtype, apply_patches
 from .extract import full_grid, parse_layout
 from .io import (
     DEFAULT_TARGET_BYTES,
-    _done_chunks,
     _open_array,
     _parse_path,
     _probe,
     _resolve_store,
     _where,
     _compute,
-    _location,
     aligned_chunks,
     is_stride_aligned,
     open_volume,
@@ -538,20 +536,27 @@ def _open_node(store: str, path: str | None) -> zarr.Array | zarr.Group:
 
 
 def _write_status(z: zarr.Array) -> dict[str, Any]:
-    """Whether :func:`daskpatch.to_zarr` wrote ``z`` completely, from its done-markers.
+    """Whether :func:`daskpatch.to_zarr` wrote ``z`` completely, from its fingerprint and
+    done-markers.
 
     ``status`` is ``"complete"``, ``"incomplete"`` (with ``chunks_done`` of ``chunks_total``)
-    or ``"not-daskpatch"`` (no marker: written by something else, or interrupted before its
-    first chunk).
+    or ``"not-daskpatch"`` (no fingerprint: written by something else).
     """
-    grid = tuple(-(-s // c) for s, c in zip(z.shape, z.chunks))
+    grid = _store.numblocks(z)
     total = math.prod(grid)
-    done = _done_chunks(z, grid)
+    if _store.stored_fingerprint(z) is None:
+        return {"status": "not-daskpatch", "chunks_done": None, "chunks_total": total}
+    done = _store.done_chunks(z, grid)
     if done is None:
         return {"status": "complete", "chunks_done": total, "chunks_total": total}
-    if done:
-        return {"status": "incomplete", "chunks_done": len(done), "chunks_total": total}
-    return {"status": "not-daskpatch", "chunks_done": None, "chunks_total": total}
+    return {"status": "incomplete", "chunks_done": len(done), "chunks_total": total}
+
+
+def _node_location(store: str, path: str | None) -> tuple[str, str]:
+    """Where ``store``/``path`` is, comparable by containment (:func:`_store.overlaps`)."""
+    base, full = _resolve_store(store, _parse_path(path))
+    target, prefix = _store.as_store(base, read_only=True)
+    return _store.location(target, "/".join(p for p in (prefix, full) if p) or None)
 
 
 def _jsonable(value: Any) -> Any:
@@ -871,10 +876,12 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                           f"cluster ({args.scheduler}) has its own workers")
     volume = open_volume(args.src, args.src_path)
     _check_target(args.dst, args.dst_path, args)
-    if _location(*_resolve_store(args.dst, _parse_path(args.dst_path))) == _location(
-            *_resolve_store(args.src, _parse_path(args.src_path))):
-        raise _UsageError(f"DST must differ from SRC (the run reads SRC while it writes DST); "
-                          f"both are {_where(args.src, _parse_path(args.src_path))}")
+    if _store.overlaps(_node_location(args.dst, args.dst_path),
+                       _node_location(args.src, args.src_path)):
+        raise _UsageError(
+            "DST must differ from SRC, and neither contain it nor lie inside it (the run reads "
+            f"SRC while it writes DST); SRC is {_where(args.src, _parse_path(args.src_path))}, "
+            f"DST is {_where(args.dst, _parse_path(args.dst_path))}")
     layout = parse_layout(volume.ndim, args.size, args.channel_axis)
     channels = "none" if layout.channel_axis is None else (
         "first" if layout.channels_first else "last")

@@ -23,7 +23,9 @@ array's key prefix (``<path>/`` in the store, the store root for a root array):
 Zarr ignores keys it does not know, and they cannot collide with chunk keys (chunk keys start
 with ``c`` or a digit). Deleting or overwriting the array removes them with it. (A Zarr array
 cannot have child nodes, and a root array has no siblings, so the record is raw keys rather than a
-Zarr array.)
+Zarr array.) The array's attributes hold a fingerprint of the parameters that made it, which
+``resume=True`` checks. The markers, the fingerprint and the checks made before anything is
+written or deleted live in :mod:`daskpatch._store`.
 """
 
 from __future__ import annotations
@@ -47,16 +49,16 @@ from dask.array.core import normalize_chunks
 from dask.base import tokenize
 from dask.delayed import Delayed
 from zarr.abc.store import Store
-from zarr.buffer import default_buffer_prototype
-from zarr.core.sync import collect_aiterator
-from zarr.core.sync import sync as _zarr_sync
 
+from . import _store
+from ._store import IncompleteWarning
 from ._validate import _describe, parse_int, parse_per_axis, parse_shape, split_axes
 from ._xarray import is_dataarray as _is_dataarray
 from .blend import engine_into, spill_bytes, spill_into
 
 __all__ = [
     "DEFAULT_TARGET_BYTES",
+    "IncompleteWarning",
     "aligned_chunks",
     "is_stride_aligned",
     "open_volume",
@@ -76,8 +78,8 @@ StoreLike: TypeAlias = (
     " | MutableMapping[str, Any]"
 )
 
-_MARKER_DIR = ".daskpatch-done"
-_SPILL_DIR = ".daskpatch-spill"
+_MARKER_DIR = _store.MARKER_DIR
+_SPILL_DIR = _store.SPILL_DIR
 _STORE_TYPES = "a path or URL string, an os.PathLike, a zarr store, a zarr.Group or a mapping"
 
 
@@ -135,13 +137,17 @@ def _where(store: Any, path: str | None) -> str:
     return f"path {path!r} of {where}" if path else f"the root of {where}"
 
 
-def _probe(store: Any, path: str | None) -> zarr.Array | zarr.Group | None:
-    """The node at ``path`` (opened read-only, metadata only), or ``None`` if there is none."""
+def _probe(store: Any, path: str | None, where: str | None = None
+           ) -> zarr.Array | zarr.Group | None:
+    """The node at ``path`` (opened read-only, metadata only), or ``None`` if there is none;
+    metadata zarr cannot parse is an error naming its file."""
     kwargs = {} if path is None else {"path": path}
     try:
         return zarr.open(store=store, mode="r", **kwargs)
     except FileNotFoundError:  # zarr's NodeNotFoundError and a missing local directory
         return None
+    except _store.METADATA_ERRORS as err:
+        raise _store.unreadable(store, path, where or _where(store, path), err) from err
 
 
 def _array_names(group: zarr.Group) -> list[str]:
@@ -220,7 +226,15 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None, *, level
         ``store``/``path`` names a group that is no OME-Zarr image (the message lists its
         arrays), an OME-Zarr image that daskpatch has not finished writing, a ``level`` the
         image does not have (the message lists its levels), or ``path`` is given with a
-        :class:`zarr.Array`.
+        :class:`zarr.Array`, or its metadata cannot be read (the message names
+        the file).
+
+    Warns
+    -----
+    IncompleteWarning
+        The array is an output of :func:`to_zarr` whose write has not finished (its missing
+        chunks read as the fill value); the message counts the chunks written and says how to
+        finish it (``to_zarr(..., resume=True)``).
 
     Examples
     --------
@@ -250,67 +264,25 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None, *, level
 # --------------------------------------------------------------------------------------------
 
 
-def _marker_dir(z: zarr.Array) -> str:
-    return _join(z.path, _MARKER_DIR)  # type: ignore[return-value]
-
-
-def _chunk_marker(z: zarr.Array, loc: Sequence[int]) -> str:
-    return f"{_marker_dir(z)}/chunks/{'.'.join(map(str, loc))}"
-
-
-def _complete_marker(z: zarr.Array) -> str:
-    return f"{_marker_dir(z)}/complete"
-
-
-def _put(store: Store, key: str) -> None:
-    _zarr_sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"1")))
-
-
-def _exists(store: Store, key: str) -> bool:
-    return bool(_zarr_sync(store.exists(key)))
-
-
-def _delete_dir(store: Store, prefix: str) -> None:
-    if store.supports_deletes:
-        _zarr_sync(store.delete_dir(prefix))
-
-
-def _done_chunks(z: zarr.Array, numblocks: tuple[int, ...]) -> set[tuple[int, ...]] | None:
-    """Chunk locations recorded as done; ``None`` when the whole array is recorded complete."""
-    store = z.store
-    if _exists(store, _complete_marker(z)):
-        return None
-    prefix = f"{_marker_dir(z)}/chunks/"
-    done: set[tuple[int, ...]] = set()
-    if store.supports_listing:
-        for key in collect_aiterator(store.list_prefix(prefix)):
-            try:
-                loc = tuple(int(p) for p in key[len(prefix):].split("."))
-            except ValueError:
-                continue
-            if len(loc) == len(numblocks) and all(0 <= i < n for i, n in zip(loc, numblocks)):
-                done.add(loc)
-    else:  # pragma: no cover - every writable zarr store lists
-        for loc in np.ndindex(*numblocks):
-            if _exists(store, _chunk_marker(z, loc)):
-                done.add(loc)
-    return done
-
-
-def _write_block(block: np.ndarray, z: zarr.Array, block_info: Any = None) -> np.ndarray:
-    """Write one block (exactly one Zarr chunk) and then record it as done."""
+def _write_block(block: np.ndarray, z: zarr.Array, fingerprint: dict, where: str,
+                 block_info: Any = None) -> np.ndarray:
+    """Write one block (exactly one Zarr chunk) and then record it as done; first check that
+    no other writer replaced the array since this write began."""
     info = block_info[0]
     region = tuple(slice(start, stop) for start, stop in info["array-location"])
+    _store.check_still_ours(z, fingerprint, where)
     z[region] = block
-    _put(z.store, _chunk_marker(z, info["chunk-location"]))
+    _store.put(z.store, _store.chunk_marker(z, info["chunk-location"]))
     return np.ones((1,) * block.ndim, dtype=np.uint8)
 
 
-def _finalize(z: zarr.Array, spills: list, written: list[Any]) -> zarr.Array:
-    """Runs after every write task: record the array as complete, drop per-chunk markers and
-    the spilled block parts of the engines that made the array."""
-    _put(z.store, _complete_marker(z))
-    _delete_dir(z.store, f"{_marker_dir(z)}/chunks")
+def _finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, written: list[Any]
+              ) -> zarr.Array:
+    """Runs after every write task: check that no other writer replaced the array meanwhile,
+    record it as complete, drop the per-chunk markers and every spilled part under it, and the
+    parts of the engines that spilled elsewhere."""
+    _store.check_still_ours(z, fingerprint, where)
+    _store.mark_complete(z)
     for spill, name in spills:
         spill.clear(name)
     return z
@@ -343,15 +315,6 @@ def _as_dask(array: Any) -> da.Array:
             "(call array.compute_chunk_sizes() first)"
         )
     return x
-
-
-def _zarr_sources(x: da.Array) -> list[zarr.Array]:
-    """The Zarr arrays ``x`` reads directly (``from_zarr``/``from_array`` layers)."""
-    found = []
-    for name, layer in x.dask.layers.items():
-        if name.startswith("original-") and len(layer) == 1:
-            found.extend(v for v in dict(layer).values() if isinstance(v, zarr.Array))
-    return found
 
 
 def _is_regular(c: tuple[int, ...]) -> bool:
@@ -462,6 +425,7 @@ def to_zarr(
     scale: Any = None,
     units: Any = None,
     downsample: str = "auto",
+    run_id: str | None = None,
     _dimension_names: Sequence[str] | None = None,
 ) -> zarr.Array | zarr.Group | Delayed:
     """Write an array to a Zarr (format 3) array, one task per Zarr chunk, resumably.
@@ -489,12 +453,17 @@ def to_zarr(
         chunk is written by one task.
     overwrite : bool, default False
         Replace an existing array at ``store``/``path``. With ``False`` an existing array raises
-        :class:`FileExistsError` and nothing is written. An existing *group* is never replaced.
+        :class:`FileExistsError` and nothing is written. Only a Zarr array is ever replaced:
+        a *group*, a location holding anything else (other files, a non-Zarr directory), a
+        location the input reads (or that contains it, or lies inside it) are refused, and so is
+        an array some part of which cannot be deleted (checked before deleting anything).
     resume : bool, default False
-        Finish an interrupted write: the existing array must have the same shape, dtype and
-        chunks; only chunks not recorded as done are computed and written. The result is
-        bit-identical to an uninterrupted write. With no existing array this is a fresh write.
-        Excludes ``overwrite=True``.
+        Finish an interrupted write: the existing array must have the same fingerprint (see
+        Notes) -- shape, dtype, chunks and every parameter that determines the result except
+        the model; only chunks not recorded as done are computed and written. The result is
+        bit-identical to an uninterrupted write. A mismatch is refused, naming the first
+        parameter that differs, also when the existing array is complete. With no existing
+        array this is a fresh write. Excludes ``overwrite=True``.
     progress : bool, default False
         Show a progress bar: :func:`distributed.progress` when a ``distributed.Client`` is the
         active scheduler, else :class:`dask.diagnostics.ProgressBar`. Needs ``compute=True``.
@@ -534,6 +503,10 @@ def to_zarr(
         ``"mode"`` (the most frequent value, the smallest on a tie: keeps label ids), or
         ``"auto"``: mean for floating dtypes, mode for integer and boolean ones (labels; pass
         ``"mean"`` for integer intensity images).
+    run_id : str, optional
+        A name for what the fingerprint cannot see -- the model and its version (e.g.
+        ``"unet-v3-epoch40"``). Stored in the fingerprint: ``resume=True`` with another
+        ``run_id`` is refused.
 
     Returns
     -------
@@ -551,24 +524,43 @@ def to_zarr(
         bad ``chunks``, an array with unknown chunk sizes, a group at the target, an array as
         the target's parent, or (``resume=True``) an existing array that does not match.
     FileExistsError
-        An array exists at the target and neither ``overwrite`` nor ``resume`` is set.
+        An array exists at the target and neither ``overwrite`` nor ``resume`` is set, or the
+        target holds something that is not a Zarr array.
+    PermissionError
+        ``overwrite=True``, and some part of the existing array cannot be deleted (the
+        message names it); nothing was deleted.
 
     Notes
     -----
+    The new array's attributes hold, under ``"daskpatch"``, a *fingerprint* of everything that
+    determines the result except the model: shape, dtype and chunks; for every
+    :func:`~daskpatch.apply_patches` and :func:`~daskpatch.reconstruct` in the graph its size,
+    stride, border, pad mode, blend (a hash of a user window), sigma scale, channels, channel
+    axis, fill value, batch size, block shape and dtypes; the Zarr arrays the graph reads (store
+    location and array path; NumPy inputs are recorded as "not fingerprinted" with their shape
+    and dtype); and ``run_id``. A model cannot be fingerprinted reliably (a PyTorch closure's
+    token differs in every process): name its version with ``run_id``. The array is recorded
+    complete (``.daskpatch-done/complete``) only after every chunk is written; until then
+    :func:`open_volume` warns (:class:`IncompleteWarning`) that it is incomplete.
+
     The result of :func:`~daskpatch.apply_patches` or :func:`~daskpatch.reconstruct` built with
     ``spill=None`` (the default) has its halos -- the parts of a block's buffer that belong to
     neighbouring chunks -- written under ``<array path>/.daskpatch-spill/`` of the output store
     while it runs, when they total more than the ``daskpatch.spill-bytes`` setting of
     :mod:`dask.config` (default 128 MiB; e.g. ``dask.config.set({"daskpatch.spill-bytes":
     "1 GiB"})``), so peak memory depends on the block size and threads, not on the volume; the
-    parts are deleted once every chunk is written (and left for ``resume=True`` after an
+    whole ``.daskpatch-spill/`` area of the array is deleted once every chunk is written (and left for ``resume=True`` after an
     interruption). The spilled computation is a graph of its own (new task names for the engine
     and everything computed from it), so the same array computed at the same time on the same
     cluster (a kept ``client.compute`` future) is not disturbed.
 
     Every argument is checked, and the target probed, before anything is created in the store.
-    An input that reads the target array directly (``open_volume`` of the same array) is
-    refused; one that reads it through some other path is not detected -- do not do that.
+    An input that reads a Zarr array at the target, inside it or containing it (through
+    :func:`open_volume`, ``dask.array.from_zarr``, :func:`~daskpatch.extract_patches`,
+    :func:`~daskpatch.apply_patches`, :func:`~daskpatch.reconstruct`, rechunks) is refused.
+    Two writers of one array at once are not supported: a second ``resume=True`` with other
+    parameters is refused, and a writer whose array was replaced meanwhile (another call with
+    ``overwrite=True``) stops before its next chunk, without marking the array complete.
 
     Examples
     --------
@@ -601,7 +593,7 @@ def to_zarr(
         return _write_ome(
             to_zarr, array, store, path, chunks=chunks, overwrite=overwrite, resume=resume,
             progress=progress, compute=compute, ome=ome, levels=levels, axes=axes,
-            scale=scale, units=units, downsample=downsample,
+            scale=scale, units=units, downsample=downsample, run_id=run_id,
         )
     overwrite = _parse_bool(overwrite, "overwrite")
     resume = _parse_bool(resume, "resume")
@@ -619,13 +611,21 @@ def to_zarr(
         )
     path = _parse_path(path)
     threshold = spill_bytes()  # the setting is checked before anything is written
+    if run_id is not None and not isinstance(run_id, str):
+        raise TypeError(f"run_id must be None or a string naming the model version; got "
+                        f"{_describe(run_id)}")
     x = _as_dask(array)
     x, zchunks = _write_chunks(x, chunks)
     base, full = _resolve_store(store, path)
     where = _where(base, full)
+    target, prefix = _store.as_store(base)
+    reader, _ = _store.as_store(base, read_only=True)
+    full = _join(prefix, full)
 
-    # Probe before creating anything: the target itself, then its parents.
-    node = _probe(base, full)
+    # Check before creating or deleting anything: the inputs, the target itself, its parents,
+    # what the target holds, and (to replace it) that every part of it can be deleted.
+    _store.check_not_read(x, target, full, where)
+    node = _probe(reader, full, where)
     if isinstance(node, zarr.Group):
         raise ValueError(
             f"to_zarr: {where} is a group; to_zarr never replaces a group (with its children). "
@@ -640,32 +640,38 @@ def to_zarr(
         parts = full.split("/")
         for i in range(len(parts)):
             parent = "/".join(parts[:i]) or None
-            if isinstance(_probe(base, parent), zarr.Array):
+            if isinstance(_probe(reader, parent, where), zarr.Array):
                 raise ValueError(
                     f"to_zarr: cannot create an array at {where}: its parent "
                     f"{parent or '(the root)'!r} is an array, and only groups have children"
                 )
-    if resume and node is not None:
+    fingerprint = _store.fingerprint(x, zchunks, run_id)
+    reopen = resume and node is not None
+    if reopen:
+        assert isinstance(node, zarr.Array)
         _check_resumable(node, x, zchunks, where)
-    target_location = _location(base, full)
-    for source in _zarr_sources(x):
-        if _location(source.store, source.path or None) == target_location:
-            raise ValueError(
-                f"to_zarr: the input array reads from {where}, which this call would write; "
-                "write to another path (rechunk_to_stride copies an array to new chunks)"
-            )
+        _store.check_fingerprint(node, fingerprint, where)
+    else:
+        _store.check_contents(target, full, node is not None, where)
+        if node is not None:
+            _store.check_deletable(target, full, where)
 
     # Create (or reopen for writing).
-    if resume and node is not None:
-        z = zarr.open_array(store=base, path=full or "", mode="r+")
-        done = _done_chunks(z, x.numblocks)
+    if reopen:
+        z = zarr.open_array(store=target, path=full or "", mode="r+")
+        done = _store.done_chunks(z, x.numblocks)
     else:
+        if node is not None:
+            _store.clear(target, full)  # the old array (checked above)
+        else:  # stale markers and spilled parts of a hand-deleted array
+            _store.delete_dir(target, _join(full, _MARKER_DIR) or _MARKER_DIR)
+            _store.delete_dir(target, _join(full, _SPILL_DIR) or _SPILL_DIR)
         z = zarr.create_array(
-            store=base, name=full, shape=x.shape, dtype=x.dtype, chunks=zchunks,
-            overwrite=overwrite, zarr_format=3, dimension_names=_dimension_names,
+            store=target, name=full, shape=x.shape, dtype=x.dtype, chunks=zchunks,
+            attributes={_store.ATTR: _store.record(fingerprint)}, zarr_format=3,
+            dimension_names=_dimension_names,
         )
-        _delete_dir(z.store, _marker_dir(z))  # stale markers of a hand-deleted array
-        _delete_dir(z.store, _join(z.path, _SPILL_DIR) or _SPILL_DIR)  # and stale spilled parts
+        _store.check_still_ours(z, fingerprint, where)  # another writer created it meanwhile
         done = set()
     n_total = math.prod(x.numblocks)
     if done is None:
@@ -689,7 +695,7 @@ def to_zarr(
         # One task per chunk: compute the block, write it, mark it done. Computing only the
         # keys of the chunks not done culls the rest of the graph (their inputs included).
         written = x.map_blocks(
-            functools.partial(_write_block, z=z),
+            functools.partial(_write_block, z=z, fingerprint=fingerprint, where=where),
             chunks=tuple((1,) * n for n in x.numblocks),
             dtype=np.uint8,
             meta=np.empty((0,) * x.ndim, dtype=np.uint8),
@@ -697,7 +703,7 @@ def to_zarr(
         )
         parts = written.to_delayed(optimize_graph=True)
         todo = [d for loc, d in np.ndenumerate(parts) if loc not in done]
-    job = dask.delayed(functools.partial(_finalize, z, spills), pure=False)(
+    job = dask.delayed(functools.partial(_finalize, z, fingerprint, where, spills), pure=False)(
         todo, dask_key_name=f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}"
     )
     if not compute:
@@ -725,7 +731,8 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
         What to compute.
     out : numpy.ndarray, optional
         Where to write: a writable array of ``array``'s shape and dtype (its content is
-        replaced). ``None`` allocates one.
+        replaced), sharing no memory with a NumPy array ``array`` reads (refused).
+        ``None`` allocates one.
     progress : bool, default False
         Show a progress bar (as :func:`to_zarr`).
 
@@ -762,6 +769,8 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
                f"{out.flags.writeable}" if isinstance(out, np.ndarray) else _describe(out))
         raise ValueError(f"out must be a writable numpy.ndarray of shape {array.shape} and dtype "
                          f"{array.dtype}; got {got}")
+    else:
+        _store.check_not_aliased(array, out)
     get = _local_get()
     if get is None:  # no shared memory with the workers
         out[...] = _compute(cast(Delayed, array), progress)
@@ -971,17 +980,6 @@ def is_stride_aligned(
     return True
 
 
-def _location(store: Any, path: str | None) -> tuple[Any, str | None] | None:
-    """A comparable identity of a node location, where one can be worked out."""
-    if isinstance(store, str) and "://" not in store:
-        return ("file", os.path.realpath(store)), path
-    if isinstance(store, zarr.storage.LocalStore):
-        return ("file", os.path.realpath(store.root)), path
-    if isinstance(store, str):
-        return ("url", store.rstrip("/")), path
-    return ("object", id(store)), path
-
-
 def rechunk_to_stride(
     source: StoreLike | zarr.Array,
     stride: int | Sequence[int],
@@ -1062,7 +1060,9 @@ def rechunk_to_stride(
             "written, returning the source", src_where, tuple(src.chunks), stride,
         )
         return src
-    if _location(base, full) == _location(src.store, src.path or None):
+    target, prefix = _store.as_store(base, read_only=True)
+    if _store.overlaps(_store.location(target, _join(prefix, full) or None),
+                       _store.location(src.store, src.path or None)):
         raise ValueError(
             f"target/target_path must differ from the source array; both are {src_where}"
         )

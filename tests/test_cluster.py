@@ -76,7 +76,7 @@ def _kill_a_worker_mid_run(client, future):
     deadline = time.time() + 30
     while not any(ts for ts in client.processing().values()) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)  # some tasks done, some running
+    time.sleep(0.1)  # some tasks done, some running (the models sleep 0.05 s per batch)
     victim = next(iter(client.scheduler_info()["workers"]))
     assert not future.done()  # really mid-run
     try:
@@ -87,7 +87,7 @@ def _kill_a_worker_mid_run(client, future):
 
 
 def test_worker_killed_mid_run_gives_the_identical_result(client, volume):
-    model = Model(2, delay=0.02)
+    model = Model(2, delay=0.05)
     expected = _graph(volume, Model(2)).compute(scheduler="threads")
     future = client.compute(_graph(volume, model))
     victim = _kill_a_worker_mid_run(client, future)
@@ -100,7 +100,7 @@ def test_to_zarr_with_spilled_halos_survives_a_worker_loss(client, volume, tmp_p
                                                            monkeypatch):
     monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)  # spill into the output store
     expected = _graph(volume, Model(3)).compute(scheduler="threads")
-    job = dp.to_zarr(_graph(volume, Model(3, delay=0.02)), tmp_path / "o.zarr", compute=False)
+    job = dp.to_zarr(_graph(volume, Model(3, delay=0.05)), tmp_path / "o.zarr", compute=False)
     future = client.compute(job)
     _kill_a_worker_mid_run(client, future)
     z = future.result(timeout=120)
