@@ -9,7 +9,9 @@ Each 1-D profile is therefore divided by its own axis sum *before* the patches a
 ``i`` contributes ``prod_a q_a[i_a](x_a - s_{a,i})`` with ``q = p / W_a``, and those weights add up
 to one wherever a patch covers. Nothing is divided by a small or zero number at the volume's
 borders (tiler's hann gives an error of 1.0 there), nothing is clamped (MONAI and nnU-Net clamp
-gaussian weights to 1e-3 of the peak), and nothing of volume size is ever built.
+gaussian weights to 1e-3 of the peak), and nothing of volume size is ever built. The gaussian is
+normalised in log space, so even ``sigma_scale=1e-3`` (a profile that is 0 in float64 a few voxels
+off its centre) gives weights that add up to one, with no 0/0.
 
 All profiles are strictly positive (``hann`` and ``triangular`` are sampled at voxel centres), so a
 voxel is weighted wherever a patch covers it. ``"crop"`` takes each voxel from the patch whose centre
@@ -106,10 +108,35 @@ class Window:
             right = np.clip(j, 0, len(centres) - 1)
             nearest = np.where(np.abs(t - centres[left]) <= np.abs(t - centres[right]), left, right)
             return (nearest[pos] == np.arange(len(starts))[:, None]).astype(np.float64)
+        if self.blend == "gaussian":
+            return _log_normalised(_gaussian_log(size, self.sigma_scale), pos, extent)
         p = profile(self.blend, size, self.sigma_scale) if self.array is None else np.ones(size)
         total = np.zeros(extent, dtype=np.float64)
         np.add.at(total, pos, np.broadcast_to(p, pos.shape))
         return p[None, :] / total[pos]
+
+
+def _gaussian_log(n: int, sigma_scale: float) -> np.ndarray:
+    """The natural log of the gaussian profile over ``n`` voxels (peak 0; never ``-inf``)."""
+    k = np.arange(n, dtype=np.float64)
+    return -0.5 * ((k - (n - 1) / 2) / (sigma_scale * n)) ** 2
+
+
+def _log_normalised(log_p: np.ndarray, pos: np.ndarray, extent: int) -> np.ndarray:
+    """Weights ``p_i(t) / sum_j p_j(t)`` over the patches ``j`` covering ``t``, from ``log p``.
+
+    Computed as ``exp(l_i - m) / sum_j exp(l_j - m)`` with ``m(t) = max_j l_j(t)``: the largest
+    term is exactly 1, so the sum is at least 1 and nothing divides by zero, however small the
+    profile gets (a gaussian with ``sigma_scale=1e-3`` is 0 in float64 a few voxels off its
+    centre); a weight underflows to 0 only where its exact value is below 1e-308.
+    """
+    logs = np.broadcast_to(log_p, pos.shape)
+    peak = np.full(extent, -np.inf)
+    np.maximum.at(peak, pos, logs)
+    rel = np.exp(logs - peak[pos])
+    total = np.zeros(extent, dtype=np.float64)
+    np.add.at(total, pos, rel)
+    return rel / total[pos]
 
 
 def parse_blend(blend: Any, size: tuple[int, ...], sigma_scale: Any = 0.125) -> Window:
