@@ -19,7 +19,8 @@ is nearest — the ``map_overlap`` trim rule — which per axis is a partition, 
 
 A user window (an array of patch shape, or a callable returning one) need not be separable; the
 engine then accumulates the weights beside the data and divides once per voxel. It must be
-positive and finite.
+positive and finite; it is scaled (:meth:`Window.scaled`) so that its weights covering a voxel add
+up to at most one, whatever the scale of the user's numbers (1e38 or 1e-45).
 """
 
 from __future__ import annotations
@@ -87,6 +88,28 @@ class Window:
     blend: str  # a built-in name, or "user"
     sigma_scale: float
     array: np.ndarray | None = None  # user window, patch shape, float64
+    source: str = "blend"  # how error messages name a user window
+
+    def scaled(self, cover: int, dtype: Any) -> Window:
+        """A user window scaled for accumulation in ``dtype`` where at most ``cover`` patches
+        overlap a voxel: divided by its largest weight times ``cover``, so the weights covering
+        any voxel add up to at most one (a weighted sum never overflows, however large or small
+        the user's numbers), with its smallest weight still a normal ``dtype`` number (else the
+        weight sum of a voxel could underflow to zero, or lose its precision).
+        """
+        if self.array is None:
+            return self
+        top = float(self.array.max())
+        ratio = float(self.array.min()) / top
+        tiny = float(np.finfo(dtype).tiny)
+        if ratio / cover < tiny:
+            raise ValueError(
+                f"{self.source} has a smallest weight {ratio:.3g} times its largest; "
+                f"{np.dtype(dtype)} accumulation needs at least {tiny * cover:.3g} (up to "
+                f"{cover} patches overlap a voxel, and their weights, scaled to add up to at "
+                "most 1, must stay normal numbers): raise its smallest weights"
+            )
+        return Window("user", self.sigma_scale, self.array / top / cover, self.source)
 
     @property
     def separable(self) -> bool:
@@ -170,4 +193,4 @@ def parse_blend(blend: Any, size: tuple[int, ...], sigma_scale: Any = 0.125) -> 
             f"{what} must be positive and finite everywhere (a zero weight would leave covered "
             f"voxels without weight); its minimum is {np.nanmin(arr)}"
         )
-    return Window("user", float(sigma_scale), arr)
+    return Window("user", float(sigma_scale), arr, what)
