@@ -105,13 +105,15 @@ def saturate(x: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 def _float_to_int(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Round to nearest and saturate (no NaN in ``x``)."""
+    """Round to nearest and saturate; NaN stays NaN until the last cast, which then sets the
+    floating-point "invalid" flag (IEEE 754 requires it of a NaN-to-integer conversion)."""
     info = np.iinfo(dtype)
     if x.dtype.kind == "f" and info.max <= float(np.finfo(x.dtype).max) and \
             float(x.dtype.type(info.max)) == info.max:  # the limits are exact in x's dtype
         y = np.rint(x)
         np.clip(y, info.min, info.max, out=y)
-        return y.astype(dtype)
+        with np.errstate(invalid="raise"):
+            return y.astype(dtype)
     y = np.rint(x.astype(np.float64))
     top = float(info.max)
     exact = int(top) <= info.max  # not for (u)int64: float(2**63 - 1) is 2**63
@@ -119,7 +121,8 @@ def _float_to_int(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
         top = float(np.nextafter(top, 0.0))
         over = y > top
     np.clip(y, float(info.min), top, out=y)
-    out = y.astype(dtype)
+    with np.errstate(invalid="raise"):
+        out = y.astype(dtype)
     if not exact:
         out[over] = info.max
     return out
@@ -142,9 +145,13 @@ def cast(x: np.ndarray, dtype: Any, nan_at: Callable[[tuple[int, ...]], Exceptio
             return np.clip(x, max(info.min, src.min), min(info.max, src.max)).astype(dtype)
         if x.dtype.kind in "fc":
             x = x.real
-            if x.size and np.isnan(x.min()):  # a reduction: no mask unless there is NaN
-                raise nan_at(tuple(int(i) for i in np.argwhere(np.isnan(x))[0]))
-            return _float_to_int(x, dtype)
+            try:
+                return _float_to_int(x, dtype)
+            except FloatingPointError:  # the cast met NaN: find the first one
+                nan = np.argwhere(np.isnan(x))
+                if len(nan):
+                    raise nan_at(tuple(int(i) for i in nan[0])) from None
+                raise
         return x.astype(dtype)
     if dtype.kind in "fc":
         try:
