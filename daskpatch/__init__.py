@@ -4,6 +4,8 @@ Lazy Dask graphs cut a volume into patches, run a model on every patch exactly o
 predictions back into a seamless volume with exact normalisation; volumes live in Zarr stores.
 """
 
+from ._svg import plot_window
+from ._torch import TorchModel
 from .blend import apply_patches, reconstruct
 from .data import PatchDataset, RandomPatchDataset
 from .extract import extract_patches
@@ -24,12 +26,14 @@ __all__ = [
     "PatchDataset",
     "PatchGrid",
     "RandomPatchDataset",
+    "TorchModel",
     "aligned_chunks",
     "apply_patches",
     "extract_patches",
     "get_patches",
     "is_stride_aligned",
     "open_volume",
+    "plot_window",
     "rechunk_to_stride",
     "reconstruct",
     "reconstruct_patch",

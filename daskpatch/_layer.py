@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
+from dask._task_spec import GraphNode
 from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
 
 Key = tuple
@@ -99,3 +100,50 @@ def lazy_graph(name: str, layer: Layer, collections: list, extra: dict | None = 
     dependencies[name] = dependencies[name] | {extra_name}
     dependencies[extra_name] = set()
     return HighLevelGraph(layers, dependencies)
+
+
+def _rename_key(key: Any, names: Mapping[str, str]) -> Any:
+    if isinstance(key, tuple) and key and isinstance(key[0], str) and key[0] in names:
+        return (names[key[0]],) + key[1:]
+    if isinstance(key, str) and key in names:
+        return names[key]
+    return key
+
+
+def rename_task(task: Any, names: Mapping[str, str], key: Any = None) -> Any:
+    """``task`` with every reference to a key named in ``names`` (old name -> new name) renamed.
+
+    Handles both task forms a layer may hold: :class:`dask._task_spec.GraphNode` (``key`` is
+    then the node's new key) and legacy tuples (``(callable, *args)``, lists, dicts, key tuples
+    and string keys), the way :meth:`dask.highlevelgraph.Layer.clone` walks them.
+    """
+    if isinstance(task, GraphNode):
+        subs = {d: _rename_key(d, names) for d in task.dependencies}
+        return task.substitute({d: n for d, n in subs.items() if n != d}, key=key)
+    typ = type(task)
+    if typ is tuple and task and callable(task[0]):
+        return (task[0],) + tuple(rename_task(t, names) for t in task[1:])
+    if typ is list:
+        return [rename_task(t, names) for t in task]
+    if typ is dict:
+        return {k: rename_task(v, names) for k, v in task.items()}
+    if typ is tuple or typ is str:
+        return _rename_key(task, names)
+    return task
+
+
+def renamed_layer(layer: Layer, names: Mapping[str, str]) -> MaterializedLayer:
+    """A new layer holding ``layer``'s tasks, keys and references renamed by ``names``.
+
+    The original layer is not changed. Materialises the layer (as computing it would).
+    """
+    out = {}
+    for key, task in dict(layer).items():
+        new = _rename_key(key, names)
+        out[new] = rename_task(task, names, new)
+    return MaterializedLayer(out, annotations=layer.annotations)
+
+
+def key_names(layer: Layer) -> set[str]:
+    """The names (first elements) of the keys ``layer`` makes."""
+    return {str(k[0] if isinstance(k, tuple) else k) for k in layer.get_output_keys()}

@@ -149,14 +149,17 @@ class Volume:
         out = self._cache[key] = (m, s0, s1, pieces)
         return out
 
-    def read_task(self, lo: tuple[int, ...], hi: tuple[int, ...], pad_mode: str) -> tuple:
-        """A task reading ``[lo, hi)`` (padded coordinates) as ``(C, *region)``, and its inputs."""
+    def read_task(self, lo: tuple[int, ...], hi: tuple[int, ...], pad_mode: str,
+                  pad_value: Any = 0) -> tuple:
+        """A task reading ``[lo, hi)`` (padded coordinates) as ``(C, *region)``, and its inputs;
+        ``pad_mode="constant"`` fills with ``pad_value``."""
         axes = [self._axis_read(a, l, h, pad_mode) for a, (l, h) in enumerate(zip(lo, hi))]
         maps = [ax[0] for ax in axes]
         src_lo = tuple(ax[1] for ax in axes)
         src_hi = tuple(ax[2] for ax in axes)
         if self.direct:
-            return (_read_direct, self.name, src_lo, src_hi, self.channel_axis, maps), {self.name}
+            return (_read_direct, self.name, src_lo, src_hi, self.channel_axis, maps,
+                    pad_value), {self.name}
         keys, spec = [], []
         ch = self.channel_axis
         for combo in itertools.product(*[ax[3] for ax in axes]):
@@ -166,7 +169,7 @@ class Volume:
             keys.append((self.array.name, *idx))
             spec.append((tuple(p[1] for p in combo), tuple(p[2] for p in combo)))
         shape = (self.channels,) + tuple(h - l for l, h in zip(src_lo, src_hi))
-        return (_read_chunks, shape, self.dtype, spec, maps, ch, keys), set(keys)
+        return (_read_chunks, shape, self.dtype, spec, maps, ch, keys, pad_value), set(keys)
 
     def __post_init__(self) -> None:
         self._cache: dict = {}
@@ -177,31 +180,68 @@ class Volume:
             self._bounds = [np.cumsum((0,) + c) for c in chunks]
 
 
-def _apply_maps(a: np.ndarray, maps: list) -> np.ndarray:
-    """Expand the source read ``a`` (C, *src) to the padded region with the per-axis maps."""
+def _apply_maps(a: np.ndarray, maps: list, pad_value: Any = 0) -> np.ndarray:
+    """Expand the source read ``a`` (C, *src) to the padded region with the per-axis maps
+    (``-1`` in a map: ``pad_value``)."""
     if all(m is None for m in maps):
         return a
     for ax, m in enumerate(maps):
         if m is None:
             continue
-        if a.shape[ax + 1] == 0:
-            a = np.zeros(a.shape[: ax + 1] + (len(m),) + a.shape[ax + 2:], a.dtype)
+        if a.shape[ax + 1] == 0:  # nothing of the volume on this axis: all fill
+            a = np.full(a.shape[: ax + 1] + (len(m),) + a.shape[ax + 2:], pad_value, a.dtype)
             continue
         fill = m < 0
         a = np.take(a, np.where(fill, 0, m), axis=ax + 1)
         if fill.any():
             index = [slice(None)] * a.ndim
             index[ax + 1] = fill
-            a[tuple(index)] = 0
+            a[tuple(index)] = pad_value
     return a
 
 
-def _read_direct(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps: list
-                 ) -> np.ndarray:
+def _read_direct(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps: list,
+                 pad_value: Any = 0) -> np.ndarray:
     index = [slice(l, h) for l, h in zip(lo, hi)]
     if channel_axis is not None:
         index.insert(channel_axis, slice(0, arr.shape[channel_axis]))
-    return _apply_maps(_canonical(_read_region(arr, tuple(index)), channel_axis), maps)
+    try:
+        region = _read_region(arr, tuple(index))
+    except Exception as err:  # a corrupt chunk, a lost store: say which array and where
+        err.add_note(_read_note(arr, tuple(index)))
+        raise
+    return _apply_maps(_canonical(region, channel_axis), maps, pad_value)
+
+
+#: Most stored chunks (or shards) probed one by one to find the one a failed read tripped on.
+PROBE_CHUNKS = 64
+
+
+def _read_note(arr: Any, index: tuple[slice, ...]) -> str:
+    """A note for an exception raised reading ``arr[index]``: the array, the region and, for a
+    Zarr array, the first stored chunk (or shard) of the region that cannot be read alone."""
+    region = "[" + ", ".join(f"{s.start}:{s.stop}" for s in index) + "]"
+    if not isinstance(arr, zarr.Array):
+        return (f"daskpatch: raised reading region {region} of a {type(arr).__name__} of shape "
+                f"{tuple(arr.shape)}")
+    where = f"the Zarr array at {arr.store_path}"
+    grid = arr.shards or arr.chunks
+    ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(index, grid)]
+    combos = list(itertools.islice(itertools.product(*ranges), PROBE_CHUNKS))
+    for combo in combos:
+        sel = tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(combo, grid, arr.shape))
+        try:
+            arr[sel]
+        except Exception as err:
+            try:
+                key = f" (stored as {arr.metadata.encode_chunk_key(combo)!r})"
+            except Exception:
+                key = ""
+            what = "shard" if arr.shards else "chunk"
+            return (f"daskpatch: raised reading region {region} of {where}: its {what} "
+                    f"{combo}{key} cannot be read ({type(err).__name__}: {err})")
+    span = ", ".join(f"{r.start}..{r.stop - 1}" for r in ranges)
+    return f"daskpatch: raised reading region {region} (chunks {span}) of {where}"
 
 
 def _read_region(arr: Any, index: tuple[slice, ...]) -> Any:
@@ -230,11 +270,11 @@ def _canonical(block: Any, channel_axis: int | None) -> np.ndarray:
 
 
 def _read_chunks(shape: tuple, dtype: np.dtype, spec: list, maps: list,
-                 channel_axis: int | None, blocks: list) -> np.ndarray:
+                 channel_axis: int | None, blocks: list, pad_value: Any = 0) -> np.ndarray:
     if len(spec) == 1 and _canonical(blocks[0], channel_axis).shape == tuple(shape):
         a = _canonical(blocks[0], channel_axis)
     else:
         a = np.empty(shape, dtype=dtype)
         for (dst, src), b in zip(spec, blocks):
             a[(slice(None),) + dst] = _canonical(b, channel_axis)[(slice(None),) + src]
-    return _apply_maps(a, maps)
+    return _apply_maps(a, maps, pad_value)

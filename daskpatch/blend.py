@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,18 +39,19 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr.storage
-from dask.base import tokenize
+from dask.base import clone_key, tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
-from dask.utils import parse_bytes
+from dask.utils import key_split, parse_bytes
 from zarr.abc.store import Store
 from zarr.buffer import default_buffer_prototype
 from zarr.core.sync import sync as _zarr_sync
 
-from ._layer import LazyLayer, lazy_graph
+from ._layer import LazyLayer, key_names, lazy_graph, rename_task, renamed_layer
 from ._numbers import Numbers, cast, check_fill, doubled, nan_error, saturate, wide_dtype
 from ._numbers import acc_dtype as _acc_dtype
 from ._regions import Volume
+from ._torch import wrap_fn
 from ._validate import (
     BORDERS,
     PAD_MODES,
@@ -58,8 +60,10 @@ from ._validate import (
     _describe,
     parse_choice,
     parse_int,
+    parse_pad_value,
     parse_shape,
 )
+from ._xarray import accepts_dataarray
 from .extract import Layout, full_grid, parse_layout
 from .grid import PatchGrid
 from .windows import Blend, Window, parse_blend
@@ -71,7 +75,8 @@ BLOCK_BYTES = 64 * 2**20
 #: Fewest work blocks the automatic block shape aims for, where the volume allows it.
 MIN_BLOCKS = 8
 #: With ``spill=None``, :func:`daskpatch.to_zarr` spills the halos of a result whose blocks hand
-#: more than this many bytes to their neighbours (held in memory, they grow with the volume).
+#: more than this many bytes to their neighbours (held in memory, they grow with the volume),
+#: unless the ``daskpatch.spill-bytes`` setting of :mod:`dask.config` says otherwise.
 SPILL_BYTES = 128 * 2**20
 #: Scratch of the row-by-row accumulation (sized to stay in a core's cache).
 SLAB_BYTES = 2**19
@@ -109,7 +114,7 @@ class _Plan:
                     targets[k].append(c)
             self.targets.append(targets)
             if window.separable:
-                q = window.axis_weights(s, z, grid.padded_shape[a])
+                q = window.axis_weights(s, z, grid.padded_shape[a], axis=a)
                 _, ids = np.unique(q, axis=0, return_inverse=True)
                 self.q.append(q)
                 self.q_ids.append(ids.ravel())
@@ -448,10 +453,12 @@ class _Accumulator:
 
     def _copy(self, gidx: tuple[int, ...], start: np.ndarray, data: np.ndarray) -> None:
         """Copy the box of ``data`` ``(C, *size)`` (at absolute ``start``) its patch owns."""
+        own = self.own
+        assert own is not None  # copy mode only
         rel = np.asarray(start) - self.lo
         src, dst = [], []
         for a, (r, i) in enumerate(zip(rel.tolist(), gidx)):
-            o0, o1 = self.own[a][i]
+            o0, o1 = own[a][i]
             d0, d1 = r + o0, min(r + o1, self.shape[a])
             if d1 <= d0:
                 return
@@ -491,14 +498,38 @@ def _owned_boxes(q: list[np.ndarray]) -> list[list[tuple[int, int]]]:
     return boxes
 
 
+def _describe_output(out: Any) -> str:
+    """A model output's type and shape (or length); its values only when they are a few
+    scalars (a list of arrays would print megabytes)."""
+    kind = type(out).__name__
+    shape = getattr(out, "shape", None)
+    if shape is not None:
+        return f"a {kind} of shape {tuple(shape)}"
+    try:
+        n = len(out)
+    except TypeError:
+        text = repr(out)
+        return f"{text} of type {kind}" if len(text) <= 80 else f"a {kind}"
+    if n <= 8 and isinstance(out, (list, tuple)) and all(
+            isinstance(v, (bool, int, float, complex, str)) and len(repr(v)) <= 20 for v in out):
+        return f"{out!r} of type {kind} (length {n})"
+    return f"a {kind} of length {n}"
+
+
 def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
     """Check a model's output against the shape the engine expects back."""
     if not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        hint = " (stack it with numpy.stack)" if isinstance(out, (list, tuple)) else ""
         raise TypeError(
             f"fn must return an array of shape {expected} for a batch of shape {batch_shape}; "
-            f"got {_describe(out)}"
+            f"got {_describe_output(out)}{hint}"
         )
     out = np.asarray(out)
+    if out.dtype.kind not in "biufc":
+        raise TypeError(
+            f"fn must return numbers (a numeric dtype) for a batch of shape {batch_shape}; "
+            f"got an array of dtype {out.dtype} ({out.dtype.name}) and shape {out.shape}"
+        )
     if out.shape != expected:
         raise ValueError(
             f"fn returned shape {out.shape} for a batch of shape {batch_shape}; expected "
@@ -508,9 +539,31 @@ def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
     return out
 
 
+def _batch_note(block: tuple[int, ...], gidxs: list, starts: list, grid_shape: tuple[int, ...],
+                region_lo: np.ndarray, region_shape: tuple[int, ...]) -> str:
+    """Where a failing batch of ``fn`` was: its work block, its patches, the region read."""
+    flat = [int(np.ravel_multi_index(g, grid_shape)) for g in gidxs]
+    shown = 8
+    st = ", ".join(str(tuple(int(v) for v in x)) for x in starts[:shown])
+    more = f", ... ({len(starts)} patches)" if len(starts) > shown else ""
+    ids = ", ".join(map(str, flat[:shown])) + (", ..." if len(flat) > shown else "")
+    region = ", ".join(f"{int(lo)}:{int(lo) + n}" for lo, n in zip(region_lo, region_shape))
+    return (
+        f"daskpatch: raised for fn's batch of {len(starts)} "
+        f"patch{'es' if len(starts) != 1 else ''} (indices {ids} in the order of "
+        f"extract_patches) starting at {st}{more}, in apply_patches work block {tuple(block)}, "
+        f"which reads the input region [{region}] (non-channel axes, padded coordinates)"
+    )
+
+
 def _apply_block(region, region_lo, ext_lo, ext_shape, owned, starts, q, q_ids, user, fn,
-                 batch_size, layout, n_batch, out_channels, acc_dtype, out_patch_shape, sink=None):
-    """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches."""
+                 batch_size, layout, n_batch, out_channels, acc_dtype, out_patch_shape, block=(),
+                 sink=None):
+    """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches.
+
+    An exception raised by ``fn``, or by the check of what it returned, is re-raised as it is
+    with a note (PEP 678) naming the work ``block``, the batch's patches and the region read.
+    """
     acc = _Accumulator(ext_lo, ext_shape, out_channels, acc_dtype, q, q_ids, user, sink)
     region_lo = np.asarray(region_lo)
     items = [(g, np.array([s[i] for s, i in zip(starts, g)]))
@@ -539,7 +592,16 @@ def _apply_block(region, region_lo, ext_lo, ext_shape, owned, starts, q, q_ids, 
                     f.result()
             user_batch = layout.from_canonical(batch)
             expected = layout.patch_shape(spatial, out_channels)
-            out = _check_output(fn(user_batch), user_batch.shape, (len(chunk),) + expected)
+            try:
+                out = _check_output(fn(user_batch), user_batch.shape, (len(chunk),) + expected)
+            except Exception as err:
+                note = _batch_note(block, [g for g, _ in chunk], [st for _, st in chunk],
+                                   tuple(len(s) for s in starts), region_lo, region.shape[1:])
+                axes = getattr(fn, "axes", None)  # how the volume's axes were read
+                if axes:
+                    note += f"; fn was called on a batch of shape {user_batch.shape}; {axes}"
+                err.add_note(note)
+                raise
             out = layout.to_canonical(out).reshape((len(chunk), out_channels) + size)
             acc.add_batch([g for g, _ in chunk], [st for _, st in chunk], list(out))
     finally:
@@ -702,6 +764,7 @@ class _Engine:
         self.auto = spill is None
         self.spill: _Spill | None = spill if isinstance(spill, _Spill) else None
         self.acc_name, self.halo_name = "acc-" + name, "halo-" + name
+        self.names: dict[str, str] = {}  # input key names -> new names (see renamed)
         self.args = (channels, 0 if plan.window.separable else 1)
         self.dtypes = (fill_value, acc_dtype, out_dtype)
         self.ch = layout.channel_axis
@@ -730,16 +793,33 @@ class _Engine:
         self.halo_bytes = (ext - math.prod(plan.grid.shape)) * (channels + self.args[1]) \
             * np.dtype(acc_dtype).itemsize
 
+    def _accumulate(self, bidx: tuple[int, ...], ext_lo: tuple[int, ...],
+                    ext_hi: tuple[int, ...]) -> tuple[Any, set]:
+        """The accumulate task of a block (inputs under their current names) and its inputs."""
+        task, deps = self.accumulate(bidx, ext_lo, ext_hi)
+        if self.names:
+            task = rename_task(task, self.names)
+            deps = {rename_task(d, self.names) for d in deps}
+        return task, deps
+
     @property
     def count(self) -> int:
         n_acc = math.prod(len(o) for o in self.owning)
         n_halo = 0 if self.spill else n_acc - math.prod(len(o) for o in self.self_only)
         return n_acc + n_halo + math.prod(self.plan.nblocks)
 
-    def spilled(self, spill: _Spill) -> _Engine:
-        """The same engine (same keys for blocks and chunks) with its parts sent to ``spill``."""
+    def renamed(self, name: str, spill: _Spill | None, names: dict[str, str]) -> _Engine:
+        """A new engine computing the same result under the new output name ``name`` (its block
+        and halo tasks renamed with it), with its parts sent to ``spill`` (``None``: in memory),
+        and reading its inputs under the key names ``names`` maps them to (old -> new).
+
+        ``self`` is left as it is: keys of the two engines never meet, so both can be computed
+        at once, on one scheduler (see :func:`spill_into`).
+        """
         engine = copy.copy(self)
+        engine.name, engine.acc_name, engine.halo_name = name, "acc-" + name, "halo-" + name
         engine.spill, engine.auto = spill, False
+        engine.names = dict(names)
         return engine
 
     # -- keys ------------------------------------------------------------------------------------
@@ -800,7 +880,7 @@ class _Engine:
         if kind == self.acc_name:
             ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(idx))
             ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(idx))
-            task, deps = self.accumulate(idx, ext_lo, ext_hi)
+            task, deps = self._accumulate(idx, ext_lo, ext_hi)
             if self.spill:  # the buffer is written whole, in parts; only their keys stay
                 task = (_halo, task, self._pieces(idx, True), self.spill, self.name, idx)
             return task, deps
@@ -845,17 +925,19 @@ class _Engine:
             return None
         canon = out[None] if self.ch is None else np.moveaxis(out, self.ch, 0)
         sink = _Sink(canon, workers)
+        # each job writes into its own array: keys of their own, never another job's
+        tag = f"{self.name}-{uuid.uuid4().hex}"
         dsk: dict = {}
         previous = None
         for bidx in itertools.product(*self.owning):
             ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(bidx))
             ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(bidx))
-            task, _ = self.accumulate(bidx, ext_lo, ext_hi)
-            key = ("into-" + self.name, *bidx)
+            task, _ = self._accumulate(bidx, ext_lo, ext_hi)
+            key = ("into-" + tag, *bidx)
             dsk[key] = (_then, previous, task + (sink,))  # blocks in C order, one at a time
             previous = key
         cov = self.plan.coverage if self.cov_needed else None
-        key = ("into-done-" + self.name,)
+        key = ("into-done-" + tag,)
         dsk[key] = (_finish_into, canon, cov, fill_value, list(dsk))
         return dsk, key, sink
 
@@ -890,6 +972,8 @@ def _block(grid: PatchGrid, n_batch: int, block_shape: Any, itemsize: int, chann
 def _window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Window:
     """Parse ``blend`` against the spatial patch shape; a user window gets size-1 batch axes."""
     window = parse_blend(blend, grid.size[n_batch:], sigma_scale)
+    if n_batch and isinstance(window.sigma_scale, tuple):  # batch axes: patches of size 1
+        window = Window(window.blend, (1.0,) * n_batch + window.sigma_scale, window.array)
     if n_batch and not window.separable:
         window = Window("user", window.sigma_scale, window.array.reshape(grid.size),
                         window.source)
@@ -910,14 +994,43 @@ def _max_cover(grid: PatchGrid) -> int:
 
 def _check_coverage(grid: PatchGrid, fill_value: Any) -> None:
     if grid.uncovered and fill_value is None:
+        sparse = [a for a in range(grid.ndim) if grid.stride[a] > grid.size[a]]
+        fixes = []
+        if grid.border == "drop":
+            fixes.append("border='shift' or 'pad'")
+        if sparse:
+            fixes.append(f"a stride <= size (the stride is larger on axis {sparse[0]})")
         raise ValueError(
             f"the patch grid leaves {grid.uncovered} of {math.prod(grid.shape)} voxels uncovered "
             f"(size={grid.size}, stride={grid.stride}, border={grid.border!r}); pass "
-            "fill_value=... to fill them explicitly, or use border='shift' or 'pad' with "
-            "stride <= size"
+            f"fill_value=... to fill them explicitly, or use {' with '.join(fixes)}"
         )
     if fill_value is not None and not isinstance(fill_value, (int, float, np.number)):
         raise TypeError(f"fill_value must be a number or None; got {_describe(fill_value)}")
+
+
+def _check_spill_dir(spill: str | os.PathLike) -> None:
+    """Refuse a ``spill`` directory that cannot be written, while the graph is built (the tasks
+    would fail much later). Creates nothing: a file is created and removed in the directory, or
+    in its nearest existing parent."""
+    path = os.path.abspath(os.fspath(spill))
+    probe = path
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(
+            f"spill must be a directory this process can create or write; got {path!r}, but "
+            f"{probe!r} is {'a file' if os.path.exists(probe) else 'not a directory'}"
+        )
+    try:
+        fd, name = tempfile.mkstemp(prefix=".daskpatch-probe-", dir=probe)
+        os.close(fd)
+        os.remove(name)
+    except OSError as err:
+        raise ValueError(
+            f"spill must be a directory this process can create or write; got {path!r}, but "
+            f"{probe!r} cannot be written ({err.strerror or err})"
+        ) from err
 
 
 def _parse_spill(spill: Any) -> _Spill | bool | None:
@@ -930,6 +1043,7 @@ def _parse_spill(spill: Any) -> _Spill | bool | None:
         atexit.register(shutil.rmtree, path, ignore_errors=True)
         return _Spill(zarr.storage.LocalStore(path))
     if isinstance(spill, (str, os.PathLike)):
+        _check_spill_dir(spill)
         return _Spill(zarr.storage.LocalStore(os.fspath(spill)))
     if isinstance(spill, Store):
         return _Spill(spill)
@@ -939,34 +1053,104 @@ def _parse_spill(spill: Any) -> _Spill | bool | None:
     )
 
 
+def spill_bytes() -> float:
+    """The halo size above which :func:`daskpatch.to_zarr` spills an engine's halos: the
+    ``daskpatch.spill-bytes`` setting of :mod:`dask.config` (bytes, or a string such as
+    ``"64 MiB"``), else :data:`SPILL_BYTES`.
+
+    Examples
+    --------
+    >>> import dask
+    >>> with dask.config.set({"daskpatch.spill-bytes": "1 MiB"}):
+    ...     spill_bytes()
+    1048576
+    """
+    value = dask.config.get("daskpatch.spill-bytes", None)
+    if value is None:
+        return SPILL_BYTES
+    if isinstance(value, str):
+        try:
+            return parse_bytes(value)
+        except ValueError as err:
+            raise ValueError(
+                f"dask.config setting daskpatch.spill-bytes must be a number of bytes or a "
+                f"string such as '64 MiB'; got {_describe(value)}"
+            ) from err
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            "dask.config setting daskpatch.spill-bytes must be a number of bytes or a string "
+            f"such as '64 MiB'; got {_describe(value)}"
+        )
+    if not value >= 0:
+        raise ValueError(f"dask.config setting daskpatch.spill-bytes must be >= 0; got {value}")
+    return value
+
+
 def spill_into(x: da.Array, store: Any, prefix: str, *, threshold: float | None = None
                ) -> tuple[da.Array, list[tuple[_Spill, str]]]:
-    """Send the halos of the overlap-add engines in ``x``'s graph to ``store`` under ``prefix``.
+    """``x`` computed with the halos of its overlap-add engines sent to ``store`` under
+    ``prefix``, as a new array (a new graph with keys of its own); ``x`` is left as it is.
 
     Engines built with ``spill=None`` whose halos exceed ``threshold`` bytes (default
-    :data:`SPILL_BYTES`) are rebuilt with the same keys to spill into the store; engines built with
-    an explicit ``spill`` keep it. Returns the new array and the ``(spill, engine name)`` pairs to
-    :meth:`_Spill.clear` once the result is written. Used by :func:`daskpatch.to_zarr`, which
-    spills into the output store (visible to every worker that writes the output).
+    :func:`spill_bytes`) spill there; engines built with an explicit ``spill`` keep it. A
+    spilled engine's tasks return other things (part names, not buffers) than the in-memory
+    engine's, so it gets new names -- its output chunks' too -- and so does every layer above it
+    (a downstream operation, a rechunk), rebuilt over the new names: the two graphs share no
+    key whose task differs, and ``x`` computed on the same cluster at the same time (a kept
+    future) is unaffected. The new names derive from the spill target (the same call gives the
+    same names, so ``resume=True`` finds the parts of an interrupted run).
+
+    Returns the array and the ``(spill, engine name)`` pairs to :meth:`_Spill.clear` once the
+    result is written. Used by :func:`daskpatch.to_zarr`, which spills into the output store
+    (visible to every worker that writes the output).
     """
-    threshold = SPILL_BYTES if threshold is None else threshold
-    layers = dict(x.dask.layers)
-    used: list[tuple[_Spill, str]] = []
-    changed = False
-    for name, layer in layers.items():
-        engine = getattr(layer, "engine", None)
-        if not isinstance(engine, _Engine):
-            continue
-        if engine.auto and engine.halo_bytes > threshold:
-            engine = engine.spilled(_Spill(store, prefix))
-            layers[name] = engine.layer()
-            changed = True
-        if engine.spill is not None:
-            used.append((engine.spill, engine.name))
-    if changed:
-        graph = HighLevelGraph(layers, dict(x.dask.dependencies))
-        x = da.Array(graph, x.name, x.chunks, meta=x._meta)
-    return x, used
+    threshold = spill_bytes() if threshold is None else threshold
+    graph = x.dask
+    engines = {n: layer.engine for n, layer in graph.layers.items()
+               if isinstance(getattr(layer, "engine", None), _Engine)}
+    spilling = {n for n, e in engines.items() if e.auto and e.halo_bytes > threshold}
+    if not spilling:
+        return x, [(e.spill, e.name) for e in engines.values() if e.spill is not None]
+    target = _Spill(store, prefix)
+    seed = tokenize("spilled", target, sorted(spilling))
+    # the spilled engines and every layer that depends on them, directly or not
+    dependents: dict[str, set[str]] = {}
+    for n, deps in graph.dependencies.items():
+        for d in deps:
+            dependents.setdefault(d, set()).add(n)
+    above, todo = set(), list(spilling)
+    while todo:
+        n = todo.pop()
+        if n not in above:
+            above.add(n)
+            todo.extend(dependents.get(n, ()))
+    names: dict[str, str] = {}  # old key name -> new, for every key of those layers
+    for n in above:
+        if n in engines:
+            e = engines[n]
+            tag = "-spilled" if n in spilling else ""
+            new = f"{key_split(e.name)}{tag}-{tokenize(e.name, seed)}"
+            names.update({e.name: new, e.acc_name: "acc-" + new, e.halo_name: "halo-" + new})
+        else:
+            names.update({k: clone_key(k, seed) for k in key_names(graph.layers[n])})
+    rename = {n: names.get(n) or clone_key(n, seed) for n in above}  # layer names
+    layers, used = {}, []
+    for n, layer in graph.layers.items():
+        if n in engines:
+            e = engines[n]
+            if n in above:
+                e = e.renamed(names[e.name], target if n in spilling else e.spill, names)
+                layer = e.layer()
+                layer.annotations = graph.layers[n].annotations
+            if e.spill is not None:
+                used.append((e.spill, e.name))
+        elif n in above:
+            layer = renamed_layer(layer, names)
+        layers[rename.get(n, n)] = layer
+    deps = {rename.get(n, n): {rename.get(d, d) for d in ds}
+            for n, ds in graph.dependencies.items()}
+    new_graph = HighLevelGraph(layers, deps)
+    return da.Array(new_graph, names.get(x.name, x.name), x.chunks, meta=x._meta), used
 
 
 def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
@@ -990,6 +1174,7 @@ def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
     return Delayed(key, HighLevelGraph(layers, deps), layer=name), sink.close
 
 
+@accepts_dataarray
 def reconstruct(
     patches: Any,
     shape: tuple[int, ...],
@@ -1001,7 +1186,7 @@ def reconstruct(
     channel_axis: int | None = None,
     fill_value: float | None = None,
     block_shape: int | tuple[int, ...] | None = None,
-    sigma_scale: float = 0.125,
+    sigma_scale: float | tuple[float, ...] = 0.125,
     spill: bool | str | os.PathLike | None = None,
 ) -> da.Array:
     """Blend patches back into a volume, lazily (overlap-add with exact normalisation).
@@ -1031,8 +1216,9 @@ def reconstruct(
     block_shape : int or tuple of int, optional
         Work-block (and output chunk) shape, a multiple of the stride; ``None`` picks one near
         64 MiB.
-    sigma_scale : float
-        Gaussian sigma as a fraction of the patch size.
+    sigma_scale : float or tuple of float
+        Gaussian sigma as a fraction of the patch size, or one per spatial axis (e.g.
+        ``(0.125, 0.125, 0.25)`` for anisotropic voxels, where a patch is short on one axis).
     spill : None, bool, path or zarr store, optional
         Where the halo parts that a block hands to its neighbours' chunks wait between tasks.
         Held in memory, they cost about one plane of halos (roughly ``3 * (size - stride)``
@@ -1041,8 +1227,9 @@ def reconstruct(
         only their names, so memory depends on the block size and the number of threads, not on
         the volume (at the cost of writing and reading about twice the output's bytes).
         ``None`` (default): in memory, except that :func:`daskpatch.to_zarr` spills into the
-        output store, and deletes the parts after writing, when the halos exceed
-        :data:`SPILL_BYTES` (128 MiB). ``False``: always in memory. A directory, or any Zarr
+        output store, and deletes the parts after writing, when the halos exceed the
+        ``daskpatch.spill-bytes`` setting of :mod:`dask.config` (default 128 MiB; it writes a
+        graph of its own, leaving this array as it is). ``False``: always in memory. A directory, or any Zarr
         store: there (``True``: a temporary directory removed at exit); ``to_zarr`` deletes the
         parts after writing, a plain ``compute`` leaves them. On a multi-machine cluster the
         location must be visible to every worker.
@@ -1066,7 +1253,7 @@ def reconstruct(
     True
     """
     shape = parse_shape(shape, "shape")
-    layout = parse_layout(len(shape), size, channel_axis, name="shape")
+    layout = parse_layout(len(shape), size, channel_axis, name="shape", shape=shape)
     border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
     ch = layout.channel_axis
     grid_shape = shape if ch is None else shape[:ch] + shape[ch + 1:]
@@ -1129,6 +1316,7 @@ def reconstruct(
     return engine.array([patches], None)
 
 
+@accepts_dataarray
 def apply_patches(
     volume: Any,
     fn: Callable[[np.ndarray], np.ndarray],
@@ -1137,6 +1325,7 @@ def apply_patches(
     *,
     border: BorderMode = "shift",
     pad_mode: PadMode = "reflect",
+    pad_value: float = 0,
     blend: Blend = "gaussian",
     batch_size: int = 1,
     channel_axis: int | None = None,
@@ -1144,7 +1333,7 @@ def apply_patches(
     dtype: Any = None,
     block_shape: int | tuple[int, ...] | None = None,
     fill_value: float | None = None,
-    sigma_scale: float = 0.125,
+    sigma_scale: float | tuple[float, ...] = 0.125,
     spill: bool | str | os.PathLike | None = None,
 ) -> da.Array:
     """Run ``fn`` on every patch of a volume, in batches, and blend the results, lazily.
@@ -1157,11 +1346,19 @@ def apply_patches(
     volume : array-like
         NumPy, Dask or Zarr array. A Zarr array (or a Dask array straight over one, as from
         :func:`open_volume`) is read region by region inside the tasks.
-    fn : callable
+    fn : callable or torch.nn.Module
         ``fn(batch) -> batch``: takes a NumPy batch ``(B, *size)`` (``(B, C, *size)`` or
         ``(B, *size, C)`` with a channel axis, as in the volume) and returns the same spatial patch
-        shape, with ``out_channels`` channels, in any numeric dtype.
-    size, stride, border, pad_mode, channel_axis
+        shape, with ``out_channels`` channels, in any numeric dtype. It may return a
+        ``torch.Tensor``: it is detached, copied to the CPU and converted to NumPy (float16 and
+        bfloat16 as float32). A ``torch.nn.Module`` is used as it is, wrapped in
+        :class:`~daskpatch.TorchModel` (``module.eval()``; each batch as a tensor on the
+        module's device and dtype, under ``torch.inference_mode()`` in whichever thread or worker
+        runs it); use ``TorchModel`` itself for another device, dtype or mixed precision. Torch
+        layers take channel-first batches: give a single-channel volume one with
+        ``volume[None]`` and ``channel_axis=0``. ``fn`` is called from several threads at once
+        on the threaded scheduler, and pickled to each worker process of a cluster.
+    size, stride, border, pad_mode, pad_value, channel_axis
         As in :func:`extract_patches`.
     blend, fill_value, block_shape, sigma_scale, spill
         As in :func:`reconstruct`.
@@ -1195,10 +1392,11 @@ def apply_patches(
     batch_size = parse_int(batch_size, "batch_size", minimum=1)
     if not hasattr(volume, "ndim"):
         volume = Volume.from_user(volume, None).array
-    layout = parse_layout(volume.ndim, size, channel_axis)
+    layout = parse_layout(volume.ndim, size, channel_axis, shape=volume.shape)
     border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
     pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)  # type: ignore[assignment]
     vol = Volume.from_user(volume, layout.channel_axis)
+    pad_value = parse_pad_value(pad_value, pad_mode, vol.dtype)
     nb = layout.n_batch
     grid = full_grid(vol.shape, nb, size, stride, border)
     window = _window(blend, grid, nb, sigma_scale)
@@ -1212,6 +1410,7 @@ def apply_patches(
                 f"out_channels={cout} needs a channel axis: the volume has channel_axis=None "
                 "(add one, e.g. volume[None] with channel_axis=0)"
             )
+    fn = wrap_fn(fn, layout, tuple(volume.shape), grid.size[nb:], vol.channels, cout)
     if dtype is None:
         out_dtype = vol.dtype if vol.dtype.kind in "fc" else np.dtype(np.float32)
     else:
@@ -1236,8 +1435,8 @@ def apply_patches(
     numbers = Numbers(acc_dtype, out_dtype, copy, grid.shape, block, cout, layout.channel_axis)
     spill = _parse_spill(spill)  # last: a temporary directory only for a valid call
     name = "apply-patches-" + tokenize(vol.name, fn, grid, block, window.blend, window.sigma_scale,
-                                       window.array, pad_mode, batch_size, cout, out_dtype,
-                                       fill_value, layout, spill)
+                                       window.array, pad_mode, pad_value, batch_size, cout,
+                                       out_dtype, fill_value, layout, spill)
     user = window.array
     q = plan.q if window.separable else None
 
@@ -1246,10 +1445,10 @@ def apply_patches(
         starts = [plan.starts[a][i0:i1] for a, (i0, i1) in enumerate(owned)]
         lo = tuple(int(s[0]) for s in starts)
         hi = tuple(int(s[-1]) + z for s, z in zip(starts, grid.size))
-        read, deps = vol.read_task(lo, hi, pad_mode)
+        read, deps = vol.read_task(lo, hi, pad_mode, pad_value)
         task = (_apply_block, read, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
                 [range(*o) for o in owned], plan.starts, q, plan.q_ids, user, fn, batch_size,
-                layout, nb, cout, numbers, grid.size)
+                layout, nb, cout, numbers, grid.size, bidx)
         return task, deps
 
     engine = _Engine(plan, name, accumulate, cout, acc_dtype, out_dtype, fill_value, layout,

@@ -17,9 +17,12 @@ it. No full-volume probability map or CDF is ever built (TorchIO's ``LabelSample
 float64 CDF over every voxel, TorchIO issue #397).
 
 Every sample ``i`` of epoch ``e`` draws from its own generator ``np.random.default_rng([seed, e,
-i])``, so the patches do not depend on ``num_workers`` or on which worker reads them. Datasets keep
-paths and small tables, not open handles: a store given by path is opened on first use in each
-process (and reopened after a fork), so datasets pickle cheaply to spawned workers.
+i])``, so the patches do not depend on ``num_workers`` or on which worker reads them. A
+``transform=`` runs on each item after reading, with a generator of its own (``[seed, e, i, 1]``)
+when it takes an ``rng`` parameter: augmentations are reproducible the same way. ``set_epoch``
+writes the epoch to shared memory, which DataLoader workers (persistent ones too) read.
+Datasets keep paths and small tables, not open handles: a store given by path is opened on first
+use in each process (and reopened after a fork), so datasets pickle cheaply to spawned workers.
 
 Both datasets return a dict of NumPy arrays per sample:
 
@@ -41,10 +44,13 @@ Both datasets return a dict of NumPy arrays per sample:
 
 from __future__ import annotations
 
+import inspect
 import math
+import multiprocessing
+import multiprocessing.context
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -61,6 +67,7 @@ from ._validate import (
     _describe,
     parse_choice,
     parse_int,
+    parse_pad_value,
     parse_per_axis,
     split_axes,
 )
@@ -87,6 +94,10 @@ _MAX_CACHED_COUNTS = 2**17
 
 #: Voxels per index cell for sources without storage chunks (NumPy arrays): 64^3 in 3-D.
 _DEFAULT_CELL_VOXELS = 2**18
+
+#: Last entry of the seed of a transform's generator, ``[seed, epoch, index, 1]``: a stream
+#: apart from the sample draws of :class:`RandomPatchDataset` (``[seed, epoch, index]``).
+_TRANSFORM_STREAM = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,7 +199,7 @@ class _Layout:
 
     @classmethod
     def of(cls, shape: tuple[int, ...], size: Any, channel_axis: Any, name: str) -> _Layout:
-        ch, n_batch, k = split_axes(len(shape), size, channel_axis, name=name)
+        ch, n_batch, k = split_axes(len(shape), size, channel_axis, name=name, shape=shape)
         rest = [n for a, n in enumerate(shape) if a != ch]
         return cls(len(shape), ch, n_batch, tuple(rest[:n_batch]), tuple(rest[n_batch:]),
                    1 if ch is None else shape[ch])
@@ -320,7 +331,7 @@ class _VolumeSet:
         return self.image_layouts[self.volumes[v][0]].spatial_shape
 
     def read(self, source: _Source, layout: _Layout, batch: tuple[int, ...],
-             start: Sequence[int], pad_mode: str = "constant") -> np.ndarray:
+             start: Sequence[int], pad_mode: str = "constant", pad_value: Any = 0) -> np.ndarray:
         """Patch ``[start, start + size)`` of one volume as a contiguous ``(C, *size)`` array."""
         shape = layout.spatial_shape
         if all(s + z <= n for s, z, n in zip(start, self.size, shape)):
@@ -339,13 +350,14 @@ class _VolumeSet:
             if fill.any():
                 sel: list[Any] = [slice(None)] * a.ndim
                 sel[ax + 1] = fill
-                a[tuple(sel)] = 0
+                a[tuple(sel)] = pad_value
         return np.ascontiguousarray(a)
 
-    def sample(self, v: int, start: Sequence[int], pad_mode: str = "constant") -> dict[str, Any]:
+    def sample(self, v: int, start: Sequence[int], pad_mode: str = "constant",
+               pad_value: Any = 0) -> dict[str, Any]:
         item, batch = self.volumes[v]
         out = {"image": self.read(self.images[item], self.image_layouts[item], batch, start,
-                                  pad_mode)}
+                                  pad_mode, pad_value)}
         if self.labels is not None and self.label_layouts is not None:
             out["label"] = self.read(self.labels[item], self.label_layouts[item], batch, start,
                                      pad_mode)
@@ -364,10 +376,97 @@ def _check_item(index: Any, n: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Grid patches
 # ----------------------------------------------------------------------------------------------
+class _SharedEpoch:
+    """An epoch number that the copies of a dataset in DataLoader workers see change.
+
+    The number lives in shared memory (a ``multiprocessing.RawValue``), which forked workers
+    inherit and spawned workers receive while they start, so ``set_epoch`` in the main process
+    reaches workers that outlive an epoch (``persistent_workers=True``). Pickled any other way
+    (``copy.deepcopy``, ``pickle.dumps``) the copy gets its own number, starting from the
+    current one.
+    """
+
+    def __init__(self, value: int = 0) -> None:
+        self._value = multiprocessing.RawValue("q", value)
+
+    def get(self) -> int:
+        return int(self._value.value)
+
+    def set(self, value: int) -> None:
+        self._value.value = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        if multiprocessing.context.get_spawning_popen() is not None:  # starting a process
+            return {"shared": self._value}
+        return {"value": self.get()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "shared" in state:
+            self._value = state["shared"]
+        else:
+            self._value = multiprocessing.RawValue("q", state["value"])
+
+
+def _takes_rng(transform: Callable) -> bool:
+    """Whether ``transform`` has a parameter named ``rng`` (it is then called with one)."""
+    try:
+        params = inspect.signature(transform).parameters
+    except (TypeError, ValueError):  # some builtins and C callables have no signature
+        return False
+    p = params.get("rng")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
 class _Dataset:
-    """What both datasets share: a set of volumes."""
+    """What both datasets share: a set of volumes, a seed and an epoch, the item's finish."""
 
     _set: _VolumeSet
+
+    def _setup(self, seed: Any, transform: Any, label_dtype: Any) -> None:
+        self.seed = parse_int(seed, "seed", minimum=0)
+        self._epoch = _SharedEpoch()
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be a callable taking the item dict, or None; "
+                            f"got {_describe(transform)}")
+        #: called on each item dict after reading (see the class docstring)
+        self.transform = transform
+        self._transform_rng = transform is not None and _takes_rng(transform)
+        if label_dtype is None:
+            self.label_dtype = None
+        else:
+            if self._set.labels is None:
+                raise ValueError("label_dtype needs labels: there are no labels to convert")
+            try:
+                self.label_dtype = np.dtype(label_dtype)
+            except TypeError as err:
+                raise TypeError(f"label_dtype must be a NumPy dtype; got "
+                                f"{_describe(label_dtype)}") from err
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch (see :meth:`set_epoch`)."""
+        return self._epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` (an int >= 0) from now on, in this process and in the DataLoader
+        workers that hold copies of the dataset (persistent ones too)."""
+        self._epoch.set(parse_int(epoch, "epoch", minimum=0))
+
+    def _finish(self, item: dict[str, Any], index: int, epoch: int) -> dict[str, Any]:
+        """Convert the label dtype, then apply the transform."""
+        if self.label_dtype is not None and "label" in item:
+            item["label"] = item["label"].astype(self.label_dtype, copy=False)
+        if self.transform is None:
+            return item
+        if self._transform_rng:
+            rng = np.random.default_rng([self.seed, epoch, index, _TRANSFORM_STREAM])
+            out = self.transform(item, rng=rng)
+        else:
+            out = self.transform(item)
+        if not isinstance(out, dict):
+            raise TypeError(f"transform must return the item dict; got {_describe(out)} from "
+                            f"{self.transform!r}")
+        return out
 
     @property
     def size(self) -> tuple[int, ...]:
@@ -404,10 +503,31 @@ class PatchDataset(_Dataset):
         Channel axis of the images (and of labels that have the images' number of axes).
     pad_mode : {"reflect", "symmetric", "edge", "wrap", "constant"}
         How patches that run past the end are filled when ``border="pad"`` (``numpy.pad`` modes;
-        ``"constant"`` fills zeros). Images and labels are padded the same way.
+        ``"constant"`` fills ``pad_value``). Images and labels are padded the same way, except
+        that ``"constant"`` fills labels with 0.
+    pad_value : number
+        The fill of ``pad_mode="constant"`` in images (MONAI's ``cval``; e.g. -1024 for CT in
+        Hounsfield units); it must fit the images' dtype.
+    seed : int
+        Seed (>= 0) of the ``transform``'s generator.
+    transform : callable, optional
+        Called on each item dict after reading (and after ``label_dtype``); returns the item dict
+        (the same or a new one). A transform with a parameter named ``rng`` is called
+        ``transform(item, rng=generator)`` with a ``numpy.random.Generator`` seeded from
+        ``[seed, epoch, index, 1]``, so its augmentations are the same for a given seed, epoch
+        and sample whatever the number of loader workers; any other transform is called
+        ``transform(item)`` and its own randomness (torch's, MONAI's ``set_random_state``) is its
+        own business. It must pickle to reach spawned workers (a module-level function or
+        object, not a lambda).
+    label_dtype : dtype, optional
+        Convert labels to this dtype when read (e.g. ``np.int64`` for
+        ``torch.nn.CrossEntropyLoss``); a plain cast, so float labels are truncated.
 
     Notes
     -----
+    Call :meth:`set_epoch` before each epoch when the transform draws random augmentations; it
+    reaches DataLoader workers, persistent ones too.
+
     ``len(dataset)`` is the total number of grid patches; patches are numbered volume by volume,
     in C order over the grid of each volume (``dataset.grids[v]``). ``dataset[i]`` is a dict of
     NumPy arrays (see :mod:`daskpatch.data`): ``"image"`` ``(C, *size)``, ``"label"`` when given,
@@ -444,10 +564,18 @@ class PatchDataset(_Dataset):
         border: BorderMode = "shift",
         channel_axis: int | None = None,
         pad_mode: PadMode = "reflect",
+        pad_value: float = 0,
+        seed: int = 0,
+        transform: Callable[..., dict[str, Any]] | None = None,
+        label_dtype: Any = None,
     ) -> None:
         self.border = parse_choice(border, "border", BORDERS)
         self.pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)
         self._set = _VolumeSet(images, size, labels, channel_axis)
+        for src in self._set.images:
+            pad_value = parse_pad_value(pad_value, self.pad_mode, src.dtype)
+        self.pad_value = pad_value
+        self._setup(seed, transform, label_dtype)
         by_shape: dict[tuple[int, ...], PatchGrid] = {}
         grids = []
         for v in range(len(self._set.volumes)):
@@ -471,7 +599,9 @@ class PatchDataset(_Dataset):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         v, j = self.locate(index)
-        return self._set.sample(v, self.grids[v].start(j), self.pad_mode)
+        epoch = self.epoch
+        item = self._set.sample(v, self.grids[v].start(j), self.pad_mode, self.pad_value)
+        return self._finish(item, int(self._offsets[v]) + j, epoch)
 
     def __repr__(self) -> str:
         return (f"PatchDataset({len(self)} patches of {self.size} from "
@@ -729,6 +859,18 @@ class RandomPatchDataset(_Dataset):
         they match its shape, dtype and chunks, else counts and stores them if the store is
         writable; ``"refresh"`` recounts and rewrites (use it after rewriting a label array in
         place: the cache cannot see that); ``"off"`` never touches the attributes.
+    transform : callable, optional
+        Called on each item dict after reading (and after ``label_dtype``); returns the item dict
+        (the same or a new one). A transform with a parameter named ``rng`` is called
+        ``transform(item, rng=generator)`` with a ``numpy.random.Generator`` seeded from
+        ``[seed, epoch, index, 1]``, so its augmentations are the same for a given seed, epoch
+        and sample whatever the number of loader workers; any other transform is called
+        ``transform(item)`` and its own randomness (torch's, MONAI's ``set_random_state``) is its
+        own business. It must pickle to reach spawned workers (a module-level function or
+        object, not a lambda).
+    label_dtype : dtype, optional
+        Convert labels to this dtype when read (e.g. ``np.int64`` for
+        ``torch.nn.CrossEntropyLoss``); a plain cast, so float labels are truncated.
 
     Notes
     -----
@@ -736,9 +878,9 @@ class RandomPatchDataset(_Dataset):
     patch itself: keep those chunks small (Zarr's advice is 1-16 MB; a Dask array that is not a
     plain ``from_zarr`` is computed chunk by chunk, so its chunks should be small too).
 
-    Call :meth:`set_epoch` before each epoch to draw new patches. A DataLoader with
-    ``persistent_workers=True`` keeps the workers' copies of the dataset, which then do not see
-    the new epoch: keep ``persistent_workers=False`` (the default) or recreate the loader.
+    Call :meth:`set_epoch` before each epoch to draw new patches. The epoch lives in shared
+    memory, so it reaches the DataLoader's workers, persistent ones
+    (``persistent_workers=True``) too.
 
     Examples
     --------
@@ -772,9 +914,10 @@ class RandomPatchDataset(_Dataset):
         seed: int = 0,
         channel_axis: int | None = None,
         cache_index: CacheMode = "auto",
+        transform: Callable[..., dict[str, Any]] | None = None,
+        label_dtype: Any = None,
     ) -> None:
         self.samples_per_epoch = parse_int(samples_per_epoch, "samples_per_epoch", minimum=1)
-        self.seed = parse_int(seed, "seed", minimum=0)
         cache = parse_choice(cache_index, "cache_index", CACHE_MODES)
         self.pos_fraction = None if pos_fraction is None else _parse_fraction(pos_fraction,
                                                                              "pos_fraction")
@@ -793,7 +936,7 @@ class RandomPatchDataset(_Dataset):
                     f"size {self._set.size} does not fit in {self._set.images[item].describe()} "
                     f"of spatial shape {shape}: random patches must lie inside the volume"
                 )
-        self._epoch = 0
+        self._setup(seed, transform, label_dtype)
         self._index: _ChunkIndex | None = None
         if self.pos_fraction is not None:
             self.mode = "label"
@@ -821,15 +964,6 @@ class RandomPatchDataset(_Dataset):
 
     # -- public --------------------------------------------------------------------------------
     @property
-    def epoch(self) -> int:
-        """The epoch the samples are drawn for (see :meth:`set_epoch`)."""
-        return self._epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the samples of ``epoch`` (an int >= 0) from now on."""
-        self._epoch = parse_int(epoch, "epoch", minimum=0)
-
-    @property
     def index_nbytes(self) -> int:
         """Bytes held by the sampling index: O(number of chunks); 0 for uniform sampling."""
         extra = self._voxel_cdf.nbytes
@@ -845,18 +979,19 @@ class RandomPatchDataset(_Dataset):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         i = _check_item(index, len(self))
-        rng = np.random.default_rng([self.seed, self._epoch, i])
+        epoch = self.epoch
+        rng = np.random.default_rng([self.seed, epoch, i])
         v, center = self._draw(rng)
         shape = self._set.spatial_shape(v)
         start = [min(max(c - z // 2, 0), n - z) for c, z, n in zip(center, self.size, shape)]
         out = self._set.sample(v, start)
         out["center"] = np.asarray(center, dtype=np.int64)
-        return out
+        return self._finish(out, i, epoch)
 
     def __repr__(self) -> str:
         return (f"RandomPatchDataset({self.samples_per_epoch} patches of {self.size} per epoch "
                 f"from {len(self.volumes)} volume(s), mode={self.mode!r}, seed={self.seed}, "
-                f"epoch={self._epoch})")
+                f"epoch={self.epoch})")
 
     # -- drawing -------------------------------------------------------------------------------
     def _draw(self, rng: np.random.Generator) -> tuple[int, list[int]]:

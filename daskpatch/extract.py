@@ -20,9 +20,11 @@ from ._validate import (
     BorderMode,
     PadMode,
     parse_choice,
+    parse_pad_value,
     parse_per_axis,
     split_axes,
 )
+from ._xarray import accepts_dataarray
 from .grid import PatchGrid
 
 __all__ = ["extract_patches"]
@@ -55,8 +57,9 @@ class Layout:
         return a if self.channels_first else np.moveaxis(a, -1, 1)
 
 
-def parse_layout(ndim: int, size: Any, channel_axis: Any, name: str = "volume") -> Layout:
-    ch, n_batch, _ = split_axes(ndim, size, channel_axis, name=name)
+def parse_layout(ndim: int, size: Any, channel_axis: Any, name: str = "volume",
+                 shape: Any = None) -> Layout:
+    ch, n_batch, _ = split_axes(ndim, size, channel_axis, name=name, shape=shape)
     return Layout(ndim, ch, n_batch, ch is not None and ch != ndim - 1)
 
 
@@ -85,6 +88,7 @@ def _groups(grid_shape: tuple[int, ...], per_group: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+@accepts_dataarray
 def extract_patches(
     volume: Any,
     size: int | tuple[int, ...],
@@ -93,6 +97,7 @@ def extract_patches(
     border: BorderMode = "shift",
     pad_mode: PadMode = "reflect",
     channel_axis: int | None = None,
+    pad_value: float = 0,
 ) -> da.Array:
     """Cut a volume into patches, lazily.
 
@@ -111,10 +116,13 @@ def extract_patches(
         See :class:`PatchGrid`. ``"pad"`` reads past the end with ``pad_mode``.
     pad_mode : {"reflect", "symmetric", "edge", "wrap", "constant"}
         How ``border="pad"`` fills the part of a patch past the volume (``np.pad`` modes;
-        ``"constant"`` fills zeros).
+        ``"constant"`` fills ``pad_value``).
     channel_axis : int, optional
         The volume's channel axis, kept whole in every patch: patches are ``(N, C, *size)`` when it
         comes before the spatial axes, ``(N, *size, C)`` when it is the last axis.
+    pad_value : number
+        The fill of ``pad_mode="constant"`` (MONAI's ``cval``; e.g. -1024 for CT in Hounsfield
+        units); it must fit the volume's dtype.
 
     Returns
     -------
@@ -137,10 +145,11 @@ def extract_patches(
     """
     if not hasattr(volume, "ndim"):
         volume = Volume.from_user(volume, None).array  # raises a TypeError for non-arrays
-    layout = parse_layout(volume.ndim, size, channel_axis)
+    layout = parse_layout(volume.ndim, size, channel_axis, shape=volume.shape)
     border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
     pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)  # type: ignore[assignment]
     vol = Volume.from_user(volume, layout.channel_axis)
+    pad_value = parse_pad_value(pad_value, pad_mode, vol.dtype)
     grid = full_grid(vol.shape, layout.n_batch, size, stride, border)
     nb = layout.n_batch
     patch = grid.size[nb:]
@@ -151,7 +160,7 @@ def extract_patches(
     starts = [grid.axis_starts(a) for a in range(grid.ndim)]
 
     shape = layout.patch_shape(patch, vol.channels)
-    name = "extract-patches-" + tokenize(vol.name, grid, pad_mode, layout)
+    name = "extract-patches-" + tokenize(vol.name, grid, pad_mode, pad_value, layout)
     ranges = [[(i, min(i + g, n)) for i in range(0, n, g)]
               for n, g in zip(grid.grid_shape, group)]
     counts = [len(r) for r in ranges]
@@ -167,7 +176,7 @@ def extract_patches(
         offsets = [starts[a][slice(*ranges[a][g])] for a, g in enumerate(gidx)]
         lo = tuple(int(o[0]) for o in offsets)
         hi = tuple(int(o[-1]) + z for o, z in zip(offsets, grid.size))
-        read, deps = vol.read_task(lo, hi, pad_mode)
+        read, deps = vol.read_task(lo, hi, pad_mode, pad_value)
         rel = [o - l for o, l in zip(offsets, lo)]
         return (_cut, read, rel, grid.size, nb, layout), deps
 

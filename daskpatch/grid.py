@@ -196,6 +196,26 @@ class PatchGrid:
         for i in range(len(self)):
             yield self[i]
 
+    # -- pictures --------------------------------------------------------------------------------
+    def to_svg(self, block_shape: Any = None) -> str:
+        """An SVG picture of the grid, as dask draws an array: the volume, the patch starts on
+        each axis with their overlaps shaded, shifted border patches in red, and the work blocks
+        of ``block_shape`` (a multiple of the stride) when given. Notebooks show it as the grid's
+        ``_repr_html_``.
+
+        Examples
+        --------
+        >>> svg = PatchGrid((64, 64, 48), 32, 16).to_svg(block_shape=32)
+        >>> svg.startswith("<svg"), svg.count('class="start')
+        (True, 8)
+        """
+        from ._svg import grid_svg
+
+        return grid_svg(self, block_shape)
+
+    def _repr_html_(self) -> str:
+        return self.to_svg()
+
     # -- work blocks ---------------------------------------------------------------------------
     def normalize_block_shape(self, block_shape: Any) -> tuple[int, ...]:
         """Check that ``block_shape`` is a positive multiple of the stride on every axis."""

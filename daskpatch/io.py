@@ -52,7 +52,8 @@ from zarr.core.sync import collect_aiterator
 from zarr.core.sync import sync as _zarr_sync
 
 from ._validate import _describe, parse_int, parse_per_axis, parse_shape, split_axes
-from .blend import engine_into, spill_into
+from ._xarray import is_dataarray as _is_dataarray
+from .blend import engine_into, spill_bytes, spill_into
 
 __all__ = [
     "DEFAULT_TARGET_BYTES",
@@ -176,10 +177,13 @@ def _open_array(store: Any, path: Any, name: str = "store") -> zarr.Array:
 # --------------------------------------------------------------------------------------------
 
 
-def open_volume(store: StoreLike | zarr.Array, path: str | None = None) -> da.Array:
-    """Open a Zarr array as a lazy Dask array whose chunks are the Zarr chunks.
+def open_volume(store: StoreLike | zarr.Array, path: str | None = None, *, level: int = 0,
+                xarray: bool = False) -> Any:
+    """Open a Zarr array or an OME-Zarr image as a lazy Dask array whose chunks are the Zarr chunks.
 
-    Only metadata is read here; chunks are read by the tasks that need them.
+    Only metadata is read here; chunks are read by the tasks that need them. An OME-Zarr image
+    group (NGFF 0.4 on Zarr v2, 0.5 on Zarr v3, or a ``bioformats2raw`` layout) opens its
+    multiscale level ``level``, at the dataset path its metadata names (``0``, ``s0``, ...).
 
     Parameters
     ----------
@@ -188,12 +192,22 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None) -> da.Ar
         :func:`zarr.open` accepts, an open group (then ``path`` picks the array inside it), or an
         open array. Zarr format 2 and 3 both read.
     path : str, optional
-        Path of the array inside the store or group; ``None`` for a root array. Must be ``None``
-        when ``store`` is a :class:`zarr.Array`.
+        Path of the array (or OME-Zarr image group) inside the store or group; ``None`` for the
+        root. Must be ``None`` when ``store`` is a :class:`zarr.Array`.
+    level : int, default 0
+        Multiscale level of an OME-Zarr image (0 is full resolution). Must be 0 for an array.
+    xarray : bool, default False
+        Return an ``xarray.DataArray`` over the same lazy Dask array (needs ``xarray``). For an
+        OME-Zarr image: dims named after the axes; coordinates ``translation + scale * index``
+        per axis (the dataset's and the multiscale's transformations combined; a channel axis
+        gets its integer index), each with its unit in ``attrs["units"]``; the OME axes (names,
+        types, units), version, level and path in ``attrs["ome"]``. For a plain array: dims
+        from Zarr v3 ``dimension_names`` (or xarray's ``_ARRAY_DIMENSIONS`` in Zarr v2),
+        ``dim_0``, ``dim_1``, ... otherwise, no coordinates, the array's attributes as attrs.
 
     Returns
     -------
-    dask.array.Array
+    dask.array.Array or xarray.DataArray
         Lazy, with ``chunks`` equal to the Zarr chunks (inner chunks for a sharded array).
 
     Raises
@@ -203,8 +217,10 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None) -> da.Ar
     FileNotFoundError
         Nothing exists at ``store``/``path``.
     ValueError
-        ``store``/``path`` names a group rather than an array (the message lists its arrays), or
-        ``path`` is given with a :class:`zarr.Array`.
+        ``store``/``path`` names a group that is no OME-Zarr image (the message lists its
+        arrays), an OME-Zarr image that daskpatch has not finished writing, a ``level`` the
+        image does not have (the message lists its levels), or ``path`` is given with a
+        :class:`zarr.Array`.
 
     Examples
     --------
@@ -224,8 +240,9 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None) -> da.Ar
     ValueError: store/path must name a Zarr array, but ... holds a group; pass path= one of ['raw']
     >>> tmp.cleanup()
     """
-    z = _open_array(store, path)
-    return da.from_zarr(z)
+    from ._ome import open_volume as _open_ome_or_array
+
+    return _open_ome_or_array(store, path, level=level, xarray=xarray)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,7 +456,14 @@ def to_zarr(
     resume: bool = False,
     progress: bool = False,
     compute: bool = True,
-) -> zarr.Array | Delayed:
+    ome: bool = False,
+    levels: int = 1,
+    axes: Any = None,
+    scale: Any = None,
+    units: Any = None,
+    downsample: str = "auto",
+    _dimension_names: Sequence[str] | None = None,
+) -> zarr.Array | zarr.Group | Delayed:
     """Write an array to a Zarr (format 3) array, one task per Zarr chunk, resumably.
 
     Every Zarr chunk is written by exactly one task, so writes need no lock; each task records its
@@ -448,9 +472,11 @@ def to_zarr(
 
     Parameters
     ----------
-    array : dask.array.Array, numpy.ndarray or zarr.Array
+    array : dask.array.Array, numpy.ndarray, zarr.Array or xarray.DataArray
         Data to write (at least 1-D, known shape). A NumPy array is split into chunks of about
-        :data:`DEFAULT_TARGET_BYTES`.
+        :data:`DEFAULT_TARGET_BYTES`. A DataArray's dims become the Zarr v3
+        ``dimension_names`` (and, with ``ome=True``, its coordinates the axes' scale,
+        translation and units).
     store : str, os.PathLike, zarr store, mapping or zarr.Group
         Where to write: a local directory, an fsspec URL, any store :func:`zarr.create_array`
         accepts, or an open group (then ``path`` is relative to it).
@@ -476,12 +502,45 @@ def to_zarr(
         ``False`` returns a :class:`dask.delayed.Delayed` to compute later (``.compute()``,
         ``dask.compute`` or ``Client.compute``); the array's metadata is created now, but no
         chunk is computed or written until then.
+    ome : bool, default False
+        Write an OME-Zarr 0.5 image instead of a bare array: a Zarr v3 group at
+        ``store``/``path`` with the array as level ``0`` and its ``multiscales`` metadata (axes
+        with names, types and units; scale and translation per level). Each level is written
+        like a bare array (done-markers, ``resume``); the metadata is written last, so an
+        interrupted image is recognisably incomplete and ``resume=True`` finishes it.
+        ``overwrite=True`` replaces an array or an image daskpatch wrote, never another group.
+    levels : int, default 1
+        With ``ome=True``, the number of pyramid levels: level ``k`` halves (rounding up) every
+        space axis of level ``k - 1`` that has at least 2 voxels, and is computed lazily, chunk
+        by chunk, from the written level above, so memory stays bounded. Every level covers the
+        same physical extent (``shape * scale``).
+    axes : str or sequence, optional
+        With ``ome=True``, the axis names (``"czyx"``, or a sequence of names, or of dicts with
+        ``name``, ``type`` -- ``"space"``, ``"channel"`` or ``"time"`` -- and ``unit``). Default:
+        a DataArray's dims, else the NGFF default names (``"zyx"`` for 3-D, ...). Types not given
+        are inferred from names (``t``/``time``: time, ``c``/``channel``: channel, else space).
+        NGFF 0.5 needs 2 to 5 axes: 2 or 3 space axes last, at most one channel axis before
+        them and at most one time axis first.
+    scale : sequence or mapping of float, optional
+        With ``ome=True``, the voxel size of level 0 per axis (or ``{name: size}``). Default:
+        the spacing of a DataArray's evenly spaced coordinates (their first value becomes the
+        translation), else 1.
+    units : sequence or mapping of str, optional
+        With ``ome=True``, the unit per axis (or ``{name: unit}``; NGFF names such as
+        ``"micrometer"``, ``"millisecond"``). Default: a DataArray's coordinate
+        ``attrs["units"]``, or its ``attrs["ome"]`` axes.
+    downsample : {"auto", "mean", "mode"}, default "auto"
+        How a level reduces each 2x box of the level above: ``"mean"`` (rounded for integers),
+        ``"mode"`` (the most frequent value, the smallest on a tie: keeps label ids), or
+        ``"auto"``: mean for floating dtypes, mode for integer and boolean ones (labels; pass
+        ``"mean"`` for integer intensity images).
 
     Returns
     -------
-    zarr.Array or dask.delayed.Delayed
-        With ``compute=True``, the written Zarr array. With ``compute=False``, a ``Delayed``
-        whose result is that array.
+    zarr.Array, zarr.Group or dask.delayed.Delayed
+        With ``compute=True``, the written Zarr array (with ``ome=True``, the image group). With
+        ``compute=False``, a ``Delayed`` whose result is that array or group (``ome=True`` then
+        needs ``levels=1``: a level is computed from the level above once it is written).
 
     Raises
     ------
@@ -499,9 +558,13 @@ def to_zarr(
     The result of :func:`~daskpatch.apply_patches` or :func:`~daskpatch.reconstruct` built with
     ``spill=None`` (the default) has its halos -- the parts of a block's buffer that belong to
     neighbouring chunks -- written under ``<array path>/.daskpatch-spill/`` of the output store
-    while it runs, when they total more than ``daskpatch.blend.SPILL_BYTES`` (128 MiB), so peak
-    memory depends on the block size and threads, not on the volume; the parts are deleted
-    once every chunk is written (and left for ``resume=True`` after an interruption).
+    while it runs, when they total more than the ``daskpatch.spill-bytes`` setting of
+    :mod:`dask.config` (default 128 MiB; e.g. ``dask.config.set({"daskpatch.spill-bytes":
+    "1 GiB"})``), so peak memory depends on the block size and threads, not on the volume; the
+    parts are deleted once every chunk is written (and left for ``resume=True`` after an
+    interruption). The spilled computation is a graph of its own (new task names for the engine
+    and everything computed from it), so the same array computed at the same time on the same
+    cluster (a kept ``client.compute`` future) is not disturbed.
 
     Every argument is checked, and the target probed, before anything is created in the store.
     An input that reads the target array directly (``open_volume`` of the same array) is
@@ -523,8 +586,23 @@ def to_zarr(
     >>> job = to_zarr(x + 1, f"{tmp.name}/out.zarr", path="pred", overwrite=True, compute=False)
     >>> int(job.compute()[5, 9])
     60
+    >>> img = to_zarr(da.ones((16, 40, 40), chunks=8), f"{tmp.name}/img.zarr", ome=True,
+    ...               levels=3, scale=(2.0, 0.5, 0.5), units={"z": "micrometer"})
+    >>> [img[k].shape for k in ("0", "1", "2")]
+    [(16, 40, 40), (8, 20, 20), (4, 10, 10)]
+    >>> open_volume(img, level=2, xarray=True).coords["z"].values
+    array([ 3., 11., 19., 27.])
     >>> tmp.cleanup()
     """
+    if ome is not False or levels != 1 or axes is not None or scale is not None or \
+            units is not None or downsample != "auto" or _is_dataarray(array):
+        from ._ome import write as _write_ome
+
+        return _write_ome(
+            to_zarr, array, store, path, chunks=chunks, overwrite=overwrite, resume=resume,
+            progress=progress, compute=compute, ome=ome, levels=levels, axes=axes,
+            scale=scale, units=units, downsample=downsample,
+        )
     overwrite = _parse_bool(overwrite, "overwrite")
     resume = _parse_bool(resume, "resume")
     progress = _parse_bool(progress, "progress")
@@ -540,6 +618,7 @@ def to_zarr(
             "dask.diagnostics.ProgressBar or distributed.progress"
         )
     path = _parse_path(path)
+    threshold = spill_bytes()  # the setting is checked before anything is written
     x = _as_dask(array)
     x, zchunks = _write_chunks(x, chunks)
     base, full = _resolve_store(store, path)
@@ -583,7 +662,7 @@ def to_zarr(
     else:
         z = zarr.create_array(
             store=base, name=full, shape=x.shape, dtype=x.dtype, chunks=zchunks,
-            overwrite=overwrite, zarr_format=3,
+            overwrite=overwrite, zarr_format=3, dimension_names=_dimension_names,
         )
         _delete_dir(z.store, _marker_dir(z))  # stale markers of a hand-deleted array
         _delete_dir(z.store, _join(z.path, _SPILL_DIR) or _SPILL_DIR)  # and stale spilled parts
@@ -600,7 +679,8 @@ def to_zarr(
     # memory stays bounded whatever the volume; the parts are deleted once all is written.
     # (Not into a store in RAM: parts would stay there until the end instead of being freed.)
     if not isinstance(z.store, zarr.storage.MemoryStore):
-        x, spills = spill_into(x, z.store, _join(z.path, _SPILL_DIR) or _SPILL_DIR)
+        x, spills = spill_into(x, z.store, _join(z.path, _SPILL_DIR) or _SPILL_DIR,
+                               threshold=threshold)
     else:
         x, spills = spill_into(x, None, "", threshold=math.inf)
     token = tokenize(x.name, str(z.store), z.path, zchunks)
@@ -827,9 +907,10 @@ def is_stride_aligned(
 
     Parameters
     ----------
-    chunks : sequence of int or of sequences of int
-        A Zarr chunk shape (one int per axis), or Dask ``chunks`` (one tuple of block lengths per
-        axis); both may be mixed.
+    chunks : array, or sequence of int or of sequences of int
+        An array (Dask, Zarr or NumPy: its ``chunks`` and ``shape`` are used; a NumPy array is one
+        chunk), a Zarr chunk shape (one int per axis), or Dask ``chunks`` (one tuple of block
+        lengths per axis); both may be mixed.
     stride : int or sequence of int
         Patch stride, as in :func:`aligned_chunks`.
     shape : sequence of int, optional
@@ -852,9 +933,19 @@ def is_stride_aligned(
     True
     >>> is_stride_aligned(((64, 64, 20), (96, 4)), (32, 32))
     True
+    >>> import dask.array as da
+    >>> is_stride_aligned(da.zeros((200, 200), chunks=96), 48)
+    True
     """
+    if hasattr(chunks, "shape") and hasattr(chunks, "ndim"):  # an array: its chunks and shape
+        array = chunks
+        if shape is None:
+            shape = tuple(int(n) for n in array.shape)
+        # NumPy (no chunks): a single chunk
+        chunks = getattr(array, "chunks", None) or tuple(int(n) for n in array.shape)
     if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence):
-        raise TypeError(f"chunks must be a sequence (one entry per axis); got {_describe(chunks)}")
+        raise TypeError(f"chunks must be a sequence (one entry per axis) or an array; got "
+                        f"{_describe(chunks)}")
     if len(chunks) == 0:
         raise ValueError(f"chunks must have at least one axis; got {tuple(chunks)!r}")
     ndim = len(chunks)

@@ -26,7 +26,8 @@ up to at most one, whatever the scale of the user's numbers (1e38 or 1e-45).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -67,17 +68,45 @@ def profile(blend: str, n: int, sigma_scale: float = 0.125) -> np.ndarray:
     return p / p.max()
 
 
-def window(blend: str, size: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+def window(blend: str, size: tuple[int, ...],
+           sigma_scale: float | tuple[float, ...] = 0.125) -> np.ndarray:
     """The full N-D window of a built-in blend: the outer product of its 1-D profiles.
+
+    This is the raw window (peak 1), before the exact normalisation that
+    :func:`~daskpatch.reconstruct` and :func:`~daskpatch.apply_patches` apply per axis (see
+    :func:`~daskpatch.plot_window` for the normalised weights).
+
+    Parameters
+    ----------
+    blend : {"constant", "gaussian", "hann", "triangular", "crop"}
+        A built-in blend name (:data:`BLENDS`). ``"crop"`` is all ones here: which patch owns a
+        voxel depends on the grid, not on the window.
+    size : tuple of int
+        Patch shape.
+    sigma_scale : float or tuple of float
+        Gaussian sigma as a fraction of the patch size (nnU-Net's and MONAI's 0.125 by default);
+        a tuple gives one per axis. Ignored by the other blends.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 array of shape ``size``, all values in (0, 1].
 
     Examples
     --------
     >>> window("triangular", (2, 4)).round(3).tolist()
     [[0.333, 1.0, 1.0, 0.333], [0.333, 1.0, 1.0, 0.333]]
+    >>> w = window("gaussian", (32, 32), sigma_scale=(0.125, 0.5))   # wider along axis 1
+    >>> bool(w[0, 16] < w[16, 0])
+    True
     """
+    size = tuple(size)
+    parsed = parse_blend(blend, size, sigma_scale) if isinstance(blend, str) else None
+    if parsed is None:
+        raise TypeError(f"blend must be one of {BLENDS}; got {_describe(blend)}")
     out = np.ones(())
-    for n in size:
-        out = np.multiply.outer(out, profile(blend, n, sigma_scale))
+    for a, n in enumerate(size):
+        out = np.multiply.outer(out, profile(blend, n, parsed.sigma(a)))
     return out
 
 
@@ -86,7 +115,7 @@ class Window:
     """A parsed blend: a built-in separable window or a user array."""
 
     blend: str  # a built-in name, or "user"
-    sigma_scale: float
+    sigma_scale: float | tuple[float, ...]  # one for all axes, or one per axis
     array: np.ndarray | None = None  # user window, patch shape, float64
     source: str = "blend"  # how error messages name a user window
 
@@ -115,11 +144,21 @@ class Window:
     def separable(self) -> bool:
         return self.array is None
 
-    def axis_weights(self, starts: np.ndarray, size: int, extent: int) -> np.ndarray:
+    def sigma(self, axis: int | None) -> float:
+        """The gaussian ``sigma_scale`` of ``axis``."""
+        if isinstance(self.sigma_scale, tuple):
+            if axis is None:
+                raise ValueError("a per-axis sigma_scale needs the axis")  # internal misuse
+            return self.sigma_scale[axis]
+        return self.sigma_scale
+
+    def axis_weights(self, starts: np.ndarray, size: int, extent: int,
+                     axis: int | None = None) -> np.ndarray:
         """Normalised per-patch 1-D weights ``q`` (n_starts, size) along one axis.
 
-        ``extent`` is the length the patches reach (the padded length). Summed over the patches
-        covering a voxel, the weights give exactly one (float rounding aside).
+        ``extent`` is the length the patches reach (the padded length); ``axis`` picks the
+        sigma of a per-axis ``sigma_scale``. Summed over the patches covering a voxel, the
+        weights give exactly one (float rounding aside).
         """
         starts = np.asarray(starts, dtype=np.int64)
         pos = starts[:, None] + np.arange(size)[None, :]
@@ -132,8 +171,8 @@ class Window:
             nearest = np.where(np.abs(t - centres[left]) <= np.abs(t - centres[right]), left, right)
             return (nearest[pos] == np.arange(len(starts))[:, None]).astype(np.float64)
         if self.blend == "gaussian":
-            return _log_normalised(_gaussian_log(size, self.sigma_scale), pos, extent)
-        p = profile(self.blend, size, self.sigma_scale) if self.array is None else np.ones(size)
+            return _log_normalised(_gaussian_log(size, self.sigma(axis)), pos, extent)
+        p = profile(self.blend, size, self.sigma(axis)) if self.array is None else np.ones(size)
         total = np.zeros(extent, dtype=np.float64)
         np.add.at(total, pos, np.broadcast_to(p, pos.shape))
         return p[None, :] / total[pos]
@@ -162,19 +201,40 @@ def _log_normalised(log_p: np.ndarray, pos: np.ndarray, extent: int) -> np.ndarr
     return rel / total[pos]
 
 
+def _parse_sigma(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number; got {_describe(value)}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a positive finite number; got {value}")
+    return v
+
+
+def parse_sigma_scale(sigma_scale: Any, ndim: int) -> float | tuple[float, ...]:
+    """A positive number, or a sequence of one per spatial axis (a tuple of floats)."""
+    if isinstance(sigma_scale, Sequence) and not isinstance(sigma_scale, (str, bytes)):
+        if len(sigma_scale) != ndim:
+            raise ValueError(
+                f"sigma_scale must be a number or a sequence of {ndim} numbers (one per spatial "
+                f"axis); got {tuple(sigma_scale)!r} with {len(sigma_scale)} entries"
+            )
+        return tuple(_parse_sigma(v, f"sigma_scale[{i}]") for i, v in enumerate(sigma_scale))
+    if isinstance(sigma_scale, bool) or not isinstance(sigma_scale, numbers.Real):
+        raise TypeError(f"sigma_scale must be a positive number or a sequence of {ndim} "
+                        f"(one per spatial axis); got {_describe(sigma_scale)}")
+    return _parse_sigma(sigma_scale, "sigma_scale")
+
+
 def parse_blend(blend: Any, size: tuple[int, ...], sigma_scale: Any = 0.125) -> Window:
     """Check a ``blend`` argument against the patch ``size`` and return a :class:`Window`."""
-    if isinstance(sigma_scale, bool) or not isinstance(sigma_scale, (int, float)):
-        raise TypeError(f"sigma_scale must be a positive number; got {_describe(sigma_scale)}")
-    if not (math.isfinite(sigma_scale) and sigma_scale > 0):
-        raise ValueError(f"sigma_scale must be a positive finite number; got {sigma_scale}")
+    sigma_scale = parse_sigma_scale(sigma_scale, len(size))
     if isinstance(blend, str):
         if blend not in BLENDS:
             raise ValueError(
                 f"blend must be one of {BLENDS}, an array of patch shape or a callable; "
                 f"got {blend!r}"
             )
-        return Window(blend, float(sigma_scale))
+        return Window(blend, sigma_scale)
     if callable(blend):
         arr = blend(tuple(size))
         what = f"the window returned by blend={blend!r}"
@@ -193,4 +253,4 @@ def parse_blend(blend: Any, size: tuple[int, ...], sigma_scale: Any = 0.125) -> 
             f"{what} must be positive and finite everywhere (a zero weight would leave covered "
             f"voxels without weight); its minimum is {np.nanmin(arr)}"
         )
-    return Window("user", float(sigma_scale), arr, what)
+    return Window("user", sigma_scale, arr, what)

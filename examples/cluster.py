@@ -3,7 +3,7 @@
 Usage::
 
     python examples/cluster.py            # 192^3 volume, 2 worker processes
-    python examples/cluster.py --size 96  # smaller, as CI runs it
+    python examples/cluster.py --edge 96  # smaller, as CI runs it
 
 The graph is built exactly as on the local scheduler; with a ``Client`` active, ``dp.to_zarr``
 runs it on the cluster and shows distributed's progress bar. Point a browser at the printed
@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from distributed import Client, LocalCluster
-from torch_inference import TinyNet, TorchPredictor
+from torch_inference import TinyNet
 
 import daskpatch as dp
 
 
 def main(n: int = 192, size: int = 64, stride: int = 32) -> None:
     torch.manual_seed(0)
-    predictor = TorchPredictor(TinyNet())  # pickled once, sent to each worker with the graph
+    net = TinyNet()  # as it is: pickled with the graph, run under inference_mode on each worker
     vol = np.random.default_rng(0).random((1, n, n, n), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp, \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -37,7 +37,7 @@ def main(n: int = 192, size: int = 64, stride: int = 32) -> None:
         print(f"dashboard: {client.dashboard_link}")
         src, dst = Path(tmp) / "image.zarr", Path(tmp) / "logits.zarr"
         dp.to_zarr(vol, src, chunks=dp.aligned_chunks(vol.shape, stride, 4, channel_axis=0))
-        logits = dp.apply_patches(dp.open_volume(src), predictor, size, stride, channel_axis=0,
+        logits = dp.apply_patches(dp.open_volume(src), net, size, stride, channel_axis=0,
                                   out_channels=2, batch_size=4, dtype=np.float32)
         t0 = time.perf_counter()
         dp.to_zarr(logits, dst, progress=True)
@@ -56,5 +56,6 @@ def main(n: int = 192, size: int = 64, stride: int = 32) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=192, help="volume edge length")
-    main(parser.parse_args().size)
+    parser.add_argument("--edge", type=int, default=192,
+                        help="volume edge length (the patch size is fixed)")
+    main(parser.parse_args().edge)

@@ -3,7 +3,7 @@
 Runs on the local threaded scheduler (Dask's default). Usage::
 
     python examples/quickstart.py            # 256^3 float32 volume
-    python examples/quickstart.py --size 96  # smaller, as CI runs it
+    python examples/quickstart.py --edge 96  # smaller, as CI runs it
 
 It writes a synthetic volume to a Zarr store with stride-aligned chunks, cuts it into overlapping
 patches lazily, applies a simple per-patch function (a contrast stretch with per-patch statistics,
@@ -79,6 +79,7 @@ def main(n: int = 256, size: int = 64, stride: int = 32) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256, help="volume edge length")
+    parser.add_argument("--edge", type=int, default=256,
+                        help="volume edge length (the patch size is fixed)")
     args = parser.parse_args()
-    main(args.size)
+    main(args.edge)

@@ -2,14 +2,18 @@
 
 Usage::
 
-    python examples/torch_inference.py            # 192^3 volume, patch 64, stride 32
-    python examples/torch_inference.py --size 64  # smaller, as CI runs it
+    python examples/torch_inference.py                 # 192^3 volume, patch 64, stride 32
+    python examples/torch_inference.py --edge 96       # smaller, as CI runs it
+    python examples/torch_inference.py --device cuda   # on a GPU (mixed precision: --amp)
 
 The net has random weights (the point is the plumbing): it takes ``(B, 1, 64, 64, 64)`` float32
-batches and returns 2-class logits ``(B, 2, 64, 64, 64)``. daskpatch hands it NumPy batches; the
-wrapper converts to and from torch. Every patch goes through the net exactly once; overlapping
-predictions are blended with a gaussian window; the result is written chunk by chunk to Zarr with
-a progress bar, so the volume never has to fit in memory.
+batches and returns 2-class logits ``(B, 2, 64, 64, 64)``. It goes to ``apply_patches`` as it is
+(wrapped in ``dp.TorchModel`` only to pick the device): each batch runs under
+``torch.inference_mode()`` on the module's device, whichever thread runs it, and comes back as
+NumPy. The single-channel volume has its channel axis first (``(1, X, Y, Z)``, ``channel_axis=0``),
+as torch layers want. Every patch goes through the net exactly once; overlapping predictions are
+blended with a gaussian window; the result is written chunk by chunk to Zarr with a progress bar,
+so the volume never has to fit in memory.
 """
 
 from __future__ import annotations
@@ -39,30 +43,21 @@ class TinyNet(nn.Module):
         return self.body(x)
 
 
-class TorchPredictor:
-    """NumPy batch in, NumPy batch out; picklable, so it also ships to cluster workers."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model.eval()
-        self.calls = 0
-
-    @torch.no_grad()
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        self.calls += 1
-        return self.model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
-
-
-def main(n: int = 192, size: int = 64, stride: int = 32, batch_size: int = 4) -> None:
+def main(n: int = 192, size: int = 64, stride: int = 32, batch_size: int = 4,
+         device: str = "cpu", amp: bool = False) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)  # dask runs one task per core
-    predictor = TorchPredictor(TinyNet())
+    net = TinyNet()
+    calls = []
+    net.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    model = dp.TorchModel(net, device=device, amp=amp)  # or pass `net` itself: the CPU, float32
     vol = np.random.default_rng(0).random((1, n, n, n), dtype=np.float32)  # (C, X, Y, Z)
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "image.zarr", Path(tmp) / "logits.zarr"
         dp.to_zarr(vol, src, chunks=dp.aligned_chunks(vol.shape, stride, 4, channel_axis=0))
         image = dp.open_volume(src)
-        logits = dp.apply_patches(image, predictor, size, stride, channel_axis=0, out_channels=2,
+        logits = dp.apply_patches(image, model, size, stride, channel_axis=0, out_channels=2,
                                   batch_size=batch_size, blend="gaussian", dtype=np.float32)
         grid = dp.PatchGrid(vol.shape[1:], size, stride)
         print(f"image {image.shape} -> logits {logits.shape}, {len(grid)} patches, "
@@ -74,15 +69,19 @@ def main(n: int = 192, size: int = 64, stride: int = 32, batch_size: int = 4) ->
         # spot check: one interior patch through the net alone agrees away from patch edges
         c = (n // 2 // stride) * stride
         sl = (slice(None),) + (slice(c, c + size),) * 3
-        alone = predictor(vol[sl][None])[0]
+        alone = model(vol[sl][None])[0]
         inner = (slice(None),) + (slice(size // 4, 3 * size // 4),) * 3
         diff = float(np.abs(out[sl].compute()[inner] - alone[inner]).max())
-    print(f"inference + blend + write: {elapsed:.2f} s; model calls {predictor.calls - 1} "
+    print(f"inference + blend + write: {elapsed:.2f} s; model calls {len(calls) - 1} "
           f"(batches of <= {batch_size}); max interior deviation from a lone patch {diff:.3f}")
     print("torch_inference: OK")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=192, help="volume edge length")
-    main(parser.parse_args().size)
+    parser.add_argument("--edge", type=int, default=192,
+                        help="volume edge length (the patch size is fixed)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
+    args = parser.parse_args()
+    main(args.edge, device=args.device, amp=args.amp)

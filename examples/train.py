@@ -108,12 +108,9 @@ def main() -> None:
             return
         import dask.array as da
 
-        net.eval()
-
-        def predict(batch: np.ndarray) -> np.ndarray:  # (B, 1, p, p, p) -> (B, 2, p, p, p)
-            with torch.no_grad():
-                return torch.softmax(net(torch.from_numpy(batch)), dim=1).numpy()
-
+        # the module as it is: (B, 1, p, p, p) -> (B, 2, p, p, p) probabilities; apply_patches
+        # runs it in eval mode under torch.inference_mode() and hands back NumPy
+        predict = nn.Sequential(net, nn.Softmax(dim=1))
         volume = da.from_zarr(image_path)[None]  # channel-first (1, D, H, W)
         probs = apply_patches(volume, predict, args.patch, stride=args.patch // 2,
                               channel_axis=0, out_channels=2, batch_size=args.batch,

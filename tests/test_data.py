@@ -461,3 +461,126 @@ def test_bad_paths_indices_and_epochs(tmp_path):
         rds[-5]
     with pytest.raises(ValueError, match="epoch must be >= 0; got -1"):
         rds.set_epoch(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms, label dtype, the epoch in persistent workers, constant padding
+# ----------------------------------------------------------------------------------------------
+def add_noise(item, rng):
+    """A random augmentation: must be reproducible under the dataset's seed."""
+    item["image"] = item["image"] + rng.normal(size=item["image"].shape).astype(np.float32)
+    return item
+
+
+def flip(item):
+    """A transform without randomness (called with the item only)."""
+    return {**item, "image": item["image"][:, ::-1].copy(), "flipped": np.asarray(True)}
+
+
+def draws(ds, torch, num_workers, epochs=(0, 1), **kw):
+    """Batches of each epoch through one DataLoader (its workers live across epochs)."""
+    loader = torch.utils.data.DataLoader(ds, batch_size=7, num_workers=num_workers, **kw)
+    out = []
+    for e in epochs:
+        ds.set_epoch(e)
+        out.append([{k: v.numpy() for k, v in b.items()} for b in loader])
+    return out
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("context", [None, "spawn"], ids=["fork", "spawn"])
+def test_set_epoch_reaches_persistent_workers(zpair, context):
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    images, labels, _ = zpair
+    ds = RandomPatchDataset(images, (8, 12, 10), samples_per_epoch=20, labels=labels,
+                            pos_fraction=0.4, seed=3, transform=add_noise, label_dtype=np.int64)
+    serial = draws(ds, torch, 0)
+    parallel = draws(ds, torch, 2, persistent_workers=True, multiprocessing_context=context)
+    for e in (0, 1):
+        for a, b in zip(serial[e], parallel[e]):
+            for key in ("image", "label", "location", "volume", "center"):
+                np.testing.assert_array_equal(a[key], b[key])
+            assert b["label"].dtype == np.int64
+    assert not all((a["center"] == b["center"]).all() for a, b in zip(*parallel))
+    assert not all((a["image"] == b["image"]).all() for a, b in zip(*parallel))
+
+
+@pytest.mark.torch
+def test_grid_patches_with_a_seeded_transform_in_persistent_workers():
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
+    image = np.random.default_rng(0).random((20, 24), dtype=np.float32)
+    ds = PatchDataset(image, 8, stride=4, seed=5, transform=add_noise)
+    serial = draws(ds, torch, 0)
+    parallel = draws(ds, torch, 2, persistent_workers=True)
+    for e in (0, 1):
+        for a, b in zip(serial[e], parallel[e]):
+            np.testing.assert_array_equal(a["image"], b["image"])
+    # the patches are the same grid patches; only the (epoch-dependent) noise differs
+    noise0 = np.concatenate([b["image"] for b in parallel[0]])
+    noise1 = np.concatenate([b["image"] for b in parallel[1]])
+    assert not np.allclose(noise0, noise1)
+
+
+def test_transform_and_label_dtype_without_a_loader():
+    image, label = make_pair((16, 16))
+    ds = PatchDataset(image, 8, labels=label, transform=flip, label_dtype="int64")
+    s = ds[1]
+    np.testing.assert_array_equal(s["image"][0], image[0:8, 8:16][::-1])
+    assert s["label"].dtype == np.int64 and bool(s["flipped"])
+    rds = RandomPatchDataset(image, 8, samples_per_epoch=4, seed=1, transform=add_noise)
+    first = rds[2]["image"]
+    np.testing.assert_array_equal(rds[2]["image"], first)  # same seed, epoch, index
+    plain = RandomPatchDataset(image, 8, samples_per_epoch=4, seed=1)[2]["image"]
+    assert not np.array_equal(first, plain)
+    rds.set_epoch(1)
+    assert rds.epoch == 1 and not np.array_equal(rds[2]["image"], first)
+
+
+def test_a_copy_has_its_own_epoch():
+    import copy
+
+    ds = RandomPatchDataset(IMG, 4, samples_per_epoch=4, seed=1)
+    ds.set_epoch(3)
+    other = copy.deepcopy(ds)
+    again = pickle.loads(pickle.dumps(ds))
+    assert other.epoch == again.epoch == 3
+    ds.set_epoch(4)
+    assert other.epoch == 3 and again.epoch == 3
+
+
+def test_constant_padding_with_pad_value():
+    image, label = make_pair((9, 11))
+    ds = PatchDataset(image, 4, border="pad", labels=label, pad_mode="constant", pad_value=-5)
+    grid = PatchGrid(image.shape, 4, border="pad")
+    padded = np.pad(image, grid.pad_width, constant_values=-5)
+    padded_label = np.pad(label, grid.pad_width, constant_values=0)
+    for i in range(len(ds)):
+        np.testing.assert_array_equal(ds[i]["image"][0], padded[grid[i]])
+        np.testing.assert_array_equal(ds[i]["label"][0], padded_label[grid[i]])
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(transform=3), TypeError, r"transform must be a callable .* got 3 of type int"),
+        (dict(label_dtype=np.int64), ValueError, r"label_dtype needs labels"),
+        (dict(labels=LAB, label_dtype="intx"), TypeError, r"label_dtype must be a NumPy dtype"),
+        (dict(pad_value=-1), ValueError, r"pad_value=-1 is the fill of pad_mode='constant'; "
+                                         r"got pad_mode='reflect'"),
+        (dict(pad_value="zero", pad_mode="constant"), TypeError,
+         r"pad_value must be a number; got 'zero' of type str"),
+        (dict(images=LAB, pad_value=-1, pad_mode="constant"), ValueError,
+         r"pad_value=-1 does not fit the volume's dtype uint8 \(an integer from 0 to 255\)"),
+    ],
+)
+def test_patch_dataset_bad_new_arguments(kwargs, exc, match):
+    args = dict(images=IMG)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        PatchDataset(args.pop("images"), 4, **args)
+
+
+def test_transform_must_return_the_item():
+    ds = PatchDataset(IMG, 4, transform=lambda item: None)
+    with pytest.raises(TypeError, match=r"transform must return the item dict; got None"):
+        ds[0]

@@ -152,6 +152,15 @@ def test_tiny_sigma_on_every_path(path, tmp_path):
     np.testing.assert_allclose(out, 2 * vol, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_tiny_per_axis_sigma(path, tmp_path):
+    vol = np.random.default_rng(3).random((20, 22, 18)).astype(np.float32)
+    arr = dp.apply_patches(vol, identity, 8, 3, sigma_scale=(1e-3, 0.125, 2e-3), block_shape=6)
+    out = run(arr, path, tmp_path)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, vol, rtol=1e-6, atol=1e-7)
+
+
 def test_tiny_sigma_weights_are_a_partition_of_one():
     from daskpatch.windows import Window
 

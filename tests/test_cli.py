@@ -1,0 +1,475 @@
+"""The ``daskpatch`` command line, run as users run it.
+
+Subprocess tests run ``python -m daskpatch`` (what the console script ``daskpatch`` calls:
+``daskpatch.cli:main``) with this worktree and a directory of test models on ``PYTHONPATH``;
+the others call :func:`daskpatch.cli.main` in-process. Every store is a real Zarr store on disk,
+results are compared with the Python API bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import daskpatch as dp
+from daskpatch.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODELS = '''\
+"""Models of the command-line tests (imported by SPEC, in the CLI and on workers)."""
+import os
+import time
+
+import numpy as np
+
+CALLS = [0]
+
+
+def affine(batch):
+    CALLS[0] += 1
+    delay = float(os.environ.get("DASKPATCH_TEST_DELAY", "0"))
+    if delay:
+        time.sleep(delay)
+    return 2 * batch + np.sqrt(np.abs(batch))
+
+
+def three_channels(batch):  # (B, C, *size) -> (B, 3, *size)
+    m = batch.mean(axis=1, keepdims=True)
+    return np.concatenate([m, 2 * m, batch[:, :1] ** 2], axis=1)
+
+
+def make_affine():
+    return affine
+
+
+class Scaled:
+    def __call__(self, batch):
+        return 3 * batch
+
+
+class NeedsArgs:
+    def __init__(self, factor):
+        self.factor = factor
+
+
+def boom(batch):
+    raise ZeroDivisionError("this model always fails")
+'''
+
+TORCH_MODELS = '''\
+"""Torch models of the command-line tests."""
+import torch
+
+
+def make_conv():
+    torch.manual_seed(0)
+    return torch.nn.Conv3d(1, 1, 3, padding=1)
+
+
+conv = make_conv()
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = make_conv()
+
+    def forward(self, x):
+        return self.conv(x)
+'''
+
+SHAPE, CHUNKS, SIZE, STRIDE = (40, 36, 32), (16, 16, 16), 16, 8
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("models")
+    (d / "cli_models.py").write_text(MODELS)
+    (d / "cli_torch_models.py").write_text(TORCH_MODELS)
+    return d
+
+
+@pytest.fixture
+def on_path(models, monkeypatch):
+    """The test models importable in this process (in-process main(), in-process workers)."""
+    monkeypatch.syspath_prepend(str(models))
+    import cli_models
+
+    cli_models.CALLS[0] = 0
+    return cli_models
+
+
+def _volume(path: Path, shape=SHAPE, chunks=CHUNKS, seed=0) -> str:
+    data = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    z = zarr.create_array(str(path), shape=shape, chunks=chunks, dtype=data.dtype)
+    z[...] = data
+    return str(path)
+
+
+@pytest.fixture
+def src(tmp_path) -> str:
+    return _volume(tmp_path / "vol.zarr")
+
+
+def _cli(models: Path, *args: str, env: dict | None = None, wait: bool = True):
+    environ = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(models)]),
+                   **(env or {}))
+    cmd = [sys.executable, "-m", "daskpatch", *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=300)
+
+
+def _reference(src: str, fn, out: Path, **kwargs) -> np.ndarray:
+    kwargs = {"size": SIZE, "stride": STRIDE, **kwargs}
+    result = dp.apply_patches(dp.open_volume(src), fn, **kwargs)
+    return dp.to_zarr(result, str(out))[...]
+
+
+def _assert_one_error_line(stderr: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("daskpatch: error: "), stderr
+    assert "Traceback" not in stderr
+
+
+# -- help and entry points -----------------------------------------------------------------------
+def test_help_and_the_console_script_entry(models, capsys):
+    done = _cli(models, "--help")
+    assert done.returncode == 0, done.stderr
+    for word in ("info", "apply", "rechunk", "--resume"):
+        assert word in done.stdout
+    assert main(["apply", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--model SPEC" in out and "package.module:name" in out and ".pt2" in out
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["daskpatch"].partition(":")
+    assert getattr(__import__(module, fromlist=[attr]), attr) is main
+
+
+# -- info ----------------------------------------------------------------------------------------
+def test_info_json_of_a_daskpatch_output(models, src, tmp_path, on_path):
+    dst = tmp_path / "out.zarr"
+    result = dp.apply_patches(dp.open_volume(src), on_path.affine, SIZE, STRIDE)
+    dp.to_zarr(result, str(dst))
+    done = _cli(models, "info", str(dst), "--size", str(SIZE), "--stride", str(STRIDE),
+                "--workers", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)
+    assert (r["shape"], r["dtype"], r["chunks"]) == (list(SHAPE), "float32",
+                                                     [list(c)[0] for c in result.chunks])
+    assert r["node"] == "array" and r["zarr_format"] == 3
+    assert [c["name"] for c in r["codecs"]][0] == "bytes"
+    assert r["status"] == "complete" and r["chunks_done"] == r["chunks_total"] == r["nchunks"]
+    assert r["stride_aligned"] is True
+    plan = r["plan"]
+    assert plan["patches"] == len(dp.PatchGrid(SHAPE, SIZE, STRIDE))
+    assert plan["blocks"] == int(np.prod(result.numblocks))
+    assert plan["block_shape"] == [c[0] for c in result.chunks]
+    assert plan["threads"] == 3 and plan["peak_memory"] == 3 * sum(
+        plan["memory_per_thread"].values())
+
+
+def test_info_of_an_unaligned_foreign_array(tmp_path, capsys):
+    raw = _volume(tmp_path / "raw.zarr", chunks=(15, 15, 15))
+    assert main(["info", raw, "--stride", "8", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["status"] == "not-daskpatch" and r["stride_aligned"] is False
+    assert all(c % 8 == 0 or c == n for c, n in zip(r["aligned_chunks"], SHAPE))
+    assert "plan" not in r
+    assert main(["info", raw, "--size", "16", "--stride", "8"]) == 0  # the human form
+    out = capsys.readouterr().out
+    assert "NO: run 'daskpatch rechunk" in out and "peak memory" in out
+
+
+def test_info_of_ome_zarr_images_and_groups(tmp_path, capsys):
+    for fmt, version in ((3, "0.5"), (2, "0.4")):
+        g = zarr.open_group(str(tmp_path / f"ome{fmt}.zarr"), mode="w", zarr_format=fmt)
+        g.create_array("0", shape=(2, 32, 32), chunks=(1, 16, 16), dtype="u2")
+        g.create_array("1", shape=(2, 16, 16), chunks=(1, 16, 16), dtype="u2")
+        multiscales = [{"name": "img", "axes": [
+            {"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "um"},
+            {"name": "x", "type": "space", "unit": "um"}],
+            "datasets": [{"path": str(i), "coordinateTransformations": [
+                {"type": "scale", "scale": [1, 2.0**i, 2.0**i]}]} for i in range(2)]}]
+        if fmt == 3:
+            g.attrs["ome"] = {"version": version, "multiscales": multiscales}
+        else:
+            multiscales[0]["version"] = version
+            g.attrs["multiscales"] = multiscales
+        assert main(["info", str(tmp_path / f"ome{fmt}.zarr"), "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["node"] == "ome-zarr image" and r["ome"]["version"] == version
+        assert [a["name"] for a in r["ome"]["axes"]] == ["c", "y", "x"]
+        assert [lv["scale"] for lv in r["ome"]["levels"]] == [[1, 1, 1], [1, 2, 2]]
+        assert [lv["shape"] for lv in r["ome"]["levels"]] == [[2, 32, 32], [2, 16, 16]]
+        assert r["shape"] == [2, 32, 32] and r["chunks"] == [1, 16, 16]
+        assert main(["info", str(tmp_path / f"ome{fmt}.zarr")]) == 0
+        assert "pass --channel-axis 0" in capsys.readouterr().out
+    plain = zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    plain.create_array("raw", shape=(8, 8), dtype="u1")
+    plain.create_group("labels")
+    assert main(["info", str(tmp_path / "plain.zarr"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["node"] == "group" and (r["shape"], r["dtype"], r["chunks"]) == (None, None, None)
+    assert [(m["name"], m["kind"]) for m in r["members"]] == [("labels", "group"),
+                                                              ("raw", "array")]
+
+
+# -- apply ---------------------------------------------------------------------------------------
+def test_apply_module_callable_equals_the_python_api(models, src, tmp_path, on_path):
+    expected = _reference(src, on_path.affine, tmp_path / "ref.zarr", batch_size=4)
+    dst = tmp_path / "out.zarr"
+    done = _cli(models, "apply", src, str(dst), "--model", "cli_models:affine", "--size",
+                str(SIZE), "--stride", str(STRIDE), "--batch-size", "4")
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and done.stderr == ""
+    out = zarr.open_array(str(dst), mode="r")
+    assert out.dtype == expected.dtype
+    np.testing.assert_array_equal(out[...], expected)
+
+
+def test_apply_options_reach_the_python_api(tmp_path, on_path, capsys):
+    src = str(tmp_path / "ch.zarr")
+    data = np.random.default_rng(1).random((2, 24, 20, 18), dtype=np.float32)
+    z = zarr.create_array(src, shape=data.shape, chunks=(2, 12, 10, 9), dtype=data.dtype)
+    z[...] = data
+    options = dict(size=(8, 8, 6), stride=(4, 4, 3), border="pad", pad_mode="edge", blend="hann",
+                   batch_size=3, channel_axis=0, out_channels=3, dtype="float64",
+                   block_shape=(8, 8, 6))
+    expected = _reference(src, on_path.three_channels, tmp_path / "ref.zarr", **options)
+    argv = ["apply", src, str(tmp_path / "grp.zarr"), "--dst-path", "pred/a", "--model",
+            "cli_models:three_channels", "--size", "8,8,6", "--stride", "4,4,3", "--border",
+            "pad", "--pad-mode", "edge", "--blend", "hann", "--batch-size", "3",
+            "--channel-axis", "0", "--out-channels", "3", "--dtype", "float64", "--block-shape",
+            "8,8,6", "--scheduler", "sync", "--progress"]
+    assert main(argv) == 0
+    out = zarr.open_array(str(tmp_path / "grp.zarr"), path="pred/a", mode="r")
+    assert out.dtype == np.float64 and out.chunks == (3, 8, 8, 6)
+    np.testing.assert_array_equal(out[...], expected)
+    assert "100% Completed" in capsys.readouterr().out  # dask's progress bar
+
+
+@pytest.mark.parametrize("spec, fn", [
+    ("cli_models:make_affine", "affine"),  # a factory: called once
+    ("cli_models:Scaled", None),  # a class: instantiated
+])
+def test_apply_factories_and_classes(tmp_path, src, on_path, spec, fn):
+    model = on_path.affine if fn else on_path.Scaled()
+    expected = _reference(src, model, tmp_path / "ref.zarr")
+    assert main(["apply", src, str(tmp_path / "o.zarr"), "--model", spec, "--size", str(SIZE),
+                 "--stride", str(STRIDE)]) == 0
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr"))[...], expected)
+
+
+@pytest.mark.cluster
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore:.*:UserWarning:distributed")
+def test_apply_on_a_local_cluster_address(models, src, tmp_path, on_path):
+    distributed = pytest.importorskip("distributed")
+    expected = _reference(src, on_path.affine, tmp_path / "ref.zarr")
+    with distributed.LocalCluster(n_workers=1, processes=False, threads_per_worker=2,
+                                  protocol="tcp", dashboard_address=":0",
+                                  silence_logs=50) as cluster:
+        on_path.CALLS[0] = 0
+        done = _cli(models, "apply", src, str(tmp_path / "out.zarr"), "--model",
+                    "cli_models:affine", "--size", str(SIZE), "--stride", str(STRIDE),
+                    "--scheduler", cluster.scheduler_address)
+    assert done.returncode == 0, done.stderr
+    # the patches went through the model in this process: on the cluster's in-process worker
+    assert on_path.CALLS[0] == len(dp.PatchGrid(SHAPE, SIZE, STRIDE))
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)
+
+
+def test_resume_after_a_killed_run_is_bit_identical(models, tmp_path, on_path, capsys):
+    src = _volume(tmp_path / "big.zarr", shape=(64, 64, 64))
+    dst = tmp_path / "out.zarr"
+    argv = ["apply", src, str(dst), "--model", "cli_models:affine", "--size", "16", "--stride",
+            "8", "--block-shape", "16", "--workers", "2"]
+    proc = _cli(models, *argv, env={"DASKPATCH_TEST_DELAY": "0.02"}, wait=False)
+    markers = dst / ".daskpatch-done" / "chunks"
+    deadline = time.monotonic() + 300  # a guard against a hung child, not a timing check
+    try:
+        while proc.poll() is None and not (markers.is_dir() and len(os.listdir(markers)) >= 3) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate()
+    assert main(["info", str(dst), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["status"] == "incomplete", (status, stderr)  # killed mid-run, not after it
+    assert 3 <= status["chunks_done"] < status["chunks_total"] == 64
+
+    assert main(argv) == 2  # an existing output needs --resume or --overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    assert "chunks already done" in capsys.readouterr().err
+    expected = _reference(src, on_path.affine, tmp_path / "ref.zarr", size=16, stride=8,
+                          block_shape=16)
+    np.testing.assert_array_equal(zarr.open_array(str(dst))[...], expected)
+    assert main(["info", str(dst), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "complete"
+
+
+def test_a_failing_model_exits_1_with_one_line(tmp_path, src, on_path, capsys):
+    dst = tmp_path / "o.zarr"
+    assert main(["apply", src, str(dst), "--model", "cli_models:boom", "--size", "16"]) == 1
+    err = capsys.readouterr().err
+    _assert_one_error_line(err)
+    assert "ZeroDivisionError: this model always fails" in err and "--resume" in err
+
+
+# -- torch ---------------------------------------------------------------------------------------
+def _conv_reference(src: str, out: Path) -> np.ndarray:
+    import torch
+    from cli_torch_models import make_conv
+
+    conv = make_conv()
+
+    def manual(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return conv(torch.from_numpy(batch)[:, None]).numpy()[:, 0]
+
+    return _reference(src, manual, out, batch_size=4)
+
+
+@pytest.mark.torch
+def test_apply_a_torch_module(models, src, tmp_path, on_path):
+    pytest.importorskip("torch")
+    expected = _conv_reference(src, tmp_path / "ref.zarr")
+    done = _cli(models, "apply", src, str(tmp_path / "out.zarr"), "--model",
+                "cli_torch_models:conv", "--size", str(SIZE), "--stride", str(STRIDE),
+                "--batch-size", "4", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)
+
+
+@pytest.mark.torch
+def test_apply_torchscript_and_torch_export_files(src, tmp_path, on_path):
+    torch = pytest.importorskip("torch")
+    from cli_torch_models import make_conv
+
+    expected = _conv_reference(src, tmp_path / "ref.zarr")
+    example = torch.zeros((2, 1, SIZE, SIZE, SIZE))
+    with warnings.catch_warnings():  # torch.jit is deprecated in torch 2.13, still in use
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.trace(make_conv(), example).save(str(tmp_path / "conv.pt"))
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(make_conv(), (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "conv.pt2"))
+    for spec in ("conv.pt", "conv.pt2", "cli_torch_models:Net"):
+        dst = tmp_path / f"{spec}.zarr"
+        assert main(["apply", src, str(dst), "--model", str(tmp_path / spec) if "." in spec
+                     and ":" not in spec else spec, "--size", str(SIZE), "--stride",
+                     str(STRIDE), "--batch-size", "4"]) == 0, spec
+        np.testing.assert_allclose(zarr.open_array(str(dst))[...], expected, rtol=0,
+                                   atol=1e-6, err_msg=spec)
+
+
+# -- bad inputs ----------------------------------------------------------------------------------
+BAD = {
+    "unknown module": (["--model", "no_such_module:fn", "--size", "16"], "no module named"),
+    "size 0": (["--model", "cli_models:affine", "--size", "0"], "argument --size"),
+    "missing store": (["--model", "cli_models:affine", "--size", "16"], "no Zarr array"),
+    "existing output": (["--model", "cli_models:affine", "--size", "16"], "already exists"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gives_one_line_and_writes_nothing(models, src, tmp_path, case):
+    args, match = BAD[case]
+    dst = tmp_path / "out.zarr"
+    if case == "missing store":
+        src = str(tmp_path / "missing.zarr")
+    if case == "existing output":
+        dp.to_zarr(np.ones((4, 4), np.float32), str(dst))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    done = _cli(models, "apply", src, str(dst), *args)
+    assert done.returncode == 2
+    _assert_one_error_line(done.stderr)
+    assert match in done.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    if case == "existing output":
+        np.testing.assert_array_equal(zarr.open_array(str(dst))[...], np.ones((4, 4)))
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--model", "cli_models:affine", "--size", "16", "--dtype", "float33"], "--dtype"),
+    (["--model", "cli_models:affine", "--size", "16,16", "--stride", "4,4,4"], "stride"),
+    (["--model", "cli_models:affine", "--size", "16", "--device", "cpu"], "torch models"),
+    (["--model", "cli_models:NeedsArgs", "--size", "16"], "needs arguments"),
+    (["--model", "cli_models:nothing", "--size", "16"], "has no attribute 'nothing'"),
+    (["--model", "cli_models.py", "--size", "16"], "pass cli_models:NAME"),
+    (["--model", "missing.pt", "--size", "16"], "no such file"),
+    (["--model", "cli_models:affine", "--size", "16", "--resume", "--overwrite"],
+     "not allowed with argument"),
+    (["--model", "cli_models:affine", "--size", "16", "--scheduler", "gpu"], "--scheduler"),
+    (["--model", "cli_models:affine"], "required: --size"),
+    (["--model", "cli_models:affine", "--size", "16", "--scheduler", "tcp://127.0.0.1:1",
+      "--workers", "2"], "has its own workers"),
+])
+def test_more_bad_inputs_in_process(tmp_path, src, on_path, capsys, args, match):
+    assert main(["apply", src, str(tmp_path / "out.zarr"), *args]) == 2
+    err = capsys.readouterr().err
+    _assert_one_error_line(err)
+    assert match in err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_writing_over_the_source_is_refused_before_anything_is_written(src, on_path, capsys):
+    before = zarr.open_array(src, mode="r")[...]
+    assert main(["apply", src, src, "--model", "cli_models:affine", "--size", "16",
+                 "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    _assert_one_error_line(err)
+    assert "must differ from SRC" in err
+    np.testing.assert_array_equal(zarr.open_array(src, mode="r")[...], before)
+    assert on_path.CALLS[0] == 0
+
+
+def test_debug_adds_the_traceback(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing.zarr"), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("daskpatch: error:")
+
+
+# -- rechunk -------------------------------------------------------------------------------------
+def test_rechunk_to_the_stride(tmp_path, capsys):
+    raw = _volume(tmp_path / "raw.zarr", chunks=(15, 15, 15))
+    dst = str(tmp_path / "aligned.zarr")
+    assert main(["rechunk", raw, dst, "--stride", "8", "--target-bytes", "64kB"]) == 0
+    out = zarr.open_array(dst, mode="r")
+    assert dp.is_stride_aligned(out.chunks, 8, shape=out.shape)
+    assert np.prod(out.chunks) * 4 <= 64_000
+    np.testing.assert_array_equal(out[...], zarr.open_array(raw, mode="r")[...])
+    assert "rechunked" in capsys.readouterr().err
+    assert main(["rechunk", raw, dst, "--stride", "8"]) == 2  # exists
+    _assert_one_error_line(capsys.readouterr().err)
+    # already aligned: nothing written, the target untouched
+    assert main(["rechunk", dst, str(tmp_path / "unused.zarr"), "--stride", "8"]) == 0
+    assert "nothing written" in capsys.readouterr().err
+    assert not (tmp_path / "unused.zarr").exists()
+
+
+@pytest.mark.slow
+def test_apply_with_the_processes_scheduler(models, src, tmp_path, on_path):
+    expected = _reference(src, on_path.affine, tmp_path / "ref.zarr")
+    done = _cli(models, "apply", src, str(tmp_path / "out.zarr"), "--model",
+                "cli_models:affine", "--size", str(SIZE), "--stride", str(STRIDE),
+                "--scheduler", "processes", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)
