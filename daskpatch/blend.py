@@ -973,7 +973,8 @@ def _window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Wind
     """Parse ``blend`` against the spatial patch shape; a user window gets size-1 batch axes."""
     window = parse_blend(blend, grid.size[n_batch:], sigma_scale)
     if n_batch and isinstance(window.sigma_scale, tuple):  # batch axes: patches of size 1
-        window = Window(window.blend, (1.0,) * n_batch + window.sigma_scale, window.array)
+        window = Window(window.blend, (1.0,) * n_batch + window.sigma_scale, window.array,
+                        window.source)
     if n_batch and not window.separable:
         window = Window("user", window.sigma_scale, window.array.reshape(grid.size),
                         window.source)
