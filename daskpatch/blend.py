@@ -48,6 +48,8 @@ from zarr.buffer import default_buffer_prototype
 from zarr.core.sync import sync as _zarr_sync
 
 from ._layer import LazyLayer, key_names, lazy_graph, rename_task, renamed_layer
+from ._numbers import Numbers, cast, check_fill, doubled, nan_error, saturate, wide_dtype
+from ._numbers import acc_dtype as _acc_dtype
 from ._regions import Volume
 from ._store import window_digest
 from ._torch import wrap_fn
@@ -234,11 +236,6 @@ class _Sink:
     def view(self, lo: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
         return self.canon[(slice(None),) + tuple(slice(l, l + n) for l, n in zip(lo, shape))]
 
-    def add(self, lo: tuple[int, ...], data: np.ndarray) -> None:
-        """``result[:, lo:lo + data.shape[1:]] += data`` (the pool's threads add disjoint rows)."""
-        dst = self.view(lo, data.shape[1:])[:data.shape[0]]
-        np.add(dst, data, out=dst)
-
 
 def _then(previous: Any, result: Any) -> Any:
     """``result``, computed after ``previous`` (a task that orders blocks)."""
@@ -249,23 +246,34 @@ class _Accumulator:
     """The extended buffer of one block and the weights of its patches.
 
     With a ``sink`` (separable windows, two or more axes) the buffer is the result itself, and
-    each slab is added into it.
+    each slab is added into it. ``numbers`` (:class:`~daskpatch._numbers.Numbers`) gives the
+    dtypes; with ``numbers.copy`` (crop) each patch's owned box is copied into the buffer, whose
+    other voxels hold the additive identity (-0.0 for floats), so summing buffers copies too.
+
+    Every sum into the buffer is made out of place under ``np.errstate(over="raise")``: where
+    one overflows (finite data near the dtype's limit, weights summing to 1 + ulp) the buffer is
+    still intact, and that slab is summed again in float64 at half scale, doubled and saturated
+    (:mod:`daskpatch._numbers`).
     """
 
-    def __init__(self, ext_lo, ext_shape, channels, acc_dtype, q, q_ids, user_window,
+    def __init__(self, ext_lo, ext_shape, channels, numbers: Numbers, q, q_ids, user_window,
                  sink: _Sink | None = None):
         self.lo = np.asarray(ext_lo)
         self.shape = tuple(ext_shape)
         extra = user_window is not None
         self.sink = sink
-        if sink is None:
-            self.buf = np.zeros((channels + extra,) + self.shape, dtype=acc_dtype)
-        else:
+        self.numbers = numbers
+        acc_dtype = numbers.acc
+        if sink is not None:
             self.buf = sink.view(tuple(ext_lo), self.shape)
+        elif numbers.copy and acc_dtype.kind in "fc":
+            self.buf = np.full((channels + extra,) + self.shape, -0.0, dtype=acc_dtype)
+        else:
+            self.buf = np.zeros((channels + extra,) + self.shape, dtype=acc_dtype)
         self.q, self.q_ids, self.user = q, q_ids, user_window
         self.acc_dtype = acc_dtype
+        self.own = _owned_boxes(q) if numbers.copy else None
         self._w: dict = {}
-        self._tmp: np.ndarray | None = None
         self._planes: dict = {}
         self._scratch: dict = {}
 
@@ -290,6 +298,16 @@ class _Accumulator:
         weights and added into the buffer once. Memory traffic: each output read once and the
         buffer updated once per group, instead of a multiply and an add over every whole patch.
         """
+        if ys and ys[0].dtype.kind == "c" and self.numbers.out.kind != "c":
+            raise TypeError(
+                f"fn returned {ys[0].dtype} values but the result dtype is {self.numbers.out}: "
+                "the imaginary part would be lost; pass "
+                f"dtype={np.promote_types(ys[0].dtype, self.numbers.out)} (or return real values)"
+            )
+        if self.own is not None:
+            for g, st, y in zip(gidxs, starts, ys):
+                self._copy(g, st, y)
+            return
         if self.user is not None or len(self.shape) < 2:
             for g, st, y in zip(gidxs, starts, ys):
                 self.add(g, st, y)
@@ -314,37 +332,70 @@ class _Accumulator:
         n0 = max(e[0] for e in ext)
         rows = min(rows, n0)
         tmp_shape = tuple(max(e[a + 1] for e in ext) for a in range(rest))
-        col = self.q[0][members[0][2][0]].astype(dt)
-        col = col.reshape(col.shape + (1,) * rest)
-        planes = [self._plane(g) for _, _, g in members]
         whole = slice(None)
+
+        def weights(dtype: np.dtype) -> tuple[np.ndarray, list]:
+            col = self.q[0][members[0][2][0]].astype(dtype)
+            return col.reshape(col.shape + (1,) * rest), [self._plane(g, dtype)
+                                                          for _, _, g in members]
+
+        col, planes = weights(dt)
+
+        def fill(slab: np.ndarray, tmp: np.ndarray, i: int, n: int, col: np.ndarray,
+                 planes: list) -> None:
+            """``slab`` = rows ``i:i + n`` of the group's weighted patches. The first patch
+            is multiplied straight into the slab, which is zeroed only around it."""
+            first = True
+            for (m, rel, _), e, plane in zip(members, ext, planes):
+                k = min(n, e[0] - i)
+                if k <= 0:
+                    continue
+                inner = tuple(slice(0, x) for x in e[1:])
+                place = tuple(slice(r - l, r - l + x) for r, l, x in zip(rel[1:], lo, e[1:]))
+                src = ys[m][(whole, slice(i, i + k)) + inner]
+                if first and k == n:
+                    _zero_around(slab, place)
+                    np.multiply(src, plane[inner], out=slab[(whole, whole) + place],
+                                casting="unsafe")
+                    first = False
+                    continue
+                if first:
+                    slab.fill(0)
+                    first = False
+                t = tmp[(whole, slice(0, k)) + inner]
+                np.multiply(src, plane[inner], out=t, casting="unsafe")
+                d = slab[(whole, slice(0, k)) + place]
+                np.add(d, t, out=d)
+            if first:
+                slab.fill(0)
+            np.multiply(slab, col[i:i + n], out=slab)
 
         def run(part: int, i0: int, i1: int) -> None:
             acc = self._scratch_array(("acc", part), (channels, rows) + box)
             tmp = self._scratch_array(("tmp", part), (channels, rows) + tmp_shape)
-            for i in range(i0, i1, rows):
-                n = min(rows, i1 - i)
-                slab = acc[:, :n]
-                slab.fill(0)
-                for (m, rel, _), e, plane in zip(members, ext, planes):
-                    k = min(n, e[0] - i)
-                    if k <= 0:
-                        continue
-                    inner = tuple(slice(0, x) for x in e[1:])
-                    t = tmp[(whole, slice(0, k)) + inner]
-                    np.multiply(ys[m][(whole, slice(i, i + k)) + inner], plane[inner], out=t,
-                                casting="unsafe")
-                    d = slab[(whole, slice(0, k)) + tuple(
-                        slice(r - l, r - l + x) for r, l, x in zip(rel[1:], lo, e[1:]))]
-                    np.add(d, t, out=d)
-                np.multiply(slab, col[i:i + n], out=slab)
-                if self.sink is not None:
-                    self.sink.add((int(self.lo[0]) + r0 + i,)
-                                  + tuple(int(o) + l for o, l in zip(self.lo[1:], lo)), slab)
-                    continue
-                dst = self.buf[(slice(0, channels), slice(r0 + i, r0 + i + n))
-                               + tuple(slice(l, h) for l, h in zip(lo, hi))]
-                np.add(dst, slab, out=dst)
+            with np.errstate(over="raise"):
+                for i in range(i0, i1, rows):
+                    n = min(rows, i1 - i)
+                    if self.sink is not None:
+                        dst = self.sink.view((int(self.lo[0]) + r0 + i,) + tuple(
+                            int(o) + l for o, l in zip(self.lo[1:], lo)), (n,) + box)[:channels]
+                    else:
+                        dst = self.buf[(slice(0, channels), slice(r0 + i, r0 + i + n))
+                                       + tuple(slice(l, h) for l, h in zip(lo, hi))]
+                    slab = acc[:, :n]
+                    try:
+                        fill(slab, tmp, i, n, col, planes)
+                        np.add(dst, slab, out=slab)  # out of place: dst survives an overflow
+                    except FloatingPointError:  # the same rows in float64, saturated
+                        wide = wide_dtype(dt)
+                        col64, planes64 = weights(wide)
+                        with np.errstate(over="ignore"):
+                            half = np.empty(slab.shape, wide)
+                            fill(half, np.empty((channels, n) + tmp_shape, wide), i, n,
+                                 col64 * 0.5, planes64)
+                            half += dst.astype(wide) * 0.5
+                        slab[...] = saturate(doubled(half), dt)
+                    np.copyto(dst, slab)
 
         pool = self.sink.pool if self.sink is not None else None
         if pool is None or n0 <= rows:
@@ -357,15 +408,15 @@ class _Accumulator:
         for f in [pool.submit(run, *part) for part in parts]:
             f.result()
 
-    def _plane(self, gidx: tuple[int, ...]) -> np.ndarray:
+    def _plane(self, gidx: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """Outer product of the weight rows of all axes but the first, cached by row identity."""
-        key = tuple(int(ids[i]) for ids, i in zip(self.q_ids[1:], gidx[1:]))
+        key = tuple(int(ids[i]) for ids, i in zip(self.q_ids[1:], gidx[1:])) + (dtype.str,)
         w = self._planes.get(key)
         if w is None:
             w = np.ones((), dtype=np.float64)
             for q, i in zip(self.q[1:], gidx[1:]):
                 w = np.multiply.outer(w, q[i])
-            w = self._planes[key] = w.astype(self.acc_dtype)
+            w = self._planes[key] = w.astype(dtype)
         return w
 
     def _scratch_array(self, key: tuple, shape: tuple[int, ...]) -> np.ndarray:
@@ -383,21 +434,69 @@ class _Accumulator:
         size = data.shape[1:]
         end = np.minimum(rel + size, self.shape)
         dst = tuple(slice(int(r), int(e)) for r, e in zip(rel, end))
+        src = tuple(slice(0, int(e - r)) for r, e in zip(rel, end))  # border="pad": cropped
         n = data.shape[0]
         target = self.buf[(slice(0, n),) + dst]
-        if target.shape == data.shape:
-            # one reused scratch buffer: no fresh (page-faulting) temporary per patch
-            if self._tmp is None or self._tmp.shape != data.shape:
-                self._tmp = np.empty(data.shape, dtype=self.acc_dtype)
-            np.multiply(data, w, out=self._tmp, casting="unsafe")
-            target += self._tmp
-            wc = w
-        else:  # a border="pad" patch running past the volume: crop it
-            src = tuple(slice(0, int(e - r)) for r, e in zip(rel, end))
-            wc = w[src]
-            target += data[(slice(None),) + src] * wc
-        if self.user is not None:
+        data, wc = data[(slice(None),) + src], w[src]
+        # one reused scratch buffer: no fresh (page-faulting) temporary per patch
+        tmp = self._scratch_array(("add",), data.shape)
+        try:
+            with np.errstate(over="raise"):
+                np.multiply(data, wc, out=tmp, casting="unsafe")
+                np.add(target, tmp, out=tmp)  # out of place: target survives an overflow
+        except FloatingPointError:  # the same sum in float64 at half scale, saturated
+            with np.errstate(over="ignore"):
+                half = data.astype(wide_dtype(tmp.dtype)) * (wc * 0.5) + target * 0.5
+            tmp[...] = saturate(doubled(half), tmp.dtype)
+        np.copyto(target, tmp)
+        if self.user is not None:  # weights scaled to add up to at most 1: no overflow
             self.buf[(n,) + dst] += wc
+
+    def _copy(self, gidx: tuple[int, ...], start: np.ndarray, data: np.ndarray) -> None:
+        """Copy the box of ``data`` ``(C, *size)`` (at absolute ``start``) its patch owns."""
+        own = self.own
+        assert own is not None  # copy mode only
+        rel = np.asarray(start) - self.lo
+        src, dst = [], []
+        for a, (r, i) in enumerate(zip(rel.tolist(), gidx)):
+            o0, o1 = own[a][i]
+            d0, d1 = r + o0, min(r + o1, self.shape[a])
+            if d1 <= d0:
+                return
+            src.append(slice(o0, o0 + d1 - d0))
+            dst.append(slice(d0, d1))
+        piece = data[(slice(None),) + tuple(src)]
+        target = self.buf[(slice(0, piece.shape[0]),) + tuple(dst)]
+        origin = [int(self.lo[a]) + d.start for a, d in enumerate(dst)]
+
+        def nan_at(idx: tuple[int, ...]) -> Exception:
+            return self.numbers.nan_error((idx[0],) + tuple(o + i for o, i in zip(origin, idx[1:])))
+
+        target[...] = cast(piece, target.dtype, nan_at)
+
+
+def _zero_around(slab: np.ndarray, place: tuple[slice, ...]) -> None:
+    """Zero ``slab`` ``(C, rows, *box)`` outside ``place`` (slices of the box's axes)."""
+    head: tuple[slice, ...] = (slice(None), slice(None))
+    for sl, n in zip(place, slab.shape[2:]):
+        if sl.start > 0:
+            slab[head + (slice(0, sl.start),)] = 0
+        if sl.stop < n:
+            slab[head + (slice(sl.stop, n),)] = 0
+        head += (sl,)
+
+
+def _owned_boxes(q: list[np.ndarray]) -> list[list[tuple[int, int]]]:
+    """Per axis, per patch: the ``[lo, hi)`` (in the patch) of the voxels it owns under crop's
+    0/1 weights (an interval: the crop rule is a partition of each axis)."""
+    boxes = []
+    for qa in q:
+        nz = qa > 0
+        lo = nz.argmax(axis=1)
+        hi = qa.shape[1] - nz[:, ::-1].argmax(axis=1)
+        hi = np.where(nz.any(axis=1), hi, lo)
+        boxes.append(list(zip(lo.tolist(), hi.tolist())))
+    return boxes
 
 
 def _describe_output(out: Any) -> str:
@@ -512,9 +611,9 @@ def _apply_block(region, region_lo, ext_lo, ext_shape, owned, starts, q, q_ids, 
 
 
 def _reconstruct_block(chunks, where, ext_lo, ext_shape, gidxs, starts, q, q_ids, user, layout,
-                       channels, acc_dtype, size, sink=None):
+                       channels, numbers, size, sink=None):
     """Accumulate task of ``reconstruct``: the block's patches come from the patch array."""
-    acc = _Accumulator(ext_lo, ext_shape, channels, acc_dtype, q, q_ids, user, sink)
+    acc = _Accumulator(ext_lo, ext_shape, channels, numbers, q, q_ids, user, sink)
     ys = [layout.to_canonical(np.asarray(chunks[c][i:i + 1]))[0].reshape((channels,) + size)
           for c, i in where]
     acc.add_batch(gidxs, [np.asarray(st) for st in starts], ys)
@@ -577,37 +676,69 @@ def _halo(buf: np.ndarray, pieces: list, spill: _Spill | None = None, name: str 
 
 
 def _add(parts, dsts, sels, chunk_shape, channels, user, cov, fill_value, acc_dtype, out_dtype,
-         channel_axis, after=None):
+         channel_axis, after=None, where=None, copy=False):
     """Sum one output chunk from its own block buffer and its neighbours' halo pieces.
 
     ``parts[k]`` is a block buffer (``sels[k]`` a tuple of slices into it) or a halo dict
     (``sels[k]`` the key of this chunk); ``dsts[k]`` is where the part lands in the chunk.
+    ``where`` is ``(chunk index, spatial bounds)`` for error messages; ``copy`` (crop): the parts
+    hold -0.0 (the additive identity) where they do not own a voxel, so the sum is a copy.
+    The sum (and a cast to a narrower float) is redone in float64 and saturated if it overflows;
+    the cast to an integer dtype rounds and saturates (:func:`daskpatch._numbers.cast`).
     """
-    out = np.zeros((channels + user,) + tuple(chunk_shape), dtype=acc_dtype)
-    for part, sel, dst in zip(parts, sels, dsts):
-        if isinstance(part, dict):
-            piece = part[sel]
-            if isinstance(piece, tuple):  # spilled: (where, key)
-                shape = (out.shape[0],) + tuple(d.stop - d.start for d in dst)
-                piece = piece[0].get(piece[1], shape, out.dtype)
-        else:
-            piece = part[(slice(None),) + sel]
-        out[(slice(None),) + dst] += piece
-    if user:
-        w = out[-1]
-        out = out[:-1]
-        np.divide(out, w, out=out, where=w > 0)
+    shape = (channels + user,) + tuple(chunk_shape)
+
+    def nan_at(idx: tuple[int, ...]) -> Exception:
+        key, bounds = where
+        return nan_error(out_dtype, key, bounds, channels, channel_axis,
+                         (idx[0],) + tuple(lo + i for (lo, _), i in zip(bounds, idx[1:])))
+
+    try:
+        with np.errstate(over="raise"):
+            out = cast(_chunk_sum(parts, sels, dsts, shape, user, acc_dtype, acc_dtype, copy),
+                       out_dtype, nan_at)
+    except FloatingPointError:  # the same sum in float64 at half scale, saturated
+        with np.errstate(over="ignore"):
+            half = _chunk_sum(parts, sels, dsts, shape, user, acc_dtype, wide_dtype(acc_dtype),
+                              copy, 0.5)
+        out = cast(doubled(half), out_dtype, nan_at)
     if cov is not None:
         mask = np.ones((), dtype=bool)
         for c in cov:
             mask = np.logical_and.outer(mask, c)
         out[:, ~mask] = fill_value
-    if np.issubdtype(out_dtype, np.integer):
-        out = np.rint(out)
-    out = out.astype(out_dtype, copy=False)
     if channel_axis is None:
         return out[0]
     return np.moveaxis(out, 0, channel_axis)
+
+
+def _chunk_sum(parts, sels, dsts, shape, user, acc_dtype, dtype, copy, scale=None) -> np.ndarray:
+    """The parts of a chunk summed in ``dtype`` (and divided by the user window's weights),
+    times ``scale`` if given."""
+    if copy and np.dtype(dtype).kind in "fc":
+        out = np.full(shape, -0.0, dtype=dtype)
+    else:
+        out = np.zeros(shape, dtype=dtype)
+    for part, sel, dst in zip(parts, sels, dsts):
+        if isinstance(part, dict):
+            piece = part[sel]
+            if isinstance(piece, tuple):  # spilled: (where, key)
+                piece_shape = (shape[0],) + tuple(d.stop - d.start for d in dst)
+                piece = piece[0].get(piece[1], piece_shape, np.dtype(acc_dtype))
+        else:
+            piece = part[(slice(None),) + sel]
+        if scale is not None:
+            factor = np.full((shape[0],) + (1,) * (len(shape) - 1), scale)
+            if user:
+                factor[-1] = 1.0  # the weights: their ratio with the data is halved
+            piece = piece * factor
+        region = out[(slice(None),) + dst]
+        np.add(region, piece, out=region)
+    if user:
+        w = out[-1]
+        out = out[:-1]
+        np.divide(out, w, out=out, where=w > 0)
+    return out
 
 
 def _finish_into(out: np.ndarray, cov: list | None, fill_value: Any, done: list) -> None:
@@ -784,7 +915,8 @@ class _Engine:
         # halo out before the chunk is summed, so the block buffer is freed right after.
         after = (self.halo_name, *idx) if self.plan.has_patches(idx) and self._has_halo(idx) \
             else None
-        task = (_add, parts, dsts, sels, shape, *self.args, cov, *self.dtypes, self.ch, after)
+        task = (_add, parts, dsts, sels, shape, *self.args, cov, *self.dtypes, self.ch, after,
+                (self._out_key(idx)[1:], tuple(bounds)), self.plan.window.blend == "crop")
         return task, set(parts) | ({after} if after else set())
 
     def into(self, out: np.ndarray, workers: int) -> tuple[dict, tuple, _Sink] | None:
@@ -830,14 +962,6 @@ class _Engine:
 
 
 # -- public functions ----------------------------------------------------------------------------
-def _acc_dtype(dtype: np.dtype) -> np.dtype:
-    """float64 buffers for float64 (or wide integer) results, float32 otherwise."""
-    dtype = np.dtype(dtype)
-    if dtype == np.float64 or (dtype.kind in "iu" and dtype.itemsize > 2):
-        return np.dtype(np.float64)
-    return np.dtype(np.float32)
-
-
 def _block(grid: PatchGrid, n_batch: int, block_shape: Any, itemsize: int, channels: int,
            input_chunks: tuple | None) -> tuple[int, ...]:
     if block_shape is None:
@@ -853,10 +977,24 @@ def _window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Wind
     """Parse ``blend`` against the spatial patch shape; a user window gets size-1 batch axes."""
     window = parse_blend(blend, grid.size[n_batch:], sigma_scale)
     if n_batch and isinstance(window.sigma_scale, tuple):  # batch axes: patches of size 1
-        window = Window(window.blend, (1.0,) * n_batch + window.sigma_scale, window.array)
+        window = Window(window.blend, (1.0,) * n_batch + window.sigma_scale, window.array,
+                        window.source)
     if n_batch and not window.separable:
-        window = Window("user", window.sigma_scale, window.array.reshape(grid.size))
+        window = Window("user", window.sigma_scale, window.array.reshape(grid.size),
+                        window.source)
     return window
+
+
+def _max_cover(grid: PatchGrid) -> int:
+    """The most patches that overlap one voxel (a bound: the product of the per-axis counts)."""
+    cover = 1
+    for a in range(grid.ndim):
+        diff = np.zeros(grid.padded_shape[a] + 1, dtype=np.int64)
+        starts = grid.axis_starts(a)
+        np.add.at(diff, starts, 1)
+        np.add.at(diff, starts + grid.size[a], -1)
+        cover *= int(np.cumsum(diff).max())
+    return cover
 
 
 def _check_coverage(grid: PatchGrid, fill_value: Any) -> None:
@@ -1070,13 +1208,16 @@ def reconstruct(
     blend : str, array or callable
         ``"gaussian"`` (default; sigma = ``sigma_scale`` x size, as nnU-Net and MONAI),
         ``"constant"`` (plain mean), ``"hann"``, ``"triangular"``, ``"crop"`` (each voxel from the
-        patch whose centre is nearest), an array of patch shape, or a callable ``f(size) -> array``.
-        User windows must be positive.
+        patch whose centre is nearest: voxels are copied, never multiplied by zero weights), an
+        array of patch shape, or a callable ``f(size) -> array``. User windows must be positive
+        and finite; their scale does not matter (they are normalised).
     channel_axis : int, optional
         Channel axis of ``shape``.
     fill_value : float, optional
         Value of voxels no patch covers (``border="drop"``, or ``stride > size``). Without it such
-        a grid raises an error that counts the uncovered voxels.
+        a grid raises an error that counts the uncovered voxels. It must fit the result dtype
+        (a whole number in range for integers; finite values within range, inf or nan for
+        floats), checked when the graph is built.
     block_shape : int or tuple of int, optional
         Work-block (and output chunk) shape, a multiple of the stride; ``None`` picks one near
         64 MiB.
@@ -1101,8 +1242,10 @@ def reconstruct(
     Returns
     -------
     dask.array.Array
-        The volume, chunked by work blocks. Floating patches keep their dtype; others give
-        float32, except ``blend="crop"``, which copies voxels and keeps the patches' dtype.
+        The volume, chunked by work blocks. Floating (and complex) patches keep their dtype;
+        others give float32, except ``blend="crop"``, which copies voxels and keeps the patches'
+        dtype exactly (int64 above 2**53 too). A result never leaves the range of the values
+        blended into it beyond rounding, and finite values never overflow to inf.
 
     Examples
     --------
@@ -1135,11 +1278,14 @@ def reconstruct(
             f"got {tuple(patches.shape)}"
         )
     in_dtype = np.dtype(patches.dtype)
-    if window.blend == "crop" and in_dtype.kind in "biu":
+    copy = window.blend == "crop"
+    if copy and in_dtype.kind in "biu":
         out_dtype = in_dtype
     else:
         out_dtype = np.result_type(in_dtype, np.float32)
-    acc_dtype = _acc_dtype(out_dtype)
+    check_fill(fill_value, out_dtype)
+    acc_dtype = _acc_dtype(out_dtype, copy)
+    window = window.scaled(_max_cover(grid), acc_dtype)
     if not isinstance(patches, da.Array):
         per = max(1, parse_bytes(dask.config.get("array.chunk-size"))
                   // max(1, math.prod(expected[1:]) * in_dtype.itemsize))
@@ -1147,6 +1293,7 @@ def reconstruct(
     patches = patches.rechunk({i: -1 for i in range(1, patches.ndim)})
     block = _block(grid, nb, block_shape, acc_dtype.itemsize, channels, None)
     plan = _Plan(grid, block, window)
+    numbers = Numbers(acc_dtype, out_dtype, copy, grid.shape, block, channels, ch)
     nbounds = np.cumsum((0,) + patches.chunks[0])
     spill = _parse_spill(spill)  # last: a temporary directory only for a valid call
     name = "reconstruct-" + tokenize(patches.name, shape, grid, block, window.blend,
@@ -1166,7 +1313,7 @@ def reconstruct(
         q = [plan.q[a] for a in range(grid.ndim)] if window.separable else None
         task = (_reconstruct_block, keys, where, ext_lo,
                 tuple(h - lo for lo, h in zip(ext_lo, ext_hi)), gidxs, starts, q,
-                plan.q_ids, user, layout, channels, acc_dtype, grid.size)
+                plan.q_ids, user, layout, channels, numbers, grid.size)
         return task, set(keys)
 
     params = _params("reconstruct", grid, nb, window, block, fill_value, ch, shape=shape,
@@ -1227,7 +1374,11 @@ def apply_patches(
     out_channels : int, optional
         Channels ``fn`` returns (default: the volume's). Needs a channel axis when not 1.
     dtype : dtype, optional
-        Result dtype; ``None`` means the volume's dtype when it is floating, else float32.
+        Result dtype; ``None`` means the volume's dtype when it is floating or complex, else
+        float32. An integer dtype rounds to nearest and saturates at the type's limits (255.6 ->
+        255 and -0.6 -> 0 as uint8); NaN has no integer value, and raises an error naming the
+        output chunk and voxel. A complex ``fn`` output needs a complex dtype (a TypeError says
+        so). A value beyond a floating dtype's range saturates at its largest finite value.
 
     Returns
     -------
@@ -1268,13 +1419,16 @@ def apply_patches(
             )
     fn = wrap_fn(fn, layout, tuple(volume.shape), grid.size[nb:], vol.channels, cout)
     if dtype is None:
-        out_dtype = vol.dtype if vol.dtype.kind == "f" else np.dtype(np.float32)
+        out_dtype = vol.dtype if vol.dtype.kind in "fc" else np.dtype(np.float32)
     else:
         try:
             out_dtype = np.dtype(dtype)
         except TypeError as err:
             raise TypeError(f"dtype must be a NumPy dtype; got {_describe(dtype)}") from err
-    acc_dtype = _acc_dtype(out_dtype)
+    check_fill(fill_value, out_dtype)
+    copy = window.blend == "crop"
+    acc_dtype = _acc_dtype(out_dtype, copy)
+    window = window.scaled(_max_cover(grid), acc_dtype)
     chunks_in = getattr(vol.array, "chunks", None)  # Zarr: ints; Dask: tuples
     if isinstance(chunks_in, tuple):
         chunks_in = [c if isinstance(c, tuple) else (int(c),) for c in chunks_in]
@@ -1285,6 +1439,7 @@ def apply_patches(
         chunks_in = None
     block = _block(grid, nb, block_shape, acc_dtype.itemsize, cout, chunks_in)
     plan = _Plan(grid, block, window)
+    numbers = Numbers(acc_dtype, out_dtype, copy, grid.shape, block, cout, layout.channel_axis)
     spill = _parse_spill(spill)  # last: a temporary directory only for a valid call
     name = "apply-patches-" + tokenize(vol.name, fn, grid, block, window.blend, window.sigma_scale,
                                        window.array, pad_mode, pad_value, batch_size, cout,
@@ -1300,7 +1455,7 @@ def apply_patches(
         read, deps = vol.read_task(lo, hi, pad_mode, pad_value)
         task = (_apply_block, read, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
                 [range(*o) for o in owned], plan.starts, q, plan.q_ids, user, fn, batch_size,
-                layout, nb, cout, acc_dtype, grid.size, bidx)
+                layout, nb, cout, numbers, grid.size, bidx)
         return task, deps
 
     params = _params("apply_patches", grid, nb, window, block, fill_value, layout.channel_axis,

@@ -9,7 +9,9 @@ Each 1-D profile is therefore divided by its own axis sum *before* the patches a
 ``i`` contributes ``prod_a q_a[i_a](x_a - s_{a,i})`` with ``q = p / W_a``, and those weights add up
 to one wherever a patch covers. Nothing is divided by a small or zero number at the volume's
 borders (tiler's hann gives an error of 1.0 there), nothing is clamped (MONAI and nnU-Net clamp
-gaussian weights to 1e-3 of the peak), and nothing of volume size is ever built.
+gaussian weights to 1e-3 of the peak), and nothing of volume size is ever built. The gaussian is
+normalised in log space, so even ``sigma_scale=1e-3`` (a profile that is 0 in float64 a few voxels
+off its centre) gives weights that add up to one, with no 0/0.
 
 All profiles are strictly positive (``hann`` and ``triangular`` are sampled at voxel centres), so a
 voxel is weighted wherever a patch covers it. ``"crop"`` takes each voxel from the patch whose centre
@@ -17,7 +19,8 @@ is nearest — the ``map_overlap`` trim rule — which per axis is a partition, 
 
 A user window (an array of patch shape, or a callable returning one) need not be separable; the
 engine then accumulates the weights beside the data and divides once per voxel. It must be
-positive and finite.
+positive and finite; it is scaled (:meth:`Window.scaled`) so that its weights covering a voxel add
+up to at most one, whatever the scale of the user's numbers (1e38 or 1e-45).
 """
 
 from __future__ import annotations
@@ -114,6 +117,28 @@ class Window:
     blend: str  # a built-in name, or "user"
     sigma_scale: float | tuple[float, ...]  # one for all axes, or one per axis
     array: np.ndarray | None = None  # user window, patch shape, float64
+    source: str = "blend"  # how error messages name a user window
+
+    def scaled(self, cover: int, dtype: Any) -> Window:
+        """A user window scaled for accumulation in ``dtype`` where at most ``cover`` patches
+        overlap a voxel: divided by its largest weight times ``cover``, so the weights covering
+        any voxel add up to at most one (a weighted sum never overflows, however large or small
+        the user's numbers), with its smallest weight still a normal ``dtype`` number (else the
+        weight sum of a voxel could underflow to zero, or lose its precision).
+        """
+        if self.array is None:
+            return self
+        top = float(self.array.max())
+        ratio = float(self.array.min()) / top
+        tiny = float(np.finfo(dtype).tiny)
+        if ratio / cover < tiny:
+            raise ValueError(
+                f"{self.source} has a smallest weight {ratio:.3g} times its largest; "
+                f"{np.dtype(dtype)} accumulation needs at least {tiny * cover:.3g} (up to "
+                f"{cover} patches overlap a voxel, and their weights, scaled to add up to at "
+                "most 1, must stay normal numbers): raise its smallest weights"
+            )
+        return Window("user", self.sigma_scale, self.array / top / cover, self.source)
 
     @property
     def separable(self) -> bool:
@@ -145,10 +170,35 @@ class Window:
             right = np.clip(j, 0, len(centres) - 1)
             nearest = np.where(np.abs(t - centres[left]) <= np.abs(t - centres[right]), left, right)
             return (nearest[pos] == np.arange(len(starts))[:, None]).astype(np.float64)
+        if self.blend == "gaussian":
+            return _log_normalised(_gaussian_log(size, self.sigma(axis)), pos, extent)
         p = profile(self.blend, size, self.sigma(axis)) if self.array is None else np.ones(size)
         total = np.zeros(extent, dtype=np.float64)
         np.add.at(total, pos, np.broadcast_to(p, pos.shape))
         return p[None, :] / total[pos]
+
+
+def _gaussian_log(n: int, sigma_scale: float) -> np.ndarray:
+    """The natural log of the gaussian profile over ``n`` voxels (peak 0; never ``-inf``)."""
+    k = np.arange(n, dtype=np.float64)
+    return -0.5 * ((k - (n - 1) / 2) / (sigma_scale * n)) ** 2
+
+
+def _log_normalised(log_p: np.ndarray, pos: np.ndarray, extent: int) -> np.ndarray:
+    """Weights ``p_i(t) / sum_j p_j(t)`` over the patches ``j`` covering ``t``, from ``log p``.
+
+    Computed as ``exp(l_i - m) / sum_j exp(l_j - m)`` with ``m(t) = max_j l_j(t)``: the largest
+    term is exactly 1, so the sum is at least 1 and nothing divides by zero, however small the
+    profile gets (a gaussian with ``sigma_scale=1e-3`` is 0 in float64 a few voxels off its
+    centre); a weight underflows to 0 only where its exact value is below 1e-308.
+    """
+    logs = np.broadcast_to(log_p, pos.shape)
+    peak = np.full(extent, -np.inf)
+    np.maximum.at(peak, pos, logs)
+    rel = np.exp(logs - peak[pos])
+    total = np.zeros(extent, dtype=np.float64)
+    np.add.at(total, pos, rel)
+    return rel / total[pos]
 
 
 def _parse_sigma(value: Any, name: str) -> float:
@@ -203,4 +253,4 @@ def parse_blend(blend: Any, size: tuple[int, ...], sigma_scale: Any = 0.125) -> 
             f"{what} must be positive and finite everywhere (a zero weight would leave covered "
             f"voxels without weight); its minimum is {np.nanmin(arr)}"
         )
-    return Window("user", sigma_scale, arr)
+    return Window("user", sigma_scale, arr, what)
