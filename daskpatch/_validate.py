@@ -20,7 +20,25 @@ PAD_MODES: tuple[str, ...] = ("reflect", "symmetric", "edge", "wrap", "constant"
 
 
 def _describe(value: Any) -> str:
-    return f"{value!r} of type {type(value).__name__}"
+    """``value`` and its type for an error message; an array or a long container is summarised
+    (its type, shape or length and dtype), never printed whole.
+
+    Examples
+    --------
+    >>> _describe(2.5)
+    '2.5 of type float'
+    >>> import numpy as np
+    >>> _describe(np.zeros((64, 64), np.float32))
+    'an array of shape (64, 64) and dtype float32 of type ndarray'
+    """
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if isinstance(shape, tuple) and dtype is not None and not isinstance(value, np.generic):
+        return f"an array of shape {shape} and dtype {dtype} of type {type(value).__name__}"
+    text = repr(value)
+    if len(text) > 200:
+        size = f" of length {len(value)}" if hasattr(value, "__len__") else ""
+        return f"a {type(value).__name__}{size} (not shown: its repr has {len(text)} characters)"
+    return f"{text} of type {type(value).__name__}"
 
 
 def parse_int(value: Any, name: str, *, minimum: int | None = None) -> int:

@@ -251,6 +251,15 @@ def parse_blend(blend: Any, size: tuple[int, ...], sigma_scale: Any = 0.125) -> 
     if not np.all(np.isfinite(arr)) or not np.all(arr > 0):
         raise ValueError(
             f"{what} must be positive and finite everywhere (a zero weight would leave covered "
-            f"voxels without weight); its minimum is {np.nanmin(arr)}"
+            f"voxels without weight); {_first_bad(arr)}"
         )
     return Window("user", sigma_scale, arr, what)
+
+
+def _first_bad(arr: np.ndarray) -> str:
+    """Where a user window first fails to be positive and finite, for an error message."""
+    bad = ~(np.isfinite(arr) & (arr > 0))
+    where = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape))
+    finite = arr[np.isfinite(arr)]
+    low = f"its minimum is {finite.min()}" if finite.size else "it has no finite value"
+    return f"{low}; the first bad weight is {arr[where]} at {where}"
