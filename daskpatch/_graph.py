@@ -27,6 +27,7 @@ from dask._task_spec import GraphNode
 from dask.base import clone_key, tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
+from dask.typing import Key
 from dask.utils import key_split
 
 from ._engine.spill import Spill, spill_bytes
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from ._engine.engine import Engine
 
 
-Key = tuple
 
 
 class LazyLayer(Layer):
@@ -58,7 +58,7 @@ class LazyLayer(Layer):
         keys: Callable[[], Iterator[Key]],
         count: int,
         contains: Callable[[Any], bool],
-        task: Callable[[Key], tuple[Any, set]],
+        task: Callable[[Any], tuple[Any, set]],
         annotations: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(annotations=annotations)
@@ -80,7 +80,7 @@ class LazyLayer(Layer):
         return self._count
 
     @property
-    def has_legacy_tasks(self) -> bool:  # type: ignore[override]
+    def has_legacy_tasks(self) -> bool:
         return True
 
     def is_materialized(self) -> bool:
@@ -89,12 +89,12 @@ class LazyLayer(Layer):
     def get_output_keys(self) -> set:
         return set(self._keys())
 
-    def get_dependencies(self, key: Key, all_hlg_keys: Collection[Key]) -> set:
+    def get_dependencies(self, key: Key, all_hlg_keys: Collection[Key]) -> set[Key]:
         return set(self._task(key)[1])
 
     def cull(
         self, keys: set, all_hlg_keys: Collection[Key]
-    ) -> tuple[Layer, Mapping[Key, set]]:
+    ) -> tuple[Layer, Mapping[Key, set[Key]]]:
         out: dict = {}
         deps: dict = {}
         work = [k for k in keys if self._contains(k)]

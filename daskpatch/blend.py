@@ -130,6 +130,7 @@ def _window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Wind
         window = Window(window.blend, (1.0,) * n_batch + window.sigma_scale, window.array,
                         window.source)
     if n_batch and not window.separable:
+        assert window.array is not None  # a user window
         window = Window("user", window.sigma_scale, window.array.reshape(grid.size),
                         window.source)
     return window
@@ -284,9 +285,9 @@ def reconstruct(
     weights = make_weights(grid, window, slab)
     numbers = Numbers(acc_dtype, out_dtype, copy, grid.shape, block, channels, ch)
     nbounds = np.cumsum((0,) + patches.chunks[0])
-    spill = parse_spill(spill)  # last: a temporary directory only for a valid call
+    spilled = parse_spill(spill)  # last: a temporary directory only for a valid call
     name = "reconstruct-" + tokenize(patches.name, shape, grid, block, window.blend,
-                                     window.sigma_scale, window.array, fill_value, ch, spill,
+                                     window.sigma_scale, window.array, fill_value, ch, spilled,
                                      slab)
     axis_starts = [grid.axis_starts(a) for a in range(grid.ndim)]
 
@@ -308,7 +309,7 @@ def reconstruct(
     params = _params("reconstruct", grid, nb, window, block, fill_value, ch, shape=shape,
                      channels=channels, input_dtype=in_dtype, dtype=out_dtype)
     engine = Engine(plan, name, accumulate, channels, acc_dtype, out_dtype, fill_value, layout,
-                    spill, window, params=params)
+                    spilled, window, params=params)
     return engine_array(engine, [patches], None)
 
 
@@ -431,10 +432,10 @@ def apply_patches(
     slab = int(get_bytes("slab-bytes"))  # the order of float sums: part of the name
     weights = make_weights(grid, window, slab)
     numbers = Numbers(acc_dtype, out_dtype, copy, grid.shape, block, cout, layout.channel_axis)
-    spill = parse_spill(spill)  # last: a temporary directory only for a valid call
+    spilled = parse_spill(spill)  # last: a temporary directory only for a valid call
     name = "apply-patches-" + tokenize(vol.name, fn, grid, block, window.blend, window.sigma_scale,
                                        window.array, pad_mode, pad_value, batch_size, cout,
-                                       out_dtype, fill_value, layout, spill, slab)
+                                       out_dtype, fill_value, layout, spilled, slab)
     axis_starts = tuple(grid.axis_starts(a) for a in range(grid.ndim))
     batches = BatchPool()  # this engine's: emptied when none of its blocks holds a batch
 
@@ -455,7 +456,7 @@ def apply_patches(
                      channels=vol.channels, out_channels=cout, input_dtype=vol.dtype,
                      dtype=out_dtype)
     engine = Engine(plan, name, accumulate, cout, acc_dtype, out_dtype, fill_value, layout,
-                    spill, window, params=params)
+                    spilled, window, params=params)
     return engine_array(engine, *vol.source_layer())
 
 

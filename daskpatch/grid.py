@@ -90,7 +90,7 @@ class PatchGrid:
 
     shape: tuple[int, ...]
     size: tuple[int, ...]
-    stride: tuple[int, ...] = field(default=None)  # type: ignore[assignment]
+    stride: tuple[int, ...] = field(default=None)  # type: ignore[arg-type]
     border: BorderMode = "shift"
 
     def __init__(

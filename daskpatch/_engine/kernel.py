@@ -45,7 +45,9 @@ class Accumulator:
             self.buf = np.full((channels + extra,) + self.shape, -0.0, dtype=acc_dtype)
         else:
             self.buf = np.zeros((channels + extra,) + self.shape, dtype=acc_dtype)
-        self.q, self.q_ids, self.user = weights.q, weights.q_ids, user_window
+        # separable: one weight row per start and axis (a user window has none)
+        self.q: list[np.ndarray] = weights.q if weights.q is not None else []
+        self.q_ids, self.user = weights.q_ids, user_window
         self.slab_bytes = weights.slab_bytes
         self.acc_dtype = acc_dtype
         self.own = _owned_boxes(weights.q) if numbers.copy and weights.q is not None else None
@@ -281,9 +283,10 @@ def make_weights(grid: PatchGrid, window: Window, slab_bytes: int) -> Weights:
     """The normalised weights of ``window``'s patches on ``grid``: per axis, a row per patch
     start and the id of each distinct row (separable windows), or the user window itself."""
     if not window.separable:
-        ids = [np.zeros(len(grid.axis_starts(a)), dtype=np.int64) for a in range(grid.ndim)]
-        return Weights(None, ids, window.array, slab_bytes)
-    q, q_ids = [], []
+        zeros = [np.zeros(len(grid.axis_starts(a)), dtype=np.int64) for a in range(grid.ndim)]
+        return Weights(None, zeros, window.array, slab_bytes)
+    q: list[np.ndarray] = []
+    q_ids: list[np.ndarray] = []
     for a in range(grid.ndim):
         qa = window.axis_weights(grid.axis_starts(a), grid.size[a], grid.padded_shape[a], axis=a)
         _, ids = np.unique(qa, axis=0, return_inverse=True)
