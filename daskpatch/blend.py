@@ -18,8 +18,12 @@ holding its start. Three tasks per block:
    extra channel, divided once here.
 
 Each output chunk is produced by exactly one task, so writing the result to Zarr needs no locks.
-"""
 
+This module parses the arguments, plans (the block shape; the block plan is
+:meth:`daskpatch.grid.PatchGrid.block_plan`'s) and builds; the tasks are in
+:mod:`daskpatch._engine` (spec, kernel, block, halo, spill, sink, engine) and their graphs in
+:mod:`daskpatch._graph`.
+"""
 
 from __future__ import annotations
 

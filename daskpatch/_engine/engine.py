@@ -106,7 +106,7 @@ class Engine:
         return engine
 
     # -- keys ------------------------------------------------------------------------------------
-    def keys(self):
+    def keys(self) -> Iterator[tuple]:
         for bidx in itertools.product(*self.owning):
             yield (self.acc_name, *bidx)
         for bidx in itertools.product(*self.owning):
