@@ -194,13 +194,13 @@ def held_by_order(obj, out_name: str, chunk_bytes: int) -> tuple[int, dict]:
     def size(k) -> int:
         t = _task_tuple(dsk[k])
         fname = getattr(t[0], "__name__", "") if isinstance(t, tuple) and t else ""
-        if fname == "_apply_block":  # an accumulation buffer
-            return math.prod(t[4]) * 4
-        if fname == "_halo":  # (possibly fused into its acc key by dask's optimisation)
+        if fname == "apply_block":  # an accumulation buffer (its spec's extended shape)
+            return math.prod(t[1].ext_shape) * 4
+        if fname == "halo":  # (possibly fused into its acc key by dask's optimisation)
             if len(t) > 3 and t[3] is not None:  # spilled to disk: the result is file names
                 return 0
             return sum(math.prod(s.stop - s.start for s in sl) * 4 for _, sl in t[2])
-        if fname == "_add":
+        if fname == "add":
             return chunk_bytes
         return 0  # writes, sources (and an output fused into its write: transient)
 
@@ -384,7 +384,8 @@ def worker_zarr(p: dict) -> dict:
         "timeline": sampler.timeline, "held_at_peak": tracker.best,
         "max_held": tracker.max_held, "max_err": max(errs), "writer": writer,
         "spill": mode, "spilled": spilled, "spill_bytes_left": spill_bytes,
-        "spill_files_left": spill_files, "block_bytes_default": dpblend.BLOCK_BYTES,
+        "spill_files_left": spill_files, "block_bytes_default":
+        dask.utils.parse_bytes(dask.config.get("daskpatch.block-bytes")),
         "num_workers": dask.config.get("num_workers", None) or os.cpu_count(), "ntasks": ntasks,
     }
 

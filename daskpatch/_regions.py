@@ -28,11 +28,8 @@ import numpy as np
 import zarr
 from dask.base import tokenize
 
+from ._config import get_bytes
 from ._validate import _describe
-
-
-#: A region read of a Zarr array touching more chunk bytes than this reads chunk by chunk.
-READ_BYTES = 64 * 2**20
 
 
 def _direct_source(x: da.Array) -> Any | None:
@@ -245,15 +242,16 @@ def _read_note(arr: Any, index: tuple[slice, ...]) -> str:
 
 
 def _read_region(arr: Any, index: tuple[slice, ...]) -> Any:
-    """``arr[index]``; a Zarr read touching more than :data:`READ_BYTES` of chunks is done one
-    chunk at a time (zarr decodes all the chunks of one read at once: 8 chunks of 64 MiB for a
+    """``arr[index]``; a Zarr read touching more than ``daskpatch.read-bytes`` of chunks is done
+    one chunk at a time (zarr decodes all the chunks of one read at once: 8 chunks of 64 MiB for a
     block plus halo is half a GiB of transient memory)."""
     chunks = getattr(arr, "chunks", None)
     if not isinstance(arr, zarr.Array) or not isinstance(chunks, tuple):
         return arr[index]
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(index, chunks)]
     touched = math.prod(len(r) for r in ranges)
-    if touched <= 1 or touched * math.prod(chunks) * arr.dtype.itemsize <= READ_BYTES:
+    if touched <= 1 or touched * math.prod(chunks) * arr.dtype.itemsize <= get_bytes(
+            "read-bytes"):
         return arr[index]
     out = np.empty(tuple(s.stop - s.start for s in index), dtype=arr.dtype)
     for combo in itertools.product(*ranges):

@@ -16,7 +16,7 @@ import numpy as np
 
 from ._validate import BORDERS, BorderMode, parse_choice, parse_int, parse_per_axis, parse_shape
 
-__all__ = ["PatchGrid", "axis_starts"]
+__all__ = ["BlockPlan", "PatchGrid", "axis_starts"]
 
 
 def axis_starts(n: int, size: int, stride: int, border: str) -> np.ndarray:
@@ -90,7 +90,7 @@ class PatchGrid:
 
     shape: tuple[int, ...]
     size: tuple[int, ...]
-    stride: tuple[int, ...] = field(default=None)  # type: ignore[assignment]
+    stride: tuple[int, ...] = field(default=None)  # type: ignore[arg-type]
     border: BorderMode = "shift"
 
     def __init__(
@@ -233,6 +233,18 @@ class PatchGrid:
         block = self.normalize_block_shape(block_shape)
         return tuple(-(-n // b) for n, b in zip(self.shape, block))
 
+    def block_plan(self, block_shape: Any) -> BlockPlan:
+        """The plan of the work blocks of ``block_shape``: which patches each owns, each one's
+        extended range, which blocks' chunks each reaches (see :class:`BlockPlan`).
+
+        Examples
+        --------
+        >>> plan = PatchGrid((16,), 4, 2).block_plan(8)
+        >>> plan.owned[0], plan.ext[0], plan.targets[0]
+        (((0, 4), (4, 7)), ((0, 10), (8, 16)), ((0, 1), (1,)))
+        """
+        return BlockPlan.of(self, self.normalize_block_shape(block_shape))
+
     def owner(self, index: int, block_shape: Any) -> tuple[int, ...]:
         """Block index of the work block that owns patch ``index`` (the block holding its start).
 
@@ -241,19 +253,77 @@ class PatchGrid:
         >>> PatchGrid((16, 16), 4, 2).owner(5, (8, 8))
         (0, 1)
         """
-        block = self.normalize_block_shape(block_shape)
-        return tuple(s // b for s, b in zip(self.start(index), block))
+        return self.block_plan(block_shape).owner(self.grid_index(index))
 
     def block_patches(self, block_index: Any, block_shape: Any) -> np.ndarray:
         """Flat indices (C order) of the patches owned by the work block ``block_index``."""
-        block = self.normalize_block_shape(block_shape)
-        nb = self.block_grid_shape(block)
+        plan = self.block_plan(block_shape)
         idx = parse_per_axis(block_index, self.ndim, "block_index", minimum=0)
-        if any(i >= n for i, n in zip(idx, nb)):
-            raise IndexError(f"block_index {idx} is out of range for a block grid of {nb}")
-        ranges = [
-            np.flatnonzero(s // b == i) for s, b, i in zip(self._starts, block, idx)
-        ]
+        if any(i >= n for i, n in zip(idx, plan.nblocks)):
+            raise IndexError(f"block_index {idx} is out of range for a block grid of "
+                             f"{plan.nblocks}")
+        ranges = [np.arange(*plan.owned[a][i]) for a, i in enumerate(idx)]
         if any(r.size == 0 for r in ranges):
             return np.zeros(0, dtype=np.int64)
         return np.ravel_multi_index(np.ix_(*ranges), self.grid_shape).ravel()
+
+
+@dataclass(frozen=True, eq=False)
+class BlockPlan:
+    """Per axis, the work blocks of a grid: the patches each owns, its extended buffer and the
+    output chunks (one per block, the block's own range) it reaches.
+
+    A patch belongs to the block holding its start; a block's extended range runs from its first
+    patch's start to its last patch's end, so it reaches the chunks of the blocks above it (the
+    halo). Made by :meth:`PatchGrid.block_plan`.
+    """
+
+    grid: PatchGrid
+    block: tuple[int, ...]
+    nblocks: tuple[int, ...]
+    #: per axis, per block: its patches' index range ``[i0, i1)`` along the axis
+    owned: tuple[tuple[tuple[int, int], ...], ...]
+    #: per axis, per block: its extended buffer ``[lo, hi)`` (``(0, 0)``: no patch)
+    ext: tuple[tuple[tuple[int, int], ...], ...]
+    #: per axis, per chunk: the blocks whose buffers reach it
+    sources: tuple[tuple[tuple[int, ...], ...], ...]
+    #: per axis, per block: the chunks its buffer reaches
+    targets: tuple[tuple[tuple[int, ...], ...], ...]
+
+    @classmethod
+    def of(cls, grid: PatchGrid, block: tuple[int, ...]) -> BlockPlan:
+        nblocks = tuple(-(-n // b) for n, b in zip(grid.shape, block))
+        owned_ax, ext_ax, sources_ax, targets_ax = [], [], [], []
+        for a, (n, z, b) in enumerate(zip(grid.shape, grid.size, block)):
+            s = grid.axis_starts(a)
+            bounds = np.searchsorted(s // b, np.arange(nblocks[a] + 1))
+            owned = tuple((int(bounds[i]), int(bounds[i + 1])) for i in range(nblocks[a]))
+            ext = tuple((int(s[i0]), min(int(s[i1 - 1]) + z, n)) if i1 > i0 else (0, 0)
+                        for i0, i1 in owned)
+            srcs = tuple(tuple(k for k, (lo, hi) in enumerate(ext)
+                               if hi > lo and lo < min((c + 1) * b, n) and hi > c * b)
+                         for c in range(nblocks[a]))
+            targets: list[list[int]] = [[] for _ in range(nblocks[a])]
+            for c, blocks in enumerate(srcs):
+                for k in blocks:
+                    targets[k].append(c)
+            owned_ax.append(owned)
+            ext_ax.append(ext)
+            sources_ax.append(srcs)
+            targets_ax.append(tuple(tuple(t) for t in targets))
+        return cls(grid, tuple(block), nblocks, tuple(owned_ax), tuple(ext_ax),
+                   tuple(sources_ax), tuple(targets_ax))
+
+    def chunk(self, a: int, c: int) -> tuple[int, int]:
+        """The range ``[lo, hi)`` of output chunk (and block) ``c`` on axis ``a``."""
+        n, b = self.grid.shape[a], self.block[a]
+        return c * b, min((c + 1) * b, n)
+
+    def has_patches(self, bidx: tuple[int, ...]) -> bool:
+        """Whether block ``bidx`` owns any patch."""
+        return all(self.owned[a][b][1] > self.owned[a][b][0] for a, b in enumerate(bidx))
+
+    def owner(self, gidx: tuple[int, ...]) -> tuple[int, ...]:
+        """The block owning the patch of grid index ``gidx``."""
+        return tuple(int(self.grid.axis_starts(a)[i]) // b
+                     for a, (i, b) in enumerate(zip(gidx, self.block)))

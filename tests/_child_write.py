@@ -50,7 +50,7 @@ def main() -> None:
     import daskpatch as dp
 
     if args.spill_bytes is not None:
-        dp.blend.SPILL_BYTES = args.spill_bytes
+        dask.config.set({"daskpatch.spill-bytes": args.spill_bytes})
     lock = threading.Lock()
     calls = [0]
 

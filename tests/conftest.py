@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dask
@@ -22,6 +23,14 @@ class ComputeForbidden(AssertionError):
 
 def _refuse(*args: Any, **kwargs: Any) -> None:
     raise ComputeForbidden("a graph was computed while it was being built")
+
+
+@pytest.fixture
+def setting() -> Iterator[Callable[[str, Any], None]]:
+    """``setting("daskpatch.spill-bytes", 0)``: a :mod:`dask.config` setting for the rest of
+    the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda key, value: stack.enter_context(dask.config.set({key: value}))
 
 
 @pytest.fixture

@@ -169,10 +169,9 @@ def test_spilled_halos_give_the_same_result(tmp_path):
     np.testing.assert_allclose(back.compute(), vol, atol=1e-6)
 
 
-def test_large_zarr_region_reads_decode_one_chunk_at_a_time(counting_zarr, monkeypatch):
+def test_large_zarr_region_reads_decode_one_chunk_at_a_time(counting_zarr, monkeypatch,
+                                                             setting):
     import zarr
-
-    import daskpatch._regions as regions
 
     data = np.random.default_rng(8).random((40, 36, 28)).astype(np.float32)
     z, store = counting_zarr(data, (8, 12, 7))
@@ -192,7 +191,7 @@ def test_large_zarr_region_reads_decode_one_chunk_at_a_time(counting_zarr, monke
         return getitem(self, index)
 
     monkeypatch.setattr(zarr.Array, "__getitem__", recording)
-    monkeypatch.setattr(regions, "READ_BYTES", 0)
+    setting("daskpatch.read-bytes", 0)
     before = store.chunk_reads
     out = dp.apply_patches(z, np.sqrt, 16, 8, block_shape=16).compute()
     np.testing.assert_array_equal(out, expected)

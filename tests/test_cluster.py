@@ -97,8 +97,8 @@ def test_worker_killed_mid_run_gives_the_identical_result(client, volume):
 
 
 def test_to_zarr_with_spilled_halos_survives_a_worker_loss(client, volume, tmp_path,
-                                                           monkeypatch):
-    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)  # spill into the output store
+                                                           setting):
+    setting("daskpatch.spill-bytes", 0)  # spill into the output store
     expected = _graph(volume, Model(3)).compute(scheduler="threads")
     job = dp.to_zarr(_graph(volume, Model(3, delay=0.05)), tmp_path / "o.zarr", compute=False)
     future = client.compute(job)

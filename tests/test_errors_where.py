@@ -265,9 +265,9 @@ def test_kept_future_and_spilled_write_on_a_cluster(threads_client, zvol, tmp_pa
 
 @_cluster
 def test_kept_future_and_spilled_write_with_the_module_threshold(threads_client, zvol, tmp_path,
-                                                                 monkeypatch):
+                                                                 setting):
     """The same, with spilling forced the older way (the module constant)."""
-    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)
+    setting("daskpatch.spill-bytes", 0)
     _kept_future_then_to_zarr(threads_client, _res(zvol), tmp_path)
     _to_zarr_then_client_compute(threads_client, _res(zvol), tmp_path)
 

@@ -373,10 +373,10 @@ def test_plain_outputs_carry_dimension_names_and_read_in_tensorstore(tmp_path):
     assert dp.open_volume(tmp_path / "plain.zarr", xarray=True).dims == ("z", "y", "x")
 
 
-def test_interrupted_plain_output_still_reads_in_tensorstore(tmp_path, monkeypatch):
+def test_interrupted_plain_output_still_reads_in_tensorstore(tmp_path, setting):
     """Per-chunk done-markers and spilled halo parts left by a crash, under the output array's
     prefix, stop neither tensorstore nor zarr from reading it."""
-    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)  # spill halos into the output store
+    setting("daskpatch.spill-bytes", 0)  # spill halos into the output store
     vol = np.random.default_rng(6).random((64, 64), dtype=np.float32)
     calls = {"n": 0}
 

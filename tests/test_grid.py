@@ -130,3 +130,40 @@ def test_index_errors():
         grid[2]
     with pytest.raises(ValueError, match=r"block_shape must be a multiple of the stride \(4,\)"):
         grid.owner(0, 6)
+
+
+@pytest.mark.parametrize("border", ["shift", "pad", "drop"])
+def test_block_plan_is_the_ownership_the_engine_computes_with(border):
+    """The work blocks of apply_patches are the grid's plan: each block's patches are
+    ``block_patches``, its buffer spans its patches, and it reaches exactly the chunks of
+    ``targets`` (checked through the result: one chunk per block, every patch once)."""
+    import daskpatch as dp
+
+    grid = PatchGrid((37, 29), (8, 6), (4, 3), border=border)
+    block = (8, 9)
+    plan = grid.block_plan(block)
+    assert plan.nblocks == grid.block_grid_shape(block)
+    for b in itertools.product(*[range(n) for n in plan.nblocks]):
+        flat = grid.block_patches(b, block)
+        expect = [tuple(map(int, np.unravel_index(i, grid.grid_shape))) for i in flat]
+        got = list(itertools.product(*[range(*plan.owned[a][i]) for a, i in enumerate(b)]))
+        assert got == expect
+        assert all(plan.owner(g) == b for g in got)
+        for a, i in enumerate(b):
+            lo, hi = plan.ext[a][i]
+            reached = [c for c in range(plan.nblocks[a])
+                       if hi > lo and lo < plan.chunk(a, c)[1] and hi > plan.chunk(a, c)[0]]
+            assert list(plan.targets[a][i]) == reached
+    calls = []
+
+    def fn(batch):
+        calls.append(len(batch))
+        return batch
+
+    vol = np.random.default_rng(0).random((37, 29), dtype=np.float32)
+    out = dp.apply_patches(vol, fn, (8, 6), (4, 3), border=border, block_shape=block,
+                           fill_value=0.0)
+    assert out.chunks == tuple(tuple(plan.chunk(a, c)[1] - plan.chunk(a, c)[0]
+                                     for c in range(n)) for a, n in enumerate(plan.nblocks))
+    out.compute(scheduler="synchronous")
+    assert sum(calls) == len(grid)

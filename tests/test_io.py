@@ -18,6 +18,7 @@ from dask.delayed import Delayed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from daskpatch._engine.spill import Spill
 from daskpatch.io import (
     aligned_chunks,
     is_stride_aligned,
@@ -586,10 +587,10 @@ def _engine_case():
 
 @pytest.mark.parametrize("threshold, spills", [(0, True), (None, False)])
 def test_to_zarr_spills_large_halos_into_the_output_and_deletes_them(
-        tmp_path, monkeypatch, threshold, spills):
+        tmp_path, threshold, spills, setting):
     dp, vol, expected = _engine_case()
     if threshold is not None:
-        monkeypatch.setattr(dp.blend, "SPILL_BYTES", threshold)
+        setting("daskpatch.spill-bytes", threshold)
     WritesStore.written = []
     store = WritesStore(zarr.storage.LocalStore(str(tmp_path / "o.zarr")))
     out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16)
@@ -605,9 +606,9 @@ def test_to_zarr_spills_large_halos_into_the_output_and_deletes_them(
     assert any(k[0].startswith("halo-") for k in dict(out.dask))
 
 
-def test_to_zarr_never_spills_with_spill_false_and_deletes_explicit_parts(tmp_path, monkeypatch):
+def test_to_zarr_never_spills_with_spill_false_and_deletes_explicit_parts(tmp_path, setting):
     dp, vol, expected = _engine_case()
-    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)
+    setting("daskpatch.spill-bytes", 0)
     WritesStore.written = []
     store = WritesStore(zarr.storage.LocalStore(str(tmp_path / "o.zarr")))
     z = to_zarr(dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16, spill=False), store)
@@ -621,9 +622,9 @@ def test_to_zarr_never_spills_with_spill_false_and_deletes_explicit_parts(tmp_pa
     assert halos.exists() and not [p for p in halos.rglob("*") if p.is_file()]
 
 
-def test_to_zarr_resumes_a_spilled_engine(tmp_path, monkeypatch):
+def test_to_zarr_resumes_a_spilled_engine(tmp_path, setting):
     dp, vol, expected = _engine_case()
-    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)
+    setting("daskpatch.spill-bytes", 0)
     target = tmp_path / "r.zarr"
     calls = Counter()
 
@@ -643,22 +644,22 @@ def test_to_zarr_resumes_a_spilled_engine(tmp_path, monkeypatch):
     assert not [p for p in (target / ".daskpatch-spill").rglob("*") if p.is_file()]
 
 
-def test_to_zarr_does_not_spill_into_a_store_in_memory(monkeypatch):
+def test_to_zarr_does_not_spill_into_a_store_in_memory(monkeypatch, setting):
     dp, vol, expected = _engine_case()
-    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)
+    setting("daskpatch.spill-bytes", 0)
     puts = []
-    monkeypatch.setattr(dp.blend._Spill, "put", lambda self, key, data: puts.append(key))
+    monkeypatch.setattr(Spill, "put", lambda self, key, data: puts.append(key))
     z = to_zarr(dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16), zarr.storage.MemoryStore())
     np.testing.assert_array_equal(z[...], expected)
     assert puts == []  # parts in RAM would wait there until the end, instead of being freed
 
 
-def test_spilled_engine_under_a_rechunk(tmp_path, monkeypatch):
+def test_spilled_engine_under_a_rechunk(tmp_path, monkeypatch, setting):
     dp, vol, expected = _engine_case()
-    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)
+    setting("daskpatch.spill-bytes", 0)
     puts = []
-    put = dp.blend._Spill.put
-    monkeypatch.setattr(dp.blend._Spill, "put",
+    put = Spill.put
+    monkeypatch.setattr(Spill, "put",
                         lambda self, key, data: (puts.append(key), put(self, key, data)))
     out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16) * 2
     z = to_zarr(out, tmp_path / "r.zarr", chunks=(10, 12, 7))  # not the engine's chunks

@@ -407,8 +407,8 @@ def test_a_writer_whose_array_was_replaced_stops(tmp_path, source):
 # --------------------------------------------------------------------------------------------
 
 
-def test_resume_with_another_graph_name_leaves_no_spilled_parts(tmp_path, source, monkeypatch):
-    monkeypatch.setattr(dp.blend, "SPILL_BYTES", 0)  # spill into the output store
+def test_resume_with_another_graph_name_leaves_no_spilled_parts(tmp_path, source, setting):
+    setting("daskpatch.spill-bytes", 0)  # spill into the output store
     target = tmp_path / "o.zarr"
     _crashed_write(target, source)  # its graph's name comes from the crashing model
     spill = target / ".daskpatch-spill"

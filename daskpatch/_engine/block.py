@@ -1,0 +1,184 @@
+"""The accumulate tasks: a block's patches (read and run through the model, or taken from the
+patch array) added into its buffer, and the checks of what the model returned."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .kernel import Accumulator
+from .spec import ApplyBlock, ReconstructBlock
+
+if TYPE_CHECKING:
+    from .sink import Sink
+
+
+class BatchPool:
+    """Batch arrays reused by block tasks.
+
+    A fresh batch (8 patches of 128^3 float32 is 64 MiB) costs its page faults on every block
+    (~8 ms here, as much as copying the patches in); reused, it costs the copy alone. Each
+    engine owns a pool (its block tasks share it on the threaded scheduler; pickled to a worker,
+    a task gets a fresh, empty one), emptied whenever none of its block tasks holds a batch, so
+    nothing stays allocated after a compute; a pool with ``keep=True`` (one
+    :func:`daskpatch.to_numpy` job's) keeps its batches until :meth:`clear`.
+    """
+
+    def __init__(self, keep: bool = False) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        self.free: dict = {}
+        self.keep = keep
+
+    def __reduce__(self) -> tuple:  # a lock does not pickle: a copy starts empty
+        return (type(self), (self.keep,))
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with self.lock:
+            self.active += 1
+            stack = self.free.get((shape, dtype.str))
+            if stack:
+                return stack.pop()
+        return np.empty(shape, dtype=dtype)
+
+    def give(self, batch: np.ndarray) -> None:
+        with self.lock:
+            self.active -= 1
+            if self.active == 0 and not self.keep:
+                self.free.clear()
+            else:
+                self.free.setdefault((batch.shape, batch.dtype.str), []).append(batch)
+
+
+def _describe_output(out: Any) -> str:
+    """A model output's type and shape (or length); its values only when they are a few
+    scalars (a list of arrays would print megabytes)."""
+    kind = type(out).__name__
+    shape = getattr(out, "shape", None)
+    if shape is not None:
+        return f"a {kind} of shape {tuple(shape)}"
+    try:
+        n = len(out)
+    except TypeError:
+        text = repr(out)
+        return f"{text} of type {kind}" if len(text) <= 80 else f"a {kind}"
+    if n <= 8 and isinstance(out, (list, tuple)) and all(
+            isinstance(v, (bool, int, float, complex, str)) and len(repr(v)) <= 20 for v in out):
+        return f"{out!r} of type {kind} (length {n})"
+    return f"a {kind} of length {n}"
+
+
+def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
+    """Check a model's output against the shape the engine expects back."""
+    if not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        hint = " (stack it with numpy.stack)" if isinstance(out, (list, tuple)) else ""
+        raise TypeError(
+            f"fn must return an array of shape {expected} for a batch of shape {batch_shape}; "
+            f"got {_describe_output(out)}{hint}"
+        )
+    out = np.asarray(out)
+    if out.dtype.kind not in "biufc":
+        raise TypeError(
+            f"fn must return numbers (a numeric dtype) for a batch of shape {batch_shape}; "
+            f"got an array of dtype {out.dtype} ({out.dtype.name}) and shape {out.shape}"
+        )
+    if out.shape != expected:
+        raise ValueError(
+            f"fn returned shape {out.shape} for a batch of shape {batch_shape}; expected "
+            f"{expected} (the batch's patch shape, with out_channels channels where the volume "
+            "has a channel axis)"
+        )
+    return out
+
+
+def _batch_note(block: tuple[int, ...], gidxs: list, starts: list, grid_shape: tuple[int, ...],
+                region_lo: np.ndarray, region_shape: tuple[int, ...]) -> str:
+    """Where a failing batch of ``fn`` was: its work block, its patches, the region read."""
+    flat = [int(np.ravel_multi_index(g, grid_shape)) for g in gidxs]
+    shown = 8
+    st = ", ".join(str(tuple(int(v) for v in x)) for x in starts[:shown])
+    more = f", ... ({len(starts)} patches)" if len(starts) > shown else ""
+    ids = ", ".join(map(str, flat[:shown])) + (", ..." if len(flat) > shown else "")
+    region = ", ".join(f"{int(lo)}:{int(lo) + n}" for lo, n in zip(region_lo, region_shape))
+    return (
+        f"daskpatch: raised for fn's batch of {len(starts)} "
+        f"patch{'es' if len(starts) != 1 else ''} (indices {ids} in the order of "
+        f"extract_patches) starting at {st}{more}, in apply_patches work block {tuple(block)}, "
+        f"which reads the input region [{region}] (non-channel axes, padded coordinates)"
+    )
+
+
+def apply_block(spec: ApplyBlock, region: np.ndarray, batches: BatchPool | None = None,
+                sink: Sink | None = None) -> np.ndarray | None:
+    """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches; the
+    block's buffer (``None`` with a ``sink``: the patches went into it).
+
+    An exception raised by ``fn``, or by the check of what it returned, is re-raised as it is
+    with a note (PEP 678) naming the work ``block``, the batch's patches and the region read.
+    """
+    layout, fn, batch_size = spec.layout, spec.fn, spec.batch_size
+    out_channels, starts = spec.out_channels, spec.starts
+    acc = Accumulator(spec.ext_lo, spec.ext_shape, out_channels, spec.numbers, spec.weights, sink)
+    region_lo = np.asarray(spec.region_lo)
+    items = [(g, np.array([s[i] for s, i in zip(starts, g)]))
+             for g in itertools.product(*spec.owned)]
+    size = tuple(int(v) for v in spec.patch_shape)
+    channels = region.shape[0]
+    spatial = size[spec.n_batch:]
+    pool = sink.pool if sink is not None else None
+    if sink is not None:
+        batches = sink.batches
+    elif batches is None:
+        batches = BatchPool()
+    full = batches.take((min(batch_size, len(items)), channels) + spatial, region.dtype)
+    try:
+        for b0 in range(0, len(items), batch_size):
+            chunk = items[b0:b0 + batch_size]
+            batch = full[:len(chunk)]
+
+            def put(k: int, st: np.ndarray, batch: np.ndarray = batch) -> None:
+                rel = st - region_lo
+                sl = tuple(slice(int(r), int(r) + z) for r, z in zip(rel, size))
+                batch[k] = region[(slice(None),) + sl].reshape(batch.shape[1:])
+
+            if pool is None:
+                for k, (_, st) in enumerate(chunk):
+                    put(k, st)
+            else:
+                for f in [pool.submit(put, k, st) for k, (_, st) in enumerate(chunk)]:
+                    f.result()
+            user_batch = layout.from_canonical(batch)
+            expected = layout.patch_shape(spatial, out_channels)
+            try:
+                out = _check_output(fn(user_batch), user_batch.shape, (len(chunk),) + expected)
+            except Exception as err:
+                note = _batch_note(spec.block, [g for g, _ in chunk], [st for _, st in chunk],
+                                   tuple(len(s) for s in starts), region_lo, region.shape[1:])
+                axes = getattr(fn, "axes", None)  # how the volume's axes were read
+                if axes:
+                    note += f"; fn was called on a batch of shape {user_batch.shape}; {axes}"
+                err.add_note(note)
+                raise
+            out = layout.to_canonical(out).reshape((len(chunk), out_channels) + size)
+            acc.add_batch([g for g, _ in chunk], [st for _, st in chunk], list(out))
+    finally:
+        batches.give(full)
+    return acc.buf if sink is None else None
+
+
+def reconstruct_block(spec: ReconstructBlock, chunks: list, sink: Sink | None = None
+                      ) -> np.ndarray | None:
+    """Accumulate task of ``reconstruct``: the block's patches come from the patch array."""
+    channels, size = spec.channels, spec.patch_shape
+    acc = Accumulator(spec.ext_lo, spec.ext_shape, channels, spec.numbers, spec.weights, sink)
+    ys = [spec.layout.to_canonical(np.asarray(chunks[c][i:i + 1]))[0]
+          .reshape((channels,) + size) for c, i in spec.where]
+    acc.add_batch(list(spec.gidxs), [np.asarray(st) for st in spec.starts], ys)
+    return acc.buf if sink is None else None
