@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from daskpatch.data import INDEX_ATTR, PatchDataset, RandomPatchDataset
 from daskpatch.grid import PatchGrid
 
+from .conftest import write_zarr as to_zarr
+
 TORCH_REASON = "PyTorch is not installed (pip install torch==2.13.0 for the DataLoader tests)"
 
 
@@ -27,12 +29,6 @@ def label_of(image: np.ndarray) -> np.ndarray:
 def make_pair(shape, seed=0):
     image = np.random.default_rng(seed).integers(0, 100, shape).astype(np.float32)
     return image, label_of(image)
-
-
-def to_zarr(path, data, chunks) -> str:
-    z = zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype)
-    z[...] = data
-    return str(path)
 
 
 @pytest.fixture
