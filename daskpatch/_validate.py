@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -120,6 +120,8 @@ def parse_pad_value(value: Any, pad_mode: str, dtype: Any, name: str = "pad_valu
 
 #: Moved to :mod:`daskpatch._axes` (the one axis layout); still importable from here.
 _AXES_NAMES = ("describe_axes", "spatial_ndim", "split_axes")
+if TYPE_CHECKING:
+    from ._axes import describe_axes, spatial_ndim, split_axes  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
