@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import _describe, describe_axes
+from ._axes import describe_axes
+from ._validate import _describe
 
 __all__ = ["BatchFn", "TorchModel", "as_model", "check_model_input", "to_numpy", "wrap_fn"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -136,95 +136,15 @@ def parse_pad_value(value: Any, pad_mode: str, dtype: Any, name: str = "pad_valu
     return value if isinstance(value, int) else v
 
 
-def spatial_ndim(size: Any) -> int | None:
-    """Number of spatial axes a ``size`` argument names, or ``None`` for a scalar size."""
-    if isinstance(size, Sequence) and not isinstance(size, (str, bytes)):
-        return len(size)
-    return None
+#: Moved to :mod:`daskpatch._axes` (the one axis layout); still importable from here.
+_AXES_NAMES = ("describe_axes", "spatial_ndim", "split_axes")
+if TYPE_CHECKING:
+    from ._axes import describe_axes, spatial_ndim, split_axes  # noqa: F401
 
 
-def _axis_list(axes: Sequence[int], shape: Sequence[int] | None) -> str:
-    word = "axis" if len(axes) == 1 else "axes"
-    where = ", ".join(str(a) for a in axes)
-    if shape is None:
-        return f"{word} {where}"
-    return f"{word} {where} ({', '.join(str(int(shape[a])) for a in axes)})"
+def __getattr__(name: str) -> Any:
+    if name in _AXES_NAMES:
+        from . import _axes
 
-
-def describe_axes(ndim: int, channel_axis: int | None, n_batch: int,
-                  shape: Sequence[int] | None = None, *, name: str = "volume") -> str:
-    """What each axis of an array was taken to mean, for error messages.
-
-    Examples
-    --------
-    >>> describe_axes(3, 0, 0, (64, 64, 64), name="image")
-    'the 3-D image of shape (64, 64, 64) is read as channel axis 0 (64 channels) and spatial ...'
-    >>> describe_axes(4, None, 1)
-    'the 4-D volume is read as batch axis 0 and spatial axes 1, 2, 3 (no channel axis)'
-    """
-    ch = None if channel_axis is None else channel_axis % ndim
-    rest = [a for a in range(ndim) if a != ch]
-    parts = []
-    if ch is not None:
-        count = f" ({int(shape[ch])} channels)" if shape is not None else ""
-        parts.append(f"channel axis {ch}{count}")
-    if n_batch:
-        parts.append("batch " + _axis_list(rest[:n_batch], shape))
-    spatial = rest[n_batch:]
-    if spatial:
-        parts.append("spatial " + _axis_list(spatial, shape))
-    what = f"the {ndim}-D {name}" + ("" if shape is None else f" of shape {tuple(shape)}")
-    tail = " (no channel axis)" if ch is None else ""
-    return f"{what} is read as {' and '.join(parts)}{tail}"
-
-
-def split_axes(
-    ndim: int, size: Any, channel_axis: Any, *, name: str = "volume", param: str = "size",
-    shape: Sequence[int] | None = None,
-) -> tuple[int | None, int, int]:
-    """Split an array's axes into (channel axis, number of batch axes, number of spatial axes).
-
-    The spatial axes are the last ``len(size)`` non-channel axes (all of them when ``size`` is a
-    scalar); the non-channel axes before them are batch axes. The channel axis must come before
-    the spatial axes or be the last axis. ``shape`` (the array's) makes messages name the axes'
-    lengths.
-    """
-    if channel_axis is None:
-        ch = None
-    else:
-        ch = parse_int(channel_axis, "channel_axis")
-        if not -ndim <= ch < ndim:
-            raise ValueError(
-                f"channel_axis must be None or an axis of the {ndim}-D {name} "
-                f"(from {-ndim} to {ndim - 1}); got {channel_axis}"
-            )
-        ch %= ndim
-    n_nonchannel = ndim - (ch is not None)
-    if n_nonchannel == 0:
-        raise ValueError(
-            f"the {ndim}-D {name} has no spatial axes besides channel_axis={channel_axis}"
-        )
-    k = spatial_ndim(size)
-    if k is None:
-        k = n_nonchannel
-    if k == 0 or k > n_nonchannel:
-        if ch is None:
-            meant = f"with channel_axis=None all {ndim} axes are batch or spatial axes"
-        else:
-            rest = [a for a in range(ndim) if a != ch]
-            length = "" if shape is None else f" (length {int(shape[ch])})"
-            meant = (f"channel_axis={channel_axis} takes axis {ch}{length} as the channel axis, "
-                     f"leaving {_axis_list(rest, shape)} for the spatial (and batch) axes")
-        raise ValueError(
-            f"{param} has {k} entries but the {ndim}-D {name} has {n_nonchannel} non-channel axes "
-            f"(channel_axis={channel_axis}); {param} must name between 1 and {n_nonchannel} "
-            f"spatial axes: {meant}"
-        )
-    n_batch = n_nonchannel - k
-    if ch is not None and ch != ndim - 1 and ch > n_batch:
-        raise ValueError(
-            f"channel_axis must come before the spatial axes or be the last axis of the {ndim}-D "
-            f"{name}; got channel_axis={channel_axis} between spatial axes ({param} names {k} "
-            f"spatial axes: {_axis_list([a for a in range(ndim) if a != ch][n_batch:], shape)})"
-        )
-    return ch, n_batch, k
+        return getattr(_axes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -92,11 +92,11 @@ def _apply(func: Callable, volume: Any, args: dict) -> Any:
 
 
 def _extract(func: Callable, volume: Any, args: dict) -> Any:
-    from .extract import full_grid, parse_layout
+    from ._axes import full_grid, parse_layout
 
     ch = resolve_channel_axis(args.get("channel_axis"), volume.dims, "volume")
     result = func(**{**args, "volume": volume.data, "channel_axis": ch})
-    layout = parse_layout(volume.ndim, args["size"], ch)
+    layout = parse_layout(volume.ndim, args["size"], ch, shape=volume.shape)
     dims = list(volume.dims)
     ch_dim = None if layout.channel_axis is None else dims[layout.channel_axis]
     grid_dims = [d for d in dims if d != ch_dim]
@@ -107,8 +107,7 @@ def _extract(func: Callable, volume: Any, args: dict) -> Any:
         patch_dims = [ch_dim, *spatial]
     else:
         patch_dims = [*spatial, ch_dim]
-    grid_shape = tuple(n for d, n in zip(dims, volume.shape) if d != ch_dim)
-    grid = full_grid(grid_shape, layout.n_batch, args["size"], args.get("stride"),
+    grid = full_grid(layout.grid_shape, layout.n_batch, args["size"], args.get("stride"),
                      args.get("border", "shift"))
     starts = np.meshgrid(*[grid.axis_starts(a) for a in range(grid.ndim)], indexing="ij")
     coords: dict[Hashable, Any] = {

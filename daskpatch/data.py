@@ -44,21 +44,18 @@ Both datasets return a dict of NumPy arrays per sample:
 
 from __future__ import annotations
 
-import inspect
 import math
-import multiprocessing
-import multiprocessing.context
-import numbers
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-import dask
 import dask.array as da
 import numpy as np
 import zarr
 
+from ._axes import Layout, parse_layout
+from ._sampling import INDEX_ATTR, _ChunkIndex, _parse_fraction, _SharedEpoch, _takes_rng, draw
+from ._source import Source
 from ._validate import (
     BORDERS,
     PAD_MODES,
@@ -69,9 +66,7 @@ from ._validate import (
     parse_int,
     parse_pad_value,
     parse_per_axis,
-    split_axes,
 )
-from ._regions import _direct_source
 from .grid import PatchGrid
 
 __all__ = ["CACHE_MODES", "INDEX_ATTR", "PatchDataset", "RandomPatchDataset"]
@@ -85,154 +80,25 @@ CacheMode = Literal["auto", "refresh", "off"]
 #: writes the store's attributes.
 CACHE_MODES: tuple[str, ...] = ("auto", "refresh", "off")
 
-#: Name of the Zarr attribute that caches the per-chunk counts of a label or weight array.
-INDEX_ATTR = "daskpatch_index"
-_INDEX_VERSION = 1
-
-#: Largest number of per-chunk counts cached in a Zarr attribute (larger indexes are recounted).
-_MAX_CACHED_COUNTS = 2**17
-
-#: Voxels per index cell for sources without storage chunks (NumPy arrays): 64^3 in 3-D.
-_DEFAULT_CELL_VOXELS = 2**18
-
 #: Last entry of the seed of a transform's generator, ``[seed, epoch, index, 1]``: a stream
 #: apart from the sample draws of :class:`RandomPatchDataset` (``[seed, epoch, index]``).
 _TRANSFORM_STREAM = 1
 
 
 # ----------------------------------------------------------------------------------------------
-# Sources: one user array, opened lazily in each process
+# Layouts of the images and of their labels/weights
 # ----------------------------------------------------------------------------------------------
-def _open_zarr(path: str, param: str, mode: str = "r") -> zarr.Array:
-    try:
-        return zarr.open_array(path, mode=mode)  # type: ignore[arg-type]
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{param}: no Zarr array at {path!r}") from e
-    except zarr.errors.NodeTypeValidationError as e:
-        raise ValueError(
-            f"{param}: {path!r} is a Zarr group, not an array; pass the array itself, e.g. "
-            "zarr.open_array(store, path='name', mode='r')"
-        ) from e
+def _layout(shape: tuple[int, ...], size: Any, channel_axis: Any, name: str) -> Layout:
+    return parse_layout(len(shape), size, channel_axis, name, shape=shape)
 
 
-class _Source:
-    """One user array: keeps a path (reopened per process) or the array object itself."""
-
-    def __init__(self, obj: Any, param: str) -> None:
-        self.param = param
-        self.path: str | None = None
-        self._obj: Any = None
-        self._handle: zarr.Array | None = None
-        self._pid: int | None = None
-        self.is_dask = False
-        if isinstance(obj, (str, os.PathLike)):
-            self.path = os.fspath(obj)
-            arr: Any = _open_zarr(self.path, param)
-            self._handle, self._pid = arr, os.getpid()
-        else:
-            if isinstance(obj, da.Array):
-                if any(math.isnan(c) for c in obj.shape):
-                    raise ValueError(f"{param} must have a known shape; got {obj.shape}")
-                direct = _direct_source(obj)
-                if direct is not None:
-                    obj = direct
-                else:
-                    self.is_dask = True
-            if not self.is_dask and not (
-                hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__")
-            ):
-                raise TypeError(
-                    f"{param} must be a Zarr store path, or a Zarr, Dask or NumPy array; "
-                    f"got {_describe(obj)}"
-                )
-            self._obj = arr = obj
-        self.shape: tuple[int, ...] = tuple(int(s) for s in arr.shape)
-        self.dtype = np.dtype(arr.dtype)
-        if len(self.shape) == 0:
-            raise ValueError(f"{param} must have at least one axis; got a 0-d array")
-        self.zarr_backed = isinstance(arr, zarr.Array)
-        if self.zarr_backed:
-            self.chunks: tuple[Any, ...] | None = tuple(int(c) for c in arr.chunks)
-        elif self.is_dask:
-            self.chunks = tuple(tuple(int(c) for c in cs) for cs in arr.chunks)
-        else:
-            self.chunks = None
-
-    # -- lazy, fork-safe access ----------------------------------------------------------------
-    @property
-    def array(self) -> Any:
-        """The array to read from, (re)opened in this process if it was given by path."""
-        if self.path is None:
-            return self._obj
-        if self._handle is None or self._pid != os.getpid():
-            self._handle, self._pid = _open_zarr(self.path, self.param), os.getpid()
-        return self._handle
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self.path is not None:  # never ship an open handle: the worker reopens the path
-            state["_handle"] = None
-            state["_pid"] = None
-        return state
-
-    def read(self, index: tuple[Any, ...]) -> np.ndarray:
-        part = self.array[index]
-        if self.is_dask:
-            # local, single-threaded: a loader worker must not start thread pools or use a client
-            part = part.compute(scheduler="synchronous")
-        return np.asarray(part)
-
-    def describe(self) -> str:
-        return f"{self.param} ({self.path!r})" if self.path else self.param
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Axes of one array: channel axis, batch axes, spatial axes (all as plain ints)."""
-
-    ndim: int
-    channel_axis: int | None
-    n_batch: int
-    batch_shape: tuple[int, ...]
-    spatial_shape: tuple[int, ...]
-    channels: int
-
-    @classmethod
-    def of(cls, shape: tuple[int, ...], size: Any, channel_axis: Any, name: str) -> _Layout:
-        ch, n_batch, k = split_axes(len(shape), size, channel_axis, name=name, shape=shape)
-        rest = [n for a, n in enumerate(shape) if a != ch]
-        return cls(len(shape), ch, n_batch, tuple(rest[:n_batch]), tuple(rest[n_batch:]),
-                   1 if ch is None else shape[ch])
-
-    @property
-    def spatial_axes(self) -> tuple[int, ...]:
-        """Axis numbers of the spatial axes in the full array."""
-        axes = [a for a in range(self.ndim) if a != self.channel_axis]
-        return tuple(axes[self.n_batch:])
-
-    def index(self, batch: tuple[int, ...], spatial: Sequence[slice]) -> tuple[Any, ...]:
-        """Full index tuple: batch ints, spatial slices, the whole channel axis."""
-        idx: list[Any] = list(batch) + list(spatial)
-        if self.channel_axis is not None:
-            idx.insert(self.channel_axis, slice(None))
-        return tuple(idx)
-
-    def channel_first(self, a: np.ndarray) -> np.ndarray:
-        """A region read with :meth:`index` as ``(C, *spatial)``."""
-        if self.channel_axis is None:
-            return a[None]
-        if self.channel_axis == self.ndim - 1:
-            return np.moveaxis(a, -1, 0)
-        return a
-
-
-def _companion_layout(shape: tuple[int, ...], image: _Layout, size: Any, channel_axis: Any,
-                      name: str, image_name: str) -> _Layout:
+def _companion_layout(shape: tuple[int, ...], image: Layout, size: Any, channel_axis: Any,
+                      name: str, image_name: str) -> Layout:
     """Layout of a label or weight array that goes with an image of layout ``image``."""
     if len(shape) == image.ndim:
-        layout = _Layout.of(shape, size, channel_axis, name)
+        layout = _layout(shape, size, channel_axis, name)
     elif channel_axis is not None and len(shape) == image.ndim - 1:
-        layout = _Layout.of(shape, size, None, name)
+        layout = _layout(shape, size, None, name)
     else:
         allowed = f"{image.ndim}" if channel_axis is None else f"{image.ndim} or {image.ndim - 1}"
         raise ValueError(
@@ -257,16 +123,6 @@ def _as_list(value: Any, name: str) -> list[Any]:
     return [value]
 
 
-def _pad_index(n: int, start: int, size: int, mode: str) -> np.ndarray:
-    """Source index of each position of ``[start, start + size)`` padded past ``n`` (-1: zero)."""
-    if mode == "constant":
-        idx = np.arange(start, start + size)
-        return np.where(idx < n, idx, -1)
-    pad = max(0, start + size - n)
-    padded = np.pad(np.arange(n), (0, pad), mode=mode)  # type: ignore[call-overload]
-    return padded[start:start + size]
-
-
 # ----------------------------------------------------------------------------------------------
 # Shared base: volumes, layouts, reading patches
 # ----------------------------------------------------------------------------------------------
@@ -276,9 +132,9 @@ class _VolumeSet:
     def __init__(self, images: Any, size: Any, labels: Any, channel_axis: Any,
                  weights: Any = None) -> None:
         items = _as_list(images, "images")
-        self.images = [_Source(obj, f"images[{i}]") for i, obj in enumerate(items)]
+        self.images = [Source(obj, f"images[{i}]") for i, obj in enumerate(items)]
         self.image_layouts = [
-            _Layout.of(s.shape, size, channel_axis, s.param) for s in self.images
+            _layout(s.shape, size, channel_axis, s.param) for s in self.images
         ]
         ndims = {len(lay.spatial_shape) for lay in self.image_layouts}
         if len(ndims) > 1:
@@ -307,7 +163,7 @@ class _VolumeSet:
         self.volumes: tuple[tuple[int, tuple[int, ...]], ...] = tuple(vols)
         self._vol_item = np.array([v[0] for v in vols], dtype=np.int64)
 
-    def _companions(self, value: Any, name: str, channel_axis: Any) -> list[_Source] | None:
+    def _companions(self, value: Any, name: str, channel_axis: Any) -> list[Source] | None:
         if value is None:
             return None
         items = _as_list(value, name)
@@ -316,10 +172,10 @@ class _VolumeSet:
                 f"{name} must be one volume per image: {len(self.images)} images but "
                 f"{len(items)} {name}"
             )
-        return [_Source(obj, f"{name}[{i}]") for i, obj in enumerate(items)]
+        return [Source(obj, f"{name}[{i}]") for i, obj in enumerate(items)]
 
-    def _companion_layouts(self, sources: list[_Source] | None, size: Any,
-                           channel_axis: Any) -> list[_Layout] | None:
+    def _companion_layouts(self, sources: list[Source] | None, size: Any,
+                           channel_axis: Any) -> list[Layout] | None:
         if sources is None:
             return None
         return [
@@ -330,37 +186,14 @@ class _VolumeSet:
     def spatial_shape(self, v: int) -> tuple[int, ...]:
         return self.image_layouts[self.volumes[v][0]].spatial_shape
 
-    def read(self, source: _Source, layout: _Layout, batch: tuple[int, ...],
-             start: Sequence[int], pad_mode: str = "constant", pad_value: Any = 0) -> np.ndarray:
-        """Patch ``[start, start + size)`` of one volume as a contiguous ``(C, *size)`` array."""
-        shape = layout.spatial_shape
-        if all(s + z <= n for s, z, n in zip(start, self.size, shape)):
-            sl = [slice(int(s), int(s) + z) for s, z in zip(start, self.size)]
-            return np.ascontiguousarray(layout.channel_first(source.read(layout.index(batch, sl))))
-        maps = [_pad_index(n, int(s), z, pad_mode) for n, s, z in zip(shape, start, self.size)]
-        lo = [int(m[m >= 0].min()) if (m >= 0).any() else 0 for m in maps]
-        hi = [int(m[m >= 0].max()) + 1 if (m >= 0).any() else 0 for m in maps]
-        a = layout.channel_first(
-            source.read(layout.index(batch, [slice(l, h) for l, h in zip(lo, hi)]))
-        )
-        for ax, (m, l) in enumerate(zip(maps, lo)):
-            fill = m < 0
-            a = np.take(a, np.where(fill, 0, m - l), axis=ax + 1) if a.shape[ax + 1] else (
-                np.zeros(a.shape[: ax + 1] + (len(m),) + a.shape[ax + 2:], a.dtype))
-            if fill.any():
-                sel: list[Any] = [slice(None)] * a.ndim
-                sel[ax + 1] = fill
-                a[tuple(sel)] = pad_value
-        return np.ascontiguousarray(a)
-
     def sample(self, v: int, start: Sequence[int], pad_mode: str = "constant",
                pad_value: Any = 0) -> dict[str, Any]:
         item, batch = self.volumes[v]
-        out = {"image": self.read(self.images[item], self.image_layouts[item], batch, start,
-                                  pad_mode, pad_value)}
+        out = {"image": self.images[item].read_patch(self.image_layouts[item], batch, start,
+                                                     self.size, pad_mode, pad_value)}
         if self.labels is not None and self.label_layouts is not None:
-            out["label"] = self.read(self.labels[item], self.label_layouts[item], batch, start,
-                                     pad_mode)
+            out["label"] = self.labels[item].read_patch(self.label_layouts[item], batch, start,
+                                                        self.size, pad_mode)
         out["location"] = np.asarray(start, dtype=np.int64)
         out["volume"] = np.asarray(v, dtype=np.int64)
         return out
@@ -371,50 +204,6 @@ def _check_item(index: Any, n: int) -> int:
     if not -n <= i < n:
         raise IndexError(f"sample index {index} is out of range for a dataset of {n} samples")
     return i % n
-
-
-# ----------------------------------------------------------------------------------------------
-# Grid patches
-# ----------------------------------------------------------------------------------------------
-class _SharedEpoch:
-    """An epoch number that the copies of a dataset in DataLoader workers see change.
-
-    The number lives in shared memory (a ``multiprocessing.RawValue``), which forked workers
-    inherit and spawned workers receive while they start, so ``set_epoch`` in the main process
-    reaches workers that outlive an epoch (``persistent_workers=True``). Pickled any other way
-    (``copy.deepcopy``, ``pickle.dumps``) the copy gets its own number, starting from the
-    current one.
-    """
-
-    def __init__(self, value: int = 0) -> None:
-        self._value = multiprocessing.RawValue("q", value)
-
-    def get(self) -> int:
-        return int(self._value.value)
-
-    def set(self, value: int) -> None:
-        self._value.value = value
-
-    def __getstate__(self) -> dict[str, Any]:
-        if multiprocessing.context.get_spawning_popen() is not None:  # starting a process
-            return {"shared": self._value}
-        return {"value": self.get()}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if "shared" in state:
-            self._value = state["shared"]
-        else:
-            self._value = multiprocessing.RawValue("q", state["value"])
-
-
-def _takes_rng(transform: Callable) -> bool:
-    """Whether ``transform`` has a parameter named ``rng`` (it is then called with one)."""
-    try:
-        params = inspect.signature(transform).parameters
-    except (TypeError, ValueError):  # some builtins and C callables have no signature
-        return False
-    p = params.get("rng")
-    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 class _Dataset:
@@ -479,6 +268,9 @@ class _Dataset:
         return self._set.volumes
 
 
+# ----------------------------------------------------------------------------------------------
+# Grid patches
+# ----------------------------------------------------------------------------------------------
 class PatchDataset(_Dataset):
     """Map-style dataset of the patches of a regular grid over one or many volumes.
 
@@ -569,7 +361,8 @@ class PatchDataset(_Dataset):
         transform: Callable[..., dict[str, Any]] | None = None,
         label_dtype: Any = None,
     ) -> None:
-        self.border = parse_choice(border, "border", BORDERS)
+        self.border: BorderMode = parse_choice(  # type: ignore[assignment]
+            border, "border", BORDERS)
         self.pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)
         self._set = _VolumeSet(images, size, labels, channel_axis)
         for src in self._set.images:
@@ -609,207 +402,8 @@ class PatchDataset(_Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# The chunk index: one count per storage chunk
-# ----------------------------------------------------------------------------------------------
-IndexKind = Literal["foreground", "weight"]
-
-
-def _cell_chunks(source: _Source, layout: _Layout) -> tuple[tuple[int, ...], ...]:
-    """Index cells along each spatial axis: the storage chunks, or a default for NumPy."""
-    out = []
-    default = max(1, round(_DEFAULT_CELL_VOXELS ** (1 / len(layout.spatial_shape))))
-    for ax, n in zip(layout.spatial_axes, layout.spatial_shape):
-        c: Any = source.chunks[ax] if source.chunks is not None else default
-        if isinstance(c, tuple):
-            out.append(c)
-        else:
-            c = min(int(c), n)
-            out.append((c,) * (n // c) + ((n % c,) if n % c else ()))
-    return tuple(out)
-
-
-def _count_block(block: np.ndarray, kind: str, channel_axis: int | None,
-                 param: str) -> np.ndarray:
-    """Reduce one chunk to its count: foreground voxels, or the weight sum."""
-    out_shape = (1,) * block.ndim
-    if kind == "foreground":
-        mask = block > 0
-        if channel_axis is not None:
-            mask = mask.any(axis=channel_axis)
-        return np.full(out_shape, np.count_nonzero(mask), dtype=np.int64)
-    w = block.astype(np.float64, copy=False)
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"{param} must be finite and >= 0 everywhere; found a negative, NaN or "
-                         "infinite weight")
-    return np.full(out_shape, w.sum(), dtype=np.float64)
-
-
-def _count_graph(source: _Source, layout: _Layout, cells: tuple[tuple[int, ...], ...],
-                 kind: str) -> da.Array:
-    """Lazy per-cell counts with shape ``batch_shape + cell grid``: one task per chunk."""
-    chunks: list[Any] = [None] * layout.ndim
-    for ax in range(layout.ndim):
-        if ax == layout.channel_axis:
-            chunks[ax] = (source.shape[ax],)
-        elif ax not in layout.spatial_axes:
-            chunks[ax] = (1,) * source.shape[ax]
-    for ax, c in zip(layout.spatial_axes, cells):
-        chunks[ax] = c
-    if source.is_dask:
-        x = source.array.rechunk(tuple(chunks))
-    else:
-        x = da.from_array(source.array, chunks=tuple(chunks), asarray=False, lock=False,
-                          inline_array=True, name=False)
-    dtype = np.int64 if kind == "foreground" else np.float64
-    counts = x.map_blocks(
-        _count_block, kind, layout.channel_axis, source.param,
-        chunks=tuple((1,) * len(c) for c in x.chunks), dtype=dtype,
-        meta=np.empty((0,) * x.ndim, dtype=dtype),
-    )
-    if layout.channel_axis is not None:
-        counts = counts.squeeze(axis=layout.channel_axis)
-    return counts
-
-
-def _cache_spec(source: _Source, layout: _Layout, cells: tuple[tuple[int, ...], ...],
-                kind: str) -> dict[str, Any]:
-    return {
-        "version": _INDEX_VERSION, "kind": kind, "shape": list(source.shape),
-        "dtype": source.dtype.str, "channel_axis": layout.channel_axis,
-        "n_batch": layout.n_batch, "cells": [list(c) for c in cells],
-    }
-
-
-def _read_cache(source: _Source, spec: dict[str, Any],
-                expected: tuple[int, ...]) -> np.ndarray | None:
-    if not source.zarr_backed:
-        return None
-    cached = source.array.attrs.get(INDEX_ATTR)
-    if not isinstance(cached, dict):
-        return None
-    if any(cached.get(k) != v for k, v in spec.items()):
-        return None
-    counts = cached.get("counts")
-    if not isinstance(counts, list) or len(counts) != math.prod(expected):
-        return None
-    dtype = np.int64 if spec["kind"] == "foreground" else np.float64
-    return np.asarray(counts, dtype=dtype).reshape(expected)
-
-
-def _write_cache(source: _Source, spec: dict[str, Any], counts: np.ndarray) -> bool:
-    """Store the counts in the Zarr array's attributes; ``False`` when it is not writable."""
-    if not source.zarr_backed or counts.size > _MAX_CACHED_COUNTS:
-        return False
-    value = dict(spec, counts=counts.ravel().tolist())
-    try:
-        if source.path is not None:
-            target = _open_zarr(source.path, source.param, mode="r+")
-        else:
-            target = source.array
-            if getattr(target.store, "read_only", False):
-                return False
-        target.update_attributes({INDEX_ATTR: value})
-    except (PermissionError, OSError):
-        return False
-    return True
-
-
-class _ChunkIndex:
-    """Per-chunk counts of every volume, flattened into cumulative tables (O(chunks) memory)."""
-
-    def __init__(self, sources: list[_Source], layouts: list[_Layout], kind: IndexKind,
-                 volumes: tuple[tuple[int, tuple[int, ...]], ...], cache: str) -> None:
-        self.kind = kind
-        #: per item: spatial chunk boundaries along each axis
-        self.bounds: list[tuple[np.ndarray, ...]] = []
-        per_item: list[np.ndarray | None] = []
-        todo: dict[int, da.Array] = {}
-        specs = []
-        for item, (src, lay) in enumerate(zip(sources, layouts)):
-            cells = _cell_chunks(src, lay)
-            self.bounds.append(tuple(np.cumsum((0,) + c, dtype=np.int64) for c in cells))
-            spec = _cache_spec(src, lay, cells, kind)
-            specs.append(spec)
-            expected = lay.batch_shape + tuple(len(c) for c in cells)
-            counts = _read_cache(src, spec, expected) if cache == "auto" else None
-            per_item.append(counts)
-            if counts is None:
-                todo[item] = _count_graph(src, lay, cells, kind)
-        #: items whose counts were computed (not read from a cache) by this call
-        self.computed = tuple(todo)
-        self.cached: tuple[int, ...] = ()
-        if todo:
-            results = dask.compute(*todo.values())
-            written = []
-            for item, counts in zip(todo, results):
-                counts = np.asarray(counts)
-                per_item[item] = counts
-                if cache != "off" and _write_cache(sources[item], specs[item], counts):
-                    written.append(item)
-            self.cached = tuple(written)
-
-        self.grid_shapes = [tuple(len(b) - 1 for b in bounds) for bounds in self.bounds]
-        flat: list[np.ndarray] = []
-        for item, batch in volumes:
-            counts = per_item[item]
-            assert counts is not None
-            flat.append(np.asarray(counts[batch]).ravel())
-        self.offsets = np.cumsum([0] + [f.size for f in flat], dtype=np.int64)
-        self.volume_items = np.array([item for item, _ in volumes], dtype=np.int64)
-        counts = np.concatenate(flat)
-        self.cdf = np.cumsum(counts)
-        if kind == "foreground":
-            cell_voxels = np.concatenate([
-                self._cell_voxels(item) for item, _ in volumes
-            ])
-            self.bg_cdf = np.cumsum(cell_voxels - counts)
-        else:
-            positive = np.flatnonzero(counts > 0)
-            self.last_positive = int(positive[-1]) if positive.size else -1
-
-    def _cell_voxels(self, item: int) -> np.ndarray:
-        sizes = [np.diff(b) for b in self.bounds[item]]
-        out = sizes[0]
-        for s in sizes[1:]:
-            out = np.multiply.outer(out, s)
-        return np.asarray(out, dtype=np.int64).ravel()
-
-    @property
-    def n_cells(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the index tables."""
-        arrays = [self.cdf, self.offsets, self.volume_items]
-        arrays += [b for bounds in self.bounds for b in bounds]
-        if self.kind == "foreground":
-            arrays.append(self.bg_cdf)
-        return sum(a.nbytes for a in arrays)
-
-    def cell(self, c: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-        """Volume and spatial bounds ``[lo, hi)`` of flat cell ``c``."""
-        v = int(np.searchsorted(self.offsets, c, side="right")) - 1
-        item = int(self.volume_items[v])
-        multi = np.unravel_index(c - int(self.offsets[v]), self.grid_shapes[item])
-        bounds = self.bounds[item]
-        lo = tuple(int(b[m]) for b, m in zip(bounds, multi))
-        hi = tuple(int(b[m + 1]) for b, m in zip(bounds, multi))
-        return v, lo, hi
-
-
-# ----------------------------------------------------------------------------------------------
 # Random patches
 # ----------------------------------------------------------------------------------------------
-def _parse_fraction(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number between 0 and 1; got {_describe(value)}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be between 0 and 1; got {value}")
-    return value
-
-
 class RandomPatchDataset(_Dataset):
     """Map-style dataset of ``samples_per_epoch`` random patches, re-drawn every epoch.
 
@@ -995,50 +589,4 @@ class RandomPatchDataset(_Dataset):
 
     # -- drawing -------------------------------------------------------------------------------
     def _draw(self, rng: np.random.Generator) -> tuple[int, list[int]]:
-        if self._index is None:
-            g = int(rng.integers(int(self._voxel_cdf[-1])))
-            v = int(np.searchsorted(self._voxel_cdf, g, side="right"))
-            local = g - (int(self._voxel_cdf[v - 1]) if v else 0)
-            return v, [int(c) for c in np.unravel_index(local, self._set.spatial_shape(v))]
-        index = self._index
-        if self.mode == "label":
-            assert self.pos_fraction is not None
-            positive = bool(rng.random() < self.pos_fraction)
-            cdf = index.cdf if positive else index.bg_cdf
-            target = int(rng.integers(int(cdf[-1])))
-            c = int(np.searchsorted(cdf, target, side="right"))
-            rank = target - (int(cdf[c - 1]) if c else 0)
-        else:
-            c = int(np.searchsorted(index.cdf, rng.random() * index.cdf[-1], side="right"))
-            c = min(c, index.last_positive)
-        v, lo, hi = index.cell(c)
-        item, batch = self._set.volumes[v]
-        if self.mode == "label":
-            assert self._set.labels is not None and self._set.label_layouts is not None
-            src, lay = self._set.labels[item], self._set.label_layouts[item]
-        else:
-            assert self._set.weights is not None and self._set.weight_layouts is not None
-            src, lay = self._set.weights[item], self._set.weight_layouts[item]
-        block = lay.channel_first(
-            src.read(lay.index(batch, [slice(l, h) for l, h in zip(lo, hi)]))
-        )
-        if self.mode == "label":
-            mask = (block > 0).any(axis=0)
-            flat = np.flatnonzero(mask if positive else ~mask)
-            if rank >= flat.size:
-                self._stale(src)
-            k = int(flat[rank])
-        else:
-            cs = np.cumsum(block[0].ravel(), dtype=np.float64)
-            if not cs.size or not cs[-1] > 0:
-                self._stale(src)
-            k = min(int(np.searchsorted(cs, rng.random() * cs[-1], side="right")), cs.size - 1)
-        offset = np.unravel_index(k, tuple(h - l for l, h in zip(lo, hi)))
-        return v, [l + int(o) for l, o in zip(lo, offset)]
-
-    @staticmethod
-    def _stale(src: _Source) -> None:
-        raise ValueError(
-            f"{src.describe()} no longer matches its chunk index (the data changed after the "
-            "counts were computed or cached); rebuild the dataset with cache_index='refresh'"
-        )
+        return draw(rng, self._set, self.mode, self._index, self.pos_fraction, self._voxel_cdf)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -12,66 +11,16 @@ import numpy as np
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
+from ._axes import Layout, full_grid, parse_layout
 from ._layer import LazyLayer, lazy_graph
-from ._regions import Volume
-from ._validate import (
-    BORDERS,
-    PAD_MODES,
-    BorderMode,
-    PadMode,
-    parse_choice,
-    parse_pad_value,
-    parse_per_axis,
-    split_axes,
-)
+from ._source import Volume
+from ._validate import BORDERS, PAD_MODES, BorderMode, PadMode, parse_choice, parse_pad_value
 from ._xarray import accepts_dataarray
-from .grid import PatchGrid
 
 __all__ = ["extract_patches"]
 
-
-@dataclass(frozen=True)
-class Layout:
-    """How a user's array maps onto the canonical ``(C, *batch, *spatial)`` layout."""
-
-    ndim: int
-    channel_axis: int | None
-    n_batch: int
-    channels_first: bool  # in patches: (N, C, ...) rather than (N, ..., C)
-
-    def patch_shape(self, size: tuple[int, ...], channels: int) -> tuple[int, ...]:
-        if self.channel_axis is None:
-            return size
-        return (channels, *size) if self.channels_first else (*size, channels)
-
-    def from_canonical(self, a: np.ndarray) -> np.ndarray:
-        """``(k, C, *size)`` patches to the user's patch layout."""
-        if self.channel_axis is None:
-            return a[:, 0]
-        return a if self.channels_first else np.moveaxis(a, 1, -1)
-
-    def to_canonical(self, a: np.ndarray) -> np.ndarray:
-        """User patch layout to ``(k, C, *size)``."""
-        if self.channel_axis is None:
-            return a[:, None]
-        return a if self.channels_first else np.moveaxis(a, -1, 1)
-
-
-def parse_layout(ndim: int, size: Any, channel_axis: Any, name: str = "volume",
-                 shape: Any = None) -> Layout:
-    ch, n_batch, _ = split_axes(ndim, size, channel_axis, name=name, shape=shape)
-    return Layout(ndim, ch, n_batch, ch is not None and ch != ndim - 1)
-
-
-def full_grid(
-    shape: tuple[int, ...], n_batch: int, size: Any, stride: Any, border: str
-) -> PatchGrid:
-    """The grid over batch and spatial axes: batch axes are patches of size 1."""
-    k = len(shape) - n_batch
-    size = parse_per_axis(size, k, "size")
-    stride = size if stride is None else parse_per_axis(stride, k, "stride")
-    ones = (1,) * n_batch
-    return PatchGrid(shape, ones + size, ones + stride, border=border)  # type: ignore[arg-type]
+# ``Layout``, ``parse_layout`` and ``full_grid`` live in :mod:`daskpatch._axes`; the names above
+# stay importable from here for the modules that still import them from ``extract``.
 
 
 def _groups(grid_shape: tuple[int, ...], per_group: int) -> tuple[int, ...]:

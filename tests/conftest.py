@@ -68,13 +68,18 @@ def counting_zarr(tmp_path: Any) -> Any:
     """Factory: write ``data`` to a Zarr store with ``chunks`` and reopen it through a counter."""
 
     def make(data: np.ndarray, chunks: tuple[int, ...]) -> tuple[zarr.Array, CountingStore]:
-        path = tmp_path / "vol.zarr"
-        z = zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype)
-        z[...] = data
+        path = write_zarr(tmp_path / "vol.zarr", data, chunks)
         store = CountingStore(LocalStore(str(path), read_only=True))
         return zarr.open_array(store, mode="r"), store
 
     return make
+
+
+def write_zarr(path: Any, data: np.ndarray, chunks: tuple[int, ...]) -> str:
+    """Write ``data`` to a new Zarr array at ``path`` with ``chunks``; return the path."""
+    z = zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype)
+    z[...] = data
+    return str(path)
 
 
 # -- NumPy oracles: plain loops over patches, nothing shared with the engine -------------------

@@ -11,6 +11,8 @@ import zarr
 
 import daskpatch as dp
 
+from .conftest import write_zarr
+
 distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
 
 pytestmark = [
@@ -46,10 +48,7 @@ def client():
 @pytest.fixture
 def volume(tmp_path):
     data = np.random.default_rng(0).random((48, 40, 36)).astype(np.float32)
-    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=data.shape, chunks=(16, 16, 12),
-                          dtype=data.dtype)
-    z[...] = data
-    return zarr.open_array(str(tmp_path / "in.zarr"), mode="r")
+    return zarr.open_array(write_zarr(tmp_path / "in.zarr", data, (16, 16, 12)), mode="r")
 
 
 def _graph(volume, model):

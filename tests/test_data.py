@@ -13,8 +13,11 @@ import zarr
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from daskpatch import extract_patches
 from daskpatch.data import INDEX_ATTR, PatchDataset, RandomPatchDataset
 from daskpatch.grid import PatchGrid
+
+from .conftest import write_zarr as to_zarr
 
 TORCH_REASON = "PyTorch is not installed (pip install torch==2.13.0 for the DataLoader tests)"
 
@@ -27,12 +30,6 @@ def label_of(image: np.ndarray) -> np.ndarray:
 def make_pair(shape, seed=0):
     image = np.random.default_rng(seed).integers(0, 100, shape).astype(np.float32)
     return image, label_of(image)
-
-
-def to_zarr(path, data, chunks) -> str:
-    z = zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype)
-    z[...] = data
-    return str(path)
 
 
 @pytest.fixture
@@ -130,6 +127,22 @@ def test_patch_dataset_border_pad(pad_mode):
         s = ds[i]
         np.testing.assert_array_equal(s["image"][0], padded[grid[i]])
         np.testing.assert_array_equal(s["label"][0], label_of(s["image"][0]))
+
+
+@pytest.mark.parametrize("pad_mode", ["reflect", "symmetric", "edge", "wrap", "constant"])
+def test_loader_and_extract_pad_alike(tmp_path, pad_mode):
+    """The loaders and extract_patches share one padding: same patches from a Zarr volume with
+    a channel axis, whose patches run far past the end (stride > 1, patch wider than a side)."""
+    image = np.random.default_rng(3).random((2, 5, 3, 7)).astype(np.float32)
+    path = to_zarr(tmp_path / "img.zarr", image, (2, 2, 2, 3))
+    value = -2 if pad_mode == "constant" else 0
+    ds = PatchDataset(path, (4, 4), 3, border="pad", channel_axis=0, pad_mode=pad_mode,
+                      pad_value=value)
+    expected = extract_patches(zarr.open_array(path, mode="r"), (4, 4), 3, border="pad",
+                               channel_axis=0, pad_mode=pad_mode, pad_value=value).compute()
+    got = np.stack([ds[i]["image"] for i in range(len(ds))])  # (N, C, 4, 4) per 2-D slice
+    assert len(ds) == len(expected)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_patch_dataset_border_drop():

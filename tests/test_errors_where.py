@@ -12,6 +12,8 @@ import zarr
 
 import daskpatch as dp
 
+from .conftest import write_zarr
+
 VOL = np.random.default_rng(7).random((40, 36, 28)).astype(np.float32)
 
 
@@ -103,9 +105,7 @@ def test_a_model_returning_non_numbers_gets_a_type_error_naming_the_dtype(dtype)
 @pytest.fixture
 def corrupt(tmp_path):
     """A Zarr volume whose chunk (0, 1, 0) holds garbage."""
-    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=SMALL.shape, chunks=(8, 8, 8),
-                          dtype=SMALL.dtype)
-    z[...] = SMALL
+    write_zarr(tmp_path / "in.zarr", SMALL, (8, 8, 8))
     (tmp_path / "in.zarr" / "c" / "0" / "1" / "0").write_bytes(b"not zstd" * 8)
     return tmp_path / "in.zarr"
 
@@ -223,9 +223,7 @@ def threads_client():
 
 @pytest.fixture
 def zvol(tmp_path):
-    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=VOL.shape, chunks=(16, 12, 14),
-                          dtype=VOL.dtype)
-    z[...] = VOL
+    write_zarr(tmp_path / "in.zarr", VOL, (16, 12, 14))
     return dp.open_volume(tmp_path / "in.zarr")
 
 

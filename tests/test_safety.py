@@ -25,6 +25,7 @@ import zarr.storage
 import daskpatch as dp
 
 from ._child_write import build, model
+from .conftest import write_zarr
 
 CHILD = Path(__file__).with_name("_child_write.py")
 V = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)
@@ -38,8 +39,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def _volume(path: Path, shape=(48, 48, 48), seed=1) -> Path:
     data = np.random.default_rng(seed).random(shape, dtype=np.float32)
-    z = zarr.create_array(str(path), shape=shape, chunks=(16, 16, 16), dtype=np.float32)
-    z[...] = data
+    write_zarr(path, data, (16, 16, 16))
     return path
 
 

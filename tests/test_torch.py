@@ -15,6 +15,8 @@ from dask.base import tokenize
 
 import daskpatch as dp
 
+from .conftest import write_zarr
+
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch==2.13.0)")
 
 pytestmark = pytest.mark.torch
@@ -55,10 +57,7 @@ class ManualWrapper:
 def volume(tmp_path) -> zarr.Array:
     """A 1-channel (C, X, Y, Z) volume in a Zarr store, chunks aligned to the stride 4."""
     data = np.random.default_rng(0).random((1, 24, 20, 16), dtype=np.float32)
-    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=data.shape, chunks=(1, 8, 8, 8),
-                          dtype=data.dtype)
-    z[...] = data
-    return zarr.open_array(str(tmp_path / "in.zarr"), mode="r")
+    return zarr.open_array(write_zarr(tmp_path / "in.zarr", data, (1, 8, 8, 8)), mode="r")
 
 
 def logits(volume, model, **kw):
