@@ -48,7 +48,7 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 from zarr.abc.store import Store
 
-from . import _fingerprint, _sched, _store
+from . import _fingerprint, _ome, _sched, _store
 from ._chunks import (
     DEFAULT_TARGET_BYTES,
     aligned_chunks,
@@ -74,6 +74,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# The names cli.py imported from here before issue 9 (its helper splits cli.py meanwhile): drop
+# them once every caller imports from _sched and _store.
+_compute, _open_array, _parse_path = _sched.compute, _store.open_array, _store.parse_path
+_probe, _resolve_store, _where = _store.probe, _store.resolve_store, _store.where
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,9 +157,7 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None, *, level
     ValueError: store/path must name a Zarr array, but ... holds a group; pass path= one of ['raw']
     >>> tmp.cleanup()
     """
-    from ._ome import open_volume as _open_ome_or_array
-
-    return _open_ome_or_array(store, path, level=level, xarray=xarray)
+    return _ome.open_volume(store, path, level=level, xarray=xarray)
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,9 +502,7 @@ def to_zarr(
     """
     if ome is not False or levels != 1 or axes is not None or scale is not None or \
             units is not None or downsample != "auto" or _is_dataarray(array):
-        from ._ome import write as _write_ome
-
-        return _write_ome(
+        return _ome.write(
             to_zarr, array, store, path, chunks=chunks, overwrite=overwrite, resume=resume,
             progress=progress, compute=compute, ome=ome, levels=levels, axes=axes,
             scale=scale, units=units, downsample=downsample, run_id=run_id,
