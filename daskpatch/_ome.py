@@ -21,7 +21,6 @@ tie) for integers and booleans, which keeps label ids; an odd axis end repeats i
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
