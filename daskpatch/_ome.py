@@ -21,7 +21,6 @@ tie) for integers and booleans, which keeps label ids; an odd axis end repeats i
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,7 +30,9 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from ._validate import _describe, parse_choice, parse_int
+from . import _fingerprint, _store
+from ._chunks import as_dask, write_chunks
+from ._validate import _describe, parse_bool, parse_choice, parse_int
 from ._xarray import import_xarray, is_dataarray, wrap
 
 __all__ = ["DOWNSAMPLE", "open_volume", "write"]
@@ -121,24 +122,22 @@ def _incomplete_error(where: str) -> ValueError:
 
 def open_volume(store: Any, path: Any = None, *, level: Any = 0, xarray: Any = False) -> Any:
     """Implementation of :func:`daskpatch.open_volume` (see there)."""
-    from .io import _open_array, _parse_bool, _parse_path, _probe, _resolve_store, _where
-
     level = parse_int(level, "level", minimum=0)
-    xarray = _parse_bool(xarray, "xarray")
+    xarray = parse_bool(xarray, "xarray")
     image = None
     if isinstance(store, zarr.Array):
-        z = _open_array(store, path)
+        z = _store.open_array(store, path)
     else:
-        path = _parse_path(path)
-        base, full = _resolve_store(store, path)
-        node = _probe(base, full)
+        path = _store.parse_path(path)
+        base, full = _store.resolve_store(store, path)
+        node = _store.probe(base, full)
         if isinstance(node, zarr.Group):
             image = _image(node)
             if image is None and not _ome_attrs(node.attrs) and \
                     isinstance(node.attrs.get(_MARKER), Mapping):
-                raise _incomplete_error(_where(base, full))
+                raise _incomplete_error(_store.where(base, full))
         if image is None:
-            z = _open_array(store, path)  # an array, or the error naming the group's arrays
+            z = _store.open_array(store, path)  # an array, or the error naming the group's arrays
         else:
             group, multiscale = image
             datasets = multiscale.get("datasets") or []
@@ -146,7 +145,8 @@ def open_volume(store: Any, path: Any = None, *, level: Any = 0, xarray: Any = F
             if level >= len(paths):
                 raise ValueError(
                     f"level must be one of the {len(paths)} levels of the OME-Zarr image at "
-                    f"{_where(base, full)} (0 to {len(paths) - 1}: paths {paths}); got {level}"
+                    f"{_store.where(base, full)} (0 to {len(paths) - 1}: paths {paths}); got "
+                    f"{level}"
                 )
             z = zarr.open_array(store=group.store, path=f"{group.path}/{paths[level]}".strip("/"),
                                 mode="r")
@@ -155,9 +155,7 @@ def open_volume(store: Any, path: Any = None, *, level: Any = 0, xarray: Any = F
             f"level must be 0 for a plain Zarr array (only an OME-Zarr image group has levels); "
             f"got {level}"
         )
-    from . import _store
-
-    _store.warn_if_incomplete(z, _where(z.store, z.path or None))
+    _store.warn_if_incomplete(z, _store.where(z.store, z.path or None))
     data = da.from_zarr(z)
     if not xarray:
         return data
@@ -486,11 +484,8 @@ def write(
     run_id: Any = None,
 ) -> Any:
     """Implementation of ``to_zarr`` for DataArrays and OME-Zarr output (see there)."""
-    from . import _store
-    from .io import _as_dask, _join, _parse_bool, _parse_path, _probe, _resolve_store, _where
-    from .io import _write_chunks
 
-    ome = _parse_bool(ome, "ome")
+    ome = parse_bool(ome, "ome")
     levels = parse_int(levels, "levels", minimum=1)
     downsample = parse_choice(downsample, "downsample", DOWNSAMPLE)
     plain = dict(chunks=chunks, overwrite=overwrite, resume=resume, progress=progress,
@@ -508,7 +503,7 @@ def write(
 
     for name, value in (("overwrite", overwrite), ("resume", resume), ("progress", progress),
                         ("compute", compute)):
-        _parse_bool(value, name)
+        parse_bool(value, name)
     if overwrite and resume:
         raise ValueError("overwrite=True and resume=True exclude each other (overwrite starts "
                          "again, resume keeps the levels already written); got both")
@@ -517,18 +512,18 @@ def write(
             f"compute=False needs levels=1 with ome=True (each level is computed from the level "
             f"above once it is written); got levels={levels}"
         )
-    x = _as_dask(data)
+    x = as_dask(data)
     ax, scale0, shift0 = _geometry(array, x.ndim, axes, scale, units)
     names = [a["name"] for a in ax]
     space = [i for i, a in enumerate(ax) if a["type"] == "space"]
     shapes = _level_shapes(x.shape, space, levels)
     method = downsample if downsample != "auto" else ("mean" if x.dtype.kind in "fc" else "mode")
-    x, zchunks = _write_chunks(x, chunks)
+    x, zchunks = write_chunks(x, chunks)
 
-    path = _parse_path(path)
-    base, full = _resolve_store(store, path)
-    where = _where(base, full)
-    node = _probe(base, full)
+    path = _store.parse_path(path)
+    base, full = _store.resolve_store(store, path)
+    where = _store.where(base, full)
+    node = _store.probe(base, full)
     marker: Any = node.attrs.get(_MARKER) if isinstance(node, zarr.Group) else None
     ours = isinstance(marker, Mapping)
     if isinstance(node, zarr.Group) and not ours:
@@ -551,19 +546,11 @@ def write(
                 f"started with levels={marker.get('levels')} (this write: levels={levels}). "
                 "Pass overwrite=True to start again"
             )
-    if full is not None:
-        parts = full.split("/")
-        for i in range(len(parts)):
-            parent = "/".join(parts[:i]) or None
-            if isinstance(_probe(base, parent), zarr.Array):
-                raise ValueError(
-                    f"to_zarr: cannot create an image at {where}: its parent "
-                    f"{parent or '(the root)'!r} is an array, and only groups have children"
-                )
+    _store.check_parents(base, full, where, "an image", name_parent=True)
     target, prefix = _store.as_store(base)
-    _store.check_not_read(x, target, _join(prefix, full), where)
+    _fingerprint.check_not_read(x, target, _store.node_path(prefix, full), where)
     if node is not None and overwrite:
-        _store.check_deletable(target, _join(prefix, full), where)
+        _store.check_deletable(target, _store.node_path(prefix, full), where)
 
     # Everything is checked: create the group (marked incomplete), the levels, then the metadata.
     info = {"complete": False, "levels": levels, "downsample": method}
@@ -577,7 +564,7 @@ def write(
                                                 getattr(array, "name", None)
                                                 if is_dataarray(array) else None)]},
             _MARKER: {**info, "complete": True}}
-    level_paths = [_join(full, str(k)) for k in range(levels)]
+    level_paths = [_store.node_path(full, str(k)) for k in range(levels)]
     job = to_zarr(x, base, level_paths[0], _dimension_names=names, **plain)
     if not compute:
         return dask.delayed(_finish, pure=False)(group, meta, job)

@@ -1,24 +1,19 @@
-"""What keeps daskpatch outputs safe: done-markers, fingerprints, and checks before writing.
+"""Zarr stores for daskpatch: naming them, done-markers, and checks before writing.
 
-:func:`daskpatch.to_zarr` keeps three things under the output array's key prefix:
+Under the output array's key prefix :func:`daskpatch.to_zarr` keeps its *fingerprint*
+(``attrs["daskpatch"]``, see :mod:`daskpatch._fingerprint`), *done-markers* (see
+:mod:`daskpatch.io`) and, while an overlap-add result is written, *spilled halo parts* under
+``.daskpatch-spill/`` (deleted once the array is complete).
 
-- the array's *fingerprint*, in ``attrs["daskpatch"]``: everything that determines the result
-  except the model (shape, dtype, chunks, the overlap-add parameters of every
-  :func:`~daskpatch.apply_patches` / :func:`~daskpatch.reconstruct` in the graph, the input
-  stores, and a user-given ``run_id``); ``resume=True`` refuses an array whose fingerprint
-  differs;
-- *done-markers*: ``.daskpatch-done/chunks/<i>.<j>...`` per finished chunk, and
-  ``.daskpatch-done/complete`` once every chunk is written (see :mod:`daskpatch.io`);
-- *spilled halo parts*, under ``.daskpatch-spill/`` while an overlap-add result is written; the
-  whole area is deleted when the array is complete.
+Here: what the user names (a path, URL, store, group or mapping, and a node path in it) turned into
+a store and a path, opened for metadata only; and the checks made before anything is created or
+deleted: the target holds nothing but a Zarr array (or daskpatch's leftovers) and, for
+``overwrite=True``, every part of it can be deleted.
 
-Before anything is created or deleted, :func:`daskpatch.to_zarr` checks here that the target does
-not overlap a store the graph reads, that it holds nothing but a Zarr array (or daskpatch's own
-leftovers), and, for ``overwrite=True``, that every part of it can be written and deleted.
-
-Only zarr's public API is used. zarr offers no public synchronous call for the async ``Store``
-methods, so stores with the public ``get_sync``/``set_sync`` methods (local and in-memory stores)
-are called directly and the others through a small private event loop (:func:`_run`).
+Only zarr's public API is used. zarr 3.1 has no public synchronous call for the async ``Store``
+methods (``zarr.core.sync`` is private; the public ``SupportsGetSync``/``SupportsSetSync``
+protocols cover some stores only), so stores with ``get_sync``/``set_sync`` (local, in-memory) are
+called directly and the others through a small private event loop (:func:`_run`).
 """
 
 from __future__ import annotations
@@ -34,17 +29,17 @@ import shutil
 import threading
 import uuid
 import warnings
-from collections.abc import Coroutine, Iterable
-from typing import Any
+from collections.abc import Coroutine, Iterable, MutableMapping
+from typing import Any, TypeAlias
 
-import dask.array as da
 import numpy as np
 import zarr
 import zarr.errors
 import zarr.storage
-from dask.highlevelgraph import MaterializedLayer
 from zarr.abc.store import Store, SupportsGetSync, SupportsSetSync
 from zarr.buffer import default_buffer_prototype
+
+from ._validate import _describe
 
 __all__ = ["IncompleteWarning"]
 
@@ -216,79 +211,110 @@ def _url(store: Store, key: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# what a graph reads
+# what the user names: a store (path, URL, store, group, mapping) and a node path in it
 # --------------------------------------------------------------------------------------------
 
+STORE_TYPES = "a path or URL string, an os.PathLike, a zarr store, a zarr.Group or a mapping"
 
-def _scan(value: Any, found: dict[int, Any], depth: int = 0) -> None:
-    if isinstance(value, (np.ndarray, zarr.Array)):
-        found.setdefault(id(value), value)
-    elif isinstance(value, (tuple, list)) and depth < 2:
-        for v in value:
-            _scan(v, found, depth + 1)
-    elif type(value).__name__ == "DataNode":  # dask's task spec wrapper of a literal
-        _scan(getattr(value, "value", None), found, depth + 1)
+#: Anything :func:`zarr.open` accepts as a store, plus an open :class:`zarr.Group`.
+StoreLike: TypeAlias = (
+    "str | os.PathLike[str] | Store | zarr.storage.StorePath | zarr.Group"
+    " | MutableMapping[str, Any]"
+)
 
 
-def graph_arrays(x: da.Array, *, sources_only: bool = False) -> list[Any]:
-    """The NumPy and Zarr arrays a Dask array's graph holds (not the ones it computes).
-
-    That is what ``from_array``/``from_zarr`` (``original-`` layers, or the arrays of an inline
-    ``from_zarr``), daskpatch's readers (``source-of-`` layers of :func:`~daskpatch.apply_patches`,
-    :func:`~daskpatch.extract_patches` and :func:`~daskpatch.reconstruct`) and any other
-    materialised layer hold; the on-demand layers of daskpatch hold no data. With
-    ``sources_only`` the NumPy chunks that small ``from_array`` calls copy into the graph are
-    left out (they are data, not an input that could be named).
-    """
-    found: dict[int, Any] = {}
-    for name, layer in x.dask.layers.items():
-        source = name.startswith(("original-", "source-of-"))
-        if isinstance(layer, MaterializedLayer):
-            if sources_only and not source:
-                part: dict[int, Any] = {}
-                for value in layer.mapping.values():
-                    _scan(value, part)
-                found.update((k, v) for k, v in part.items() if isinstance(v, zarr.Array))
-            else:
-                for value in layer.mapping.values():
-                    _scan(value, found)
-        else:
-            for value, index in getattr(layer, "indices", ()) or ():
-                if index is None:
-                    _scan(value, found)
-    return list(found.values())
+def parse_path(value: Any, name: str = "path") -> str | None:
+    """``None`` or a node path inside the store, without leading/trailing slashes."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be None or a string naming a node in the store; got "
+                        f"{_describe(value)}")
+    value = value.strip("/")
+    return value or None
 
 
-def check_not_read(x: da.Array, store: Store, path: str | None, where: str) -> None:
-    """Refuse a target that contains, or lies inside, a Zarr array the graph reads."""
-    target = location(store, path)
-    for source in graph_arrays(x, sources_only=True):
-        if not isinstance(source, zarr.Array):
-            continue
-        loc = location(source.store, source.path or None)
-        if not overlaps(loc, target):
-            continue
-        if loc == target:
-            what = where
-        else:
-            inside = loc[1].startswith(target[1].rstrip("/") + "/")
-            what = f"the Zarr array {loc[0]}://{loc[1]}, {'inside' if inside else 'which holds'}"
-            what += f" {where}"
-        raise ValueError(
-            f"to_zarr: the input array reads from {what}, which this call would write (and "
-            "overwrite or delete what it reads); write to a location that neither contains "
-            "that array nor lies inside it (rechunk_to_stride copies an array to new chunks)"
+def node_path(*parts: str | None) -> str | None:
+    """The parts joined with ``/``; ``None`` (the root) when they are all empty."""
+    return _join(*parts) or None
+
+
+def resolve_store(store: Any, path: str | None, name: str = "store") -> tuple[Any, str | None]:
+    """Split ``store`` into something :func:`zarr.open` accepts and a path from its root."""
+    if isinstance(store, zarr.Array):
+        raise TypeError(
+            f"{name} must be {STORE_TYPES}; got a zarr.Array ({store!r}); pass its store and "
+            "path instead"
         )
+    if isinstance(store, zarr.Group):
+        return store.store, node_path(store.path, path)
+    if isinstance(store, os.PathLike):
+        return os.fspath(store), path
+    if isinstance(store, (str, Store, zarr.storage.StorePath, MutableMapping)):
+        return store, path
+    raise TypeError(f"{name} must be {STORE_TYPES}; got {_describe(store)}")
 
 
-def check_not_aliased(x: da.Array, out: np.ndarray) -> None:
-    """Refuse an ``out`` sharing memory with a NumPy array the graph reads."""
-    for source in graph_arrays(x):
-        if isinstance(source, np.ndarray) and np.may_share_memory(out, source):
+def where(store: Any, path: str | None) -> str:
+    """How messages name a node: ``path 'a/b' of store '...'`` or ``the root of store '...'``."""
+    if isinstance(store, (str, Store, zarr.storage.StorePath)):
+        name = f"store {str(store)!r}"  # a path, URL or "file://..." / "memory://..."
+    else:  # a mapping: never print its content
+        name = f"store <{type(store).__name__} at {id(store):#x}>"
+    return f"path {path!r} of {name}" if path else f"the root of {name}"
+
+
+def probe(store: Any, path: str | None, where_: str | None = None
+          ) -> zarr.Array | zarr.Group | None:
+    """The node at ``path`` (opened read-only, metadata only), or ``None`` if there is none;
+    metadata zarr cannot parse is an error naming its file."""
+    try:
+        if path is None:
+            return zarr.open(store=store, mode="r")
+        return zarr.open(store=store, mode="r", path=path)
+    except FileNotFoundError:  # zarr's NodeNotFoundError and a missing local directory
+        return None
+    except METADATA_ERRORS as err:
+        raise unreadable(store, path, where_ or where(store, path), err) from err
+
+
+def open_array(store: Any, path: Any, name: str = "store") -> zarr.Array:
+    """The Zarr array ``store``/``path`` names, or a clear error; reads metadata only."""
+    path = parse_path(path)
+    if isinstance(store, zarr.Array):
+        if path is not None:
             raise ValueError(
-                "out shares memory with a NumPy array the computation reads (shape "
-                f"{source.shape}, dtype {source.dtype}): writing the result there would change "
-                "the input while it is read; pass out=None or a separate array"
+                f"path must be None when {name} is a zarr.Array (the array is already chosen); "
+                f"got path={path!r}"
+            )
+        return store
+    base, full = resolve_store(store, path, name)
+    node = probe(base, full)
+    if node is None:
+        raise FileNotFoundError(f"no Zarr array or group at {where(base, full)}")
+    if isinstance(node, zarr.Group):
+        arrays = sorted(name for name, _ in node.arrays())
+        hint = f"path= one of {arrays}" if arrays else "path= naming an array (it has no arrays)"
+        raise ValueError(
+            f"{name}/path must name a Zarr array, but {where(base, full)} holds a group; pass "
+            f"{hint}"
+        )
+    return node
+
+
+def check_parents(store: Any, path: str | None, where_: str, what: str = "an array", *,
+                  name_parent: bool = False) -> None:
+    """Refuse to create ``what`` at ``path`` when one of its parents is an array (metadata that
+    cannot be read names ``where_``, or with ``name_parent`` the parent)."""
+    if path is None:
+        return
+    parts = path.split("/")
+    for i in range(len(parts)):
+        parent = "/".join(parts[:i]) or None
+        if isinstance(probe(store, parent, None if name_parent else where_), zarr.Array):
+            raise ValueError(
+                f"to_zarr: cannot create {what} at {where_}: its parent "
+                f"{parent or '(the root)'!r} is an array, and only groups have children"
             )
 
 
@@ -461,26 +487,12 @@ METADATA_ERRORS = (ValueError, KeyError, TypeError, zarr.errors.MetadataValidati
 
 
 # --------------------------------------------------------------------------------------------
-# fingerprints
+# done-markers (and the record in attrs["daskpatch"]; the fingerprint: daskpatch._fingerprint)
 # --------------------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)  # NaN and inf are not JSON
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
 def window_digest(array: np.ndarray | None) -> str | None:
-    """A short hash of a user window (its shape, dtype and values)."""
+    """A short hash of a user window (shape, dtype, values); here for blend's import."""
     if array is None:
         return None
     a = np.ascontiguousarray(array)
@@ -489,135 +501,11 @@ def window_digest(array: np.ndarray | None) -> str | None:
     return "sha256:" + h.hexdigest()[:32]
 
 
-def _input(source: Any) -> str:
-    if isinstance(source, zarr.Array):
-        kind, where = location(source.store, None)
-        return f"zarr {kind}://{where}" + (f" path {source.path!r}" if source.path else "")
-    return (f"numpy (content not fingerprinted) shape {tuple(source.shape)} dtype "
-            f"{source.dtype}")
-
-
-def fingerprint(x: da.Array, chunks: tuple[int, ...], run_id: str | None) -> dict[str, Any]:
-    """Everything that determines ``x`` written with Zarr ``chunks``, except the model.
-
-    The overlap-add parameters come from the ``params`` of the engines in the graph; the inputs
-    are the Zarr arrays the graph reads (by location) and the NumPy arrays it was given (by
-    shape and dtype only: their content is not hashed). A model cannot be fingerprinted
-    reliably (a closure's token differs in every process); ``run_id`` names its version.
-    """
-    engines = []
-    for layer in x.dask.layers.values():
-        params = getattr(getattr(layer, "engine", None), "params", None)
-        if isinstance(params, dict) and params:
-            engines.append(params)
-    inputs = sorted({_input(s) for s in graph_arrays(x, sources_only=True)})
-    return _jsonable({
-        "format": FORMAT,
-        "shape": x.shape,
-        "dtype": str(x.dtype),
-        "chunks": chunks,
-        "pipeline": [e.get("kind", "?") for e in engines],
-        "engines": engines,
-        "inputs": inputs,
-        "run_id": run_id,
-    })
-
-
-def _flat(fp: dict[str, Any], other: dict[str, Any]) -> list[tuple[str, Any]]:
-    out = [(k, fp.get(k)) for k in ("format", "shape", "dtype", "chunks", "pipeline")]
-    engines = fp.get("engines") or []
-    if fp.get("pipeline") == other.get("pipeline"):
-        for i, params in enumerate(engines):
-            label = "" if len(engines) == 1 else f"{params.get('kind')} #{i + 1} "
-            keys = list(params) + [k for k in (other.get("engines") or [{}] * len(engines))[i]
-                                   if k not in params]
-            out.extend((label + k, params.get(k)) for k in keys if k != "kind")
-    out += [("input", fp.get("inputs")), ("run_id", fp.get("run_id"))]
-    return out
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, list):
-        if value and all(isinstance(v, dict) for v in value):
-            return "[" + ", ".join(_show(v) for v in value) + "]"
-        return "(" + ", ".join(_show(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-def first_difference(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, Any, Any] | None:
-    a, b = _flat(old, new), dict(_flat(new, old))
-    for name, value in a:
-        if value != b.get(name):
-            return name, value, b.get(name)
-    for name, value in b.items():  # a parameter only the new fingerprint has
-        if name not in dict(a):
-            return name, None, value
-    return None
-
-
 def stored_fingerprint(z: zarr.Array) -> dict[str, Any] | None:
     record = z.attrs.get(ATTR)
     if isinstance(record, dict) and isinstance(record.get("fingerprint"), dict):
         return record["fingerprint"]
     return None
-
-
-def record(fp: dict[str, Any]) -> dict[str, Any]:
-    """The ``attrs["daskpatch"]`` value of a new output."""
-    return {"fingerprint": fp,
-            "note": "written by daskpatch.to_zarr; resume=True checks this fingerprint"}
-
-
-def check_fingerprint(z: zarr.Array, fp: dict[str, Any], where: str) -> None:
-    """Refuse to resume an array written with other parameters, naming the first difference."""
-    old = stored_fingerprint(z)
-    if old is None:
-        raise ValueError(
-            f"resume=True needs an array written by daskpatch.to_zarr, which records its "
-            f"parameters in attrs[{ATTR!r}]; {where} has no such record (written by another "
-            "tool, or by an older daskpatch), so its chunks cannot be trusted to match. Pass "
-            "overwrite=True to start again"
-        )
-    diff = first_difference(old, fp)
-    if diff is not None:
-        name, was, now = diff
-        raise ValueError(
-            f"resume=True: {where} was written with {name}={_show(was)}, but this call has "
-            f"{name}={_show(now)} (the first parameter that differs); resuming would mix "
-            "chunks of two different results. Resume with the same parameters (and run_id), or "
-            "pass overwrite=True to start again"
-        )
-
-
-def current_fingerprint(z: zarr.Array) -> dict[str, Any] | None:
-    """The fingerprint in the store now (one small read of the array's ``zarr.json``)."""
-    raw = get(z.store, _join(z.path, "zarr.json"))
-    try:
-        attrs = json.loads(raw or b"null")["attributes"]
-        return attrs[ATTR]["fingerprint"]
-    except (ValueError, TypeError, KeyError):
-        return None
-
-
-def check_still_ours(z: zarr.Array, fp: dict[str, Any], where: str) -> None:
-    """Refuse to go on when another writer replaced the array (and its fingerprint) since this
-    write began: checked before each chunk is written and before the array is marked complete."""
-    now = current_fingerprint(z)
-    if now != fp:
-        diff = first_difference(fp, now) if now is not None else ("fingerprint", fp, None)
-        name, mine, theirs = diff or ("fingerprint", fp, now)
-        raise ValueError(
-            f"to_zarr: {where} was rewritten by another writer while this one ran (its {name} "
-            f"is now {_show(theirs)}, this call's is {_show(mine)}); this write stops here and "
-            "does not touch it further. Run one writer at a time per array"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# done-markers
-# --------------------------------------------------------------------------------------------
 
 
 def marker_dir(z: zarr.Array) -> str:

@@ -51,6 +51,14 @@ def parse_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     return value
 
 
+def parse_bool(value: Any, name: str) -> bool:
+    """Return ``value`` as a plain ``bool``, rejecting anything but ``True``, ``False`` (and
+    NumPy booleans)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {_describe(value)}")
+    return bool(value)
+
+
 def parse_shape(value: Any, name: str = "shape", *, minimum: int = 1) -> tuple[int, ...]:
     """Return a shape as a tuple of ints >= ``minimum``."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):

@@ -49,14 +49,14 @@ from dask.utils import format_bytes, parse_bytes
 from . import __version__, _store
 from .blend import _acc_dtype, apply_patches
 from .extract import full_grid, parse_layout
+from ._sched import compute as _compute
+from ._store import open_array as _open_array
+from ._store import parse_path as _parse_path
+from ._store import probe as _probe
+from ._store import resolve_store as _resolve_store
+from ._store import where as _where
 from .io import (
     DEFAULT_TARGET_BYTES,
-    _open_array,
-    _parse_path,
-    _probe,
-    _resolve_store,
-    _where,
-    _compute,
     aligned_chunks,
     is_stride_aligned,
     open_volume,

@@ -24,8 +24,8 @@ Zarr ignores keys it does not know, and they cannot collide with chunk keys (chu
 with ``c`` or a digit). Deleting or overwriting the array removes them with it. (A Zarr array
 cannot have child nodes, and a root array has no siblings, so the record is raw keys rather than a
 Zarr array.) The array's attributes hold a fingerprint of the parameters that made it, which
-``resume=True`` checks. The markers, the fingerprint and the checks made before anything is
-written or deleted live in :mod:`daskpatch._store`.
+``resume=True`` checks (:mod:`daskpatch._fingerprint`); the markers and the checks made before
+anything is written or deleted live in :mod:`daskpatch._store`.
 """
 
 from __future__ import annotations
@@ -34,25 +34,31 @@ import functools
 import logging
 import math
 import os
-import sys
-from collections.abc import Callable, MutableMapping, Sequence
-from typing import Any, TypeAlias, cast
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 import dask
 import dask.array as da
 import dask.local
-import dask.threaded
 import numpy as np
 import zarr
 import zarr.storage
-from dask.array.core import normalize_chunks
 from dask.base import tokenize
 from dask.delayed import Delayed
 from zarr.abc.store import Store
 
-from . import _store
-from ._store import IncompleteWarning
-from ._validate import _describe, parse_int, parse_per_axis, parse_shape, split_axes
+from . import _fingerprint, _ome, _sched, _store
+from ._chunks import (
+    DEFAULT_TARGET_BYTES,
+    aligned_chunks,
+    as_dask,
+    is_stride_aligned,
+    rechunk_to_stride,
+    write_chunks,
+)
+from ._store import IncompleteWarning, StoreLike
+from ._validate import _describe, parse_bool
 from ._xarray import is_dataarray as _is_dataarray
 from .blend import engine_into, spill_bytes, spill_into
 
@@ -69,113 +75,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Default chunk size target for :func:`aligned_chunks` (zarr advises 1-16 MB per chunk).
-DEFAULT_TARGET_BYTES: int = 8 * 2**20
-
-#: Anything :func:`zarr.open` accepts as a store, plus an open :class:`zarr.Group`.
-StoreLike: TypeAlias = (
-    "str | os.PathLike[str] | Store | zarr.storage.StorePath | zarr.Group"
-    " | MutableMapping[str, Any]"
-)
-
-_MARKER_DIR = _store.MARKER_DIR
-_SPILL_DIR = _store.SPILL_DIR
-_STORE_TYPES = "a path or URL string, an os.PathLike, a zarr store, a zarr.Group or a mapping"
-
-
-# --------------------------------------------------------------------------------------------
-# argument helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _parse_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False; got {_describe(value)}")
-    return bool(value)
-
-
-def _parse_path(value: Any, name: str = "path") -> str | None:
-    """``None`` or a node path inside the store, without leading/trailing slashes."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be None or a string naming a node in the store; got "
-                        f"{_describe(value)}")
-    value = value.strip("/")
-    return value or None
-
-
-def _join(*parts: str | None) -> str | None:
-    out = "/".join(p.strip("/") for p in parts if p and p.strip("/"))
-    return out or None
-
-
-def _resolve_store(store: Any, path: str | None, name: str = "store") -> tuple[Any, str | None]:
-    """Split ``store`` into something :func:`zarr.open` accepts and a path from its root."""
-    if isinstance(store, zarr.Array):
-        raise TypeError(
-            f"{name} must be {_STORE_TYPES}; got a zarr.Array ({store!r}); pass its store and "
-            "path instead"
-        )
-    if isinstance(store, zarr.Group):
-        return store.store, _join(store.path, path)
-    if isinstance(store, os.PathLike):
-        return os.fspath(store), path
-    if isinstance(store, (str, Store, zarr.storage.StorePath, MutableMapping)):
-        return store, path
-    raise TypeError(f"{name} must be {_STORE_TYPES}; got {_describe(store)}")
-
-
-def _store_name(store: Any) -> str:
-    if isinstance(store, (str, Store, zarr.storage.StorePath)):
-        return repr(str(store))  # a path, URL or "file://..." / "memory://..."
-    return f"<{type(store).__name__} at {id(store):#x}>"  # a mapping: never print its content
-
-
-def _where(store: Any, path: str | None) -> str:
-    where = f"store {_store_name(store)}"
-    return f"path {path!r} of {where}" if path else f"the root of {where}"
-
-
-def _probe(store: Any, path: str | None, where: str | None = None
-           ) -> zarr.Array | zarr.Group | None:
-    """The node at ``path`` (opened read-only, metadata only), or ``None`` if there is none;
-    metadata zarr cannot parse is an error naming its file."""
-    kwargs = {} if path is None else {"path": path}
-    try:
-        return zarr.open(store=store, mode="r", **kwargs)
-    except FileNotFoundError:  # zarr's NodeNotFoundError and a missing local directory
-        return None
-    except _store.METADATA_ERRORS as err:
-        raise _store.unreadable(store, path, where or _where(store, path), err) from err
-
-
-def _array_names(group: zarr.Group) -> list[str]:
-    return sorted(name for name, _ in group.arrays())
-
-
-def _open_array(store: Any, path: Any, name: str = "store") -> zarr.Array:
-    """The Zarr array ``store``/``path`` names, or a clear error; reads metadata only."""
-    path = _parse_path(path)
-    if isinstance(store, zarr.Array):
-        if path is not None:
-            raise ValueError(
-                f"path must be None when {name} is a zarr.Array (the array is already chosen); "
-                f"got path={path!r}"
-            )
-        return store
-    base, full = _resolve_store(store, path, name)
-    node = _probe(base, full)
-    if node is None:
-        raise FileNotFoundError(f"no Zarr array or group at {_where(base, full)}")
-    if isinstance(node, zarr.Group):
-        arrays = _array_names(node)
-        hint = f"path= one of {arrays}" if arrays else "path= naming an array (it has no arrays)"
-        raise ValueError(
-            f"{name}/path must name a Zarr array, but {_where(base, full)} holds a group; pass "
-            f"{hint}"
-        )
-    return node
+# The names cli.py imported from here before issue 9 (its helper splits cli.py meanwhile): drop
+# them once every caller imports from _sched and _store.
+_compute, _open_array, _parse_path = _sched.compute, _store.open_array, _store.parse_path
+_probe, _resolve_store, _where = _store.probe, _store.resolve_store, _store.where
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,13 +157,11 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None, *, level
     ValueError: store/path must name a Zarr array, but ... holds a group; pass path= one of ['raw']
     >>> tmp.cleanup()
     """
-    from ._ome import open_volume as _open_ome_or_array
-
-    return _open_ome_or_array(store, path, level=level, xarray=xarray)
+    return _ome.open_volume(store, path, level=level, xarray=xarray)
 
 
 # --------------------------------------------------------------------------------------------
-# done-markers (raw keys under the output array's prefix; see the module docstring)
+# to_zarr: parse -> check the target -> create or reopen -> plan the writes -> compute
 # --------------------------------------------------------------------------------------------
 
 
@@ -270,7 +171,7 @@ def _write_block(block: np.ndarray, z: zarr.Array, fingerprint: dict, where: str
     no other writer replaced the array since this write began."""
     info = block_info[0]
     region = tuple(slice(start, stop) for start, stop in info["array-location"])
-    _store.check_still_ours(z, fingerprint, where)
+    _fingerprint.check_still_ours(z, fingerprint, where)
     z[region] = block
     _store.put(z.store, _store.chunk_marker(z, info["chunk-location"]))
     return np.ones((1,) * block.ndim, dtype=np.uint8)
@@ -281,132 +182,145 @@ def _finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, writte
     """Runs after every write task: check that no other writer replaced the array meanwhile,
     record it as complete, drop the per-chunk markers and every spilled part under it, and the
     parts of the engines that spilled elsewhere."""
-    _store.check_still_ours(z, fingerprint, where)
+    _fingerprint.check_still_ours(z, fingerprint, where)
     _store.mark_complete(z)
     for spill, name in spills:
         spill.clear(name)
     return z
 
+@dataclass(frozen=True)
+class _Write:
+    """One parsed :func:`to_zarr` call of a bare array."""
 
-# --------------------------------------------------------------------------------------------
-# to_zarr
-# --------------------------------------------------------------------------------------------
+    x: da.Array  #: what to write, its blocks exactly the Zarr chunks (``chunks``)
+    chunks: tuple[int, ...]
+    target: Store  #: the store written, and ``reader``, the same read-only
+    reader: Store
+    path: str | None  #: the array's path from the store root (None: a root array)
+    where: str  #: how messages name the target
+    overwrite: bool
+    resume: bool
+    progress: bool
+    compute: bool
+    run_id: str | None
+    threshold: float  #: the halo size above which engines spill (``daskpatch.spill-bytes``)
+    dimension_names: Sequence[str] | None
 
 
-def _as_dask(array: Any) -> da.Array:
-    if isinstance(array, da.Array):
-        x = array
-    elif isinstance(array, zarr.Array):
-        x = da.from_zarr(array)
-    elif isinstance(array, np.ndarray):
-        chunks = normalize_chunks(
-            "auto", array.shape, limit=DEFAULT_TARGET_BYTES, dtype=array.dtype
-        )
-        x = da.from_array(array, chunks=chunks)
-    else:
-        raise TypeError(
-            f"array must be a dask array, a NumPy array or a zarr.Array; got {type(array).__name__}"
-        )
-    if x.ndim == 0:
-        raise ValueError("array must have at least one axis; got a 0-d array")
-    if any(math.isnan(s) for s in x.shape):
+def _parse(array: Any, store: Any, path: Any, chunks: Any, overwrite: Any, resume: Any,
+           progress: Any, compute: Any, run_id: Any, dimension_names: Any) -> _Write:
+    """Check every argument (nothing is read or written yet)."""
+    overwrite = parse_bool(overwrite, "overwrite")
+    resume = parse_bool(resume, "resume")
+    progress = parse_bool(progress, "progress")
+    compute = parse_bool(compute, "compute")
+    if overwrite and resume:
         raise ValueError(
-            f"array must have known chunk sizes to be written to Zarr; got shape {x.shape} "
-            "(call array.compute_chunk_sizes() first)"
+            "overwrite=True and resume=True exclude each other (overwrite starts again, resume "
+            "keeps the chunks already written); got both"
         )
-    return x
-
-
-def _is_regular(c: tuple[int, ...]) -> bool:
-    """Zarr-compatible: all chunks equal but the last, which is not larger."""
-    return len(c) <= 1 or (all(v == c[0] for v in c[:-1]) and c[-1] <= c[0])
-
-
-def _write_chunks(x: da.Array, chunks: Any) -> tuple[da.Array, tuple[int, ...]]:
-    """The Zarr chunk shape, and ``x`` rechunked so its blocks are exactly the Zarr chunks."""
-    if chunks is None:
-        if all(_is_regular(c) for c in x.chunks):
-            return x, tuple(max(c[0], 1) for c in x.chunks)
-        target = tuple(max(max(c), 1) for c in x.chunks)
-    else:
-        target = parse_per_axis(chunks, x.ndim, "chunks")
-    return x.rechunk(target), target
-
-
-def _check_resumable(z: zarr.Array, x: da.Array, chunks: tuple[int, ...], where: str) -> None:
-    problems = []
-    if tuple(z.shape) != tuple(x.shape):
-        problems.append(f"shape {tuple(z.shape)} (this write: {tuple(x.shape)})")
-    if np.dtype(z.dtype) != x.dtype:
-        problems.append(f"dtype {np.dtype(z.dtype)} (this write: {x.dtype})")
-    if tuple(z.chunks) != chunks:
-        problems.append(f"chunks {tuple(z.chunks)} (this write: {chunks}; pass chunks= to match)")
-    if getattr(z, "shards", None) is not None:
-        problems.append(f"shards {z.shards} (to_zarr writes unsharded arrays)")
-    if problems:
+    if progress and not compute:
         raise ValueError(
-            f"resume=True needs the existing array at {where} to match this write, but it has "
-            + "; ".join(problems)
-            + ". Pass overwrite=True to start again."
+            "progress=True needs compute=True; with compute=False wrap your own compute in "
+            "dask.diagnostics.ProgressBar or distributed.progress"
         )
+    path = _store.parse_path(path)
+    threshold = spill_bytes()  # the setting is checked before anything is written
+    if run_id is not None and not isinstance(run_id, str):
+        raise TypeError(f"run_id must be None or a string naming the model version; got "
+                        f"{_describe(run_id)}")
+    x, zchunks = write_chunks(as_dask(array), chunks)
+    base, full = _store.resolve_store(store, path)
+    target, prefix = _store.as_store(base)
+    reader, _ = _store.as_store(base, read_only=True)
+    return _Write(x, zchunks, target, reader, _store.node_path(prefix, full),
+                  _store.where(base, full), overwrite, resume, progress, compute, run_id,
+                  threshold, dimension_names)
 
 
-def _active_client() -> Any | None:
-    """The distributed Client that ``compute()`` would use now, or ``None`` (local scheduler)."""
-    if "distributed" not in sys.modules:  # no Client without it (and importing it costs 0.3 s)
-        return None
-    scheduler = dask.config.get("scheduler", None)
-    if scheduler is not None:
-        if "Client" in type(scheduler).__name__:
-            return scheduler
-        if not (isinstance(scheduler, str) and scheduler in ("distributed", "dask.distributed")):
-            return None
-    try:
-        from distributed import get_client
-    except ImportError:
-        return None
-    try:
-        return get_client()
-    except ValueError:
-        return None
+def _check_target(w: _Write) -> tuple[zarr.Array | None, dict[str, Any]]:
+    """The array at the target (``None``: nothing there) and this write's fingerprint, after
+    checking the inputs, the target itself, its parents, what it holds, and (to replace it)
+    that every part of it can be deleted -- before anything is created or deleted."""
+    _fingerprint.check_not_read(w.x, w.target, w.path, w.where)
+    node = _store.probe(w.reader, w.path, w.where)
+    if isinstance(node, zarr.Group):
+        raise ValueError(
+            f"to_zarr: {w.where} is a group; to_zarr never replaces a group (with its children). "
+            "Pass path= naming an array inside it"
+        )
+    if node is not None and not (w.overwrite or w.resume):
+        raise FileExistsError(
+            f"to_zarr: an array already exists at {w.where}; pass overwrite=True to replace it, "
+            "or resume=True to finish an interrupted write"
+        )
+    _store.check_parents(w.reader, w.path, w.where)
+    fingerprint = _fingerprint.fingerprint(w.x, w.chunks, w.run_id)
+    if w.resume and node is not None:
+        _fingerprint.check_resumable(node, w.x, w.chunks, w.where)
+        _fingerprint.check_fingerprint(node, fingerprint, w.where)
+    else:
+        _store.check_contents(w.target, w.path, node is not None, w.where)
+        if node is not None:
+            _store.check_deletable(w.target, w.path, w.where)
+    return node, fingerprint
 
 
-def _local_get() -> Callable | None:
-    """The local scheduler (threads or synchronous) that ``compute()`` would use now, else
-    ``None`` (a distributed Client, processes)."""
-    scheduler = dask.config.get("scheduler", None)
-    if scheduler is None:
-        return None if _active_client() is not None else dask.threaded.get
-    if isinstance(scheduler, str):
-        return {"threads": dask.threaded.get, "threading": dask.threaded.get,
-                "sync": dask.local.get_sync, "synchronous": dask.local.get_sync,
-                "single-threaded": dask.local.get_sync}.get(scheduler.lower())
-    if scheduler in (dask.threaded.get, dask.local.get_sync):
-        return scheduler
-    return None
+def _create_or_reopen(w: _Write, node: zarr.Array | None, fingerprint: dict[str, Any]
+                      ) -> tuple[zarr.Array, set[tuple[int, ...]] | None]:
+    """The array opened for writing, and the chunks already done (``None``: all of them)."""
+    if w.resume and node is not None:
+        z = zarr.open_array(store=w.target, path=w.path or "", mode="r+")
+        done = _store.done_chunks(z, w.x.numblocks)
+        if done is None:
+            logger.info("to_zarr: %s is already complete; nothing to compute", w.where)
+        else:
+            logger.info("to_zarr: resuming %s: %d of %d chunks already done", w.where, len(done),
+                        math.prod(w.x.numblocks))
+        return z, done
+    if node is not None:
+        _store.clear(w.target, w.path)  # the old array (checked above)
+    else:  # stale markers and spilled parts of a hand-deleted array
+        _store.delete_dir(w.target, _store.node_path(w.path, _store.MARKER_DIR) or "")
+        _store.delete_dir(w.target, _store.node_path(w.path, _store.SPILL_DIR) or "")
+    z = zarr.create_array(
+        store=w.target, name=w.path, shape=w.x.shape, dtype=w.x.dtype, chunks=w.chunks,
+        attributes={_store.ATTR: _fingerprint.record(fingerprint)}, zarr_format=3,
+        dimension_names=w.dimension_names,
+    )
+    _fingerprint.check_still_ours(z, fingerprint, w.where)  # another writer created it meanwhile
+    return z, set()
 
 
-def _compute(obj: Delayed, progress: bool, **kwargs: Any) -> Any:
-    if not progress:
-        return obj.compute(**kwargs)
-    client = _active_client()
-    if client is not None:
-        from distributed import progress as distributed_progress
-
-        future = client.compute(obj)
-        bar = distributed_progress(future)  # blocks in a console; a widget in a notebook
-        if bar is not None:
-            try:
-                from IPython.display import display
-
-                display(bar)
-            except ImportError:  # pragma: no cover - a notebook always has IPython
-                pass
-        return future.result()
-    from dask.diagnostics import ProgressBar
-
-    with ProgressBar():
-        return obj.compute(**kwargs)
+def _plan(w: _Write, z: zarr.Array, fingerprint: dict[str, Any],
+          done: set[tuple[int, ...]] | None) -> Delayed:
+    """The write graph: one task per chunk not done (compute the block, write it, mark it done;
+    computing only those keys culls the rest of the graph, their inputs included), then one that
+    marks the array complete and drops the spilled parts."""
+    # Overlap-add engines (apply_patches, reconstruct) built with spill=None send the halos
+    # their blocks hand to neighbouring chunks into the output store when they are large, so
+    # memory stays bounded whatever the volume; the parts are deleted once all is written.
+    # (Not into a store in RAM: parts would stay there until the end instead of being freed.)
+    if not isinstance(z.store, zarr.storage.MemoryStore):
+        x, spills = spill_into(w.x, z.store, _store.spill_dir(z), threshold=w.threshold)
+    else:
+        x, spills = spill_into(w.x, None, "", threshold=math.inf)
+    token = tokenize(x.name, str(z.store), z.path, w.chunks)
+    todo = []
+    if done is not None and len(done) < math.prod(x.numblocks):
+        written = da.map_blocks(
+            functools.partial(_write_block, z=z, fingerprint=fingerprint, where=w.where), x,
+            chunks=tuple((1,) * n for n in x.numblocks),
+            dtype=np.uint8,
+            meta=np.empty((0,) * x.ndim, dtype=np.uint8),
+            name=f"to-zarr-write-{token}",
+        )
+        parts = written.to_delayed(optimize_graph=True)
+        todo = [d for loc, d in np.ndenumerate(parts) if loc not in done]
+    finalize = functools.partial(_finalize, z, fingerprint, w.where, spills)
+    return dask.delayed(finalize, pure=False)(
+        todo, dask_key_name=f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}"
+    )
 
 
 def to_zarr(
@@ -588,127 +502,19 @@ def to_zarr(
     """
     if ome is not False or levels != 1 or axes is not None or scale is not None or \
             units is not None or downsample != "auto" or _is_dataarray(array):
-        from ._ome import write as _write_ome
-
-        return _write_ome(
+        return _ome.write(
             to_zarr, array, store, path, chunks=chunks, overwrite=overwrite, resume=resume,
             progress=progress, compute=compute, ome=ome, levels=levels, axes=axes,
             scale=scale, units=units, downsample=downsample, run_id=run_id,
         )
-    overwrite = _parse_bool(overwrite, "overwrite")
-    resume = _parse_bool(resume, "resume")
-    progress = _parse_bool(progress, "progress")
-    compute = _parse_bool(compute, "compute")
-    if overwrite and resume:
-        raise ValueError(
-            "overwrite=True and resume=True exclude each other (overwrite starts again, resume "
-            "keeps the chunks already written); got both"
-        )
-    if progress and not compute:
-        raise ValueError(
-            "progress=True needs compute=True; with compute=False wrap your own compute in "
-            "dask.diagnostics.ProgressBar or distributed.progress"
-        )
-    path = _parse_path(path)
-    threshold = spill_bytes()  # the setting is checked before anything is written
-    if run_id is not None and not isinstance(run_id, str):
-        raise TypeError(f"run_id must be None or a string naming the model version; got "
-                        f"{_describe(run_id)}")
-    x = _as_dask(array)
-    x, zchunks = _write_chunks(x, chunks)
-    base, full = _resolve_store(store, path)
-    where = _where(base, full)
-    target, prefix = _store.as_store(base)
-    reader, _ = _store.as_store(base, read_only=True)
-    full = _join(prefix, full)
-
-    # Check before creating or deleting anything: the inputs, the target itself, its parents,
-    # what the target holds, and (to replace it) that every part of it can be deleted.
-    _store.check_not_read(x, target, full, where)
-    node = _probe(reader, full, where)
-    if isinstance(node, zarr.Group):
-        raise ValueError(
-            f"to_zarr: {where} is a group; to_zarr never replaces a group (with its children). "
-            "Pass path= naming an array inside it"
-        )
-    if node is not None and not (overwrite or resume):
-        raise FileExistsError(
-            f"to_zarr: an array already exists at {where}; pass overwrite=True to replace it, or "
-            "resume=True to finish an interrupted write"
-        )
-    if full is not None:
-        parts = full.split("/")
-        for i in range(len(parts)):
-            parent = "/".join(parts[:i]) or None
-            if isinstance(_probe(reader, parent, where), zarr.Array):
-                raise ValueError(
-                    f"to_zarr: cannot create an array at {where}: its parent "
-                    f"{parent or '(the root)'!r} is an array, and only groups have children"
-                )
-    fingerprint = _store.fingerprint(x, zchunks, run_id)
-    reopen = resume and node is not None
-    if reopen:
-        assert isinstance(node, zarr.Array)
-        _check_resumable(node, x, zchunks, where)
-        _store.check_fingerprint(node, fingerprint, where)
-    else:
-        _store.check_contents(target, full, node is not None, where)
-        if node is not None:
-            _store.check_deletable(target, full, where)
-
-    # Create (or reopen for writing).
-    if reopen:
-        z = zarr.open_array(store=target, path=full or "", mode="r+")
-        done = _store.done_chunks(z, x.numblocks)
-    else:
-        if node is not None:
-            _store.clear(target, full)  # the old array (checked above)
-        else:  # stale markers and spilled parts of a hand-deleted array
-            _store.delete_dir(target, _join(full, _MARKER_DIR) or _MARKER_DIR)
-            _store.delete_dir(target, _join(full, _SPILL_DIR) or _SPILL_DIR)
-        z = zarr.create_array(
-            store=target, name=full, shape=x.shape, dtype=x.dtype, chunks=zchunks,
-            attributes={_store.ATTR: _store.record(fingerprint)}, zarr_format=3,
-            dimension_names=_dimension_names,
-        )
-        _store.check_still_ours(z, fingerprint, where)  # another writer created it meanwhile
-        done = set()
-    n_total = math.prod(x.numblocks)
-    if done is None:
-        logger.info("to_zarr: %s is already complete; nothing to compute", where)
-    elif resume and node is not None:
-        logger.info("to_zarr: resuming %s: %d of %d chunks already done", where, len(done),
-                    n_total)
-
-    # Overlap-add engines (apply_patches, reconstruct) built with spill=None send the halos
-    # their blocks hand to neighbouring chunks into the output store when they are large, so
-    # memory stays bounded whatever the volume; the parts are deleted once all is written.
-    # (Not into a store in RAM: parts would stay there until the end instead of being freed.)
-    if not isinstance(z.store, zarr.storage.MemoryStore):
-        x, spills = spill_into(x, z.store, _join(z.path, _SPILL_DIR) or _SPILL_DIR,
-                               threshold=threshold)
-    else:
-        x, spills = spill_into(x, None, "", threshold=math.inf)
-    token = tokenize(x.name, str(z.store), z.path, zchunks)
-    todo = []
-    if done is not None and len(done) < n_total:
-        # One task per chunk: compute the block, write it, mark it done. Computing only the
-        # keys of the chunks not done culls the rest of the graph (their inputs included).
-        written = x.map_blocks(
-            functools.partial(_write_block, z=z, fingerprint=fingerprint, where=where),
-            chunks=tuple((1,) * n for n in x.numblocks),
-            dtype=np.uint8,
-            meta=np.empty((0,) * x.ndim, dtype=np.uint8),
-            name=f"to-zarr-write-{token}",
-        )
-        parts = written.to_delayed(optimize_graph=True)
-        todo = [d for loc, d in np.ndenumerate(parts) if loc not in done]
-    job = dask.delayed(functools.partial(_finalize, z, fingerprint, where, spills), pure=False)(
-        todo, dask_key_name=f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}"
-    )
-    if not compute:
+    w = _parse(array, store, path, chunks, overwrite, resume, progress, compute, run_id,
+               _dimension_names)
+    node, fingerprint = _check_target(w)
+    z, done = _create_or_reopen(w, node, fingerprint)
+    job = _plan(w, z, fingerprint, done)
+    if not w.compute:
         return job
-    _compute(job, progress)
+    _sched.compute(job, w.progress)
     return z
 
 
@@ -756,7 +562,7 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
     """
     if not isinstance(array, da.Array):
         raise TypeError(f"array must be a dask.array.Array; got {_describe(array)}")
-    progress = _parse_bool(progress, "progress")
+    progress = parse_bool(progress, "progress")
     if any(math.isnan(n) for n in array.shape):
         raise ValueError(f"array must have known chunk sizes; got shape {array.shape} (call "
                          "compute_chunk_sizes() first)")
@@ -770,10 +576,10 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
         raise ValueError(f"out must be a writable numpy.ndarray of shape {array.shape} and dtype "
                          f"{array.dtype}; got {got}")
     else:
-        _store.check_not_aliased(array, out)
-    get = _local_get()
+        _fingerprint.check_not_aliased(array, out)
+    get = _sched.local_get()
     if get is None:  # no shared memory with the workers
-        out[...] = _compute(cast(Delayed, array), progress)
+        out[...] = _sched.compute(cast(Delayed, array), progress)
         return out
     workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
     direct = engine_into(array, out, 1 if get is dask.local.get_sync else workers)
@@ -782,296 +588,9 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
         if not fresh:
             out[...] = 0
         try:
-            _compute(job, progress, scheduler=get)
+            _sched.compute(job, progress, scheduler=get)
         finally:
             close()
         return out
-    _compute(da.store(array, out, lock=False, compute=False), progress, scheduler=get)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# stride alignment
-# --------------------------------------------------------------------------------------------
-
-
-def _spatial_layout(
-    ndim: int, stride: Any, channel_axis: Any
-) -> tuple[int | None, tuple[int, ...], tuple[int, ...]]:
-    """(channel axis, spatial axes, per-spatial-axis stride) of an ``ndim``-D array.
-
-    The spatial axes are the last ``len(stride)`` non-channel axes (all of them for an int);
-    earlier non-channel axes are batch axes.
-    """
-    ch, _, k = split_axes(ndim, stride, channel_axis, name="array", param="stride")
-    nonchannel = [i for i in range(ndim) if i != ch]
-    strides = parse_per_axis(stride, k, "stride")
-    return ch, tuple(nonchannel[len(nonchannel) - k:]), strides
-
-
-def aligned_chunks(
-    shape: Sequence[int],
-    stride: int | Sequence[int],
-    itemsize: int,
-    *,
-    target_bytes: int = DEFAULT_TARGET_BYTES,
-    channel_axis: int | None = None,
-) -> tuple[int, ...]:
-    """A chunk shape on the stride grid, roughly isotropic, near a byte target.
-
-    On each spatial axis the chunk is a multiple of the stride, capped at the axis length (a
-    chunk that covers the whole axis has no interior boundary, so it is aligned whatever its
-    length). Chunks grow as evenly as they can (in voxels) while the chunk stays within
-    ``target_bytes``; one stride per axis is the minimum even when it exceeds the target.
-    The channel axis is kept whole; batch axes (non-channel axes before the spatial ones, when
-    ``stride`` has fewer entries) get chunk 1.
-
-    Parameters
-    ----------
-    shape : sequence of int
-        Full array shape, channel and batch axes included.
-    stride : int or sequence of int
-        Patch stride, an int (every spatial axis) or one per spatial axis (the last
-        ``len(stride)`` non-channel axes).
-    itemsize : int
-        Bytes per element (``dtype.itemsize``).
-    target_bytes : int, default 8 MiB
-        Byte budget per chunk (zarr advises 1-16 MB).
-    channel_axis : int, optional
-        Channel axis, kept whole in every chunk.
-
-    Returns
-    -------
-    tuple of int
-        The chunk shape, one entry per axis of ``shape``.
-
-    Examples
-    --------
-    >>> aligned_chunks((512, 512, 512), 64, 4)
-    (128, 128, 128)
-    >>> aligned_chunks((3, 1000, 1000), (48, 48), 1, target_bytes=2**20, channel_axis=0)
-    (3, 576, 576)
-    >>> aligned_chunks((100, 40), 64, 2)
-    (100, 40)
-    """
-    shape = parse_shape(shape, "shape")
-    itemsize = parse_int(itemsize, "itemsize", minimum=1)
-    target_bytes = parse_int(target_bytes, "target_bytes", minimum=1)
-    ch, spatial, strides = _spatial_layout(len(shape), stride, channel_axis)
-
-    out = [1] * len(shape)
-    if ch is not None:
-        out[ch] = shape[ch]
-    budget = target_bytes / (itemsize * (shape[ch] if ch is not None else 1))  # elements
-    lengths = [shape[a] for a in spatial]
-    kmax = [-(-n // s) for n, s in zip(lengths, strides)]
-
-    def size(i: int, k: int) -> int:
-        return min(k * strides[i], lengths[i])
-
-    # Closed form first: an isotropic cube of side L, with axes that hit a bound fixed there and
-    # the budget redistributed over the others. Axes whose single stride exceeds L are fixed
-    # first (that shrinks L); only then axes shorter than L are taken whole (that grows L, so
-    # it never forces another axis below one stride and the chunk stays within the budget).
-    m = len(spatial)
-    k = [1] * m
-    fixed: dict[int, int] = {}
-    while len(fixed) < m:
-        free = [i for i in range(m) if i not in fixed]
-        side = (budget / math.prod(size(i, fixed[i]) for i in fixed)) ** (1 / len(free))
-        hit = {i: 1 for i in free if side <= strides[i]}
-        if not hit:
-            hit = {i: kmax[i] for i in free if side >= lengths[i]}
-        if not hit:
-            for i in free:
-                k[i] = min(kmax[i], max(1, int(side // strides[i])))
-            break
-        fixed.update(hit)
-    for i, ki in fixed.items():
-        k[i] = ki
-    # Then grow the smallest chunk by one stride while the budget allows (near the target).
-    for _ in range(sum(kmax)):
-        total = math.prod(size(i, k[i]) for i in range(m))
-        grow = [
-            i for i in range(m)
-            if k[i] < kmax[i] and total // size(i, k[i]) * size(i, k[i] + 1) <= budget
-        ]
-        if not grow:
-            break
-        i = min(grow, key=lambda i: (size(i, k[i]), -i))
-        k[i] += 1
-    for i, a in enumerate(spatial):
-        out[a] = size(i, k[i])
-    return tuple(out)
-
-
-def is_stride_aligned(
-    chunks: Sequence[int | Sequence[int]],
-    stride: int | Sequence[int],
-    *,
-    shape: Sequence[int] | None = None,
-    channel_axis: int | None = None,
-) -> bool:
-    """Whether every chunk boundary on every spatial axis falls on the stride grid.
-
-    Parameters
-    ----------
-    chunks : array, or sequence of int or of sequences of int
-        An array (Dask, Zarr or NumPy: its ``chunks`` and ``shape`` are used; a NumPy array is one
-        chunk), a Zarr chunk shape (one int per axis), or Dask ``chunks`` (one tuple of block
-        lengths per axis); both may be mixed.
-    stride : int or sequence of int
-        Patch stride, as in :func:`aligned_chunks`.
-    shape : sequence of int, optional
-        The array shape. With it, a Zarr chunk at least as long as its axis counts as aligned
-        (it has no interior boundary). Dask chunks carry their own shape.
-    channel_axis : int, optional
-        Channel axis (ignored, like batch axes).
-
-    Returns
-    -------
-    bool
-
-    Examples
-    --------
-    >>> is_stride_aligned((128, 128), 64)
-    True
-    >>> is_stride_aligned((100, 128), 64)
-    False
-    >>> is_stride_aligned((100, 128), 64, shape=(100, 512))
-    True
-    >>> is_stride_aligned(((64, 64, 20), (96, 4)), (32, 32))
-    True
-    >>> import dask.array as da
-    >>> is_stride_aligned(da.zeros((200, 200), chunks=96), 48)
-    True
-    """
-    if hasattr(chunks, "shape") and hasattr(chunks, "ndim"):  # an array: its chunks and shape
-        array = chunks
-        if shape is None:
-            shape = tuple(int(n) for n in array.shape)
-        # NumPy (no chunks): a single chunk
-        chunks = getattr(array, "chunks", None) or tuple(int(n) for n in array.shape)
-    if isinstance(chunks, (str, bytes)) or not isinstance(chunks, Sequence):
-        raise TypeError(f"chunks must be a sequence (one entry per axis) or an array; got "
-                        f"{_describe(chunks)}")
-    if len(chunks) == 0:
-        raise ValueError(f"chunks must have at least one axis; got {tuple(chunks)!r}")
-    ndim = len(chunks)
-    if shape is not None:
-        shape = parse_shape(shape, "shape", minimum=0)
-        if len(shape) != ndim:
-            raise ValueError(
-                f"shape must have one entry per axis of chunks ({ndim}); got {shape}"
-            )
-    _, spatial, strides = _spatial_layout(ndim, stride, channel_axis)
-    for a, s in zip(spatial, strides):
-        c = chunks[a]
-        if isinstance(c, Sequence) and not isinstance(c, (str, bytes)):
-            blocks = [parse_int(v, f"chunks[{a}][{j}]", minimum=0) for j, v in enumerate(c)]
-            if any(b % s for b in np.cumsum(blocks[:-1])):
-                return False
-        else:
-            c = parse_int(c, f"chunks[{a}]", minimum=1)
-            if shape is not None and c >= shape[a]:
-                continue
-            if c % s:
-                return False
-    return True
-
-
-def rechunk_to_stride(
-    source: StoreLike | zarr.Array,
-    stride: int | Sequence[int],
-    target: StoreLike,
-    *,
-    path: str | None = None,
-    target_path: str | None = None,
-    channel_axis: int | None = None,
-    target_bytes: int = DEFAULT_TARGET_BYTES,
-    overwrite: bool = False,
-    resume: bool = False,
-    progress: bool = False,
-) -> zarr.Array:
-    """Copy a Zarr array whose chunks are not on the stride grid into stride-aligned chunks.
-
-    The new chunk shape comes from :func:`aligned_chunks` (with ``target_bytes``); the data is
-    rechunked with :meth:`dask.array.Array.rechunk` and written with :func:`to_zarr`. What was
-    done (old chunks -> new chunks, or that nothing was needed) is logged at ``INFO`` level on the
-    ``daskpatch.io`` logger.
-
-    Parameters
-    ----------
-    source : str, os.PathLike, zarr store, mapping, zarr.Group or zarr.Array
-        The unaligned array, as for :func:`open_volume`.
-    stride : int or sequence of int
-        Patch stride, as in :func:`aligned_chunks`.
-    target : str, os.PathLike, zarr store, mapping or zarr.Group
-        Where to write the aligned copy (Zarr format 3), as for :func:`to_zarr`. Must not be
-        the source array itself.
-    path : str, optional
-        Path of the source array inside ``source``.
-    target_path : str, optional
-        Path of the new array inside ``target``.
-    channel_axis : int, optional
-        Channel axis, kept whole in every chunk.
-    target_bytes : int, default 8 MiB
-        Chunk byte budget passed to :func:`aligned_chunks`.
-    overwrite, resume, progress : bool, default False
-        As in :func:`to_zarr`.
-
-    Returns
-    -------
-    zarr.Array
-        The new aligned array, or the *source* array unchanged (nothing written, ``target``
-        untouched) when its chunks are already stride-aligned.
-
-    Examples
-    --------
-    >>> import tempfile, numpy as np, zarr
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> src = zarr.create_array(f"{tmp.name}/src.zarr", shape=(100, 100), chunks=(30, 30),
-    ...                         dtype="float32")
-    >>> src[:] = np.random.default_rng(0).random((100, 100))
-    >>> new = rechunk_to_stride(f"{tmp.name}/src.zarr", 16, f"{tmp.name}/aligned.zarr",
-    ...                         target_bytes=4096)
-    >>> new.chunks, is_stride_aligned(new.chunks, 16, shape=new.shape)
-    ((32, 32), True)
-    >>> bool((new[:] == src[:]).all())
-    True
-    >>> rechunk_to_stride(new, 16, f"{tmp.name}/unused.zarr") is new
-    True
-    >>> tmp.cleanup()
-    """
-    overwrite = _parse_bool(overwrite, "overwrite")
-    resume = _parse_bool(resume, "resume")
-    progress = _parse_bool(progress, "progress")
-    src = _open_array(source, path, name="source")
-    target_path = _parse_path(target_path, "target_path")
-    base, full = _resolve_store(target, target_path, "target")
-    chunks = aligned_chunks(
-        src.shape, stride, np.dtype(src.dtype).itemsize, target_bytes=target_bytes,
-        channel_axis=channel_axis,
-    )
-    src_where = _where(src.store, src.path or None)
-    if is_stride_aligned(src.chunks, stride, shape=src.shape, channel_axis=channel_axis):
-        logger.info(
-            "rechunk_to_stride: %s already has stride-aligned chunks %s (stride %s); nothing "
-            "written, returning the source", src_where, tuple(src.chunks), stride,
-        )
-        return src
-    target, prefix = _store.as_store(base, read_only=True)
-    if _store.overlaps(_store.location(target, _join(prefix, full) or None),
-                       _store.location(src.store, src.path or None)):
-        raise ValueError(
-            f"target/target_path must differ from the source array; both are {src_where}"
-        )
-    out = cast(zarr.Array, to_zarr(
-        da.from_zarr(src), base, full, chunks=chunks, overwrite=overwrite, resume=resume,
-        progress=progress,
-    ))
-    logger.info(
-        "rechunk_to_stride: rechunked %s from chunks %s to stride-aligned chunks %s (stride %s) "
-        "into %s", src_where, tuple(src.chunks), chunks, stride, _where(base, full),
-    )
+    _sched.compute(da.store(array, out, lock=False, compute=False), progress, scheduler=get)
     return out
