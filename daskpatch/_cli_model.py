@@ -9,11 +9,9 @@ again themselves.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import os
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._cli_errors import UsageError as _UsageError
+from ._torch import TorchModel, is_module
 
 __all__ = ["TORCH_FILES", "SpecModel", "clear_models", "resolve_spec"]
 
@@ -66,11 +65,6 @@ class SpecModel:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.load()(batch)
-
-
-def _is_torch_module(obj: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def _needs_arguments(fn: Callable) -> bool:
@@ -164,7 +158,7 @@ def _load_model(spec: str, device: str | None, channels: str
         if inspect.isclass(obj):
             raise _UsageError(f"--model {spec!r}: the factory returned a class ({obj!r}); it "
                               "must return a model")
-    if _is_torch_module(obj):
+    if is_module(obj):
         return _torch_adapter(obj, device, channels)
     if device is not None:
         raise _UsageError(f"--device {device!r} applies to torch models; --model {spec!r} is "
@@ -176,15 +170,15 @@ def _load_model(spec: str, device: str | None, channels: str
 
 def _torch_adapter(module: Any, device: str | None, channels: str
                    ) -> Callable[[np.ndarray], np.ndarray]:
-    """A NumPy-batch function running a torch module.
+    """A NumPy-batch function running a torch module through :class:`daskpatch.TorchModel`.
 
-    The module is put in eval mode (and moved to ``device`` when given). Each call runs under
-    :func:`torch.inference_mode` in the calling thread, turns the batch into a tensor of the
-    module's floating dtype on its device, channel-first (``channels``: ``"none"`` adds a
-    channel axis of 1 and removes it from the output, ``"last"`` moves the channel axis to
-    position 1 and back, ``"first"`` passes it as it is), and returns NumPy. The command line
-    uses this adapter until ``dp.TorchModel`` (``daskpatch/_torch.py``) is merged; then torch
-    models from ``--model`` go through ``dp.TorchModel``.
+    ``TorchModel`` puts the module in eval mode, runs each call under
+    :func:`torch.inference_mode` on ``device`` (default: where its parameters are) in its
+    floating dtype (float32 for a module without floating tensors, as the command line always
+    did). This adds the channel handling of ``--channel-axis`` (``channels``: ``"none"`` adds
+    a channel axis of 1 and removes it from the output, ``"last"`` moves the channel axis to
+    position 1 and back, ``"first"`` passes it as it is). A ``torch.export`` module, whose
+    ``eval()`` refuses, keeps the mode it was exported in.
     """
     import torch
 
@@ -196,37 +190,50 @@ def _torch_adapter(module: Any, device: str | None, channels: str
                               f"{device!r}") from err
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise _UsageError(f"--device {device!r}: torch sees no CUDA device")
-        module = module.to(dev)
-    with contextlib.suppress(NotImplementedError):  # a torch.export module keeps its mode
+    try:
         module.eval()
+    except NotImplementedError:  # a torch.export module: it keeps its mode
+        module = _kept_mode(module)
     tensors = list(module.parameters()) + list(module.buffers())
-    floats = [t for t in tensors if t.is_floating_point()]
-    target_dtype = floats[0].dtype if floats else torch.float32
-    target_device = tensors[0].device if tensors else torch.device(device or "cpu")
+    floats = any(t.is_floating_point() for t in tensors)
+    model = TorchModel(module, device=device, dtype=None if floats else "float32")
 
     def run(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch))
-            x = x.to(device=target_device, dtype=target_dtype)
-            if channels == "none":
-                x = x.unsqueeze(1)
-            elif channels == "last":
-                x = x.movedim(-1, 1)
-            y = module(x)
-            if not isinstance(y, torch.Tensor):
-                raise TypeError(f"the torch model must return a tensor; got "
-                                f"{type(y).__name__}")
-            if channels == "none":
-                if y.ndim != x.ndim or y.shape[1] != 1:
-                    raise ValueError(
-                        f"the torch model returned shape {tuple(y.shape)} for input "
-                        f"{tuple(x.shape)}; a volume without --channel-axis goes in and out as "
-                        "one channel (give the volume a channel axis for more output channels)"
-                    )
-                y = y[:, 0]
-            elif channels == "last":
-                y = y.movedim(1, -1)
-            return y.detach().cpu().numpy()
+        if channels == "none":
+            batch = batch[:, None]
+        elif channels == "last":
+            batch = np.moveaxis(batch, -1, 1)
+        y = model(batch)
+        if not isinstance(y, np.ndarray):
+            raise TypeError(f"the torch model must return a tensor; got {type(y).__name__}")
+        if channels == "none":
+            if y.ndim != batch.ndim or y.shape[1] != 1:
+                raise ValueError(
+                    f"the torch model returned shape {tuple(y.shape)} for input "
+                    f"{tuple(batch.shape)}; a volume without --channel-axis goes in and out as "
+                    "one channel (give the volume a channel axis for more output channels)"
+                )
+            y = y[:, 0]
+        elif channels == "last":
+            y = np.moveaxis(y, 1, -1)
+        return y
 
     return run
 
+
+def _kept_mode(module: Any) -> Any:
+    """``module`` inside a ``torch.nn.Module`` whose ``train()``/``eval()`` change nothing."""
+    import torch
+
+    class KeptMode(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def train(self, mode: bool = True) -> Any:
+            return self
+
+        def forward(self, x: Any) -> Any:
+            return self.inner(x)
+
+    return KeptMode(module)
