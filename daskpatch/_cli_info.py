@@ -22,7 +22,8 @@ from dask.utils import format_bytes
 
 from . import _store
 from ._cli_errors import UsageError as _UsageError
-from .blend import _acc_dtype, apply_patches
+from ._numbers import acc_dtype
+from .blend import apply_patches
 from .extract import full_grid, parse_layout
 from .io import (
     _parse_path,
@@ -158,7 +159,7 @@ def _plan_report(z: zarr.Array, args: argparse.Namespace) -> dict[str, Any]:
     grid_shape = shape if ch is None else shape[:ch] + shape[ch + 1:]
     grid = full_grid(grid_shape, layout.n_batch, args.size, args.stride, args.border)
     result = apply_patches(
-        open_volume(z), _identity, args.size, args.stride, border=args.border,
+        open_volume(z), _identity, args.size, args.stride, border=args.border, blend=args.blend,
         batch_size=args.batch_size, channel_axis=args.channel_axis,
         out_channels=args.out_channels, dtype=args.dtype, block_shape=args.block_shape,
         fill_value=0.0 if grid.uncovered else None,
@@ -169,7 +170,7 @@ def _plan_report(z: zarr.Array, args: argparse.Namespace) -> dict[str, Any]:
     cin = 1 if ch is None else shape[ch]
     cout = args.out_channels or cin
     in_bytes = np.dtype(z.dtype).itemsize
-    acc_bytes = _acc_dtype(result.dtype).itemsize
+    acc_bytes = acc_dtype(result.dtype, copy=args.blend == "crop").itemsize  # as the engine
     ext = math.prod(min(b + z_ - s, n)
                     for b, z_, s, n in zip(block, grid.size, grid.stride, grid.padded_shape))
     per_task = {

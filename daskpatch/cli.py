@@ -40,7 +40,7 @@ from dask.delayed import Delayed
 from dask.utils import parse_bytes
 
 from . import __version__, _store
-from ._cli_errors import UsageError
+from ._cli_errors import UsageError, in_flags
 from ._cli_info import cmd_info
 from ._cli_info import shape_text as _x
 from ._cli_model import SpecModel, clear_models, resolve_spec
@@ -196,7 +196,8 @@ estimated peak memory.
 
 Peak memory is estimated per worker thread as the input block plus its halo
 (block + size - stride per axis, input dtype and channels), plus the extended accumulation
-buffer (the same extent, float32 -- float64 for float64 output -- times output channels), plus
+buffer (the same extent, float32 -- float64 for float64 output, the output dtype itself for
+--blend crop -- times output channels), plus
 one batch (batch size x patch, input dtype, and the model's output as float32), times the
 number of worker threads (--workers, else dask's num_workers, else the number of cores).
 """
@@ -258,6 +259,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE", help="a Zarr store (directory or URL)")
     p.add_argument("--path", metavar="P", help="the array (or group) inside the store")
     _add_geometry(p, apply=False)
+    p.add_argument("--blend", choices=BLENDS, default="gaussian",
+                   help="the blend apply would use (default gaussian; crop accumulates in the "
+                        "result dtype)")
     p.add_argument("--workers", type=_positive_int, metavar="N",
                    help="worker threads the memory estimate assumes (default: the cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -317,6 +321,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_apart(src: str, src_path: str | None, dst: str, dst_path: str | None) -> None:
+    """Refuse a DST that is SRC, contains it or lies inside it (before anything runs)."""
+    if _store.overlaps(_node_location(dst, dst_path), _node_location(src, src_path)):
+        raise UsageError(
+            "DST must differ from SRC, and neither contain it nor lie inside it (the run reads "
+            f"SRC while it writes DST); SRC is {_where(src, _parse_path(src_path))}, "
+            f"DST is {_where(dst, _parse_path(dst_path))}")
+
+
 def _node_location(store: str, path: str | None) -> tuple[str, str]:
     """Where ``store``/``path`` is, comparable by containment (:func:`_store.overlaps`)."""
     base, full = _resolve_store(store, _parse_path(path))
@@ -371,12 +384,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                           f"cluster ({args.scheduler}) has its own workers")
     volume = open_volume(args.src, args.src_path)
     _check_target(args.dst, args.dst_path, args)
-    if _store.overlaps(_node_location(args.dst, args.dst_path),
-                       _node_location(args.src, args.src_path)):
-        raise UsageError(
-            "DST must differ from SRC, and neither contain it nor lie inside it (the run reads "
-            f"SRC while it writes DST); SRC is {_where(args.src, _parse_path(args.src_path))}, "
-            f"DST is {_where(args.dst, _parse_path(args.dst_path))}")
+    _check_apart(args.src, args.src_path, args.dst, args.dst_path)
     layout = parse_layout(volume.ndim, args.size, args.channel_axis)
     channels = "none" if layout.channel_axis is None else (
         "first" if layout.channels_first else "last")
@@ -408,6 +416,7 @@ def _cmd_rechunk(args: argparse.Namespace) -> int:
     if not is_stride_aligned(src.chunks, args.stride, shape=src.shape,
                              channel_axis=args.channel_axis):
         _check_target(args.dst, args.dst_path, args)
+        _check_apart(args.src, args.path, args.dst, args.dst_path)
     args.started = True
     rechunk_to_stride(  # logs what it did (INFO: on stderr here)
         src, args.stride, args.dst, target_path=args.dst_path, channel_axis=args.channel_axis,
@@ -481,7 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                            "traceback") + ")",
                   file=sys.stderr)
             return 1
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        text = _one_line(err)
+        if not isinstance(err, UsageError):  # the library's words: its parameters as flags
+            text = in_flags(text, getattr(args, "command", None))
+        print(f"{PROG}: error: {text}", file=sys.stderr)
         return 2
 
 
