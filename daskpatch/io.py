@@ -75,11 +75,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The names cli.py imported from here before issue 9 (its helper splits cli.py meanwhile): drop
-# them once every caller imports from _sched and _store.
-_compute, _open_array, _parse_path = _sched.compute, _store.open_array, _store.parse_path
-_probe, _resolve_store, _where = _store.probe, _store.resolve_store, _store.where
-
 
 # --------------------------------------------------------------------------------------------
 # open_volume

@@ -473,3 +473,56 @@ def test_apply_with_the_processes_scheduler(models, src, tmp_path, on_path):
                 "--scheduler", "processes", "--workers", "2")
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)
+
+
+# -- issue 9: the estimate of crop, errors in flags, rechunk into its source ---------------------
+def test_info_estimates_crop_in_the_result_dtype(tmp_path, capsys):
+    src = _volume(tmp_path / "v.zarr")
+    assert main(["info", src, "--size", "16", "--stride", "8", "--blend", "crop", "--dtype",
+                 "float16", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    result = dp.apply_patches(dp.open_volume(src), lambda b: b, 16, 8, blend="crop",
+                              dtype="float16")
+    assert plan["block_shape"] == [c[0] for c in result.chunks]
+    ext = np.prod([min(b + 16 - 8, n) for b, n in zip(plan["block_shape"], SHAPE)])
+    assert plan["memory_per_thread"]["buffer"] == ext * 2  # crop copies into float16
+    assert main(["info", src, "--size", "16", "--stride", "8", "--dtype", "float16",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    ext = np.prod([min(b + 16 - 8, n) for b, n in zip(plan["block_shape"], SHAPE)])
+    assert plan["memory_per_thread"]["buffer"] == ext * 4  # gaussian adds in float32
+
+
+def test_library_errors_name_the_flags(tmp_path, src, on_path, capsys):
+    argv = ["apply", src, str(tmp_path / "o.zarr"), "--model", "cli_models:affine", "--size",
+            "16", "--stride", "20", "--border", "drop", "--dtype", "uint8"]
+    assert main([*argv, "--fill-value", "300"]) == 2
+    err = capsys.readouterr().err
+    _assert_one_error_line(err)
+    assert "--fill-value=300.0 does not fit the result dtype uint8" in err
+    assert "fill_value" not in err
+    assert main(argv) == 2  # uncovered voxels
+    err = capsys.readouterr().err
+    assert "pass --fill-value=..." in err and "fill_value" not in err
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("a", shape=(8, 8), dtype="f4")
+    for command, flag in (("apply", "--src-path"), ("rechunk", "--path")):
+        args = ["--model", "cli_models:affine", "--size", "4"] if command == "apply" else \
+            ["--stride", "4"]
+        assert main([command, str(tmp_path / "g.zarr"), str(tmp_path / "o.zarr"), *args]) == 2
+        err = capsys.readouterr().err
+        _assert_one_error_line(err)
+        assert f"pass {flag} one of ['a']" in err and "path=" not in err
+    assert not (tmp_path / "o.zarr").exists()
+
+
+@pytest.mark.parametrize("target", ["same", "inside"])
+def test_rechunk_into_its_own_source_is_bad_input(tmp_path, capsys, target):
+    raw = _volume(tmp_path / "raw.zarr", chunks=(15, 15, 15))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    dst = raw if target == "same" else os.path.join(raw, "x")
+    assert main(["rechunk", raw, dst, "--stride", "8", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    _assert_one_error_line(err)
+    assert "DST must differ from SRC" in err and "the run failed" not in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
