@@ -5,5 +5,3 @@ from __future__ import annotations
 import importlib.util
 
 collect_ignore = [] if importlib.util.find_spec("torch") else ["daskpatch/_torch.py"]
-# an alias of daskpatch._source (the same module object): its doctests run there
-collect_ignore.append("daskpatch/_regions.py")

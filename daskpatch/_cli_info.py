@@ -24,7 +24,7 @@ from . import _store
 from ._cli_errors import UsageError as _UsageError
 from ._numbers import acc_dtype
 from .blend import apply_patches
-from .extract import full_grid, parse_layout
+from ._axes import full_grid, parse_layout
 from ._store import parse_path as _parse_path
 from ._store import probe as _probe
 from ._store import resolve_store as _resolve_store

@@ -51,7 +51,7 @@ from ._graph import engine_into as engine_into  # re-exported until io imports i
 from ._graph import spill_into as spill_into  # re-exported until io imports it there
 from ._numbers import Numbers, check_fill
 from ._numbers import acc_dtype as _acc_dtype
-from ._regions import Volume
+from ._source import Volume
 from ._store import window_digest
 from ._torch import wrap_fn
 from ._validate import (
@@ -66,7 +66,7 @@ from ._validate import (
     parse_shape,
 )
 from ._xarray import accepts_dataarray
-from .extract import full_grid, parse_layout
+from ._axes import full_grid, parse_layout
 from .grid import PatchGrid
 from .windows import Blend, Window, parse_blend
 

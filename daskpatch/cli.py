@@ -52,7 +52,7 @@ from ._store import resolve_store as _resolve_store
 from ._store import where as _where
 from ._validate import BORDERS, PAD_MODES
 from .blend import apply_patches
-from .extract import parse_layout
+from ._axes import parse_layout
 from .io import (
     DEFAULT_TARGET_BYTES,
     is_stride_aligned,

@@ -12,7 +12,7 @@ from dask.base import tokenize
 from dask.utils import parse_bytes
 
 from ._axes import Layout, full_grid, parse_layout
-from ._layer import LazyLayer, lazy_graph
+from ._graph import LazyLayer, lazy_graph
 from ._source import Volume
 from ._validate import BORDERS, PAD_MODES, BorderMode, PadMode, parse_choice, parse_pad_value
 from ._xarray import accepts_dataarray

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._graph import rename_task
-from ..extract import Layout
+from .._axes import Layout
 from ..grid import BlockPlan
 from ..windows import Window
 from .halo import add, halo

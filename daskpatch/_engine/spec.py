@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .._numbers import Numbers
-from ..extract import Layout
+from .._axes import Layout
 
 
 @dataclass(frozen=True, eq=False)
