@@ -11,7 +11,7 @@ deleted: the target holds nothing but a Zarr array (or daskpatch's leftovers) an
 ``overwrite=True``, every part of it can be deleted.
 
 Only zarr's public API is used. zarr 3.1 has no public synchronous call for the async ``Store``
-methods (``zarr.core.sync`` is private; the public ``SupportsGetSync``/``SupportsSetSync``
+methods (zarr's own sync helper is private; the public ``SupportsGetSync``/``SupportsSetSync``
 protocols cover some stores only), so stores with ``get_sync``/``set_sync`` (local, in-memory) are
 called directly and the others through a small private event loop (:func:`_run`).
 """
