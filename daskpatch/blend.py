@@ -67,6 +67,7 @@ from ._validate import (
 )
 from ._xarray import accepts_dataarray
 from ._axes import full_grid, parse_layout
+from ._chunks import stride_multiples
 from .grid import PatchGrid
 from .windows import Blend, Window, parse_blend
 
@@ -93,16 +94,8 @@ def _auto_block(
         ):
             return tuple(sizes)
     voxels = max(1, block_bytes // (itemsize * channels))
-    mult = [1] * len(stride)
-    while True:  # grow the smallest axis (in voxels) that can still grow
-        options = [i for i in range(len(stride))
-                   if mult[i] * stride[i] < shape[i]
-                   and math.prod(m * s for m, s in zip(mult, stride)) // (mult[i] * stride[i])
-                   * ((mult[i] + 1) * stride[i]) <= voxels]
-        if not options:
-            break
-        i = min(options, key=lambda j: mult[j] * stride[j])
-        mult[i] += 1
+    # the one chunk-size policy (as aligned_chunks): whole strides, smallest axis grown first
+    mult = list(stride_multiples(shape, stride, voxels, clamp=False, ties="first"))
     # enough blocks to keep every core busy on small volumes ...
     starts = [len(grid.axis_starts(a)) for a in spatial]
     while math.prod(-(-m // k) for m, k in zip(starts, mult)) < min_blocks:
