@@ -390,12 +390,17 @@ def check_contents(store: Store, path: str | None, is_array: bool, where: str) -
         )
 
 
-def _probe_dir(directory: str, rel: str, where: str) -> None:
+def probe_writable(directory: str) -> None:
+    """Create and delete a probe file in ``directory``; raises the ``OSError`` if either fails."""
     name = os.path.join(directory, f".daskpatch-probe-{uuid.uuid4().hex}")
+    fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    os.unlink(name)
+
+
+def _probe_dir(directory: str, rel: str, where: str) -> None:
     try:
-        fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        os.close(fd)
-        os.unlink(name)
+        probe_writable(directory)
     except OSError as err:
         raise PermissionError(
             f"to_zarr: cannot overwrite {where}: its directory {rel or '(the array itself)'!r} "

@@ -65,9 +65,7 @@ def check_spill_dir(spill: str | os.PathLike) -> None:
             f"{probe!r} is {'a file' if os.path.exists(probe) else 'not a directory'}"
         )
     try:
-        fd, name = tempfile.mkstemp(prefix=".daskpatch-probe-", dir=probe)
-        os.close(fd)
-        os.remove(name)
+        _store.probe_writable(probe)
     except OSError as err:
         raise ValueError(
             f"spill must be a directory this process can create or write; got {path!r}, but "
