@@ -22,7 +22,8 @@ from dask.array.core import normalize_chunks
 
 from . import _store
 from ._store import StoreLike
-from ._validate import _describe, parse_bool, parse_int, parse_per_axis, parse_shape, split_axes
+from ._axes import split_axes
+from ._validate import _describe, parse_bool, parse_int, parse_per_axis, parse_shape
 
 
 __all__ = [

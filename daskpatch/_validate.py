@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -143,16 +143,3 @@ def parse_pad_value(value: Any, pad_mode: str, dtype: Any, name: str = "pad_valu
         raise ValueError(f"{name}={value} does not fit the volume's dtype {dtype}")
     return value if isinstance(value, int) else v
 
-
-#: Moved to :mod:`daskpatch._axes` (the one axis layout); still importable from here.
-_AXES_NAMES = ("describe_axes", "spatial_ndim", "split_axes")
-if TYPE_CHECKING:
-    from ._axes import describe_axes, spatial_ndim, split_axes  # noqa: F401
-
-
-def __getattr__(name: str) -> Any:
-    if name in _AXES_NAMES:
-        from . import _axes
-
-        return getattr(_axes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

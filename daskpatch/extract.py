@@ -19,9 +19,6 @@ from ._xarray import accepts_dataarray
 
 __all__ = ["extract_patches"]
 
-# ``Layout``, ``parse_layout`` and ``full_grid`` live in :mod:`daskpatch._axes`; the names above
-# stay importable from here for the modules that still import them from ``extract``.
-
 
 def _groups(grid_shape: tuple[int, ...], per_group: int) -> tuple[int, ...]:
     """Grid-space group shape whose flat indices are contiguous: ``(1, .., c_j, full, .., full)``."""
