@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -75,15 +76,66 @@ __all__ = ["apply_patches", "reconstruct"]
 
 
 # -- the block shape -----------------------------------------------------------------------------
+#: Batch fill the automatic block aims for: the fewest calls of ``fn`` the patches need,
+#: ``ceil(patches / batch_size)``, over the calls the blocks make (each block calls ``fn`` on full
+#: batches and one remainder).
+MIN_FILL = 0.9
+
+
+def _batch_fill(starts: list[np.ndarray], block: list[int], batch_size: int) -> float:
+    """The batch fill of spatial blocks ``block`` (voxels per axis) over the patch ``starts``."""
+    if batch_size == 1:
+        return 1.0
+    per_axis = [Counter(np.bincount(s // b).tolist()) for s, b in zip(starts, block)]
+    calls = 0
+    for combo in itertools.product(*[c.items() for c in per_axis]):
+        calls += math.prod(m for _, m in combo) * -(-math.prod(n for n, _ in combo) // batch_size)
+    ideal = -(-math.prod(len(s) for s in starts) // batch_size)
+    return ideal / calls if calls else 1.0
+
+
 def _auto_block(
-    grid: PatchGrid, n_batch: int, itemsize: int, channels: int, input_chunks: tuple | None
+    grid: PatchGrid, n_batch: int, itemsize: int, channels: int, input_chunks: tuple | None,
+    batch_size: int = 1,
 ) -> tuple[int, ...]:
     """A stride-aligned spatial block near the ``daskpatch.block-bytes`` setting (the input's
-    chunks if aligned), in at least ``daskpatch.min-blocks`` blocks where the volume allows."""
+    chunks if aligned), in at least ``daskpatch.min-blocks`` blocks where the volume allows;
+    and, with ``batch_size`` > 1, blocks whose batches fill: at least :data:`MIN_FILL` (see
+    :func:`_batch_fill`) where the volume allows. A small volume is not split below that
+    (``fn`` gets full batches rather than one patch per block), and blocks too small for full
+    batches grow, up to ``block-bytes`` or a few batches' bytes, whichever is larger."""
     block_bytes, min_blocks = get_bytes("block-bytes"), get_int("min-blocks")
     spatial = range(n_batch, grid.ndim)
     stride = [grid.stride[a] for a in spatial]
     shape = [grid.shape[a] for a in spatial]
+    axis_starts = [grid.axis_starts(a) for a in spatial]
+    kmax = [-(-n // s) for n, s in zip(shape, stride)]
+    batch_voxels = batch_size * math.prod(grid.size[a] for a in spatial)
+    limit = max(block_bytes, 4 * batch_voxels * itemsize * channels)
+
+    def fill(mult: list[int]) -> float:
+        return _batch_fill(axis_starts, [m * s for m, s in zip(mult, stride)], batch_size)
+
+    def grow(mult: list[int], step: list[int]) -> tuple[int, ...]:
+        """``mult`` grown by ``step`` strides on one axis at a time (the one that fills the
+        batches best, the smallest side on a tie) until the batches fill, within ``limit``."""
+        mult = list(mult)
+        while fill(mult) < MIN_FILL:
+            best = None
+            for i in range(len(mult)):
+                trial = list(mult)
+                trial[i] = min(mult[i] + step[i], kmax[i])
+                nbytes = math.prod(t * s for t, s in zip(trial, stride)) * itemsize * channels
+                if trial[i] == mult[i] or nbytes > limit:
+                    continue
+                rank = (fill(trial), -mult[i] * stride[i])
+                if best is None or rank > best[0]:
+                    best = (rank, trial)
+            if best is None:
+                break
+            mult = best[1]
+        return tuple(m * s for m, s in zip(mult, stride))
+
     if input_chunks is not None:
         sizes = [input_chunks[a][0] for a in spatial]
         regular = all(len(set(input_chunks[a][:-1])) <= 1 and input_chunks[a][-1] <= sizes[i]
@@ -92,27 +144,34 @@ def _auto_block(
         if regular and all(c % s == 0 for c, s in zip(sizes, stride)) and (
             block_bytes // 8 <= nbytes <= block_bytes * 2
         ):
-            return tuple(sizes)
+            # whole input chunks: grown by whole chunks where the batches do not fill
+            return grow([c // s for c, s in zip(sizes, stride)],
+                        [c // s for c, s in zip(sizes, stride)])
     voxels = max(1, block_bytes // (itemsize * channels))
     # the one chunk-size policy (as aligned_chunks): whole strides, smallest axis grown first
     mult = list(stride_multiples(shape, stride, voxels, clamp=False, ties="first"))
-    # enough blocks to keep every core busy on small volumes ...
-    starts = [len(grid.axis_starts(a)) for a in spatial]
+    # enough blocks to keep every core busy on small volumes (but batches that fill) ...
+    starts = [len(s) for s in axis_starts]
     while math.prod(-(-m // k) for m, k in zip(starts, mult)) < min_blocks:
         i = max(range(len(mult)), key=lambda j: mult[j] * stride[j])
         if mult[i] == 1:
             break
-        mult[i] -= 1
+        trial = mult[:i] + [mult[i] - 1] + mult[i + 1:]
+        if fill(trial) < min(MIN_FILL, fill(mult)):
+            break
+        mult = trial
     # ... and the same number of patch starts in each block of an axis, as far as possible
-    mult = [-(-m // -(-m // k)) for m, k in zip(starts, mult)]
-    return tuple(m * s for m, s in zip(mult, stride))
+    even = [-(-m // -(-m // k)) for m, k in zip(starts, mult)]
+    if fill(even) >= min(MIN_FILL, fill(mult)):
+        mult = even
+    return grow(mult, [1] * len(mult))
 
 
 
 def _block(grid: PatchGrid, n_batch: int, block_shape: Any, itemsize: int, channels: int,
-           input_chunks: tuple | None) -> tuple[int, ...]:
+           input_chunks: tuple | None, batch_size: int = 1) -> tuple[int, ...]:
     if block_shape is None:
-        spatial = _auto_block(grid, n_batch, itemsize, channels, input_chunks)
+        spatial = _auto_block(grid, n_batch, itemsize, channels, input_chunks, batch_size)
     else:
         spatial_grid = PatchGrid(grid.shape[n_batch:], grid.size[n_batch:],
                                  grid.stride[n_batch:], border=grid.border)
@@ -424,7 +483,7 @@ def apply_patches(
         chunks_in = tuple(chunks_in)
     else:
         chunks_in = None
-    block = _block(grid, nb, block_shape, acc_dtype.itemsize, cout, chunks_in)
+    block = _block(grid, nb, block_shape, acc_dtype.itemsize, cout, chunks_in, batch_size)
     plan = grid.block_plan(block)
     slab = int(get_bytes("slab-bytes"))  # the order of float sums: part of the name
     weights = make_weights(grid, window, slab)
@@ -441,7 +500,7 @@ def apply_patches(
         starts = [axis_starts[a][i0:i1] for a, (i0, i1) in enumerate(owned)]
         lo = tuple(int(s[0]) for s in starts)
         hi = tuple(int(s[-1]) + z for s, z in zip(starts, grid.size))
-        read, deps = vol.read_task(lo, hi, pad_mode, pad_value)
+        read, deps = vol.read_task(lo, hi, pad_mode, pad_value, lazy=True)
         spec = ApplyBlock(bidx, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
                           tuple(range(*o) for o in owned), axis_starts, weights, fn, batch_size,
                           layout, nb, cout, numbers, grid.size)
