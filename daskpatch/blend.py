@@ -76,22 +76,26 @@ __all__ = ["apply_patches", "reconstruct"]
 
 
 # -- the block shape -----------------------------------------------------------------------------
-#: Batch fill the automatic block aims for: the fewest calls of ``fn`` the patches need,
-#: ``ceil(patches / batch_size)``, over the calls the blocks make (each block calls ``fn`` on full
-#: batches and one remainder).
+#: Batch fill the automatic block aims for where its blocks own fewer patches than a batch: the
+#: fewest calls of ``fn`` the patches need, ``ceil(patches / batch_size)``, over the calls the
+#: blocks make (each block calls ``fn`` on full batches and one remainder).
 MIN_FILL = 0.9
 
 
-def _batch_fill(starts: list[np.ndarray], block: list[int], batch_size: int) -> float:
-    """The batch fill of spatial blocks ``block`` (voxels per axis) over the patch ``starts``."""
+def _batch_fill(starts: list[np.ndarray], block: list[int], batch_size: int
+                ) -> tuple[float, int]:
+    """The batch fill of spatial blocks ``block`` (voxels per axis) over the patch ``starts``,
+    and the fewest patches a block owning any owns."""
+    per_axis = [Counter(c for c in np.bincount(s // b).tolist() if c)
+                for s, b in zip(starts, block)]
+    smallest = math.prod(min(c) for c in per_axis) if all(per_axis) else 0
     if batch_size == 1:
-        return 1.0
-    per_axis = [Counter(np.bincount(s // b).tolist()) for s, b in zip(starts, block)]
+        return 1.0, smallest
     calls = 0
     for combo in itertools.product(*[c.items() for c in per_axis]):
         calls += math.prod(m for _, m in combo) * -(-math.prod(n for n, _ in combo) // batch_size)
     ideal = -(-math.prod(len(s) for s in starts) // batch_size)
-    return ideal / calls if calls else 1.0
+    return (ideal / calls if calls else 1.0), smallest
 
 
 def _auto_block(
@@ -99,11 +103,14 @@ def _auto_block(
     batch_size: int = 1,
 ) -> tuple[int, ...]:
     """A stride-aligned spatial block near the ``daskpatch.block-bytes`` setting (the input's
-    chunks if aligned), in at least ``daskpatch.min-blocks`` blocks where the volume allows;
-    and, with ``batch_size`` > 1, blocks whose batches fill: at least :data:`MIN_FILL` (see
-    :func:`_batch_fill`) where the volume allows. A small volume is not split below that
-    (``fn`` gets full batches rather than one patch per block), and blocks too small for full
-    batches grow, up to ``block-bytes`` or a few batches' bytes, whichever is larger."""
+    chunks if aligned), in at least ``daskpatch.min-blocks`` blocks where the volume allows.
+
+    With ``batch_size`` > 1 the blocks also keep ``fn``'s batches full: the min-blocks split
+    stops before a block would own fewer patches than a batch while the fill (see
+    :func:`_batch_fill`) drops below :data:`MIN_FILL` (a small volume is not split into
+    one-patch calls), and blocks that small grow until the fill reaches it, up to
+    ``block-bytes`` or four batches' bytes, whichever is larger. Each block still makes at most
+    one call with a part-filled batch."""
     block_bytes, min_blocks = get_bytes("block-bytes"), get_int("min-blocks")
     spatial = range(n_batch, grid.ndim)
     stride = [grid.stride[a] for a in spatial]
@@ -113,14 +120,25 @@ def _auto_block(
     batch_voxels = batch_size * math.prod(grid.size[a] for a in spatial)
     limit = max(block_bytes, 4 * batch_voxels * itemsize * channels)
 
-    def fill(mult: list[int]) -> float:
-        return _batch_fill(axis_starts, [m * s for m, s in zip(mult, stride)], batch_size)
+    def full(mult: list[int]) -> tuple[bool, float, int]:
+        """Whether the blocks ``mult`` keep the batches full; their fill and smallest block."""
+        fill, smallest = _batch_fill(axis_starts, [m * s for m, s in zip(mult, stride)],
+                                     batch_size)
+        return smallest >= batch_size or fill >= MIN_FILL, fill, smallest
+
+    def keeps(trial: list[int], mult: list[int]) -> bool:
+        """Whether ``trial`` keeps the batches full, or at least as full as ``mult``."""
+        ok, fill, _ = full(trial)
+        return ok or fill >= full(mult)[1]
 
     def grow(mult: list[int], step: list[int]) -> tuple[int, ...]:
-        """``mult`` grown by ``step`` strides on one axis at a time (the one that fills the
-        batches best, the smallest side on a tie) until the batches fill, within ``limit``."""
+        """``mult``, or where its batches are not full, ``mult`` grown by ``step`` strides on
+        one axis at a time (the one that fills the batches best, the smallest side on a tie)
+        until they fill to :data:`MIN_FILL`, within ``limit``."""
         mult = list(mult)
-        while fill(mult) < MIN_FILL:
+        if full(mult)[0]:
+            return tuple(m * s for m, s in zip(mult, stride))
+        while full(mult)[1] < MIN_FILL:
             best = None
             for i in range(len(mult)):
                 trial = list(mult)
@@ -128,7 +146,8 @@ def _auto_block(
                 nbytes = math.prod(t * s for t, s in zip(trial, stride)) * itemsize * channels
                 if trial[i] == mult[i] or nbytes > limit:
                     continue
-                rank = (fill(trial), -mult[i] * stride[i])
+                _, fill, smallest = full(trial)
+                rank = (min(smallest, batch_size), fill, -mult[i] * stride[i])
                 if best is None or rank > best[0]:
                     best = (rank, trial)
             if best is None:
@@ -157,14 +176,15 @@ def _auto_block(
         if mult[i] == 1:
             break
         trial = mult[:i] + [mult[i] - 1] + mult[i + 1:]
-        if fill(trial) < min(MIN_FILL, fill(mult)):
+        if batch_size > 1 and not keeps(trial, mult):
             break
         mult = trial
     # ... and the same number of patch starts in each block of an axis, as far as possible
     even = [-(-m // -(-m // k)) for m, k in zip(starts, mult)]
-    if fill(even) >= min(MIN_FILL, fill(mult)):
+    if batch_size == 1 or keeps(even, mult):
         mult = even
-    return grow(mult, [1] * len(mult))
+    return grow(mult, [1] * len(mult)) if batch_size > 1 else tuple(
+        m * s for m, s in zip(mult, stride))
 
 
 
