@@ -430,13 +430,17 @@ def apply_patches(
         runs it); use ``TorchModel`` itself for another device, dtype or mixed precision. Torch
         layers take channel-first batches: give a single-channel volume one with
         ``volume[None]`` and ``channel_axis=0``. ``fn`` is called from several threads at once
-        on the threaded scheduler, and pickled to each worker process of a cluster.
+        on the threaded scheduler, and pickled to each worker process of a cluster. A slow
+        ``fn`` (a model on an accelerator) runs in one helper thread of its block task, one
+        batch at a time, while the task copies the next batch in and blends the previous one.
     size, stride, border, pad_mode, pad_value, channel_axis
         As in :func:`extract_patches`.
     blend, fill_value, block_shape, sigma_scale, spill
         As in :func:`reconstruct`.
     batch_size : int
-        Most patches per call of ``fn``.
+        Patches per call of ``fn``: every call of a work block gets this many but its last;
+        automatic blocks (``block_shape=None``) own at least a batch each where the volume
+        allows, so a small volume is not cut into calls of one patch.
     out_channels : int, optional
         Channels ``fn`` returns (default: the volume's). Needs a channel axis when not 1.
     dtype : dtype, optional
