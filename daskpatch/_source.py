@@ -182,16 +182,17 @@ class Volume:
         return out
 
     def read_task(self, lo: tuple[int, ...], hi: tuple[int, ...], pad_mode: str,
-                  pad_value: Any = 0) -> tuple:
+                  pad_value: Any = 0, lazy: bool = False) -> tuple:
         """A task reading ``[lo, hi)`` (padded coordinates) as ``(C, *region)``, and its inputs;
-        ``pad_mode="constant"`` fills with ``pad_value``."""
+        ``pad_mode="constant"`` fills with ``pad_value``. ``lazy``: from a Zarr array, a
+        :class:`Region` read slab by slab as the consumer asks (else the array itself)."""
         axes = [self._axis_read(a, l, h, pad_mode) for a, (l, h) in enumerate(zip(lo, hi))]
         maps = [ax[0] for ax in axes]
         src_lo = tuple(ax[1] for ax in axes)
         src_hi = tuple(ax[2] for ax in axes)
         if self.direct:
-            return (_read_direct, self.name, src_lo, src_hi, self.channel_axis, maps,
-                    pad_value), {self.name}
+            return (_open_region if lazy else _read_direct, self.name, src_lo, src_hi,
+                    self.channel_axis, maps, pad_value), {self.name}
         keys, spec = [], []
         ch = self.channel_axis
         for combo in itertools.product(*[ax[3] for ax in axes]):
@@ -243,6 +244,47 @@ def _read_direct(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps:
         err.add_note(_read_note(arr, tuple(index)))
         raise
     return _apply_maps(_canonical(region, channel_axis), maps, pad_value)
+
+
+class Region:
+    """A region of a Zarr array, read in slabs of whole chunks along its first grid axis as the
+    consumer asks for them (:meth:`upto`), each chunk once: a block task's model starts on its
+    first patches while the rest of the region is still to be read. ``data`` is the whole region
+    ``(C, *region)``, valid up to the rows read."""
+
+    def __init__(self, arr: Any, lo: tuple, hi: tuple, channel_axis: int | None,
+                 maps: list, pad_value: Any = 0) -> None:
+        self.arr, self.lo, self.hi, self.channel_axis, self.maps = arr, lo, hi, channel_axis, maps
+        self.pad_value = pad_value
+        channels = 1 if channel_axis is None else arr.shape[channel_axis]
+        self.shape = (channels,) + tuple(h - l if m is None else len(m)
+                                         for l, h, m in zip(lo, hi, maps))
+        self.data = np.empty(self.shape, dtype=arr.dtype)
+        step = arr.chunks[1 if channel_axis == 0 else 0]  # the first grid axis's chunks
+        self.cuts = [lo[0]] + list(range((lo[0] // step + 1) * step, hi[0], step)) + [hi[0]]
+        self.done = 0  # slabs read
+
+    def upto(self, stop: int) -> None:
+        """Read the slabs holding the region's rows ``[0, stop)`` on its first grid axis."""
+        lo0 = self.lo[0]
+        while self.done < len(self.cuts) - 1 and self.cuts[self.done] - lo0 < stop:
+            a, b = self.cuts[self.done], self.cuts[self.done + 1]
+            slab = _read_direct(self.arr, (a,) + tuple(self.lo[1:]), (b,) + tuple(self.hi[1:]),
+                                self.channel_axis, [None] + list(self.maps[1:]), self.pad_value)
+            self.data[:, a - lo0:b - lo0] = slab
+            self.done += 1
+
+
+def _open_region(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps: list,
+                 pad_value: Any = 0) -> Any:
+    """A :class:`Region` of a Zarr array spanning several chunks on its first grid axis (not
+    padded there), or else the region read at once as :func:`_read_direct` reads it."""
+    axis = 1 if channel_axis == 0 else 0
+    chunks = getattr(arr, "chunks", None)
+    if (isinstance(arr, zarr.Array) and isinstance(chunks, tuple) and maps[0] is None
+            and lo[0] // chunks[axis] < (hi[0] - 1) // chunks[axis]):
+        return Region(arr, lo, hi, channel_axis, maps, pad_value)
+    return _read_direct(arr, lo, hi, channel_axis, maps, pad_value)
 
 
 #: Most stored chunks (or shards) probed one by one to find the one a failed read tripped on.

@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -75,15 +76,85 @@ __all__ = ["apply_patches", "reconstruct"]
 
 
 # -- the block shape -----------------------------------------------------------------------------
+#: Batch fill the automatic block aims for where its blocks own fewer patches than a batch: the
+#: fewest calls of ``fn`` the patches need, ``ceil(patches / batch_size)``, over the calls the
+#: blocks make (each block calls ``fn`` on full batches and one remainder).
+MIN_FILL = 0.9
+
+
+def _batch_fill(starts: list[np.ndarray], block: list[int], batch_size: int
+                ) -> tuple[float, int]:
+    """The batch fill of spatial blocks ``block`` (voxels per axis) over the patch ``starts``,
+    and the fewest patches a block owning any owns."""
+    per_axis = [Counter(c for c in np.bincount(s // b).tolist() if c)
+                for s, b in zip(starts, block)]
+    smallest = math.prod(min(c) for c in per_axis) if all(per_axis) else 0
+    if batch_size == 1:
+        return 1.0, smallest
+    calls = 0
+    for combo in itertools.product(*[c.items() for c in per_axis]):
+        calls += math.prod(m for _, m in combo) * -(-math.prod(n for n, _ in combo) // batch_size)
+    ideal = -(-math.prod(len(s) for s in starts) // batch_size)
+    return (ideal / calls if calls else 1.0), smallest
+
+
 def _auto_block(
-    grid: PatchGrid, n_batch: int, itemsize: int, channels: int, input_chunks: tuple | None
+    grid: PatchGrid, n_batch: int, itemsize: int, channels: int, input_chunks: tuple | None,
+    batch_size: int = 1,
 ) -> tuple[int, ...]:
     """A stride-aligned spatial block near the ``daskpatch.block-bytes`` setting (the input's
-    chunks if aligned), in at least ``daskpatch.min-blocks`` blocks where the volume allows."""
+    chunks if aligned), in at least ``daskpatch.min-blocks`` blocks where the volume allows.
+
+    With ``batch_size`` > 1 the blocks also keep ``fn``'s batches full: the min-blocks split
+    stops before a block would own fewer patches than a batch while the fill (see
+    :func:`_batch_fill`) drops below :data:`MIN_FILL` (a small volume is not split into
+    one-patch calls), and blocks that small grow until the fill reaches it, up to
+    ``block-bytes`` or four batches' bytes, whichever is larger. Each block still makes at most
+    one call with a part-filled batch."""
     block_bytes, min_blocks = get_bytes("block-bytes"), get_int("min-blocks")
     spatial = range(n_batch, grid.ndim)
     stride = [grid.stride[a] for a in spatial]
     shape = [grid.shape[a] for a in spatial]
+    axis_starts = [grid.axis_starts(a) for a in spatial]
+    kmax = [-(-n // s) for n, s in zip(shape, stride)]
+    batch_voxels = batch_size * math.prod(grid.size[a] for a in spatial)
+    limit = max(block_bytes, 4 * batch_voxels * itemsize * channels)
+
+    def full(mult: list[int]) -> tuple[bool, float, int]:
+        """Whether the blocks ``mult`` keep the batches full; their fill and smallest block."""
+        fill, smallest = _batch_fill(axis_starts, [m * s for m, s in zip(mult, stride)],
+                                     batch_size)
+        return smallest >= batch_size or fill >= MIN_FILL, fill, smallest
+
+    def keeps(trial: list[int], mult: list[int]) -> bool:
+        """Whether ``trial`` keeps the batches full, or at least as full as ``mult``."""
+        ok, fill, _ = full(trial)
+        return ok or fill >= full(mult)[1]
+
+    def grow(mult: list[int], step: list[int]) -> tuple[int, ...]:
+        """``mult``, or where its batches are not full, ``mult`` grown by ``step`` strides on
+        one axis at a time (the one that fills the batches best, the smallest side on a tie)
+        until they fill to :data:`MIN_FILL`, within ``limit``."""
+        mult = list(mult)
+        if full(mult)[0]:
+            return tuple(m * s for m, s in zip(mult, stride))
+        while full(mult)[1] < MIN_FILL:
+            best = None
+            for i in range(len(mult)):
+                trial = list(mult)
+                trial[i] = min(mult[i] + step[i], kmax[i])
+                nbytes = math.prod(t * s for t, s in zip(trial, stride)) * itemsize * channels
+                if trial[i] == mult[i] or nbytes > limit:
+                    continue
+                _, fill, smallest = full(trial)
+                rank = (min(smallest, batch_size), fill, -mult[i] * stride[i])
+                if best is None or rank > best[0]:
+                    best = (rank, trial)
+            if best is None:
+                break
+            mult = best[1]
+        return tuple(m * s for m, s in zip(mult, stride))
+
     if input_chunks is not None:
         sizes = [input_chunks[a][0] for a in spatial]
         regular = all(len(set(input_chunks[a][:-1])) <= 1 and input_chunks[a][-1] <= sizes[i]
@@ -92,27 +163,35 @@ def _auto_block(
         if regular and all(c % s == 0 for c, s in zip(sizes, stride)) and (
             block_bytes // 8 <= nbytes <= block_bytes * 2
         ):
-            return tuple(sizes)
+            # whole input chunks: grown by whole chunks where the batches do not fill
+            return grow([c // s for c, s in zip(sizes, stride)],
+                        [c // s for c, s in zip(sizes, stride)])
     voxels = max(1, block_bytes // (itemsize * channels))
     # the one chunk-size policy (as aligned_chunks): whole strides, smallest axis grown first
     mult = list(stride_multiples(shape, stride, voxels, clamp=False, ties="first"))
-    # enough blocks to keep every core busy on small volumes ...
-    starts = [len(grid.axis_starts(a)) for a in spatial]
+    # enough blocks to keep every core busy on small volumes (but batches that fill) ...
+    starts = [len(s) for s in axis_starts]
     while math.prod(-(-m // k) for m, k in zip(starts, mult)) < min_blocks:
         i = max(range(len(mult)), key=lambda j: mult[j] * stride[j])
         if mult[i] == 1:
             break
-        mult[i] -= 1
+        trial = mult[:i] + [mult[i] - 1] + mult[i + 1:]
+        if batch_size > 1 and not keeps(trial, mult):
+            break
+        mult = trial
     # ... and the same number of patch starts in each block of an axis, as far as possible
-    mult = [-(-m // -(-m // k)) for m, k in zip(starts, mult)]
-    return tuple(m * s for m, s in zip(mult, stride))
+    even = [-(-m // -(-m // k)) for m, k in zip(starts, mult)]
+    if batch_size == 1 or keeps(even, mult):
+        mult = even
+    return grow(mult, [1] * len(mult)) if batch_size > 1 else tuple(
+        m * s for m, s in zip(mult, stride))
 
 
 
 def _block(grid: PatchGrid, n_batch: int, block_shape: Any, itemsize: int, channels: int,
-           input_chunks: tuple | None) -> tuple[int, ...]:
+           input_chunks: tuple | None, batch_size: int = 1) -> tuple[int, ...]:
     if block_shape is None:
-        spatial = _auto_block(grid, n_batch, itemsize, channels, input_chunks)
+        spatial = _auto_block(grid, n_batch, itemsize, channels, input_chunks, batch_size)
     else:
         spatial_grid = PatchGrid(grid.shape[n_batch:], grid.size[n_batch:],
                                  grid.stride[n_batch:], border=grid.border)
@@ -351,13 +430,17 @@ def apply_patches(
         runs it); use ``TorchModel`` itself for another device, dtype or mixed precision. Torch
         layers take channel-first batches: give a single-channel volume one with
         ``volume[None]`` and ``channel_axis=0``. ``fn`` is called from several threads at once
-        on the threaded scheduler, and pickled to each worker process of a cluster.
+        on the threaded scheduler, and pickled to each worker process of a cluster. A slow
+        ``fn`` (a model on an accelerator) runs in one helper thread of its block task, one
+        batch at a time, while the task copies the next batch in and blends the previous one.
     size, stride, border, pad_mode, pad_value, channel_axis
         As in :func:`extract_patches`.
     blend, fill_value, block_shape, sigma_scale, spill
         As in :func:`reconstruct`.
     batch_size : int
-        Most patches per call of ``fn``.
+        Patches per call of ``fn``: every call of a work block gets this many but its last;
+        automatic blocks (``block_shape=None``) own at least a batch each where the volume
+        allows, so a small volume is not cut into calls of one patch.
     out_channels : int, optional
         Channels ``fn`` returns (default: the volume's). Needs a channel axis when not 1.
     dtype : dtype, optional
@@ -424,7 +507,7 @@ def apply_patches(
         chunks_in = tuple(chunks_in)
     else:
         chunks_in = None
-    block = _block(grid, nb, block_shape, acc_dtype.itemsize, cout, chunks_in)
+    block = _block(grid, nb, block_shape, acc_dtype.itemsize, cout, chunks_in, batch_size)
     plan = grid.block_plan(block)
     slab = int(get_bytes("slab-bytes"))  # the order of float sums: part of the name
     weights = make_weights(grid, window, slab)
@@ -441,7 +524,7 @@ def apply_patches(
         starts = [axis_starts[a][i0:i1] for a, (i0, i1) in enumerate(owned)]
         lo = tuple(int(s[0]) for s in starts)
         hi = tuple(int(s[-1]) + z for s, z in zip(starts, grid.size))
-        read, deps = vol.read_task(lo, hi, pad_mode, pad_value)
+        read, deps = vol.read_task(lo, hi, pad_mode, pad_value, lazy=True)
         spec = ApplyBlock(bidx, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
                           tuple(range(*o) for o in owned), axis_starts, weights, fn, batch_size,
                           layout, nb, cout, numbers, grid.size)

@@ -112,3 +112,17 @@ def test_to_numpy_under_a_client_gathers_the_chunks(client, volume):
     local = _graph(volume, Model(4)).compute(scheduler="threads")
     out = dp.to_numpy(_graph(volume, Model(4)))  # the Client is the default scheduler here
     np.testing.assert_array_equal(out, local)
+
+
+class WorkerModel:
+    """A slow model (so it runs in its block task's helper thread) that asks for its worker."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.02)
+        distributed.get_worker()  # raises ValueError outside a worker's task context
+        return batch * 2
+
+
+def test_a_slow_model_in_the_helper_thread_sees_its_worker(client, volume):
+    got = dp.apply_patches(volume, WorkerModel(), 16, 8, batch_size=2).compute()
+    np.testing.assert_allclose(got, volume[:] * 2, rtol=1e-5)

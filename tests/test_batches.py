@@ -1,0 +1,231 @@
+"""Issue 12: fn gets full batches however the volume is split, and a slow fn (an accelerator)
+overlaps with copying batches in and blending them (a helper thread per block task)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+import daskpatch as dp
+from daskpatch import PatchGrid
+
+
+class Sizes:
+    """A model recording the size of each batch and the thread that ran it."""
+
+    def __init__(self, fn=lambda b: b, sleep=0.0):
+        self.fn, self.sleep = fn, sleep
+        self.sizes: list[int] = []
+        self.threads: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch):
+        if self.sleep:
+            time.sleep(self.sleep)  # a device: the GIL released
+        with self.lock:
+            self.sizes.append(len(batch))
+            self.threads.append(threading.current_thread().name)
+        return self.fn(batch)
+
+
+def _helpers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("daskpatch-fn")]
+
+
+def _owning_blocks(out, shape, size, stride) -> int:
+    grid = PatchGrid(shape, size, stride)
+    plan = grid.block_plan(tuple(c[0] for c in out.chunks))
+    return int(np.prod([sum(i1 > i0 for i0, i1 in o) for o in plan.owned]))
+
+
+# -- full batches --------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, size, stride, batch_size, min_fill", [
+    ((48, 48, 48), 32, 16, 4, 1.0),  # 8 patches: two calls of 4, not eight of one (min-blocks)
+    ((64, 64, 64), 16, 8, 8, 0.85),
+    ((25, 75, 50), 12, 6, 16, 0.85),
+    ((128, 128), 16, 8, 32, 0.85),
+    ((40, 30), 8, 4, 7, 0.5),  # 63 patches in 4 blocks of 15 or 16: 3 calls each, not 9
+])
+def test_every_call_gets_a_full_batch_but_one_remainder_per_block(shape, size, stride,
+                                                                  batch_size, min_fill):
+    vol = np.random.default_rng(0).random(shape, dtype=np.float32)
+    rec = Sizes(lambda b: b * 2)
+    out = dp.apply_patches(vol, rec, size, stride, batch_size=batch_size)
+    result = out.compute()
+    n = len(PatchGrid(shape, size, stride))
+    assert sum(rec.sizes) == n
+    assert max(rec.sizes) <= batch_size
+    blocks = _owning_blocks(out, shape, size, stride)
+    assert sum(s < batch_size for s in rec.sizes) <= blocks  # one remainder per block at most
+    # and every block owns a batch at least: no block makes only a part-filled call
+    assert len(rec.sizes) <= n // batch_size + blocks
+    fill = -(-n // batch_size) / len(rec.sizes)
+    assert fill >= min_fill, (rec.sizes, out.chunks)
+    # the same numbers whatever the blocks, to rounding: the order of the float sums follows
+    # the blocks and batches (bit for bit only for the same blocks and batch_size)
+    small = dp.apply_patches(vol, lambda b: b * 2, size, stride, batch_size=batch_size,
+                             block_shape=stride)
+    assert small.numblocks != out.numblocks
+    np.testing.assert_allclose(result, small.compute(), rtol=2e-6, atol=1e-6)
+
+
+def test_batch_size_one_keeps_the_blocks_and_min_blocks():
+    vol = np.zeros((48, 48, 48), np.float32)
+    one = dp.apply_patches(vol, lambda b: b, 32, 16)
+    four = dp.apply_patches(vol, lambda b: b, 32, 16, batch_size=4)
+    assert _owning_blocks(one, vol.shape, 32, 16) == 8  # min-blocks: 8 blocks of one patch
+    # two blocks of four patches: both cores busy, full batches
+    assert _owning_blocks(four, vol.shape, 32, 16) == 2
+
+
+def test_blocks_grown_from_input_chunks_stay_whole_chunks(tmp_path, setting):
+    """Aligned input chunks are the blocks; where they hold too few patches for full batches,
+    the blocks are several whole chunks (each chunk still read by one block)."""
+    setting("daskpatch.block-bytes", "64 KiB")  # 16^3 float32 chunks are in range
+    z = zarr.create_array(tmp_path / "in.zarr", shape=(64, 64, 64), chunks=(16, 16, 16),
+                          dtype="f4")
+    z[:] = np.random.default_rng(1).random(z.shape, dtype=np.float32)
+    rec = Sizes()
+    out = dp.apply_patches(dp.open_volume(tmp_path / "in.zarr"), rec, 32, 16, batch_size=8)
+    assert all(c[0] % 16 == 0 for c in out.chunks)
+    assert out.chunksize != (16, 16, 16)  # one patch per chunk: grown
+    np.testing.assert_allclose(out.compute(), z[:], atol=1e-5)
+    n = len(PatchGrid(z.shape, 32, 16))
+    assert -(-n // 8) / len(rec.sizes) >= 0.85
+    with dask.config.set({"daskpatch.block-bytes": "64 KiB"}):
+        unbatched = dp.apply_patches(dp.open_volume(tmp_path / "in.zarr"), rec, 32, 16)
+    assert unbatched.chunksize == (16, 16, 16)  # batch_size=1: the input's chunks, as before
+
+
+# -- the pipeline --------------------------------------------------------------------------------
+def _volume(shape=(24, 24, 24)):
+    return np.random.default_rng(2).random(shape, dtype=np.float32)
+
+
+@pytest.mark.parametrize("run", ["compute", "to_numpy", "zarr"])
+def test_a_slow_model_runs_in_a_helper_thread_with_the_same_result(run, tmp_path):
+    vol = _volume()
+
+    def model(b):
+        return np.sin(b) * 3 + 1
+
+    slow = Sizes(model, sleep=0.02)
+    fast = Sizes(model)
+    kw = dict(batch_size=4, blend="gaussian", block_shape=16)
+    a = dp.apply_patches(vol, slow, 8, 4, **kw)
+    b = dp.apply_patches(vol, fast, 8, 4, **kw)
+    if run == "compute":
+        got, want = a.compute(), b.compute()
+    elif run == "to_numpy":
+        got, want = dp.to_numpy(a), dp.to_numpy(b)
+    else:
+        got = dp.to_zarr(a, tmp_path / "a.zarr")[:]
+        want = dp.to_zarr(b, tmp_path / "b.zarr")[:]
+    np.testing.assert_array_equal(got, want)  # bit for bit: blended in the same order
+    assert any(t.startswith("daskpatch-fn") for t in slow.threads)  # overlapped
+    assert sorted(slow.sizes) == sorted(fast.sizes)
+    assert _helpers() == []  # joined before the task returned
+
+
+def test_a_slow_model_failing_in_the_helper_keeps_its_note_and_stops_the_block():
+    vol = _volume((16, 16, 16))
+    calls = []
+
+    def model(b):
+        time.sleep(0.01)
+        calls.append(threading.current_thread().name)
+        if len(calls) == 4:
+            raise ZeroDivisionError("the model divided by zero")
+        return b
+
+    out = dp.apply_patches(vol, model, 8, 4, batch_size=2, block_shape=16)
+    with pytest.raises(ZeroDivisionError, match="the model divided by zero") as info:
+        out.compute(scheduler="sync")
+    (note,) = info.value.__notes__
+    # the fourth batch of block (0, 0, 0): patches 6 and 7 of its 3x3x3
+    assert "batch of 2 patches (indices 6, 7 in the order of extract_patches)" in note
+    assert "starting at (0, 8, 0), (0, 8, 4)" in note
+    assert "work block (0, 0, 0)" in note
+    assert calls[-1].startswith("daskpatch-fn")
+    assert len(calls) == 4  # the batch queued behind the failing one never reached fn
+    assert _helpers() == []
+
+
+def test_an_error_blending_stops_the_helper_too():
+    """An error in the task's own thread (here a complex output into a real result) joins the
+    helper thread before it propagates."""
+    vol = _volume((16, 16, 16))
+    calls = []
+
+    def model(b):
+        time.sleep(0.01)
+        calls.append(1)
+        return b.astype(np.complex64) if len(calls) >= 3 else b
+
+    out = dp.apply_patches(vol, model, 8, 4, batch_size=2, block_shape=16)
+    with pytest.raises(TypeError, match="the imaginary part would be lost"):
+        out.compute(scheduler="sync")
+    assert _helpers() == []
+    assert len(calls) <= 4  # the failing batch and at most the one queued behind it
+
+
+@pytest.mark.parametrize("channel_axis, border", [(None, "shift"), (0, "pad"), (-1, "shift")])
+def test_a_zarr_region_is_read_in_slabs_each_chunk_once(counting_zarr, channel_axis, border):
+    """A block's region is read slab by slab as its batches reach it (while the model runs on
+    the batch before), every chunk once per block; the result is the eager read's."""
+    shape = (40, 36, 28)
+    data = np.random.default_rng(8).random(shape).astype(np.float32)
+    chunks = (8, 12, 7)
+    if channel_axis is not None:
+        data = np.stack([data, 1 - data], axis=channel_axis)
+        chunks = (2, *chunks) if channel_axis == 0 else (*chunks, 2)
+    z, store = counting_zarr(data, chunks)
+    kw = dict(batch_size=3, block_shape=16, border=border, channel_axis=channel_axis)
+    slow = Sizes(np.sqrt, sleep=0.002)
+    got = dp.apply_patches(z, slow, 8, 4, **kw).compute()
+    np.testing.assert_array_equal(got, dp.apply_patches(data, np.sqrt, 8, 4, **kw).compute())
+    grid = PatchGrid(shape, 8, 4, border=border)
+    plan = grid.block_plan(16)
+    spatial = (8, 12, 7)
+    expected = 0
+    for bidx in np.ndindex(*plan.nblocks):
+        if not plan.has_patches(bidx):
+            continue
+        touched = 1
+        for a, b in enumerate(bidx):
+            i0, i1 = plan.owned[a][b]
+            lo = int(grid.axis_starts(a)[i0])
+            hi = min(int(grid.axis_starts(a)[i1 - 1]) + 8, shape[a])
+            touched *= (hi - 1) // spatial[a] - lo // spatial[a] + 1
+        expected += touched
+    assert store.chunk_reads == expected
+    assert any(t.startswith("daskpatch-fn") for t in slow.threads)
+
+
+def test_to_zarr_on_the_local_scheduler_does_not_import_distributed(tmp_path):
+    """dask's scheduler lookup imports distributed (0.3 s before the first task of a cold run)
+    unless it is handed the local scheduler itself."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, numpy as np, daskpatch as dp\n"
+        "x = np.ones((16, 16), np.float32)\n"
+        f"dp.to_zarr(dp.apply_patches(x, lambda b: b, 8, 4), {str(tmp_path / 'o.zarr')!r})\n"
+        "dp.to_numpy(dp.apply_patches(x, lambda b: b, 8, 4))\n"
+        "print('distributed' in sys.modules)\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
