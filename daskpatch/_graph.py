@@ -283,6 +283,7 @@ def written_engine(x: da.Array, writer: Callable, todo: list[tuple[int, ...]], n
     deps = {k: set(v) for k, v in x.dask.dependencies.items() if k != x.name}
     layers[name] = EngineLayer(new, annotations=layer.annotations)
     deps[name] = set(x.dask.dependencies[x.name])
+    assert new.spill is not None  # checked above, kept by written
     return HighLevelGraph(layers, deps), [new._out_key(i) for i in spatial], new.spill
 
 

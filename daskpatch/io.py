@@ -481,8 +481,12 @@ def to_zarr(
     neighbouring chunks -- written under ``<array path>/.daskpatch-spill/`` of the output store
     while it runs, when they total more than the ``daskpatch.spill-bytes`` setting of
     :mod:`dask.config` (default 128 MiB; e.g. ``dask.config.set({"daskpatch.spill-bytes":
-    "1 GiB"})``), so peak memory depends on the block size and threads, not on the volume; the
-    whole ``.daskpatch-spill/`` area of the array is deleted once every chunk is written (and left for ``resume=True`` after an
+    "1 GiB"})``), so peak memory depends on the block size and threads, not on the volume. Only
+    the halos are written (a block's own part goes straight into its chunk), its blocks run in
+    the order of the chunks, and each chunk is written by the task that sums it, which deletes
+    the parts it read (on a ``distributed`` cluster they stay until the end): the parts on disk
+    are those of a wave of blocks, not of the whole volume. The whole ``.daskpatch-spill/`` area
+    of the array is deleted once every chunk is written (and left for ``resume=True`` after an
     interruption). The spilled computation is a graph of its own (new task names for the engine
     and everything computed from it), so the same array computed at the same time on the same
     cluster (a kept ``client.compute`` future) is not disturbed.

@@ -58,7 +58,7 @@ def _halo_bytes(shape, size, stride, block, channels=1, itemsize=4):
 
 
 def test_to_zarr_spills_only_the_halo_faces_and_deletes_each_once_read(tmp_path, setting):
-    vol = np.random.default_rng(3).random((48, 40, 32)).astype(np.float32)
+    vol = np.random.default_rng(3).random((96, 96, 64)).astype(np.float32)  # 6 x 6 x 4 blocks
     expected = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16, spill=False).compute()
     setting("daskpatch.spill-bytes", 0)
     Recording.reset()
@@ -71,8 +71,9 @@ def test_to_zarr_spills_only_the_halo_faces_and_deletes_each_once_read(tmp_path,
     assert Recording.written == halo
     assert all(k.rsplit("/", 1)[1].split("-")[0] != k.rsplit("/", 1)[1].split("-")[1]
                for k in Recording.keys)
-    # parts are deleted as their chunks are summed, not all at the end
-    assert Recording.peak < halo
+    # parts are deleted as their chunks are summed, and blocks run in the order of the chunks:
+    # what waits on disk is a wave of blocks' halos, not the volume's (here 1/8 of it)
+    assert Recording.peak <= halo / 4
     assert not [p for p in (tmp_path / "o.zarr").rglob("*") if p.is_file()
                 and SPILL in str(p.relative_to(tmp_path / "o.zarr")) + "/"]
 
