@@ -194,3 +194,12 @@ def test_large_zarr_region_reads_decode_one_chunk_at_a_time(counting_zarr, monke
     np.testing.assert_array_equal(out, expected)
     assert touched and set(touched) == {1}  # every read is one chunk
     assert store.chunk_reads - before == reads_whole  # and no chunk is read twice more
+
+    # a budget of 6 chunks: boxes of whole chunks within it, not one read per chunk
+    touched.clear()
+    setting("daskpatch.read-bytes", 6 * 8 * 12 * 7 * 4)
+    before = store.chunk_reads
+    out = dp.apply_patches(z, np.sqrt, 16, 8, block_shape=16).compute()
+    np.testing.assert_array_equal(out, expected)
+    assert max(touched) <= 6 and max(touched) > 1
+    assert store.chunk_reads - before == reads_whole
