@@ -264,6 +264,29 @@ def spill_into(x: da.Array, store: Any, prefix: str, *, threshold: float | None 
     return da.Array(new_graph, names.get(x.name, x.name), x.chunks, meta=x._meta), used
 
 
+def written_engine(x: da.Array, writer: Callable, todo: list[tuple[int, ...]], name: str
+                   ) -> tuple[HighLevelGraph, list, Spill] | None:
+    """The graph writing the chunks ``todo`` (block indices of ``x``) of a spilled engine's
+    result ``x`` straight from its chunk tasks (``writer(chunk, location, region)``), its blocks
+    chained in C order (:meth:`Engine.written`), under the new name ``name``; the keys of those
+    chunk tasks, and the spill the engine's parts go to. ``None`` when ``x`` is not a spilled
+    engine's result as it is. Used by :func:`daskpatch.to_zarr`."""
+    layer = x.dask.layers.get(x.name)
+    if not isinstance(layer, EngineLayer) or layer.engine.spill is None:
+        return None
+    engine = layer.engine
+    ch = engine.ch
+    spatial = [tuple(i for a, i in enumerate(loc) if a != ch) if ch is not None else tuple(loc)
+               for loc in todo]
+    new = engine.written(name, writer, spatial)
+    layers = {k: v for k, v in x.dask.layers.items() if k != x.name}
+    deps = {k: set(v) for k, v in x.dask.dependencies.items() if k != x.name}
+    layers[name] = EngineLayer(new, annotations=layer.annotations)
+    deps[name] = set(x.dask.dependencies[x.name])
+    assert new.spill is not None  # checked above, kept by written
+    return HighLevelGraph(layers, deps), [new._out_key(i) for i in spatial], new.spill
+
+
 def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
                 ) -> tuple[Delayed, Callable[[], None]] | None:
     """A job accumulating the overlap-add result ``x`` straight into ``out`` (zeroed by the

@@ -124,6 +124,19 @@ def list_prefix(store: Store, prefix: str) -> list[str]:
     return _run(_collect(store.list_prefix(prefix)))
 
 
+def delete(store: Store, key: str) -> None:
+    """Delete one key (nothing where the store does not support deletes)."""
+    if not store.supports_deletes:
+        return
+    if isinstance(store, zarr.storage.LocalStore):  # no event loop round trip
+        try:
+            os.unlink(os.path.join(store.root, key))
+        except FileNotFoundError:
+            pass
+        return
+    _run(store.delete(key))
+
+
 def delete_dir(store: Store, prefix: str) -> None:
     if store.supports_deletes:
         _run(store.delete_dir(prefix))

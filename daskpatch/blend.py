@@ -292,16 +292,19 @@ def reconstruct(
         Where the halo parts that a block hands to its neighbours' chunks wait between tasks.
         Held in memory, they cost about one plane of halos (roughly ``3 * (size - stride)``
         voxels times the volume's cross-section), which grows with the volume. Spilled, each
-        block writes its buffer in parts (one per output chunk it reaches) and the scheduler holds
-        only their names, so memory depends on the block size and the number of threads, not on
-        the volume (at the cost of writing and reading about twice the output's bytes).
+        block writes its halo in parts (one per neighbouring chunk it reaches; its own chunk's
+        part stays in memory until that chunk is summed) and the scheduler holds only their
+        names, so memory depends on the block size and the number of threads, not on the volume
+        (at the cost of writing and reading the halos once). Each part is deleted as soon as its
+        chunk has read it (on a ``distributed`` cluster, where a lost chunk is summed again,
+        :func:`daskpatch.to_zarr` deletes them once all is written).
         ``None`` (default): in memory, except that :func:`daskpatch.to_zarr` spills into the
-        output store, and deletes the parts after writing, when the halos exceed the
-        ``daskpatch.spill-bytes`` setting of :mod:`dask.config` (default 128 MiB; it writes a
-        graph of its own, leaving this array as it is). ``False``: always in memory. A directory, or any Zarr
-        store: there (``True``: a temporary directory removed at exit); ``to_zarr`` deletes the
-        parts after writing, a plain ``compute`` leaves them. On a multi-machine cluster the
-        location must be visible to every worker.
+        output store when the halos exceed the ``daskpatch.spill-bytes`` setting of
+        :mod:`dask.config` (default 128 MiB; it writes a graph of its own, leaving this array as
+        it is, whose blocks run in the order of the chunks, each chunk written as soon as its
+        own block is done). ``False``: always in memory. A directory, or any Zarr
+        store: there (``True``: a temporary directory removed at exit). On a multi-machine
+        cluster the location must be visible to every worker.
 
     Returns
     -------

@@ -46,6 +46,7 @@ import zarr
 import zarr.storage
 from dask.base import tokenize
 from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from zarr.abc.store import Store
 
 from . import _fingerprint, _ome, _sched, _store
@@ -60,6 +61,7 @@ from ._chunks import (
 from ._store import IncompleteWarning, StoreLike
 from ._validate import _describe, parse_bool
 from ._xarray import is_dataarray as _is_dataarray
+from ._graph import written_engine
 from .blend import engine_into, spill_bytes, spill_into
 
 __all__ = [
@@ -170,6 +172,15 @@ def _write_block(block: np.ndarray, z: zarr.Array, fingerprint: dict, where: str
     z[region] = block
     _store.put(z.store, _store.chunk_marker(z, info["chunk-location"]))
     return np.ones((1,) * block.ndim, dtype=np.uint8)
+
+
+def _write_chunk(block: np.ndarray, location: tuple[int, ...], region: tuple[slice, ...],
+                 z: zarr.Array, fingerprint: dict, where: str) -> None:
+    """:func:`_write_block` for the chunk tasks of a spilled engine that write their chunk
+    themselves (:func:`daskpatch._graph.written_engine`)."""
+    _fingerprint.check_still_ours(z, fingerprint, where)
+    z[region] = block
+    _store.put(z.store, _store.chunk_marker(z, location))
 
 
 def _finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, written: list[Any]
@@ -303,6 +314,19 @@ def _plan(w: _Write, z: zarr.Array, fingerprint: dict[str, Any],
     token = tokenize(x.name, str(z.store), z.path, w.chunks)
     todo = []
     if done is not None and len(done) < math.prod(x.numblocks):
+        # a spilled result written as it is: its chunk tasks write, blocks in C order
+        locs = [loc for loc in np.ndindex(*x.numblocks) if loc not in done]
+        writer = functools.partial(_write_chunk, z=z, fingerprint=fingerprint, where=w.where)
+        made = written_engine(x, writer, locs, f"to-zarr-written-{token}")
+        if made is not None:
+            graph, keys, spill = made
+            spills = [(s, n) for s, n in spills if n != x.name] + [(spill, f"to-zarr-written-{token}")]
+            key = f"to-zarr-finalize-{tokenize(token, sorted(done))}"
+            graph = HighLevelGraph(
+                {**graph.layers, key: MaterializedLayer(
+                    {key: (_finalize, z, fingerprint, w.where, spills, keys)})},
+                {**graph.dependencies, key: {f"to-zarr-written-{token}"}})
+            return Delayed(key, graph)
         written = da.map_blocks(
             functools.partial(_write_block, z=z, fingerprint=fingerprint, where=w.where), x,
             chunks=tuple((1,) * n for n in x.numblocks),
@@ -457,8 +481,12 @@ def to_zarr(
     neighbouring chunks -- written under ``<array path>/.daskpatch-spill/`` of the output store
     while it runs, when they total more than the ``daskpatch.spill-bytes`` setting of
     :mod:`dask.config` (default 128 MiB; e.g. ``dask.config.set({"daskpatch.spill-bytes":
-    "1 GiB"})``), so peak memory depends on the block size and threads, not on the volume; the
-    whole ``.daskpatch-spill/`` area of the array is deleted once every chunk is written (and left for ``resume=True`` after an
+    "1 GiB"})``), so peak memory depends on the block size and threads, not on the volume. Only
+    the halos are written (a block's own part goes straight into its chunk), its blocks run in
+    the order of the chunks, and each chunk is written by the task that sums it, which deletes
+    the parts it read (on a ``distributed`` cluster they stay until the end): the parts on disk
+    are those of a wave of blocks, not of the whole volume. The whole ``.daskpatch-spill/`` area
+    of the array is deleted once every chunk is written (and left for ``resume=True`` after an
     interruption). The spilled computation is a graph of its own (new task names for the engine
     and everything computed from it), so the same array computed at the same time on the same
     cluster (a kept ``client.compute`` future) is not disturbed.

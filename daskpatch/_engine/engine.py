@@ -20,8 +20,8 @@ from .._graph import rename_task
 from .._axes import Layout
 from ..grid import BlockPlan
 from ..windows import Window
-from .halo import add, halo
-from .sink import Sink, finish_into, then
+from .halo import add, halo, spilled_keys
+from .sink import Sink, finish_into, then, write_through
 from .spec import ChunkSum
 from .spill import Spill
 
@@ -46,6 +46,10 @@ class Engine:
         self.spill: Spill | None = spill if isinstance(spill, Spill) else None
         self.acc_name, self.halo_name = "acc-" + name, "halo-" + name
         self.names: dict[str, str] = {}  # input key names -> new names (see renamed)
+        #: ``writer(chunk, location, region)``: each chunk task writes its chunk and returns
+        #: what ``writer`` returns (see :meth:`written`); ``None``: chunk tasks return chunks
+        self.writer: Callable | None = None
+        self.chain: dict[tuple[int, ...], tuple] = {}  # block -> the chunk key it waits for
         self.args = (channels, 0 if window.separable else 1)
         self.copy = window.blend == "crop"  # crop: voxels are copied, not summed
         self.dtypes = (fill_value, acc_dtype, out_dtype)
@@ -88,7 +92,7 @@ class Engine:
     @property
     def count(self) -> int:
         n_acc = math.prod(len(o) for o in self.owning)
-        n_halo = 0 if self.spill else n_acc - math.prod(len(o) for o in self.self_only)
+        n_halo = n_acc - math.prod(len(o) for o in self.self_only)
         return n_acc + n_halo + math.prod(self.plan.nblocks)
 
     def renamed(self, name: str, spill: Spill | None, names: dict[str, str]) -> Engine:
@@ -105,6 +109,27 @@ class Engine:
         engine.names = dict(names)
         return engine
 
+    def written(self, name: str, writer: Callable, todo: list[tuple[int, ...]], lag: int = 2
+                ) -> Engine:
+        """A new engine (named ``name``) whose chunk tasks write their chunk with
+        ``writer(chunk, location, region)`` and return what it returns, and whose blocks run
+        in the C order of the chunks ``todo``: the accumulate task of ``todo[k]``'s block waits
+        for chunk ``todo[k - lag]`` to be written.
+
+        A chunk's sources are its own block and blocks before it in C order, so each chunk can
+        be summed, written and its halo parts deleted as soon as its own block is done: at most
+        about ``lag`` blocks' own parts wait in memory and the halo parts on disk are those of a
+        wave of blocks, whatever order the scheduler would otherwise pick (dask's order can run
+        most blocks before any chunk). Used by :func:`daskpatch.to_zarr` for a spilled result
+        written as it is; only the chunks ``todo`` are chained (the others are not written).
+        """
+        engine = self.renamed(name, self.spill, self.names)
+        engine.writer = writer
+        todo = sorted(todo)
+        engine.chain = {todo[k]: engine._out_key(todo[k - lag])
+                        for k in range(lag, len(todo)) if self.plan.has_patches(todo[k])}
+        return engine
+
     # -- keys ------------------------------------------------------------------------------------
     def keys(self) -> Iterator[tuple]:
         for bidx in itertools.product(*self.owning):
@@ -116,8 +141,6 @@ class Engine:
             yield self._out_key(cidx)
 
     def _has_halo(self, bidx: tuple[int, ...]) -> bool:
-        if self.spill:  # the accumulate task writes every part itself
-            return False
         return any(self.plan.targets[a][b] != (b,) for a, b in enumerate(bidx))
 
     def _out_key(self, cidx: tuple[int, ...]) -> tuple:
@@ -164,18 +187,23 @@ class Engine:
             ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(idx))
             ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(idx))
             task, deps = self._accumulate(idx, ext_lo, ext_hi)
-            if self.spill:  # the buffer is written whole, in parts; only their keys stay
+            if self.spill:  # the halo faces are written, in parts; their keys and the own part
                 task = (halo, task, self._pieces(idx, True), self.spill, self.name, idx)
+            gate = self.chain.get(idx)
+            if gate is not None:  # waits for an earlier chunk (see written)
+                task, deps = (then, gate, task), set(deps) | {gate}
             return task, deps
         if kind == self.halo_name:
             acc = (self.acc_name, *idx)
+            if self.spill:  # the keys of the parts the accumulate task wrote, not its own part
+                return (spilled_keys, acc), {acc}
             return (halo, acc, self._pieces(idx, False)), {acc}
         parts, sels, dsts = [], [], []
         for combo in itertools.product(*[self.src_ax[a][c] for a, c in enumerate(idx)]):
             bidx = tuple(p[0] for p in combo)
             dsts.append(tuple(p[2] for p in combo))
-            if self.spill:
-                parts.append((self.acc_name, *bidx))
+            if self.spill:  # the own part (in memory) or the keys of a neighbour's halo
+                parts.append(((self.acc_name if bidx == idx else self.halo_name), *bidx))
                 sels.append(idx)
             elif bidx == idx:
                 parts.append((self.acc_name, *bidx))
@@ -198,7 +226,13 @@ class Engine:
         spec = ChunkSum(tuple(dsts), tuple(sels), shape, self.args[0], self.args[1], cov,
                         fill_value, acc_dtype, out_dtype, self.ch,
                         (self._out_key(idx)[1:], tuple(bounds)), self.copy)
-        return (add, spec, parts, after), set(parts) | ({after} if after else set())
+        task = (add, spec, parts, after)
+        if self.writer is not None:
+            region = [slice(lo, hi) for lo, hi in bounds]
+            if self.ch is not None:
+                region.insert(self.ch, slice(0, self.args[0]))
+            task = (write_through, self.writer, self._out_key(idx)[1:], tuple(region), task)
+        return task, set(parts) | ({after} if after else set())
 
     def into(self, out: np.ndarray, workers: int) -> tuple[dict, tuple, Sink] | None:
         """Tasks that accumulate straight into the in-memory result ``out`` (zeroed; shared

@@ -3,6 +3,7 @@ blocks' chunks, and the sum (and cast) of each output chunk from its parts."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -16,18 +17,47 @@ def halo(buf: np.ndarray, pieces: list, spill: Spill | None = None, name: str = 
          bidx: tuple[int, ...] = ()) -> dict:
     """Copy the parts of a block buffer that belong to other chunks, keyed by chunk index.
 
-    With ``spill`` the parts — the block's own chunk included — are written there and the dict
-    holds their keys, so the scheduler keeps only names between a block and the chunks it
-    reaches, whatever order it runs them in.
+    With ``spill`` the parts that belong to other chunks (the halo faces) are written there and
+    the dict holds their keys; the block's own part (``pieces`` may name the block ``bidx``
+    itself) stays in memory, a copy, so the buffer is freed at once and the own part goes
+    straight into its chunk (see :func:`add`). Only the halo ever reaches the disk.
     """
     if spill is None:
         return {target: buf[(slice(None),) + sl].copy() for target, sl in pieces}
     out = {}
     for target, sl in pieces:
+        if target == bidx:
+            out[target] = buf[(slice(None),) + sl].copy()
+            continue
         key = spill.key(name, bidx, target)
         spill.put(key, buf[(slice(None),) + sl])
         out[target] = (spill, key)
     return out
+
+
+def spilled_keys(parts: dict) -> dict:
+    """The halo task of a spilled block: the keys of its spilled parts, without its own part
+    (so that the block's own part is freed as soon as its own chunk is summed)."""
+    return {target: part for target, part in parts.items() if isinstance(part, tuple)}
+
+
+def _on_cluster() -> bool:
+    """Whether this task runs on a ``distributed`` worker, where a result lost with a worker
+    is computed again from its inputs (so spilled parts must stay until the write is done)."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return False
+    try:
+        distributed.get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+def _consumed(parts: list, sels: Any) -> list:
+    """The spilled ``(spill, key)`` pieces a chunk reads (each is read by that chunk only)."""
+    return [piece for part, sel in zip(parts, sels) if isinstance(part, dict)
+            for piece in [part[sel]] if isinstance(piece, tuple)]
 
 
 def add(spec: ChunkSum, parts: list, after: Any = None) -> np.ndarray:
@@ -35,6 +65,10 @@ def add(spec: ChunkSum, parts: list, after: Any = None) -> np.ndarray:
 
     ``parts[k]`` is a block buffer or a halo dict (see :class:`ChunkSum`); ``after`` (unused) is
     the block's own halo task, so that the scheduler copies the halo out first.
+    Spilled pieces are deleted once the chunk is summed: each is read by this chunk alone, and
+    the local schedulers run a task once per compute (a new compute runs the blocks again). On
+    a ``distributed`` worker they stay until :func:`daskpatch.to_zarr` is done (a chunk lost
+    with a worker is summed again from them).
     The sum (and a cast to a narrower float) is redone in float64 and saturated if it overflows;
     the cast to an integer dtype rounds and saturates (:func:`daskpatch._numbers.cast`).
     """
@@ -62,6 +96,10 @@ def add(spec: ChunkSum, parts: list, after: Any = None) -> np.ndarray:
         for c in cov:
             mask = np.logical_and.outer(mask, c)
         out[:, ~mask] = spec.fill_value
+    spilled = _consumed(parts, sels)
+    if spilled and not _on_cluster():
+        for where, key in spilled:
+            where.delete(key)
     if channel_axis is None:
         return out[0]
     return np.moveaxis(out, 0, channel_axis)

@@ -1,4 +1,5 @@
-"""The in-memory sink of :func:`daskpatch.to_numpy`: block tasks add straight into the result."""
+"""The in-memory sink of :func:`daskpatch.to_numpy`: block tasks add straight into the result;
+and the write-through of :func:`daskpatch.to_zarr`'s chained engines."""
 
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ class Sink:
 def then(previous: Any, result: Any) -> Any:
     """``result``, computed after ``previous`` (a task that orders blocks)."""
     return result
+
+
+def write_through(writer: Any, location: tuple[int, ...], region: tuple[slice, ...],
+                  chunk: np.ndarray) -> Any:
+    """Write one output chunk where it belongs (``writer(chunk, location, region)``, e.g.
+    :func:`daskpatch.to_zarr`'s), so the chunk task returns a token instead of the chunk."""
+    return writer(chunk, location, region)
 
 
 def finish_into(out: np.ndarray, cov: list | None, fill_value: Any, done: list) -> None:

@@ -47,6 +47,10 @@ class Spill:
             raise FileNotFoundError(f"spilled block part {key!r} is missing from {self.store!r}")
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
+    def delete(self, key: str) -> None:
+        """Delete one part (once its chunk has read it)."""
+        _store.delete(self.store, key)
+
     def clear(self, name: str) -> None:
         """Delete the parts of one engine (after its result is written)."""
         _store.delete_dir(self.store, "/".join(p for p in (self.prefix, name) if p))
