@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from dask.array.core import normalize_chunks
 
-from . import _store
+from . import _graph, _store
 from ._store import StoreLike
 from ._axes import split_axes
 from ._validate import _describe, parse_bool, parse_int, parse_per_axis, parse_shape
@@ -161,7 +161,7 @@ def as_dask(array: Any) -> da.Array:
     if isinstance(array, da.Array):
         x = array
     elif isinstance(array, zarr.Array):
-        x = da.from_zarr(array)
+        x = _graph.from_zarr(array)
     elif isinstance(array, np.ndarray):
         chunks = normalize_chunks(
             "auto", array.shape, limit=DEFAULT_TARGET_BYTES, dtype=array.dtype
@@ -434,7 +434,7 @@ def rechunk_to_stride(
     from .io import to_zarr
 
     out = cast(zarr.Array, to_zarr(
-        da.from_zarr(src), base, full, chunks=chunks, overwrite=overwrite, resume=resume,
+        _graph.from_zarr(src), base, full, chunks=chunks, overwrite=overwrite, resume=resume,
         progress=progress,
     ))
     logger.info(

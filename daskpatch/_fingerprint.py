@@ -21,6 +21,7 @@ import zarr
 from dask.highlevelgraph import MaterializedLayer
 from zarr.abc.store import Store
 
+from . import _graph
 from ._store import ATTR, FORMAT, _join, get, location, overlaps, stored_fingerprint
 
 
@@ -50,7 +51,7 @@ def graph_arrays(x: da.Array, *, sources_only: bool = False) -> list[Any]:
     left out (they are data, not an input that could be named).
     """
     found: dict[int, Any] = {}
-    for name, layer in x.dask.layers.items():
+    for name, layer in _graph.layers(x).items():
         source = name.startswith(("original-", "source-of-"))
         if isinstance(layer, MaterializedLayer):
             if sources_only and not source:
@@ -139,7 +140,7 @@ def fingerprint(x: da.Array, chunks: tuple[int, ...], run_id: str | None) -> dic
     reliably (a closure's token differs in every process); ``run_id`` names its version.
     """
     engines = []
-    for layer in x.dask.layers.values():
+    for layer in _graph.layers(x).values():
         params = getattr(getattr(layer, "engine", None), "params", None)
         if isinstance(params, dict) and params:
             engines.append(params)

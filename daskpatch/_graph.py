@@ -1,9 +1,14 @@
 """Every dask graph the engine builds or reads, in one place.
 
-This is the file to port when dask's array query planning (``dask.array`` expressions) becomes
-the default: the engine (:mod:`daskpatch._engine`) makes tasks, this module makes graphs of
-them. Each function is small and named for what it does, so another implementation can sit
-beside it.
+The engine (:mod:`daskpatch._engine`) makes tasks, this module makes graphs of them, in both of
+dask's array modes (:data:`EXPR`): legacy graphs (``HighLevelGraph``) and, with dask's array
+query planning (``DASK_ARRAY__QUERY_PLANNING=True``), array expressions. Other modules build
+(:func:`new_array`, :func:`from_zarr`), read (:func:`layers`, :func:`find_engines`,
+:func:`direct_source`) and run (:func:`to_delayed`, :func:`store_job`, :func:`spill_into`,
+:func:`engine_into`) graphs only through this module. Under array expressions an array made
+here is a :class:`LayerArray` expression holding its layer; graph surgery rebuilds the
+expression (``spill_into``), and jobs wrap the lowered graph. Array expressions do not cull (in
+dask 2026.8): computing one chunk makes every task of the layer.
 
 A graph layer that makes its tasks on demand (:class:`LazyLayer`): a patch graph over a 8192^3
 volume has ~10^5 tasks; writing them all into a dict costs seconds before anything runs.
@@ -18,6 +23,7 @@ in-memory result, :func:`engine_into`) is a different graph, with names of its o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +41,10 @@ from ._engine.spill import Spill, spill_bytes
 if TYPE_CHECKING:
     from ._engine.engine import Engine
 
-
+#: Whether dask's array query planning (``array.query-planning``, array expressions) is on; the
+#: choice is fixed when ``dask.array`` is first imported. Every function below works in both
+#: modes: the legacy graphs (``HighLevelGraph``) and, when this is true, array expressions.
+EXPR: bool = bool(getattr(da, "array_expr_enabled", lambda: False)())
 
 
 class LazyLayer(Layer):
@@ -186,15 +195,15 @@ class EngineLayer(LazyLayer):
 def engine_array(engine: Engine, collections: list, extra: dict | None) -> da.Array:
     """The result of ``engine`` as a Dask array over its inputs ``collections`` (and a
     materialised layer of ``extra`` values its tasks read)."""
-    graph = lazy_graph(engine.name, EngineLayer(engine), collections, extra)
     meta = np.empty((0,) * (engine.plan.grid.ndim + (engine.ch is not None)),
                     dtype=engine.dtypes[2])
-    return da.Array(graph, engine.name, engine.chunks(), meta=meta)
+    return new_array(engine.name, EngineLayer(engine), engine.chunks(), meta, collections,
+                     extra)
 
 
-def find_engines(graph: HighLevelGraph) -> dict[str, Engine]:
-    """The engines of a graph's layers, by layer name."""
-    return {n: layer.engine for n, layer in graph.layers.items()
+def find_engines(x: da.Array) -> dict[str, Engine]:
+    """The engines of ``x``'s graph, by layer name."""
+    return {n: layer.engine for n, layer in layers(x).items()
             if isinstance(layer, EngineLayer)}
 
 
@@ -217,13 +226,15 @@ def spill_into(x: da.Array, store: Any, prefix: str, *, threshold: float | None 
     (visible to every worker that writes the output).
     """
     threshold = spill_bytes() if threshold is None else threshold
-    graph = x.dask
-    engines = find_engines(graph)
+    engines = find_engines(x)
     spilling = {n for n, e in engines.items() if e.auto and e.halo_bytes > threshold}
     if not spilling:
         return x, [(e.spill, e.name) for e in engines.values() if e.spill is not None]
     target = Spill(store, prefix)
     seed = tokenize("spilled", target, sorted(spilling))
+    if EXPR:
+        return _spill_expr(x, target, spilling, seed)
+    graph = x.dask
     # the spilled engines and every layer that depends on them, directly or not
     dependents: dict[str, set[str]] = {}
     for n, deps in graph.dependencies.items():
@@ -293,7 +304,7 @@ def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
     caller) with ``workers`` threads per block, and what to call after it; ``None`` when ``x``
     is not an engine's result or the direct path does not apply. Used by
     :func:`daskpatch.to_numpy` on the local scheduler."""
-    layer = x.dask.layers.get(x.name)
+    layer = _top_layer(x)
     if not isinstance(layer, EngineLayer):
         return None
     engine = layer.engine
@@ -301,6 +312,8 @@ def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
     if made is None:
         return None
     dsk, key, sink = made
+    if EXPR:
+        return _into_expr(x, dsk, key), sink.close
     layers = {k: v for k, v in x.dask.layers.items() if k != x.name}
     deps = {k: set(v) for k, v in x.dask.dependencies.items() if k != x.name}
     name = key[0]
@@ -308,3 +321,270 @@ def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
     deps[name] = set(x.dask.dependencies[x.name])
     return Delayed(key, HighLevelGraph(layers, deps), layer=name), sink.close
 
+
+
+# -- building and reading arrays (both graph modes) ----------------------------------------------
+def _expr_of(x: Any) -> Any:
+    """The expression of an array (array-expression mode)."""
+    return x.expr
+
+
+def new_array(name: str, layer: Layer, chunks: tuple, meta: Any, collections: list,
+              extra: dict | None = None) -> da.Array:
+    """A Dask array named ``name`` whose chunks are the keys ``(name, i, j, ...)`` of ``layer``,
+    over the input arrays ``collections`` (whose keys its tasks read) and the graph entries
+    ``extra`` (values its tasks read by key)."""
+    if EXPR:
+        inputs = [c.expr for c in collections]
+        expr = LayerArray(name, layer, tuple(chunks), meta, dict(extra or {}),
+                          tuple(c.name for c in collections), *inputs)
+        return new_collection(expr)
+    return da.Array(lazy_graph(name, layer, collections, extra), name, chunks, meta=meta)
+
+
+def layers(x: da.Array) -> Mapping[str, Layer]:
+    """The layers of ``x``'s graph by name, inputs first. Under array expressions: one per
+    :func:`new_array` (and a ``source-of-`` layer of its ``extra`` values), an ``original-``
+    layer holding the array of a ``from_array``, and a layer of the NumPy arrays any other
+    expression holds (none are materialised)."""
+    if not EXPR:
+        return x.dask.layers
+    from dask.array._array_expr._io import FromArray
+
+    out: dict[str, Layer] = {}
+    for e in reversed(list(_expr_of(x).walk())):
+        if isinstance(e, LayerArray):
+            out[e._name] = e.operand("layer")
+            if e.operand("extra"):
+                out["source-of-" + e._name] = MaterializedLayer(dict(e.operand("extra")))
+        elif isinstance(e, FromArray):
+            out["original-" + e._name] = MaterializedLayer({e._name: e.operand("array")})
+        else:
+            held = {(e._name, i): o for i, o in enumerate(e.operands)
+                    if isinstance(o, np.ndarray) and o.size}
+            if held:
+                out[e._name] = MaterializedLayer(held)
+    return out
+
+
+def _top_layer(x: da.Array) -> Layer | None:
+    """The layer making ``x``'s own chunks, when :func:`new_array` made ``x``; else ``None``
+    (or another layer, in the legacy mode)."""
+    if EXPR:
+        return _expr_of(x).operand("layer") if isinstance(_expr_of(x), LayerArray) else None
+    return x.dask.layers.get(x.name)
+
+
+class SourceLayer(LazyLayer):
+    """The layer of :func:`from_zarr` (array-expression mode): one read task per chunk of
+    ``array``, which it keeps (:func:`direct_source`)."""
+
+    def __init__(self, array: Any, name: str, source: str, chunks: tuple) -> None:
+        from dask._task_spec import Task, TaskRef
+        from dask.array.core import getter, slices_from_chunks
+
+        counts = [len(c) for c in chunks]
+        slices = slices_from_chunks(chunks)
+
+        def keys() -> Iterator[Key]:
+            for idx in np.ndindex(*counts):
+                yield (name, *(int(i) for i in idx))
+
+        def contains(key: Any) -> bool:
+            return (isinstance(key, tuple) and len(key) == 1 + len(counts) and key[0] == name
+                    and all(isinstance(i, int) and 0 <= i < n for i, n in zip(key[1:], counts)))
+
+        def task(key: Any) -> tuple[Any, set]:
+            flat = int(np.ravel_multi_index(key[1:], counts)) if counts else 0
+            return Task(key, getter, TaskRef(source), slices[flat]), {source}
+
+        super().__init__(keys, math.prod(counts), contains, task)
+        self.array = array
+
+
+def from_zarr(z: Any, chunks: Any = None) -> da.Array:
+    """``dask.array.from_zarr(z, chunks)`` in both graph modes (array expressions have no
+    ``from_zarr``; their ``from_array`` would hash a NumPy copy of every chunk read)."""
+    if not EXPR:
+        return da.from_zarr(z) if chunks is None else da.from_zarr(z, chunks=chunks)
+    from dask.array.core import normalize_chunks
+
+    chunks = normalize_chunks(z.chunks if chunks is None else chunks, z.shape, dtype=z.dtype)
+    name = "from-zarr-" + tokenize(z, chunks)
+    source = "original-" + name
+    meta = np.empty((0,) * len(z.shape), dtype=z.dtype)
+    return new_array(name, SourceLayer(z, name, source, chunks), chunks, meta, [], {source: z})
+
+
+def direct_source(x: da.Array) -> Any | None:
+    """The array-like under a Dask array built by ``from_array``/``from_zarr`` (or
+    :func:`from_zarr`), else ``None``."""
+    if EXPR:
+        from dask.array._array_expr._io import FromArray
+
+        e = _expr_of(x)
+        if isinstance(e, LayerArray) and isinstance(e.operand("layer"), SourceLayer):
+            obj = e.operand("layer").array
+        elif (isinstance(e, FromArray) and not isinstance(e.operand("array"), np.ndarray)
+              and not e.operand("inline_array")):
+            obj = e.operand("array")  # as the legacy graph's ``original-`` layer
+        else:
+            return None
+    else:
+        graph_layers = x.dask.layers
+        if len(graph_layers) != 2:
+            return None
+        top = x.dask.dependencies.get(x.name, set())
+        if len(top) != 1:
+            return None
+        (orig,) = top
+        if not orig.startswith("original-"):
+            return None
+        values = list(dict(graph_layers[orig]).values())
+        if len(values) != 1:
+            return None
+        obj = values[0]
+    if getattr(obj, "shape", None) != x.shape or not hasattr(obj, "__getitem__"):
+        return None
+    return obj
+
+
+def to_delayed(x: da.Array) -> np.ndarray:
+    """``x.to_delayed(optimize_graph=True)`` in both graph modes: an object array (shape
+    ``x.numblocks``) of one :class:`~dask.delayed.Delayed` per chunk."""
+    if not EXPR:
+        return x.to_delayed(optimize_graph=True)
+    low = _expr_of(x).optimize()
+    name = "delayed-" + low._name
+    graph = HighLevelGraph({name: MaterializedLayer(low.__dask_graph__())}, {name: set()})
+    out = np.empty(low.numblocks, dtype=object)
+    for idx in np.ndindex(*low.numblocks):
+        out[idx] = Delayed((low._name, *idx), graph, layer=name)
+    return out
+
+
+def store_job(x: da.Array, out: np.ndarray) -> Any:
+    """A job writing ``x`` into ``out`` chunk by chunk (``dask.array.store(x, out,
+    compute=False)``), to compute later."""
+    if not EXPR:
+        return da.store(x, out, lock=False, compute=False)
+    import dask
+    from dask.array.core import slices_from_chunks
+
+    parts = to_delayed(x)
+    put = dask.delayed(_put, pure=False)
+    writes = [put(out, s, parts[i]) for i, s in zip(np.ndindex(*parts.shape),
+                                                     slices_from_chunks(x.chunks))]
+    return dask.delayed(_none, pure=False)(writes)
+
+
+def _put(out: np.ndarray, where: tuple, block: np.ndarray) -> None:
+    out[where] = block
+
+
+def _none(_: Any) -> None:
+    return None
+
+
+# -- array expressions ----------------------------------------------------------------------------
+if EXPR:
+    import functools
+
+    from dask._collections import new_collection
+    from dask._expr import Expr
+    from dask.array._array_expr._expr import ArrayExpr
+
+    class LayerArray(ArrayExpr):
+        """An array expression whose chunks a :class:`Layer` makes (:func:`new_array`).
+
+        Operands: the name, the layer, the chunks, the meta, the ``extra`` graph entries, the
+        names its tasks read its inputs under, then the inputs' expressions. When the
+        optimiser replaces an input by another name (a rechunk lowered to its tasks), the array
+        takes a new name of its own and its tasks are renamed to read the new keys.
+        """
+
+        _parameters = ["base", "layer", "chunks", "meta", "extra", "expected"]
+
+        @property
+        def inputs(self) -> list:
+            return self.operands[len(self._parameters):]
+
+        @functools.cached_property
+        def _meta(self) -> Any:
+            return self.operand("meta")
+
+        def _moved(self) -> dict[str, str]:
+            return {old: new._name for old, new in zip(self.operand("expected"), self.inputs)
+                    if old != new._name}
+
+        @functools.cached_property
+        def _name(self) -> str:
+            base = self.operand("base")
+            moved = self._moved()
+            if not moved:
+                return base
+            return f"{key_split(base)}-{tokenize(base, sorted(moved.items()))}"
+
+        def __dask_tokenize__(self) -> str:
+            return self._name
+
+        def _layer(self) -> dict:
+            names = self._moved()
+            base = self.operand("base")
+            if self._name != base:
+                names[base] = self._name
+            layer = self.operand("layer")
+            out = dict(renamed_layer(layer, names)) if names else dict(layer)
+            out.update(self.operand("extra"))
+            return out
+
+    def _spill_expr(x: da.Array, target: Spill, spilling: set[str], seed: str
+                    ) -> tuple[da.Array, list[tuple[Spill, str]]]:
+        """:func:`spill_into` for array expressions: the spilled engines, and every engine above
+        them, rebuilt under new names; every other expression above them follows."""
+        memo: dict[str, Any] = {}
+        n_params = len(LayerArray._parameters)
+
+        def rebuild(node: Any) -> Any:
+            hit = memo.get(node._name)
+            if hit is not None:
+                return hit
+            ops = [rebuild(o) if isinstance(o, Expr) else o for o in node.operands]
+            changed = any(isinstance(o, Expr) and o._name != n._name
+                          for o, n in zip(node.operands, ops))
+            layer = node.operand("layer") if isinstance(node, LayerArray) else None
+            if isinstance(layer, EngineLayer) and (changed or layer.engine.name in spilling):
+                e = layer.engine
+                inputs = ops[n_params:]
+                tag = "-spilled" if e.name in spilling else ""
+                new = f"{key_split(e.name)}{tag}-{tokenize(e.name, seed)}"
+                names = {old: i._name for old, i in zip(node.operand("expected"), inputs)
+                         if old != i._name}
+                names.update({e.name: new, e.acc_name: "acc-" + new,
+                              e.halo_name: "halo-" + new})
+                e = e.renamed(new, target if e.name in spilling else e.spill, names)
+                out = LayerArray(new, EngineLayer(e, annotations=layer.annotations), *ops[2:5],
+                                 tuple(i._name for i in inputs), *inputs)
+            elif changed:
+                out = type(node)(*ops)
+            else:
+                out = node
+            memo[node._name] = out
+            return out
+
+        y = new_collection(rebuild(_expr_of(x)))
+        return y, [(e.spill, e.name) for e in find_engines(y).values() if e.spill is not None]
+
+    def _into_expr(x: da.Array, dsk: Mapping, key: Any) -> Delayed:
+        """:func:`engine_into`'s job for array expressions: the tasks ``dsk`` over ``x``'s
+        inputs, lowered (tasks renamed to the inputs' lowered names)."""
+        low = _expr_of(x).lower_completely()
+        names = low._moved()
+        graph: dict = {}
+        for dep in low.dependencies():
+            graph.update(dep.__dask_graph__())
+        graph.update(low.operand("extra"))
+        graph.update({k: rename_task(t, names, k) for k, t in dsk.items()})
+        name = key[0] if isinstance(key, tuple) else key
+        hlg = HighLevelGraph({name: MaterializedLayer(graph)}, {name: set()})
+        return Delayed(key, hlg, layer=name)

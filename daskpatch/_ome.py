@@ -30,7 +30,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from . import _fingerprint, _store
+from . import _fingerprint, _graph, _store
 from ._chunks import as_dask, write_chunks
 from ._validate import _describe, parse_bool, parse_choice, parse_int
 from ._xarray import import_xarray, is_dataarray, wrap
@@ -156,7 +156,7 @@ def open_volume(store: Any, path: Any = None, *, level: Any = 0, xarray: Any = F
             f"got {level}"
         )
     _store.warn_if_incomplete(z, _store.where(z.store, z.path or None))
-    data = da.from_zarr(z)
+    data = _graph.from_zarr(z)
     if not xarray:
         return data
     import_xarray("open_volume(..., xarray=True)")
@@ -430,7 +430,7 @@ def _downsampled(z: zarr.Array, factors: tuple[int, ...], chunks: tuple[int, ...
                  ) -> da.Array:
     """Level ``k`` from the written level ``k - 1`` (lazy): each task reads the ``factors``
     boxes of one output chunk and reduces them."""
-    src = da.from_zarr(z, chunks=tuple(c * f for c, f in zip(chunks, factors)))
+    src: Any = _graph.from_zarr(z, chunks=tuple(c * f for c, f in zip(chunks, factors)))
     out_chunks = tuple(tuple(-(-b // f) for b in bs) for bs, f in zip(src.chunks, factors))
     return src.map_blocks(
         functools.partial(_downsample_block, factors=factors, method=method),

@@ -148,7 +148,7 @@ def _count_graph(source: Source, layout: Layout, cells: tuple[tuple[int, ...], .
         meta=np.empty((0,) * x.ndim, dtype=dtype),
     )
     if layout.channel_axis is not None:
-        counts = counts.squeeze(axis=layout.channel_axis)
+        counts = counts[(slice(None),) * layout.channel_axis + (0,)]  # (squeeze)
     return counts
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import zarr
 from dask.base import tokenize
 
+from . import _graph
 from ._axes import Layout
 from ._config import get_bytes
 from ._validate import _describe
@@ -43,22 +44,7 @@ from ._validate import _describe
 
 def _direct_source(x: da.Array) -> Any | None:
     """The array-like under a Dask array built by ``from_array``/``from_zarr``, else ``None``."""
-    layers = x.dask.layers
-    if len(layers) != 2:
-        return None
-    top = x.dask.dependencies.get(x.name, set())
-    if len(top) != 1:
-        return None
-    (orig,) = top
-    if not orig.startswith("original-"):
-        return None
-    values = list(dict(layers[orig]).values())
-    if len(values) != 1:
-        return None
-    obj = values[0]
-    if getattr(obj, "shape", None) != x.shape or not hasattr(obj, "__getitem__"):
-        return None
-    return obj
+    return _graph.direct_source(x)
 
 
 def _unwrap(obj: Any, param: str) -> tuple[Any, bool]:

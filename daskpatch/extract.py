@@ -12,7 +12,7 @@ from dask.base import tokenize
 from dask.utils import parse_bytes
 
 from ._axes import Layout, full_grid, parse_layout
-from ._graph import LazyLayer, lazy_graph
+from ._graph import LazyLayer, new_array
 from ._source import Volume
 from ._validate import BORDERS, PAD_MODES, BorderMode, PadMode, parse_choice, parse_pad_value
 from ._xarray import accepts_dataarray
@@ -134,8 +134,8 @@ def extract_patches(
     layer = LazyLayer(lambda: ((name, g, *key_tail) for g in range(n_groups)), n_groups,
                       contains, task)
     collections, extra = vol.source_layer()
-    graph = lazy_graph(name, layer, collections, extra)
-    return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype=vol.dtype))
+    return new_array(name, layer, chunks, np.empty((0,) * len(chunks), dtype=vol.dtype),
+                     collections, extra)
 
 
 def _cut(region: np.ndarray, rel: list[np.ndarray], size: tuple[int, ...], n_batch: int,

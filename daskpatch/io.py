@@ -49,7 +49,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from zarr.abc.store import Store
 
-from . import _fingerprint, _ome, _sched, _store
+from . import _fingerprint, _graph, _ome, _sched, _store
 from ._chunks import (
     DEFAULT_TARGET_BYTES,
     aligned_chunks,
@@ -334,7 +334,7 @@ def _plan(w: _Write, z: zarr.Array, fingerprint: dict[str, Any],
             meta=np.empty((0,) * x.ndim, dtype=np.uint8),
             name=f"to-zarr-write-{token}",
         )
-        parts = written.to_delayed(optimize_graph=True)
+        parts = _graph.to_delayed(written)
         todo = [d for loc, d in np.ndenumerate(parts) if loc not in done]
     finalize = functools.partial(_finalize, z, fingerprint, w.where, spills)
     return dask.delayed(finalize, pure=False)(
@@ -503,7 +503,7 @@ def to_zarr(
     --------
     >>> import tempfile, numpy as np, dask.array as da
     >>> tmp = tempfile.TemporaryDirectory()
-    >>> x = da.arange(60, dtype="int32").reshape(6, 10).rechunk((3, 4))
+    >>> x = da.from_array(np.arange(60, dtype="int32").reshape(6, 10), chunks=(3, 4))
     >>> z = to_zarr(x, f"{tmp.name}/out.zarr", path="pred")
     >>> z.chunks, int(z[5, 9])
     ((3, 4), 59)
@@ -615,5 +615,5 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
         finally:
             close()
         return out
-    _sched.compute(da.store(array, out, lock=False, compute=False), progress, scheduler=get)
+    _sched.compute(_graph.store_job(array, out), progress, scheduler=get)
     return out

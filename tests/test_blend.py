@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import daskpatch as dp
+from daskpatch import _graph
 from daskpatch import PatchGrid
 from daskpatch.windows import window
 
@@ -188,7 +189,7 @@ def test_patch_chunks_follow_the_grid_and_dask_input_reads_only_overlapping_chun
     x = da.from_array(vol, chunks=16) + 0  # a non-trivial Dask graph
     p = dp.extract_patches(x, 16, 16)
     key = (p.name, 0, 0, 0, 0)
-    deps = p.dask.layers[p.name].get_dependencies(key, set())
+    deps = _graph.layers(p)[p.name].get_dependencies(key, set())
     assert all(d[0] == x.name for d in deps)
     # group 0 = the first patches along the last axis; its region touches only their chunks
     n0 = p.chunks[0][0]

@@ -33,6 +33,7 @@ def test_slab_bytes_is_part_of_the_graph_name_and_keeps_the_result_close():
     assert dp.apply_patches(x, np.sqrt, 16, 8).name == a.name  # the same setting: the same
 
 
+@pytest.mark.needs_dask("Array.chunksize")
 def test_block_bytes_and_min_blocks_choose_the_automatic_block():
     default = dp.apply_patches(VOL, np.sqrt, 16, 8)
     assert np.prod(default.numblocks) >= 8  # min-blocks: a small volume still gets 8 blocks

@@ -11,10 +11,18 @@ import pytest
 import zarr
 
 import daskpatch as dp
+from daskpatch import _graph
 
 from .conftest import write_zarr
 
 VOL = np.random.default_rng(7).random((40, 36, 28)).astype(np.float32)
+
+
+def _constant(key) -> bool:
+    """A key of a scalar constant (``2`` of ``x * 2``): array expressions give it a 0-d array
+    of its own; the legacy graph holds it inline."""
+    return _graph.EXPR and isinstance(key, tuple) and len(key) == 1 \
+        and key[0].startswith("fromarray-")
 
 
 def _res(vol=VOL, fn=np.sqrt):
@@ -142,14 +150,15 @@ def test_a_spill_directory_that_cannot_be_written_is_refused_when_the_graph_is_b
 # -- item 9: a spilled execution is a graph of its own -------------------------------------------
 def test_spilled_graph_shares_no_key_with_the_users_graph(tmp_path):
     res = _res() * 2  # the engine under a downstream operation
-    layers = dict(res.dask.layers)
+    layers = dict(_graph.layers(res))
     before = dict(res.dask)
     with dask.config.set({"daskpatch.spill-bytes": 0}):
         job = dp.to_zarr(res, tmp_path / "o.zarr", chunks=(10, 12, 7), compute=False)
-    assert dict(res.dask.layers) == layers  # the user's graph is not edited ...
+    assert dict(_graph.layers(res)) == layers  # the user's graph is not edited ...
     assert dict(res.dask).keys() == before.keys()
     shared = set(job.dask) & set(before)  # ... and the written graph has names of its own
-    assert shared and all(isinstance(k, str) and k.startswith("source-") for k in shared)
+    assert shared and all(isinstance(k, str) and k.startswith("source-") or _constant(k)
+                          for k in shared)
     z = job.compute()
     assert _spill_dir(tmp_path / "o.zarr").exists()  # it did spill
     np.testing.assert_array_equal(z[...], res.compute())
@@ -189,7 +198,7 @@ def test_to_numpy_jobs_have_keys_of_their_own_and_leave_the_array_as_it_is():
     from daskpatch.blend import engine_into
 
     res = _res()
-    layers = dict(res.dask.layers)
+    layers = dict(_graph.layers(res))
     a, b = np.zeros(res.shape, res.dtype), np.zeros(res.shape, res.dtype)
     (job_a, close_a), (job_b, close_b) = engine_into(res, a), engine_into(res, b)
     into_a = {k for k in job_a.dask if str(k[0]).startswith("into-")}
@@ -198,7 +207,7 @@ def test_to_numpy_jobs_have_keys_of_their_own_and_leave_the_array_as_it_is():
     assert not into_a & set(res.dask)
     close_a(), close_b()
     np.testing.assert_allclose(dp.to_numpy(res), res.compute(), rtol=1e-6)
-    assert dict(res.dask.layers) == layers
+    assert dict(_graph.layers(res)) == layers
 
 
 distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")

@@ -113,6 +113,7 @@ class FlakyStore(zarr.storage.WrapperStore):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.needs_dask("Array.chunksize (ome-zarr-py writer)")
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_open_volume_reads_ome_zarr_py_images(tmp_path, version):
     data = np.random.default_rng(0).random((8, 16, 24)).astype(np.float32)
@@ -140,6 +141,7 @@ def _check_opened(path: Path, shape: tuple[int, ...]) -> None:
     np.testing.assert_allclose(full.coords["y"].values, 0.5 * np.arange(16))
 
 
+@pytest.mark.needs_dask("Array.chunksize (ome-zarr-py writer)")
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_open_volume_levels_hold_the_written_data(tmp_path, version):
     data = np.random.default_rng(1).random((8, 16, 24)).astype(np.float32)
@@ -150,6 +152,7 @@ def test_open_volume_levels_hold_the_written_data(tmp_path, version):
     np.testing.assert_array_equal(dp.open_volume(path, level=1).compute(), group["s1"][...])
 
 
+@pytest.mark.needs_dask("Array.chunksize (ome-zarr-py writer)")
 def test_open_volume_bad_level_lists_the_levels(tmp_path):
     path = tmp_path / "img.zarr"
     _ome_zarr_py_image(path, np.zeros((4, 8, 8), np.float32), "0.5")
@@ -175,6 +178,7 @@ def test_open_volume_plain_arrays_and_dimension_names(tmp_path):
         dp.open_volume(tmp_path / "bare.zarr", xarray="yes")
 
 
+@pytest.mark.needs_dask("Array.chunksize (ome-zarr-py writer)")
 def test_open_volume_bioformats2raw_layout(tmp_path):
     root = zarr.open_group(str(tmp_path / "b2r.zarr"), mode="w", zarr_format=2)
     root.attrs["bioformats2raw.layout"] = 3
@@ -201,6 +205,7 @@ def _labelled(channels: int = 2) -> xr.DataArray:
     )
 
 
+@pytest.mark.needs_dask("Array.__array__ (xarray .values)")
 def test_apply_patches_keeps_dims_coords_and_attrs():
     vol = _labelled()
     out = dp.apply_patches(vol, lambda b: 2 * b, 8, 4, channel_axis="c", batch_size=3)
@@ -222,6 +227,7 @@ def test_apply_patches_new_channel_count_gets_a_fresh_index():
     assert out.attrs == vol.attrs
 
 
+@pytest.mark.needs_dask("Array.__array__ (xarray .values)")
 def test_extract_and_reconstruct_dataarrays():
     vol = _labelled()
     patches = dp.extract_patches(vol, 8, 4, channel_axis="c")
@@ -242,6 +248,7 @@ def test_extract_and_reconstruct_dataarrays():
     xr.testing.assert_allclose(placed, vol, atol=1e-6)
 
 
+@pytest.mark.needs_dask("Array.__array__ (xarray .values)")
 def test_extract_channel_last_and_batch_dims():
     data = np.arange(2 * 6 * 8 * 3, dtype=np.float32).reshape(2, 6, 8, 3)
     vol = xr.DataArray(data, dims=("volume", "y", "x", "rgb"))
@@ -278,6 +285,7 @@ def _anisotropic(shape=(10, 36, 44), dtype=np.float32) -> xr.DataArray:
                         coords=coords, name="raw")
 
 
+@pytest.mark.needs_dask("dask.array.from_zarr (ome-zarr-py reader)")
 def test_ome_pyramid_read_by_ome_zarr_py_validated_and_read_by_tensorstore(tmp_path):
     vol = _anisotropic()
     pred = dp.apply_patches(vol, lambda b: b + 1, 8, 4, batch_size=4)  # a DataArray
@@ -316,6 +324,7 @@ def test_ome_pyramid_read_by_ome_zarr_py_validated_and_read_by_tensorstore(tmp_p
                                vol.coords["x"].values)
 
 
+@pytest.mark.needs_dask("dask.array.from_zarr (ome-zarr-py reader)")
 def test_ome_label_pyramid_uses_the_mode_and_keeps_ids(tmp_path):
     labels = np.random.default_rng(4).integers(0, 4, size=(7, 13, 9)).astype(np.uint16)
     path = tmp_path / "labels.zarr"
@@ -335,6 +344,7 @@ def test_ome_label_pyramid_uses_the_mode_and_keeps_ids(tmp_path):
                                    [7.0, 3.9, 2.7])
 
 
+@pytest.mark.needs_dask("dask.array.from_zarr (ome-zarr-py reader)")
 def test_ome_keeps_time_and_channel_axes_and_halves_only_long_space_axes(tmp_path):
     data = da.random.default_rng(5).random((2, 3, 1, 8, 6), chunks=(1, 3, 1, 4, 6))
     path = tmp_path / "tczyx.zarr"
@@ -352,6 +362,7 @@ def test_ome_keeps_time_and_channel_axes_and_halves_only_long_space_axes(tmp_pat
     assert not (tmp_path / "more.zarr").exists()
 
 
+@pytest.mark.needs_dask("dask.array.from_zarr (ome-zarr-py reader)")
 def test_ome_compute_false_single_level(tmp_path):
     path = tmp_path / "lazy.zarr"
     job = dp.to_zarr(da.ones((4, 8, 8), chunks=4), path, ome=True, compute=False)
@@ -361,6 +372,7 @@ def test_ome_compute_false_single_level(tmp_path):
     assert _read_ome(path)[0][0].shape == (4, 8, 8) and isinstance(group, zarr.Group)
 
 
+@pytest.mark.needs_dask("Array.__array__ (xarray .values)")
 def test_plain_outputs_carry_dimension_names_and_read_in_tensorstore(tmp_path):
     vol = _anisotropic()
     out = dp.to_zarr(dp.apply_patches(vol, lambda b: -b, 8, 4), tmp_path / "plain.zarr")
@@ -399,6 +411,7 @@ def test_interrupted_plain_output_still_reads_in_tensorstore(tmp_path, setting):
     assert np.count_nonzero(got) > 0 and np.count_nonzero(got == 0) > 0
 
 
+@pytest.mark.needs_dask("dask.array.from_zarr (ome-zarr-py reader)")
 def test_interrupted_pyramid_is_incomplete_and_resumes(tmp_path):
     data = np.random.default_rng(7).random((16, 24, 24)).astype(np.float32)
     x = da.from_array(data, chunks=8)
@@ -428,6 +441,7 @@ def test_interrupted_pyramid_is_incomplete_and_resumes(tmp_path):
     models05.Image.from_zarr(zarr.open_group(str(tmp_path / "img.zarr"), mode="r"))
 
 
+@pytest.mark.needs_dask("Array.chunksize (ome-zarr-py writer)")
 def test_ome_overwrite_safety(tmp_path):
     x = da.ones((4, 8, 8), chunks=4, dtype=np.float32)
     foreign = tmp_path / "foreign.zarr"
@@ -512,6 +526,7 @@ def test_recipe_tiff(tmp_path):
     np.testing.assert_allclose(dp.open_volume(out).compute(), 2 * vol, rtol=1e-6)
 
 
+@pytest.mark.needs_dask("from_array of an object not tokenized deterministically (h5py dataset)")
 def test_recipe_hdf5(tmp_path):
     h5py = pytest.importorskip("h5py")
     vol = np.random.default_rng(9).random((20, 32, 40)).astype(np.float32)
@@ -526,6 +541,7 @@ def test_recipe_hdf5(tmp_path):
                                rtol=1e-6)
 
 
+@pytest.mark.needs_dask("Array.transpose(*axes)")
 def test_recipe_nifti(tmp_path):
     nib = pytest.importorskip("nibabel")
     vol = np.random.default_rng(10).random((40, 32, 20)).astype(np.float32)  # x, y, z

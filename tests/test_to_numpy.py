@@ -100,6 +100,7 @@ def test_other_arrays_are_written_chunk_by_chunk(make):
     np.testing.assert_array_equal(out, arr.compute())
 
 
+@pytest.mark.needs_dask("boolean-mask indexing (unknown chunk sizes)")
 def test_out_is_filled_and_checked():
     arr = dp.apply_patches(VOL, np.sqrt, 16, 8)
     out = np.full(VOL.shape, 7.0, dtype=np.float32)  # stale content is replaced
