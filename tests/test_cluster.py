@@ -112,3 +112,34 @@ def test_to_numpy_under_a_client_gathers_the_chunks(client, volume):
     local = _graph(volume, Model(4)).compute(scheduler="threads")
     out = dp.to_numpy(_graph(volume, Model(4)))  # the Client is the default scheduler here
     np.testing.assert_array_equal(out, local)
+
+
+class CountingModel(Model):
+    """A model that counts, per process, how many times it was unpickled (its weights loaded)."""
+
+    loads = 0
+
+    def __setstate__(self, state: dict) -> None:
+        type(self).loads += 1
+        self.__dict__.update(state)
+
+
+def _reset_loads() -> None:
+    CountingModel.loads = 0
+
+
+def _loads() -> int:
+    return CountingModel.loads
+
+
+def test_the_model_reaches_each_worker_once_not_once_per_block(client, volume):
+    # 24 work blocks on 2 workers: the model used to travel inside every block task
+    model = CountingModel(5)
+    out = dp.apply_patches(volume, model, (16, 16, 12), (8, 8, 6), batch_size=4,
+                           blend="gaussian", block_shape=(16, 16, 12))
+    assert out.numblocks == (3, 3, 3)
+    expected = out.compute(scheduler="threads")
+    client.run(_reset_loads)
+    np.testing.assert_array_equal(client.compute(out).result(), expected)
+    loads = client.run(_loads)
+    assert sum(loads.values()) >= 1 and all(n <= 1 for n in loads.values()), loads

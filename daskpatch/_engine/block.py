@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import _memory
 from .kernel import Accumulator
 from .spec import ApplyBlock, ReconstructBlock
 
@@ -46,7 +48,7 @@ class BatchPool:
             stack = self.free.get((shape, dtype.str))
             if stack:
                 return stack.pop()
-        return np.empty(shape, dtype=dtype)
+        return _memory.zeros(shape, dtype)
 
     def give(self, batch: np.ndarray) -> None:
         with self.lock:
@@ -115,15 +117,16 @@ def _batch_note(block: tuple[int, ...], gidxs: list, starts: list, grid_shape: t
     )
 
 
-def apply_block(spec: ApplyBlock, region: np.ndarray, batches: BatchPool | None = None,
-                sink: Sink | None = None) -> np.ndarray | None:
+def apply_block(spec: ApplyBlock, region: np.ndarray, batches: BatchPool | None,
+                fn: Callable[[np.ndarray], Any], sink: Sink | None = None) -> np.ndarray | None:
     """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches; the
-    block's buffer (``None`` with a ``sink``: the patches went into it).
+    block's buffer (``None`` with a ``sink``: the patches went into it). ``fn`` is the value of
+    the graph's model key, shared by every block task.
 
     An exception raised by ``fn``, or by the check of what it returned, is re-raised as it is
     with a note (PEP 678) naming the work ``block``, the batch's patches and the region read.
     """
-    layout, fn, batch_size = spec.layout, spec.fn, spec.batch_size
+    layout, batch_size = spec.layout, spec.batch_size
     out_channels, starts = spec.out_channels, spec.starts
     acc = Accumulator(spec.ext_lo, spec.ext_shape, out_channels, spec.numbers, spec.weights, sink)
     region_lo = np.asarray(spec.region_lo)
