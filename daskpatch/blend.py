@@ -516,9 +516,13 @@ def apply_patches(
     weights = make_weights(grid, window, slab)
     numbers = Numbers(acc_dtype, out_dtype, copy, grid.shape, block, cout, layout.channel_axis)
     spilled = parse_spill(spill)  # last: a temporary directory only for a valid call
-    name = "apply-patches-" + tokenize(vol.name, fn, grid, block, window.blend, window.sigma_scale,
-                                       window.array, pad_mode, pad_value, batch_size, cout,
-                                       out_dtype, fill_value, layout, spilled, slab)
+    # the model is ONE key of the graph, which every block task reads: a cluster ships it to
+    # each worker once (and keeps it there), not once per block task
+    model = "model-" + tokenize(fn)
+    name = "apply-patches-" + tokenize(vol.name, model, grid, block, window.blend,
+                                       window.sigma_scale, window.array, pad_mode, pad_value,
+                                       batch_size, cout, out_dtype, fill_value, layout, spilled,
+                                       slab)
     axis_starts = tuple(grid.axis_starts(a) for a in range(grid.ndim))
     batches = BatchPool()  # this engine's: emptied when none of its blocks holds a batch
 
@@ -529,9 +533,9 @@ def apply_patches(
         hi = tuple(int(s[-1]) + z for s, z in zip(starts, grid.size))
         read, deps = vol.read_task(lo, hi, pad_mode, pad_value, lazy=True)
         spec = ApplyBlock(bidx, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
-                          tuple(range(*o) for o in owned), axis_starts, weights, fn, batch_size,
+                          tuple(range(*o) for o in owned), axis_starts, weights, batch_size,
                           layout, nb, cout, numbers, grid.size)
-        return (apply_block, spec, read, batches), deps
+        return (apply_block, spec, read, batches, model), deps | {model}
 
     params = _params("apply_patches", grid, nb, window, block, fill_value, layout.channel_axis,
                      pad_mode=pad_mode, pad_value=pad_value, batch_size=batch_size,
@@ -540,7 +544,8 @@ def apply_patches(
                      dtype=out_dtype)
     engine = Engine(plan, name, accumulate, cout, acc_dtype, out_dtype, fill_value, layout,
                     spilled, window, params=params)
-    return engine_array(engine, *vol.source_layer())
+    collections, extra = vol.source_layer()
+    return engine_array(engine, collections, {**extra, model: fn})
 
 
 def _params(kind: str, grid: PatchGrid, n_batch: int, window: Window, block: tuple[int, ...],

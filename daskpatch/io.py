@@ -49,7 +49,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from zarr.abc.store import Store
 
-from . import _fingerprint, _graph, _ome, _sched, _store
+from . import _fingerprint, _graph, _memory, _ome, _sched, _store
 from ._chunks import (
     DEFAULT_TARGET_BYTES,
     aligned_chunks,
@@ -590,8 +590,12 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
         raise ValueError(f"array must have known chunk sizes; got shape {array.shape} (call "
                          "compute_chunk_sizes() first)")
     fresh = out is None
-    if out is None:
-        out = np.zeros(array.shape, dtype=array.dtype)  # pages are touched by the tasks
+    get = _sched.local_get()
+    workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    if get in (None, dask.local.get_sync):
+        workers = 1
+    if out is None:  # mapped in at once, by as many threads as the tasks will use
+        out = _memory.zeros(array.shape, array.dtype, workers)
     elif not isinstance(out, np.ndarray) or out.shape != array.shape or out.dtype != array.dtype \
             or not out.flags.writeable:
         got = (f"a numpy.ndarray of shape {out.shape}, dtype {out.dtype}, writeable="
@@ -600,12 +604,10 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
                          f"{array.dtype}; got {got}")
     else:
         _fingerprint.check_not_aliased(array, out)
-    get = _sched.local_get()
     if get is None:  # no shared memory with the workers
         out[...] = _sched.compute(cast(Delayed, array), progress)
         return out
-    workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
-    direct = engine_into(array, out, 1 if get is dask.local.get_sync else workers)
+    direct = engine_into(array, out, workers)
     if direct is not None:
         job, close = direct
         if not fresh:

@@ -8,6 +8,7 @@ import threading
 import dask.array as da
 import numpy as np
 import pytest
+import zarr
 
 import daskpatch as dp
 from daskpatch import PatchGrid, _graph
@@ -205,3 +206,32 @@ def test_large_zarr_region_reads_decode_one_chunk_at_a_time(counting_zarr, monke
     np.testing.assert_array_equal(out, expected)
     assert max(touched) <= 6 and max(touched) > 1
     assert store.chunk_reads - before == reads_whole
+
+
+class _MarkedModel:
+    """A model whose pickle carries a marker: the graph keys that ship it can be counted."""
+
+    marker = b"daskpatch-test-model-weights-0xC0FFEE"
+
+    def __init__(self) -> None:
+        self.weights = self.marker
+
+    def __call__(self, batch):
+        return batch * 2
+
+
+def test_the_model_is_one_graph_key_that_every_block_task_reads(tmp_path):
+    import pickle
+
+    data = np.random.default_rng(3).random((48, 40), dtype=np.float32)
+    z = zarr.create_array(tmp_path / "in.zarr", shape=data.shape, chunks=(16, 16), dtype="f4")
+    z[...] = data
+    model = _MarkedModel()
+    out = dp.apply_patches(dp.open_volume(tmp_path / "in.zarr"), model, 16, 8, block_shape=16,
+                           batch_size=3)
+    graph = dict(out.__dask_graph__())
+    holding = [k for k, task in graph.items() if _MarkedModel.marker in pickle.dumps(task)]
+    assert len(holding) == 1, holding  # once, not once per block (6 blocks here)
+    assert sum(1 for k in graph if isinstance(k, tuple) and str(k[0]).startswith("acc-")) == 6
+    np.testing.assert_allclose(out.compute(), 2 * data, rtol=1e-6)
+    np.testing.assert_allclose(dp.to_numpy(out), 2 * data, rtol=1e-6)

@@ -126,3 +126,33 @@ class WorkerModel:
 def test_a_slow_model_in_the_helper_thread_sees_its_worker(client, volume):
     got = dp.apply_patches(volume, WorkerModel(), 16, 8, batch_size=2).compute()
     np.testing.assert_allclose(got, volume[:] * 2, rtol=1e-5)
+
+class CountingModel(Model):
+    """A model that counts, per process, how many times it was unpickled (its weights loaded)."""
+
+    loads = 0
+
+    def __setstate__(self, state: dict) -> None:
+        type(self).loads += 1
+        self.__dict__.update(state)
+
+
+def _reset_loads() -> None:
+    CountingModel.loads = 0
+
+
+def _loads() -> int:
+    return CountingModel.loads
+
+
+def test_the_model_reaches_each_worker_once_not_once_per_block(client, volume):
+    # 24 work blocks on 2 workers: the model used to travel inside every block task
+    model = CountingModel(5)
+    out = dp.apply_patches(volume, model, (16, 16, 12), (8, 8, 6), batch_size=4,
+                           blend="gaussian", block_shape=(16, 16, 12))
+    assert out.numblocks == (3, 3, 3)
+    expected = out.compute(scheduler="threads")
+    client.run(_reset_loads)
+    np.testing.assert_array_equal(client.compute(out).result(), expected)
+    loads = client.run(_loads)
+    assert sum(loads.values()) >= 1 and all(n <= 1 for n in loads.values()), loads

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import _memory
 from .kernel import Accumulator
 from .spec import ApplyBlock, ReconstructBlock
 
@@ -51,7 +52,7 @@ class BatchPool:
             stack = self.free.get((shape, dtype.str))
             if stack:
                 return stack.pop()
-        return np.empty(shape, dtype=dtype)
+        return _memory.zeros(shape, dtype)
 
     def give(self, batch: np.ndarray) -> None:
         with self.lock:
@@ -120,10 +121,11 @@ def _batch_note(block: tuple[int, ...], gidxs: list, starts: list, grid_shape: t
     )
 
 
-def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None = None,
-                sink: Sink | None = None) -> np.ndarray | None:
+def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
+                fn: Callable[[np.ndarray], Any], sink: Sink | None = None) -> np.ndarray | None:
     """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches; the
-    block's buffer (``None`` with a ``sink``: the patches went into it).
+    block's buffer (``None`` with a ``sink``: the patches went into it). ``fn`` is the value of
+    the graph's model key, shared by every block task.
 
     The first batch runs in this thread, timed. When ``fn`` took at least :data:`OVERLAP` of the
     task's own work on it (copying the batch in, checking and blending the output) and two or
@@ -144,7 +146,7 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None = None,
     upto = getattr(region, "upto", None)  # a Region: read as the batches reach its rows
     if upto is not None:
         region = region.data
-    layout, fn, batch_size = spec.layout, spec.fn, spec.batch_size
+    layout, batch_size = spec.layout, spec.batch_size
     out_channels, starts = spec.out_channels, spec.starts
     acc = Accumulator(spec.ext_lo, spec.ext_shape, out_channels, spec.numbers, spec.weights, sink)
     region_lo = np.asarray(spec.region_lo)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _memory
 from .._numbers import cast, doubled, nan_error, wide_dtype
 from .spec import ChunkSum
 from .spill import Spill
@@ -113,7 +114,7 @@ def chunk_sum(parts: list, sels: Any, dsts: Any, shape: tuple[int, ...], user: i
     if copy and np.dtype(dtype).kind in "fc":
         out = np.full(shape, -0.0, dtype=dtype)
     else:
-        out = np.zeros(shape, dtype=dtype)
+        out = _memory.zeros(shape, dtype)
     for part, sel, dst in zip(parts, sels, dsts):
         if isinstance(part, dict):
             piece = part[sel]

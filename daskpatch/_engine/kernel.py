@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import _memory
 from .._numbers import Numbers, cast, doubled, saturate, wide_dtype
 from .spec import Weights
 
@@ -44,7 +45,7 @@ class Accumulator:
         elif numbers.copy and acc_dtype.kind in "fc":
             self.buf = np.full((channels + extra,) + self.shape, -0.0, dtype=acc_dtype)
         else:
-            self.buf = np.zeros((channels + extra,) + self.shape, dtype=acc_dtype)
+            self.buf = _memory.zeros((channels + extra,) + self.shape, acc_dtype)
         # separable: one weight row per start and axis (a user window has none)
         self.q: list[np.ndarray] = weights.q if weights.q is not None else []
         self.q_ids, self.user = weights.q_ids, user_window

@@ -7,7 +7,6 @@ chunks, the block buffers and halo pieces), so a task's tuple in the graph reads
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,8 @@ class Weights:
 
 @dataclass(frozen=True, eq=False)
 class ApplyBlock:
-    """The accumulate task of one ``apply_patches`` block: run ``fn`` on its patches."""
+    """The accumulate task of one ``apply_patches`` block: run ``fn`` on its patches (``fn`` is
+    not part of the spec: the task reads it from the graph's one model key)."""
 
     block: tuple[int, ...]  # the block's index (named in errors)
     region_lo: tuple[int, ...]  # where the region read starts (padded coordinates)
@@ -44,7 +44,6 @@ class ApplyBlock:
     owned: tuple[range, ...]  # per axis, the block's patch index range
     starts: tuple[np.ndarray, ...]  # per axis, every patch start of the grid
     weights: Weights
-    fn: Callable[[np.ndarray], Any]
     batch_size: int
     layout: Layout
     n_batch: int
