@@ -281,7 +281,10 @@ def written_engine(x: da.Array, writer: Callable, todo: list[tuple[int, ...]], n
     result ``x`` straight from its chunk tasks (``writer(chunk, location, region)``), its blocks
     chained in C order (:meth:`Engine.written`), under the new name ``name``; the keys of those
     chunk tasks, and the spill the engine's parts go to. ``None`` when ``x`` is not a spilled
-    engine's result as it is. Used by :func:`daskpatch.to_zarr`."""
+    engine's result as it is, or under array expressions (not ported: ``to_zarr`` then writes
+    from a store task per chunk, unchained). Used by :func:`daskpatch.to_zarr`."""
+    if EXPR:
+        return None
     layer = x.dask.layers.get(x.name)
     if not isinstance(layer, EngineLayer) or layer.engine.spill is None:
         return None
