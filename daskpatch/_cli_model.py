@@ -21,30 +21,24 @@ import numpy as np
 from ._cli_errors import UsageError as _UsageError
 from ._torch import TorchModel, is_module
 
-__all__ = ["TORCH_FILES", "SpecModel", "clear_models", "resolve_spec"]
+__all__ = ["TORCH_FILES", "SpecModel", "resolve_spec"]
 
 #: Suffixes of model files ``--model`` loads with torch.
 TORCH_FILES = (".pt", ".pth", ".pt2")
 
-_MODELS: dict[tuple, Callable[[np.ndarray], np.ndarray]] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-def clear_models() -> None:
-    """Forget the models loaded in this process (the end of a command)."""
-    with _MODELS_LOCK:
-        _MODELS.clear()
-
 
 class SpecModel:
-    """The model ``--model SPEC`` names, loaded once per process.
+    """The model ``--model SPEC`` names, loaded on first use and kept by this object.
 
-    It pickles as its SPEC (torch files and many modules do not pickle, and a model inside
-    every task would travel with every task): a worker process loads it again on first use.
+    It pickles as its SPEC (torch files and many modules do not pickle): ``apply_patches`` puts
+    the model in the graph once, so each worker process unpickles one copy and loads it once;
+    on the local scheduler every block task shares this object. Nothing is kept per process.
     """
 
     def __init__(self, spec: str, device: str | None, channels: str) -> None:
         self.spec, self.device, self.channels = spec, device, channels
+        self._lock = threading.Lock()
+        self._fn: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __reduce__(self) -> tuple:
         return (SpecModel, (self.spec, self.device, self.channels))
@@ -52,16 +46,11 @@ class SpecModel:
     def __dask_tokenize__(self) -> tuple:
         return ("daskpatch-cli-model", self.spec, self.device, self.channels)
 
-    @property
-    def key(self) -> tuple:
-        return (self.spec, self.device, self.channels)
-
     def load(self) -> Callable[[np.ndarray], np.ndarray]:
-        with _MODELS_LOCK:
-            fn = _MODELS.get(self.key)
-            if fn is None:
-                fn = _MODELS[self.key] = _load_model(self.spec, self.device, self.channels)
-            return fn
+        with self._lock:
+            if self._fn is None:
+                self._fn = _load_model(self.spec, self.device, self.channels)
+            return self._fn
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.load()(batch)

@@ -43,7 +43,7 @@ from . import __version__, _store
 from ._cli_errors import UsageError, in_flags
 from ._cli_info import cmd_info
 from ._cli_info import shape_text as _x
-from ._cli_model import SpecModel, clear_models, resolve_spec
+from ._cli_model import SpecModel, resolve_spec
 from ._sched import compute as _compute
 from ._store import open_array as _open_array
 from ._store import parse_path as _parse_path
@@ -452,7 +452,6 @@ def _session() -> Iterator[None]:
         if added:
             with contextlib.suppress(ValueError):
                 sys.path.remove(os.getcwd())
-        clear_models()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
