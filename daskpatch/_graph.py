@@ -301,6 +301,12 @@ def written_engine(x: da.Array, writer: Callable, todo: list[tuple[int, ...]], n
     return HighLevelGraph(layers, deps), [new._out_key(i) for i in spatial], new.spill
 
 
+def then(graph: HighLevelGraph, key: str, task: tuple) -> Delayed:
+    """A job running ``task`` (its own key ``key``) after every layer of ``graph``."""
+    layers = {**graph.layers, key: MaterializedLayer({key: task})}
+    return Delayed(key, HighLevelGraph(layers, {**graph.dependencies, key: set(graph.layers)}))
+
+
 def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
                 ) -> tuple[Delayed, Callable[[], None]] | None:
     """A job accumulating the overlap-add result ``x`` straight into ``out`` (zeroed by the

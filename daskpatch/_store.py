@@ -1,44 +1,56 @@
 """Zarr stores for daskpatch: naming them, done-markers, and checks before writing.
 
 Under the output array's key prefix :func:`daskpatch.to_zarr` keeps its *fingerprint*
-(``attrs["daskpatch"]``, see :mod:`daskpatch._fingerprint`), *done-markers* (see
-:mod:`daskpatch.io`) and, while an overlap-add result is written, *spilled halo parts* under
-``.daskpatch-spill/`` (deleted once the array is complete).
+(``attrs["daskpatch"]``, see :mod:`daskpatch._fingerprint`), *done-markers* (below) and, while
+an overlap-add result is written, *spilled halo parts* under ``.daskpatch-spill/`` (deleted once
+the array is complete).
 
 Here: what the user names (a path, URL, store, group or mapping, and a node path in it) turned into
 a store and a path, opened for metadata only; and the checks made before anything is created or
 deleted: the target holds nothing but a Zarr array (or daskpatch's leftovers) and, for
 ``overwrite=True``, every part of it can be deleted.
 
-Only zarr's public API is used. zarr 3.1 has no public synchronous call for the async ``Store``
-methods (zarr's own sync helper is private; the public ``SupportsGetSync``/``SupportsSetSync``
-protocols cover some stores only), so stores with ``get_sync``/``set_sync`` (local, in-memory) are
-called directly and the others through a small private event loop (:func:`_run`).
+Done-markers
+------------
+In Zarr 3 a chunk equal to the fill value is not written at all, so a missing or all-fill chunk
+proves nothing about completion. :func:`daskpatch.to_zarr` therefore keeps its own record under the output
+array's key prefix (``<path>/`` in the store, the store root for a root array):
+
+- ``.daskpatch-done/chunks/<i>.<j>...`` -- one tiny object per finished chunk, written by the task
+  that wrote the chunk, right after the chunk;
+- ``.daskpatch-done/complete`` -- written once every chunk is done; the per-chunk objects are then
+  deleted (where the store supports deletes).
+
+Zarr ignores keys it does not know, and they cannot collide with chunk keys (chunk keys start
+with ``c`` or a digit). Deleting or overwriting the array removes them with it. (A Zarr array
+cannot have child nodes, and a root array has no siblings, so the record is raw keys rather than a
+Zarr array.) The array's attributes hold a fingerprint of the parameters that made it, which
+``resume=True`` checks (:mod:`daskpatch._fingerprint`); the markers and the checks made before
+anything is written or deleted live in this module.
+
+Only zarr's public API is used; key-level reads, writes and deletes are :mod:`daskpatch._storeio`'s.
 """
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import threading
 import uuid
 import warnings
-from collections.abc import Coroutine, Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any, TypeAlias
 
 import numpy as np
 import zarr
 import zarr.errors
 import zarr.storage
-from zarr.abc.store import Store, SupportsGetSync, SupportsSetSync
-from zarr.buffer import default_buffer_prototype
+from zarr.abc.store import Store
 
+from ._storeio import collect, delete, delete_dir, exists, get, list_prefix, put, run
 from ._validate import _describe
 
 __all__ = ["IncompleteWarning"]
@@ -57,89 +69,6 @@ class IncompleteWarning(UserWarning):
     Its missing chunks read as the fill value. Finish it with ``to_zarr(..., resume=True)`` and
     the same array and parameters.
     """
-
-
-# --------------------------------------------------------------------------------------------
-# synchronous store access
-# --------------------------------------------------------------------------------------------
-
-_LOOP_LOCK = threading.Lock()
-_LOOP: dict[str, Any] = {}
-
-
-def _loop() -> asyncio.AbstractEventLoop:
-    """daskpatch's own event loop, in a daemon thread (made again in a forked child)."""
-    with _LOOP_LOCK:
-        loop = _LOOP.get("loop")
-        if loop is None or _LOOP.get("pid") != os.getpid() or not _LOOP["thread"].is_alive():
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, name="daskpatch-store-io",
-                                      daemon=True)
-            thread.start()
-            _LOOP.update(loop=loop, thread=thread, pid=os.getpid())
-        return loop
-
-
-@atexit.register
-def _close_loop() -> None:
-    loop = _LOOP.get("loop")
-    if loop is not None and _LOOP.get("pid") == os.getpid():
-        loop.call_soon_threadsafe(loop.stop)
-        _LOOP["thread"].join(timeout=5)
-        if not loop.is_running():
-            loop.close()
-
-
-def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run an async ``Store`` call to completion from synchronous code (any thread)."""
-    return asyncio.run_coroutine_threadsafe(coro, _loop()).result()
-
-
-async def _collect(keys: Any) -> list[str]:
-    return [k async for k in keys]
-
-
-def get(store: Store, key: str) -> bytes | None:
-    proto = default_buffer_prototype()
-    if isinstance(store, SupportsGetSync):
-        buf = store.get_sync(key, prototype=proto)
-    else:
-        buf = _run(store.get(key, prototype=proto))
-    return None if buf is None else buf.to_bytes()
-
-
-def put(store: Store, key: str, data: bytes = b"1") -> None:
-    buf = default_buffer_prototype().buffer.from_bytes(data)
-    if isinstance(store, SupportsSetSync):
-        store.set_sync(key, buf)
-    else:
-        _run(store.set(key, buf))
-
-
-def exists(store: Store, key: str) -> bool:
-    return bool(_run(store.exists(key)))
-
-
-def list_prefix(store: Store, prefix: str) -> list[str]:
-    return _run(_collect(store.list_prefix(prefix)))
-
-
-def delete(store: Store, key: str) -> None:
-    """Delete one key (nothing where the store does not support deletes)."""
-    if not store.supports_deletes:
-        return
-    if isinstance(store, zarr.storage.LocalStore):  # no event loop round trip
-        try:
-            os.unlink(os.path.join(store.root, key))
-        except FileNotFoundError:
-            pass
-        return
-    _run(store.delete(key))
-
-
-def delete_dir(store: Store, prefix: str) -> None:
-    if store.supports_deletes:
-        _run(store.delete_dir(prefix))
 
 
 def _join(*parts: str | None) -> str:
@@ -447,7 +376,7 @@ def check_deletable(store: Store, path: str | None, where: str) -> None:
     key = _join(path, f".daskpatch-probe-{uuid.uuid4().hex}")
     try:
         put(store, key, b"")
-        _run(store.delete(key))
+        run(store.delete(key))
     except Exception as err:
         raise PermissionError(
             f"to_zarr: cannot overwrite {where}: writing and deleting {key!r} there failed "
@@ -589,14 +518,14 @@ def clear_spill(z: zarr.Array) -> None:
     store, prefix = z.store, spill_dir(z)
     if not store.supports_deletes:
         return
-    for name in _run(_collect(store.list_dir(prefix))):
+    for name in run(collect(store.list_dir(prefix))):
         key = f"{prefix}/{name.strip('/')}"
         try:
-            _run(store.delete_dir(key))
+            run(store.delete_dir(key))
         except ValueError:  # a key rather than a directory
-            _run(store.delete(key))
+            run(store.delete(key))
         if exists(store, key):
-            _run(store.delete(key))
+            run(store.delete(key))
 
 
 def warn_if_incomplete(z: zarr.Array, where: str) -> None:

@@ -9,23 +9,8 @@
 - :func:`aligned_chunks`, :func:`is_stride_aligned` and :func:`rechunk_to_stride` keep chunks on
   the patch-stride grid (the layout the blending engine writes without locks).
 
-Done-markers
-------------
-In Zarr 3 a chunk equal to the fill value is not written at all, so a missing or all-fill chunk
-proves nothing about completion. :func:`to_zarr` therefore keeps its own record under the output
-array's key prefix (``<path>/`` in the store, the store root for a root array):
-
-- ``.daskpatch-done/chunks/<i>.<j>...`` -- one tiny object per finished chunk, written by the task
-  that wrote the chunk, right after the chunk;
-- ``.daskpatch-done/complete`` -- written once every chunk is done; the per-chunk objects are then
-  deleted (where the store supports deletes).
-
-Zarr ignores keys it does not know, and they cannot collide with chunk keys (chunk keys start
-with ``c`` or a digit). Deleting or overwriting the array removes them with it. (A Zarr array
-cannot have child nodes, and a root array has no siblings, so the record is raw keys rather than a
-Zarr array.) The array's attributes hold a fingerprint of the parameters that made it, which
-``resume=True`` checks (:mod:`daskpatch._fingerprint`); the markers and the checks made before
-anything is written or deleted live in :mod:`daskpatch._store`.
+Done-markers, fingerprints and the checks made before anything is written or deleted are
+:mod:`daskpatch._store`'s and :mod:`daskpatch._fingerprint`'s.
 """
 
 from __future__ import annotations
@@ -46,10 +31,9 @@ import zarr
 import zarr.storage
 from dask.base import tokenize
 from dask.delayed import Delayed
-from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from zarr.abc.store import Store
 
-from . import _fingerprint, _graph, _memory, _ome, _sched, _store
+from . import _fingerprint, _graph, _memory, _ome, _sched, _store, _storeio
 from ._chunks import (
     DEFAULT_TARGET_BYTES,
     aligned_chunks,
@@ -61,7 +45,6 @@ from ._chunks import (
 from ._store import IncompleteWarning, StoreLike
 from ._validate import _describe, parse_bool
 from ._xarray import is_dataarray as _is_dataarray
-from ._graph import written_engine
 from .blend import engine_into, spill_bytes, spill_into
 
 __all__ = [
@@ -168,9 +151,7 @@ def _write_block(block: np.ndarray, z: zarr.Array, fingerprint: dict, where: str
     no other writer replaced the array since this write began."""
     info = block_info[0]
     region = tuple(slice(start, stop) for start, stop in info["array-location"])
-    _fingerprint.check_still_ours(z, fingerprint, where)
-    z[region] = block
-    _store.put(z.store, _store.chunk_marker(z, info["chunk-location"]))
+    _write_chunk(block, info["chunk-location"], region, z, fingerprint, where)
     return np.ones((1,) * block.ndim, dtype=np.uint8)
 
 
@@ -180,7 +161,7 @@ def _write_chunk(block: np.ndarray, location: tuple[int, ...], region: tuple[sli
     themselves (:func:`daskpatch._graph.written_engine`)."""
     _fingerprint.check_still_ours(z, fingerprint, where)
     z[region] = block
-    _store.put(z.store, _store.chunk_marker(z, location))
+    _storeio.put(z.store, _store.chunk_marker(z, location))
 
 
 def _finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, written: list[Any]
@@ -193,6 +174,7 @@ def _finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, writte
     for spill, name in spills:
         spill.clear(name)
     return z
+
 
 @dataclass(frozen=True)
 class _Write:
@@ -287,8 +269,8 @@ def _create_or_reopen(w: _Write, node: zarr.Array | None, fingerprint: dict[str,
     if node is not None:
         _store.clear(w.target, w.path)  # the old array (checked above)
     else:  # stale markers and spilled parts of a hand-deleted array
-        _store.delete_dir(w.target, _store.node_path(w.path, _store.MARKER_DIR) or "")
-        _store.delete_dir(w.target, _store.node_path(w.path, _store.SPILL_DIR) or "")
+        _storeio.delete_dir(w.target, _store.node_path(w.path, _store.MARKER_DIR) or "")
+        _storeio.delete_dir(w.target, _store.node_path(w.path, _store.SPILL_DIR) or "")
     z = zarr.create_array(
         store=w.target, name=w.path, shape=w.x.shape, dtype=w.x.dtype, chunks=w.chunks,
         attributes={_store.ATTR: _fingerprint.record(fingerprint)}, zarr_format=3,
@@ -317,16 +299,12 @@ def _plan(w: _Write, z: zarr.Array, fingerprint: dict[str, Any],
         # a spilled result written as it is: its chunk tasks write, blocks in C order
         locs = [loc for loc in np.ndindex(*x.numblocks) if loc not in done]
         writer = functools.partial(_write_chunk, z=z, fingerprint=fingerprint, where=w.where)
-        made = written_engine(x, writer, locs, f"to-zarr-written-{token}")
+        made = _graph.written_engine(x, writer, locs, f"to-zarr-written-{token}")
         if made is not None:
             graph, keys, spill = made
             spills = [(s, n) for s, n in spills if n != x.name] + [(spill, f"to-zarr-written-{token}")]
-            key = f"to-zarr-finalize-{tokenize(token, sorted(done))}"
-            graph = HighLevelGraph(
-                {**graph.layers, key: MaterializedLayer(
-                    {key: (_finalize, z, fingerprint, w.where, spills, keys)})},
-                {**graph.dependencies, key: {f"to-zarr-written-{token}"}})
-            return Delayed(key, graph)
+            return _graph.then(graph, f"to-zarr-finalize-{tokenize(token, sorted(done))}",
+                               (_finalize, z, fingerprint, w.where, spills, keys))
         written = da.map_blocks(
             functools.partial(_write_block, z=z, fingerprint=fingerprint, where=w.where), x,
             chunks=tuple((1,) * n for n in x.numblocks),

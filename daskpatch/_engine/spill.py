@@ -12,7 +12,7 @@ import numpy as np
 import zarr.storage
 from zarr.abc.store import Store
 
-from .. import _store
+from .. import _store, _storeio
 from .._config import get_bytes
 from .._validate import _describe
 
@@ -39,21 +39,21 @@ class Spill:
         return "/".join(p for p in (self.prefix, name, part) if p)
 
     def put(self, key: str, data: np.ndarray) -> None:
-        _store.put(self.store, key, np.ascontiguousarray(data).tobytes())
+        _storeio.put(self.store, key, np.ascontiguousarray(data).tobytes())
 
     def get(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        raw = _store.get(self.store, key)
+        raw = _storeio.get(self.store, key)
         if raw is None:
             raise FileNotFoundError(f"spilled block part {key!r} is missing from {self.store!r}")
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
     def delete(self, key: str) -> None:
         """Delete one part (once its chunk has read it)."""
-        _store.delete(self.store, key)
+        _storeio.delete(self.store, key)
 
     def clear(self, name: str) -> None:
         """Delete the parts of one engine (after its result is written)."""
-        _store.delete_dir(self.store, "/".join(p for p in (self.prefix, name) if p))
+        _storeio.delete_dir(self.store, "/".join(p for p in (self.prefix, name) if p))
 
 def check_spill_dir(spill: str | os.PathLike) -> None:
     """Refuse a ``spill`` directory that cannot be written, while the graph is built (the tasks
