@@ -54,7 +54,7 @@ def main(n: int = 256, size: int = 64, stride: int = 32) -> None:
         t1 = time.perf_counter()
 
         patches = dp.extract_patches(volume, size, stride)  # lazy (N, size, size, size)
-        print(f"volume {vol.shape} chunks {volume.chunksize} -> {patches.shape[0]} patches "
+        print(f"volume {vol.shape} chunks {tuple(c[0] for c in volume.chunks)} -> {patches.shape[0]} patches "
               f"of {patches.shape[1:]} (graph built, nothing computed)")
         result = dp.apply_patches(volume, stretch, size, stride, blend="gaussian", batch_size=8)
         t2 = time.perf_counter()

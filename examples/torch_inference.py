@@ -19,6 +19,7 @@ so the volume never has to fit in memory.
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def main(n: int = 192, size: int = 64, stride: int = 32, batch_size: int = 4,
                                   batch_size=batch_size, blend="gaussian", dtype=np.float32)
         grid = dp.PatchGrid(vol.shape[1:], size, stride)
         print(f"image {image.shape} -> logits {logits.shape}, {len(grid)} patches, "
-              f"{logits.npartitions} output chunks")
+              f"{math.prod(logits.numblocks)} output chunks")
         t0 = time.perf_counter()
         dp.to_zarr(logits, dst, progress=True)
         elapsed = time.perf_counter() - t0
