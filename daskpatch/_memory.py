@@ -8,8 +8,10 @@ one run to the next. Plain anonymous memory faulted in page by page is steadier 
 faults per 4 KiB page where it is read before it is written (the accumulation adds into it):
 0.2 - 0.3 s for those 226 MiB. Mapped in at once (``MADV_POPULATE_WRITE``, Linux 5.14, split
 across threads; else ``MAP_POPULATE``) it costs a steady ~0.1 s of one core. The arrays a
-computation fills whole go through here: :func:`daskpatch.to_numpy`'s result, the work blocks'
-buffers and batches, and the output chunks.
+computation fills whole go through here: :func:`daskpatch.to_numpy`'s result, the batches and
+the output chunks. A work block's buffer, filled row by row over its task, is mapped in the same
+way but row by row as the accumulation reaches it (``populate=False``, then :func:`reach`), so
+that the tasks running at once do not each hold a whole buffer from their start.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ def _populate(buf: mmap.mmap, start: int, length: int) -> None:
     buf.madvise(_POPULATE_WRITE, start, length)
 
 
-def zeros(shape: tuple[int, ...], dtype: Any, threads: int = 1) -> np.ndarray:
+def zeros(shape: tuple[int, ...], dtype: Any, threads: int = 1, populate: bool = True
+          ) -> np.ndarray:
     """A zeroed array of ``shape`` and ``dtype``, its memory mapped in already when large
-    (by ``threads`` threads, where the kernel can split the work).
+    (by ``threads`` threads, where the kernel can split the work); with ``populate=False``, not
+    yet: :func:`reach` maps in its rows later.
 
     The memory is released when the array (and every view of it) is.
 
@@ -51,10 +55,12 @@ def zeros(shape: tuple[int, ...], dtype: Any, threads: int = 1) -> np.ndarray:
     if nbytes < _LARGE or dtype.hasobject or None in flags:  # Windows: NumPy's
         return np.zeros(shape, dtype=dtype)
     anonymous = flags[0] | flags[1]  # type: ignore[operator]
+    if not populate:
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=anonymous), dtype=dtype).reshape(shape)
     if not _populate_write_works:
-        populate = getattr(mmap, "MAP_POPULATE", 0)
-        buf = mmap.mmap(-1, nbytes, flags=anonymous | populate)
-        if not populate:  # written once now: one fault per page, not a read then a write
+        map_populate = getattr(mmap, "MAP_POPULATE", 0)
+        buf = mmap.mmap(-1, nbytes, flags=anonymous | map_populate)
+        if not map_populate:  # written once now: one fault per page, not a read then a write
             np.frombuffer(buf, dtype=np.uint8).fill(0)
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
     buf = mmap.mmap(-1, nbytes, flags=anonymous)
@@ -71,3 +77,30 @@ def zeros(shape: tuple[int, ...], dtype: Any, threads: int = 1) -> np.ndarray:
         _populate_write_works = False
         return zeros(shape, dtype, threads)
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def reach(a: np.ndarray, lo: int, hi: int) -> None:
+    """Map in rows ``lo:hi`` of the second axis of ``a`` (for every index of the first), an
+    array from :func:`zeros` with ``populate=False``; anything else is left as it is.
+
+    Examples
+    --------
+    >>> a = zeros((2, 64, 128, 128), np.float32, populate=False)  # 8 MiB, not yet mapped in
+    >>> reach(a, 0, 16); float(a[:, :16].sum())
+    0.0
+    """
+    buf: Any = a
+    while buf is not None and not isinstance(buf, mmap.mmap):  # array -> array -> memoryview
+        buf = buf.obj if isinstance(buf, memoryview) else getattr(buf, "base", None)
+    if (not isinstance(buf, mmap.mmap) or a.nbytes != len(buf) or not a.flags.c_contiguous
+            or not _populate_write_works or hi <= lo):
+        return
+    plane = a.strides[0]
+    row = a.strides[1]
+    for c in range(a.shape[0]):
+        start = (c * plane + lo * row) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(buf), c * plane + hi * row)
+        try:
+            _populate(buf, start, end - start)
+        except OSError:  # a kernel before 5.14: the pages fault in as they are written
+            return

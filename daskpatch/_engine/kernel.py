@@ -44,8 +44,9 @@ class Accumulator:
             self.buf = sink.view(tuple(ext_lo), self.shape)
         elif numbers.copy and acc_dtype.kind in "fc":
             self.buf = np.full((channels + extra,) + self.shape, -0.0, dtype=acc_dtype)
-        else:
-            self.buf = _memory.zeros((channels + extra,) + self.shape, acc_dtype)
+        else:  # mapped in row by row as the patches reach it (see reach)
+            self.buf = _memory.zeros((channels + extra,) + self.shape, acc_dtype, populate=False)
+        self._reached = 0
         # separable: one weight row per start and axis (a user window has none)
         self.q: list[np.ndarray] = weights.q if weights.q is not None else []
         self.q_ids, self.user = weights.q_ids, user_window
@@ -176,6 +177,7 @@ class Accumulator:
                         slab[...] = saturate(doubled(half), dt)
                     np.copyto(dst, slab)
 
+        self._reach(r0 + n0)
         pool = self.sink.pool if self.sink is not None else None
         if pool is None or n0 <= rows:
             run(0, 0, n0)
@@ -187,6 +189,13 @@ class Accumulator:
                  if a < b and a < n0]
         for f in [pool.submit(run, *part) for part in parts]:
             f.result()
+
+    def _reach(self, end: int) -> None:
+        """Map in the buffer's rows (first spatial axis) up to ``end`` before they are added to:
+        a running block holds the rows its patches have reached, not its whole buffer."""
+        if self.sink is None and end > self._reached:
+            _memory.reach(self.buf, self._reached, end)
+            self._reached = end
 
     def _plane(self, gidx: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """Outer product of the weight rows of all axes but the first, cached by row identity."""
@@ -216,6 +225,7 @@ class Accumulator:
         dst = tuple(slice(int(r), int(e)) for r, e in zip(rel, end))
         src = tuple(slice(0, int(e - r)) for r, e in zip(rel, end))  # border="pad": cropped
         n = data.shape[0]
+        self._reach(int(end[0]))
         target = self.buf[(slice(0, n),) + dst]
         data, wc = data[(slice(None),) + src], w[src]
         # one reused scratch buffer: no fresh (page-faulting) temporary per patch

@@ -1,0 +1,58 @@
+"""Large zeroed arrays (``daskpatch._memory``): mapped in at once, or row by row as a block's
+accumulation reaches them, so that running block tasks do not each hold a whole buffer."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from daskpatch import PatchGrid, _memory
+from daskpatch._engine.kernel import Accumulator, make_weights
+from daskpatch._numbers import Numbers
+from daskpatch.windows import parse_blend
+
+MiB = 2**20
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@linux
+def test_zeros_mapped_in_at_once_or_row_by_row():
+    before = rss()
+    a = _memory.zeros((2, 64, 256, 256), np.float32)  # 32 MiB, mapped in now
+    assert rss() - before > 30 * MiB
+    assert float(a.max()) == 0.0 and a.flags.writeable
+    del a
+    before = rss()
+    b = _memory.zeros((2, 64, 256, 256), np.float32, populate=False)
+    assert rss() - before < 4 * MiB  # nothing mapped in yet
+    _memory.reach(b, 0, 16)  # a quarter of each of the 2 planes
+    grown = rss() - before
+    assert 7 * MiB < grown < 12 * MiB, grown / MiB
+    _memory.reach(b[:, 8:], 0, 64)  # not the whole mapping: left as it is
+    _memory.reach(np.zeros((2, 64, 256, 256), np.float32), 0, 64)  # not ours: left as it is
+    assert rss() - before - grown < 4 * MiB
+    b[:, 16:] = 1.0  # the rest still zero-filled and writable
+    assert float(b[:, :16].max()) == 0.0 and float(b[:, 16:].min()) == 1.0
+
+
+@linux
+def test_a_block_buffer_holds_only_the_rows_its_patches_reached():
+    grid = PatchGrid((256, 256, 256), 64, 32)
+    window = parse_blend("gaussian", grid.size)
+    numbers = Numbers(np.dtype(np.float32), np.dtype(np.float32), False, grid.shape,
+                      (256, 256, 256), 1, None)
+    before = rss()
+    acc = Accumulator((0, 0, 0), (256, 256, 256), 1, numbers, make_weights(grid, window, 1 << 20))
+    assert rss() - before < 8 * MiB  # a 64 MiB buffer, not mapped in at the start
+    ones = np.ones((1, 64, 64, 64), np.float32)
+    acc.add_batch([(0, 0, 0), (0, 1, 0)], [np.array([0, 0, 0]), np.array([0, 32, 0])], [ones] * 2)
+    grown = rss() - before
+    assert grown < 24 * MiB, grown / MiB  # rows 0:64 of 256 (16 MiB) and scratch
+    assert float(acc.buf[0, :64, :96, :64].min()) > 0.0 and float(acc.buf[0, 64:].max()) == 0.0
