@@ -34,6 +34,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import zarr
+from zarr.buffer import default_buffer_prototype
 from dask.base import tokenize
 
 from . import _graph
@@ -255,10 +256,26 @@ class Region:
         lo0 = self.lo[0]
         while self.done < len(self.cuts) - 1 and self.cuts[self.done] - lo0 < stop:
             a, b = self.cuts[self.done], self.cuts[self.done + 1]
-            slab = _read_direct(self.arr, (a,) + tuple(self.lo[1:]), (b,) + tuple(self.hi[1:]),
-                                self.channel_axis, [None] + list(self.maps[1:]), self.pad_value)
-            self.data[:, a - lo0:b - lo0] = slab
             self.done += 1
+            if any(m is not None for m in self.maps[1:]):  # padded on another axis
+                self.data[:, a - lo0:b - lo0] = _read_direct(
+                    self.arr, (a,) + tuple(self.lo[1:]), (b,) + tuple(self.hi[1:]),
+                    self.channel_axis, [None] + list(self.maps[1:]), self.pad_value)
+                continue
+            # straight into the region: no slab array beside it (a 256-row slab of a 320^2
+            # region is 100 MiB of float32)
+            dst = self.data[:, a - lo0:b - lo0]
+            index = [slice(a, b)] + [slice(l, h) for l, h in zip(self.lo[1:], self.hi[1:])]
+            if self.channel_axis is None:
+                dst = dst[0]
+            else:
+                index.insert(self.channel_axis, slice(0, dst.shape[0]))
+                dst = np.moveaxis(dst, 0, self.channel_axis)
+            try:
+                _read_region(self.arr, tuple(index), out=dst)
+            except Exception as err:
+                err.add_note(_read_note(self.arr, tuple(index)))
+                raise
 
 
 def _open_region(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps: list,
@@ -304,32 +321,46 @@ def _read_note(arr: Any, index: tuple[slice, ...]) -> str:
     return f"daskpatch: raised reading region {region} (chunks {span}) of {where}"
 
 
-def _read_region(arr: Any, index: tuple[slice, ...]) -> Any:
-    """``arr[index]``; a Zarr read touching more than ``daskpatch.read-bytes`` of chunks is done
-    in boxes of whole chunks that each touch at most that many bytes (at least one chunk): zarr
-    decodes all the chunks of one read at once (8 chunks of 64 MiB for a block plus halo is half
-    a GiB of transient memory), while reading small chunks one by one costs a round trip each
-    (125 reads of 1 MiB take twice as long as 3 reads of 50)."""
+def _read_region(arr: Any, index: tuple[slice, ...], out: np.ndarray | None = None) -> Any:
+    """``arr[index]`` (read into ``out``, a NumPy array of its shape, when given); a Zarr read
+    touching more than ``daskpatch.read-bytes`` of chunks is done in boxes of whole chunks that
+    each touch at most that many bytes (at least one chunk): zarr decodes all the chunks of one
+    read at once (8 chunks of 64 MiB for a block plus halo is half a GiB of transient memory),
+    while reading small chunks one by one costs a round trip each (125 reads of 1 MiB take twice
+    as long as 3 reads of 50)."""
     chunks = getattr(arr, "chunks", None)
     if not isinstance(arr, zarr.Array) or not isinstance(chunks, tuple):
-        return arr[index]
+        if out is None:
+            return arr[index]
+        out[...] = arr[index]
+        return out
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(index, chunks)]
     touched = math.prod(len(r) for r in ranges)
     chunk_bytes = math.prod(chunks) * arr.dtype.itemsize
     budget = get_bytes("read-bytes")
     if touched <= 1 or touched * chunk_bytes <= budget:
-        return arr[index]
+        return _get(arr, index, out)
     group = [len(r) for r in ranges]  # chunks per box along each axis, the first axes cut first
     for a in range(len(group)):
         if math.prod(group) * chunk_bytes <= budget:
             break
         group[a] = max(1, int(budget // (chunk_bytes * math.prod(group[a + 1:]))))
-    out = np.empty(tuple(s.stop - s.start for s in index), dtype=arr.dtype)
+    if out is None:
+        out = np.empty(tuple(s.stop - s.start for s in index), dtype=arr.dtype)
     for combo in itertools.product(*[range(r.start, r.stop, g) for r, g in zip(ranges, group)]):
         src = tuple(slice(max(s.start, k * c), min(s.stop, (k + g) * c))
                     for s, k, c, g in zip(index, combo, chunks, group))
-        out[tuple(slice(a.start - s.start, a.stop - s.start) for a, s in zip(src, index))] = \
-            arr[src]
+        _get(arr, src, out[tuple(slice(a.start - s.start, a.stop - s.start)
+                                 for a, s in zip(src, index))])
+    return out
+
+
+def _get(arr: Any, index: tuple[slice, ...], out: np.ndarray | None) -> Any:
+    """``arr[index]`` of a Zarr array, or decoded straight into ``out`` (any NumPy view of the
+    index's shape), without an array of its own beside it."""
+    if out is None:
+        return arr[index]
+    arr.get_basic_selection(index, out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
     return out
 
 

@@ -13,7 +13,7 @@ import zarr
 import daskpatch as dp
 from daskpatch import PatchGrid, _graph
 
-from .conftest import naive_blend
+from .conftest import naive_blend, write_zarr
 
 
 class Recorder:
@@ -182,15 +182,15 @@ def test_large_zarr_region_reads_decode_one_chunk_at_a_time(counting_zarr, monke
     reads_whole = store.chunk_reads - before  # one read per block region
 
     touched: list[int] = []
-    getitem = zarr.Array.__getitem__
+    get = zarr.Array.get_basic_selection  # what arr[...] and reads into a region call
 
-    def recording(self, index):
+    def recording(self, index, *args, **kwargs):
         if isinstance(index, tuple) and all(isinstance(s, slice) for s in index):
             touched.append(int(np.prod([-(-s.stop // c) - s.start // c
                                         for s, c in zip(index, self.chunks)])))
-        return getitem(self, index)
+        return get(self, index, *args, **kwargs)
 
-    monkeypatch.setattr(zarr.Array, "__getitem__", recording)
+    monkeypatch.setattr(zarr.Array, "get_basic_selection", recording)
     setting("daskpatch.read-bytes", 0)
     before = store.chunk_reads
     out = dp.apply_patches(z, np.sqrt, 16, 8, block_shape=16).compute()
@@ -206,6 +206,26 @@ def test_large_zarr_region_reads_decode_one_chunk_at_a_time(counting_zarr, monke
     np.testing.assert_array_equal(out, expected)
     assert max(touched) <= 6 and max(touched) > 1
     assert store.chunk_reads - before == reads_whole
+
+
+@pytest.mark.parametrize("channel_axis", [None, 0, -1])
+@pytest.mark.parametrize("border", ["shift", "pad"])
+def test_zarr_regions_read_straight_into_the_block_match_numpy(tmp_path, channel_axis, border):
+    """Block regions spanning several chunks are decoded into the region itself, for every
+    channel layout; a region padded on another axis is read and padded as before."""
+    shape = (37, 30, 26)
+    if channel_axis is not None:
+        shape = (2, *shape) if channel_axis == 0 else (*shape, 2)
+    data = np.random.default_rng(3).random(shape).astype(np.float32)
+    chunks = tuple(2 if n == 2 else 8 for n in shape)
+    z = zarr.open_array(write_zarr(tmp_path / "v.zarr", data, chunks), mode="r")
+
+    def model(b):
+        return np.sqrt(b) + 1
+
+    kw = dict(border=border, block_shape=16, channel_axis=channel_axis, batch_size=3)
+    expected = dp.apply_patches(data, model, 12, 8, **kw).compute()
+    np.testing.assert_array_equal(dp.apply_patches(z, model, 12, 8, **kw).compute(), expected)
 
 
 class _MarkedModel:
