@@ -79,6 +79,39 @@ def zeros(shape: tuple[int, ...], dtype: Any, threads: int = 1, populate: bool =
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
+def _mapping(a: np.ndarray) -> mmap.mmap | None:
+    """The mapping behind ``a`` when ``a`` is a whole array from :func:`zeros` (not a view)."""
+    buf: Any = a
+    while buf is not None and not isinstance(buf, mmap.mmap):  # array -> array -> memoryview
+        buf = buf.obj if isinstance(buf, memoryview) else getattr(buf, "base", None)
+    if isinstance(buf, mmap.mmap) and a.nbytes == len(buf) and a.flags.c_contiguous:
+        return buf
+    return None
+
+
+def drop(a: np.ndarray, lo: int, hi: int) -> None:
+    """Give rows ``lo:hi`` of the second axis of ``a`` (an array from :func:`zeros` with
+    ``populate=False``) back to the system: they read as zeros afterwards. Only whole pages
+    inside those rows go; anything else is left as it is.
+
+    Examples
+    --------
+    >>> a = zeros((1, 64, 128, 128), np.float32, populate=False)
+    >>> a[:] = 1; drop(a, 0, 32); float(a[0, :32].max()), float(a[0, 32:].min())
+    (0.0, 1.0)
+    """
+    buf = _mapping(a)
+    dontneed = getattr(mmap, "MADV_DONTNEED", None)
+    if buf is None or dontneed is None or hi <= lo:
+        return
+    page = mmap.PAGESIZE
+    for c in range(a.shape[0]):
+        start = -(-(c * a.strides[0] + lo * a.strides[1]) // page) * page
+        end = (c * a.strides[0] + hi * a.strides[1]) // page * page
+        if end > start:
+            buf.madvise(dontneed, start, end - start)
+
+
 def reach(a: np.ndarray, lo: int, hi: int) -> None:
     """Map in rows ``lo:hi`` of the second axis of ``a`` (for every index of the first), an
     array from :func:`zeros` with ``populate=False``; anything else is left as it is.
@@ -89,11 +122,8 @@ def reach(a: np.ndarray, lo: int, hi: int) -> None:
     >>> reach(a, 0, 16); float(a[:, :16].sum())
     0.0
     """
-    buf: Any = a
-    while buf is not None and not isinstance(buf, mmap.mmap):  # array -> array -> memoryview
-        buf = buf.obj if isinstance(buf, memoryview) else getattr(buf, "base", None)
-    if (not isinstance(buf, mmap.mmap) or a.nbytes != len(buf) or not a.flags.c_contiguous
-            or not _populate_write_works or hi <= lo):
+    buf = _mapping(a)
+    if buf is None or not _populate_write_works or hi <= lo:
         return
     plane = a.strides[0]
     row = a.strides[1]

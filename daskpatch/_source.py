@@ -37,7 +37,7 @@ import zarr
 from zarr.buffer import default_buffer_prototype
 from dask.base import tokenize
 
-from . import _graph
+from . import _graph, _memory
 from ._axes import Layout
 from ._config import get_bytes
 from ._validate import _describe
@@ -237,7 +237,7 @@ class Region:
     """A region of a Zarr array, read in slabs of whole chunks along its first grid axis as the
     consumer asks for them (:meth:`upto`), each chunk once: a block task's model starts on its
     first patches while the rest of the region is still to be read. ``data`` is the whole region
-    ``(C, *region)``, valid up to the rows read."""
+    ``(C, *region)``, valid from the rows given back (:meth:`drop`) up to the rows read."""
 
     def __init__(self, arr: Any, lo: tuple, hi: tuple, channel_axis: int | None,
                  maps: list, pad_value: Any = 0) -> None:
@@ -246,10 +246,18 @@ class Region:
         channels = 1 if channel_axis is None else arr.shape[channel_axis]
         self.shape = (channels,) + tuple(h - l if m is None else len(m)
                                          for l, h, m in zip(lo, hi, maps))
-        self.data = np.empty(self.shape, dtype=arr.dtype)
+        self.data = _memory.zeros(self.shape, arr.dtype, populate=False)
         step = arr.chunks[1 if channel_axis == 0 else 0]  # the first grid axis's chunks
         self.cuts = [lo[0]] + list(range((lo[0] // step + 1) * step, hi[0], step)) + [hi[0]]
         self.done = 0  # slabs read
+        self.dropped = 0  # rows given back
+
+    def drop(self, stop: int) -> None:
+        """Give back the region's rows ``[0, stop)`` on its first grid axis: the consumer has
+        copied out every patch that starts there (they read as zeros afterwards)."""
+        if stop > self.dropped:
+            _memory.drop(self.data, self.dropped, stop)
+            self.dropped = stop
 
     def upto(self, stop: int) -> None:
         """Read the slabs holding the region's rows ``[0, stop)`` on its first grid axis."""

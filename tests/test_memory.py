@@ -40,6 +40,29 @@ def test_zeros_mapped_in_at_once_or_row_by_row():
     assert rss() - before - grown < 4 * MiB
     b[:, 16:] = 1.0  # the rest still zero-filled and writable
     assert float(b[:, :16].max()) == 0.0 and float(b[:, 16:].min()) == 1.0
+    full = rss()
+    _memory.drop(b, 0, 48)  # three quarters of each plane given back
+    assert full - rss() > 20 * MiB
+    assert float(b[:, :48].max()) == 0.0 and float(b[:, 48:].min()) == 1.0
+
+
+@linux
+def test_a_zarr_region_gives_back_the_rows_its_patches_passed(tmp_path):
+    import zarr
+
+    from daskpatch._source import Region
+
+    z = zarr.create_array(str(tmp_path / "v.zarr"), shape=(128, 128, 128), chunks=(32,) * 3,
+                          dtype="f4")
+    z[...] = 1.0
+    before = rss()
+    region = Region(z, (0, 0, 0), (128, 128, 128), None, [None] * 3)
+    region.upto(128)  # 8 MiB read
+    assert rss() - before > 7 * MiB and float(region.data.min()) == 1.0
+    full = rss()
+    region.drop(96)
+    assert full - rss() > 5 * MiB
+    assert float(region.data[:, 96:].min()) == 1.0
 
 
 @linux

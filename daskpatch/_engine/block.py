@@ -144,6 +144,7 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
     no batch is handed to ``fn`` after it, and no thread of the task outlives it.
     """
     upto = getattr(region, "upto", None)  # a Region: read as the batches reach its rows
+    drop = getattr(region, "drop", None)  # and given back once the batches have passed them
     if upto is not None:
         region = region.data
     layout, batch_size = spec.layout, spec.batch_size
@@ -182,6 +183,9 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
         else:
             for f in [pool.submit(put, j, st) for j, (_, st) in enumerate(groups[k])]:
                 f.result()
+        if drop is not None:  # patches go in C order: no later one starts above the next's row
+            drop(int(groups[k + 1][0][1][0] - region_lo[0]) if k + 1 < len(groups)
+                 else region.shape[1])
         return layout.from_canonical(batch)
 
     def finish(k: int, user_batch: np.ndarray, result: Callable[[], Any]) -> None:
