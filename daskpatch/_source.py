@@ -265,6 +265,7 @@ class Region:
         while self.done < len(self.cuts) - 1 and self.cuts[self.done] - lo0 < stop:
             a, b = self.cuts[self.done], self.cuts[self.done + 1]
             self.done += 1
+            _memory.reach(self.data, a - lo0, b - lo0)  # mapped in at once, not page by page
             if any(m is not None for m in self.maps[1:]):  # padded on another axis
                 self.data[:, a - lo0:b - lo0] = _read_direct(
                     self.arr, (a,) + tuple(self.lo[1:]), (b,) + tuple(self.hi[1:]),
