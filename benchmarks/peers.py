@@ -5,7 +5,8 @@ Prints one line: name, seconds, peak RSS (MiB).
 Each peer runs in its own process so peak RSS is its own.
 
 The team's measurement script (``../shared/bench/peers.py``), kept here as it is except that
-``seed`` runs daskpatch's compatible ``get_patches``/``reconstruct_patch``.
+``seed`` runs daskpatch's compatible ``get_patches``/``reconstruct_patch`` and the Zarr entries
+share one input writer.
 ``peers_table.py`` runs several entries side by side.
 """
 import argparse, resource, sys, time, tempfile, os
@@ -24,6 +25,15 @@ rng = np.random.default_rng(0)
 
 def vol():
     return rng.random((n, n, n), dtype=np.float32)
+
+
+def zarr_input():
+    """A temporary directory holding the volume as ``in.zarr`` (chunks ``s``^3), and that array."""
+    import zarr
+    d = tempfile.mkdtemp(dir=a.store)
+    zi = zarr.create_array(d + "/in.zarr", shape=(n, n, n), chunks=(s,) * 3, dtype="f4")
+    zi[:] = vol()
+    return d, zi
 
 
 def peak():
@@ -80,11 +90,7 @@ elif a.name == "daskpatch_np":
     check = (y, x)
 elif a.name == "daskpatch_zarr":
     import zarr, daskpatch as dp
-    x = vol()
-    d = tempfile.mkdtemp(dir=a.store)
-    zi = zarr.create_array(d + "/in.zarr", shape=x.shape, chunks=(s,) * 3, dtype="f4")
-    zi[:] = x
-    del x
+    d, zi = zarr_input()
     t0 = time.perf_counter()
     dp.to_zarr(dp.apply_patches(dp.open_volume(d + "/in.zarr"), lambda b: b, p, s, blend="gaussian", batch_size=8), d + "/out.zarr")
 elif a.name == "seed":
@@ -96,21 +102,13 @@ elif a.name == "seed":
     y = np.squeeze(reconstruct_patch(pt[..., None], (n, n, n), stride=p, size=p))
 elif a.name == "zarr_copy":
     import zarr
-    x = vol()
-    d = tempfile.mkdtemp(dir=a.store)
-    zi = zarr.create_array(d + "/in.zarr", shape=x.shape, chunks=(s,) * 3, dtype="f4")
-    zi[:] = x
-    del x
+    d, zi = zarr_input()
     t0 = time.perf_counter()
     zo = zarr.create_array(d + "/out.zarr", shape=zi.shape, chunks=(s,) * 3, dtype="f4")
     zo[:] = zi[:]
 elif a.name == "dask_zarr_copy":
     import zarr, dask.array as da
-    x = vol()
-    d = tempfile.mkdtemp(dir=a.store)
-    zi = zarr.create_array(d + "/in.zarr", shape=x.shape, chunks=(s,) * 3, dtype="f4")
-    zi[:] = x
-    del x
+    d, zi = zarr_input()
     t0 = time.perf_counter()
     da.from_zarr(d + "/in.zarr").to_zarr(d + "/out.zarr")
 else:
