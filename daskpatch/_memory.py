@@ -102,12 +102,11 @@ def drop(a: np.ndarray, lo: int, hi: int) -> None:
     """
     buf = _mapping(a)
     dontneed = getattr(mmap, "MADV_DONTNEED", None)
-    if buf is None or dontneed is None or hi <= lo:
+    if buf is None or dontneed is None:
         return
     page = mmap.PAGESIZE
-    for c in range(a.shape[0]):
-        start = -(-(c * a.strides[0] + lo * a.strides[1]) // page) * page
-        end = (c * a.strides[0] + hi * a.strides[1]) // page * page
+    for start, end in _spans(a, lo, hi):
+        start, end = -(-start // page) * page, end // page * page  # whole pages inside
         if end > start:
             buf.madvise(dontneed, start, end - start)
 
@@ -123,14 +122,20 @@ def reach(a: np.ndarray, lo: int, hi: int) -> None:
     0.0
     """
     buf = _mapping(a)
-    if buf is None or not _populate_write_works or hi <= lo:
+    if buf is None or not _populate_write_works:
         return
-    plane = a.strides[0]
-    row = a.strides[1]
-    for c in range(a.shape[0]):
-        start = (c * plane + lo * row) // mmap.PAGESIZE * mmap.PAGESIZE
-        end = min(len(buf), c * plane + hi * row)
+    for start, end in _spans(a, lo, hi):
+        start = start // mmap.PAGESIZE * mmap.PAGESIZE  # madvise starts on a page
         try:
             _populate(buf, start, end - start)
         except OSError:  # a kernel before 5.14: the pages fault in as they are written
             return
+
+
+def _spans(a: np.ndarray, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The byte ranges of rows ``lo:hi`` (second axis) of C-contiguous ``a``, one per index of
+    its first axis."""
+    if hi <= lo:
+        return []
+    plane, row = a.strides[0], a.strides[1]
+    return [(c * plane + lo * row, c * plane + hi * row) for c in range(a.shape[0])]

@@ -221,16 +221,26 @@ def _apply_maps(a: np.ndarray, maps: list, pad_value: Any = 0) -> np.ndarray:
 
 
 def _read_direct(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps: list,
-                 pad_value: Any = 0) -> np.ndarray:
+                 pad_value: Any = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """The region ``[lo, hi)`` of ``arr``, canonical ``(C, *region)`` and padded by ``maps``;
+    into ``out`` when given (unpadded, it is decoded straight there, no array beside it)."""
     index = [slice(l, h) for l, h in zip(lo, hi)]
     if channel_axis is not None:
         index.insert(channel_axis, slice(0, arr.shape[channel_axis]))
+    padded = any(m is not None for m in maps)
+    into = None
+    if out is not None and not padded:
+        into = out[0] if channel_axis is None else np.moveaxis(out, 0, channel_axis)
     try:
-        region = _read_region(arr, tuple(index))
+        region = _read_region(arr, tuple(index), out=into)
     except Exception as err:  # a corrupt chunk, a lost store: say which array and where
         err.add_note(_read_note(arr, tuple(index)))
         raise
-    return _apply_maps(_canonical(region, channel_axis), maps, pad_value)
+    if into is None:
+        region = _apply_maps(_canonical(region, channel_axis), maps, pad_value)
+        if out is not None:
+            out[...] = region
+    return region if out is None else out
 
 
 class Region:
@@ -266,25 +276,11 @@ class Region:
             a, b = self.cuts[self.done], self.cuts[self.done + 1]
             self.done += 1
             _memory.reach(self.data, a - lo0, b - lo0)  # mapped in at once, not page by page
-            if any(m is not None for m in self.maps[1:]):  # padded on another axis
-                self.data[:, a - lo0:b - lo0] = _read_direct(
-                    self.arr, (a,) + tuple(self.lo[1:]), (b,) + tuple(self.hi[1:]),
-                    self.channel_axis, [None] + list(self.maps[1:]), self.pad_value)
-                continue
-            # straight into the region: no slab array beside it (a 256-row slab of a 320^2
-            # region is 100 MiB of float32)
-            dst = self.data[:, a - lo0:b - lo0]
-            index = [slice(a, b)] + [slice(l, h) for l, h in zip(self.lo[1:], self.hi[1:])]
-            if self.channel_axis is None:
-                dst = dst[0]
-            else:
-                index.insert(self.channel_axis, slice(0, dst.shape[0]))
-                dst = np.moveaxis(dst, 0, self.channel_axis)
-            try:
-                _read_region(self.arr, tuple(index), out=dst)
-            except Exception as err:
-                err.add_note(_read_note(self.arr, tuple(index)))
-                raise
+            # decoded straight into the region: no slab array beside it (a 256-row slab of a
+            # 320^2 region is 100 MiB of float32)
+            _read_direct(self.arr, (a,) + tuple(self.lo[1:]), (b,) + tuple(self.hi[1:]),
+                         self.channel_axis, [None] + list(self.maps[1:]), self.pad_value,
+                         out=self.data[:, a - lo0:b - lo0])
 
 
 def _open_region(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps: list,
