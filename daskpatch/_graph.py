@@ -4,8 +4,8 @@ The engine (:mod:`daskpatch._engine`) makes tasks, this module makes graphs of t
 dask's array modes (:data:`EXPR`): legacy graphs (``HighLevelGraph``) and, with dask's array
 query planning (``DASK_ARRAY__QUERY_PLANNING=True``), array expressions. Other modules build
 (:func:`new_array`, :func:`from_zarr`), read (:func:`layers`, :func:`find_engines`,
-:func:`direct_source`) and run (:func:`to_delayed`, :func:`store_job`, :func:`spill_into`,
-:func:`engine_into`) graphs only through this module. Under array expressions an array made
+:func:`direct_source`) and rewrite (:func:`spill_into`, :func:`engine_into`) graphs only
+through this module; :mod:`daskpatch._sched` makes jobs of them. Under array expressions an array made
 here is a :class:`LayerArray` expression holding its layer; graph surgery rebuilds the
 expression (``spill_into``), and jobs wrap the lowered graph. Array expressions do not cull (in
 dask 2026.8): computing one chunk makes every task of the layer.
@@ -37,6 +37,7 @@ from dask.typing import Key
 from dask.utils import key_split
 
 from ._engine.spill import Spill, spill_bytes
+from ._engine.order import BiggestFirst
 
 if TYPE_CHECKING:
     from ._engine.engine import Engine
@@ -184,9 +185,13 @@ def key_names(layer: Layer) -> set[str]:
 class EngineLayer(LazyLayer):
     """The layer of an overlap-add engine's tasks; ``engine`` is kept, so that the engine is
     found again in a graph (:func:`find_engines`; :func:`daskpatch.to_zarr`'s fingerprint reads
-    its ``params``)."""
+    its ``params``). Its blocks start biggest first on a cluster (a ``priority`` annotation,
+    :class:`~daskpatch._engine.order.BiggestFirst`, the one of a layer it replaces dropped) unless
+    ``annotations`` has a priority of its own (``dask.annotate``)."""
 
     def __init__(self, engine: Engine, annotations: Mapping[str, Any] | None = None) -> None:
+        theirs = {k: v for k, v in (annotations or {}).items() if not isinstance(v, BiggestFirst)}
+        annotations = {"priority": BiggestFirst([engine]), **theirs}
         super().__init__(engine.keys, engine.count, engine.contains, engine.task,
                          annotations=annotations)
         self.engine = engine
@@ -301,12 +306,6 @@ def written_engine(x: da.Array, writer: Callable, todo: list[tuple[int, ...]], n
     return HighLevelGraph(layers, deps), [new._out_key(i) for i in spatial], new.spill
 
 
-def then(graph: HighLevelGraph, key: str, task: tuple) -> Delayed:
-    """A job running ``task`` (its own key ``key``) after every layer of ``graph``."""
-    layers = {**graph.layers, key: MaterializedLayer({key: task})}
-    return Delayed(key, HighLevelGraph(layers, {**graph.dependencies, key: set(graph.layers)}))
-
-
 def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
                 ) -> tuple[Delayed, Callable[[], None]] | None:
     """A job accumulating the overlap-add result ``x`` straight into ``out`` (zeroed by the
@@ -329,7 +328,6 @@ def engine_into(x: da.Array, out: np.ndarray, workers: int = 1
     layers[name] = MaterializedLayer(dsk)
     deps[name] = set(x.dask.dependencies[x.name])
     return Delayed(key, HighLevelGraph(layers, deps), layer=name), sink.close
-
 
 
 # -- building and reading arrays (both graph modes) ----------------------------------------------
@@ -456,43 +454,6 @@ def direct_source(x: da.Array) -> Any | None:
     if getattr(obj, "shape", None) != x.shape or not hasattr(obj, "__getitem__"):
         return None
     return obj
-
-
-def to_delayed(x: da.Array) -> np.ndarray:
-    """``x.to_delayed(optimize_graph=True)`` in both graph modes: an object array (shape
-    ``x.numblocks``) of one :class:`~dask.delayed.Delayed` per chunk."""
-    if not EXPR:
-        return x.to_delayed(optimize_graph=True)
-    low = _expr_of(x).optimize()
-    name = "delayed-" + low._name
-    graph = HighLevelGraph({name: MaterializedLayer(low.__dask_graph__())}, {name: set()})
-    out = np.empty(low.numblocks, dtype=object)
-    for idx in np.ndindex(*low.numblocks):
-        out[idx] = Delayed((low._name, *idx), graph, layer=name)
-    return out
-
-
-def store_job(x: da.Array, out: np.ndarray) -> Any:
-    """A job writing ``x`` into ``out`` chunk by chunk (``dask.array.store(x, out,
-    compute=False)``), to compute later."""
-    if not EXPR:
-        return da.store(x, out, lock=False, compute=False)
-    import dask
-    from dask.array.core import slices_from_chunks
-
-    parts = to_delayed(x)
-    put = dask.delayed(_put, pure=False)
-    writes = [put(out, s, parts[i]) for i, s in zip(np.ndindex(*parts.shape),
-                                                     slices_from_chunks(x.chunks))]
-    return dask.delayed(_none, pure=False)(writes)
-
-
-def _put(out: np.ndarray, where: tuple, block: np.ndarray) -> None:
-    out[where] = block
-
-
-def _none(_: Any) -> None:
-    return None
 
 
 # -- array expressions ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Which scheduler a ``compute()`` would use now, and computing with a progress bar.
+"""Which scheduler a ``compute()`` would use now, computing with a progress bar, and the jobs
+computed (:func:`to_delayed`, :func:`store_job`, :func:`then`).
 
 :func:`daskpatch.to_numpy` writes chunks straight into a NumPy array, which needs the local
 (threaded or synchronous) scheduler; :func:`daskpatch.to_zarr` and :func:`daskpatch.to_numpy`
@@ -16,12 +17,18 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import dask
+import dask.array as da
 import dask.local
 import dask.threaded
+import numpy as np
 from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+from ._engine.order import BiggestFirst
+from ._graph import EXPR, _expr_of, find_engines
 
 #: The local schedulers by the names ``dask.config.set(scheduler=...)`` accepts.
 _LOCAL = {"threads": dask.threaded.get, "threading": dask.threaded.get,
@@ -79,16 +86,94 @@ def compute(obj: Delayed, progress: bool, **kwargs: Any) -> Any:
         from distributed import progress as distributed_progress
 
         future = client.compute(obj)
-        bar = distributed_progress(future)  # blocks in a console; a widget in a notebook
-        if bar is not None:
-            try:
-                from IPython.display import display
-
-                display(bar)
-            except ImportError:  # pragma: no cover - a notebook always has IPython
-                pass
+        _show(distributed_progress(future))
         return future.result()
     from dask.diagnostics import ProgressBar
 
     with ProgressBar():
         return obj.compute(**kwargs)
+
+
+
+def _show(bar: Any) -> None:
+    """Display what :func:`distributed.progress` returned: ``None`` in a console (where it
+    blocks until done), a widget in a notebook."""
+    if bar is not None:
+        try:
+            from IPython.display import display
+
+            display(bar)
+        except ImportError:  # pragma: no cover - a notebook always has IPython
+            pass
+
+
+def gather_into(x: da.Array, out: np.ndarray, progress: bool) -> None:
+    """``out[...] = x.compute()`` where the chunks are computed in other processes. Under a
+    ``distributed`` Client each chunk is written into ``out`` as it arrives and let go (no
+    whole second result beside ``out``), from a job whose blocks start biggest first
+    (:func:`to_delayed`); otherwise (``scheduler="processes"``) as ``compute`` gives it."""
+    client = active_client()
+    if client is None:
+        out[...] = compute(cast(Delayed, x), progress)
+        return
+    from dask.array.core import slices_from_chunks
+    from distributed import as_completed
+    from distributed import progress as distributed_progress
+
+    futures = client.compute(list(to_delayed(x).flat))
+    if progress:
+        _show(distributed_progress(futures))
+    where = dict(zip([f.key for f in futures], slices_from_chunks(x.chunks)))
+    for future, chunk in as_completed(futures, with_results=True):
+        out[where[future.key]] = chunk
+        future.release()
+
+
+# -- jobs: graphs made ready to compute ------------------------------------------------------
+def then(graph: HighLevelGraph, key: str, task: tuple) -> Delayed:
+    """A job running ``task`` (its own key ``key``) after every layer of ``graph``."""
+    layers = {**graph.layers, key: MaterializedLayer({key: task})}
+    return Delayed(key, HighLevelGraph(layers, {**graph.dependencies, key: set(graph.layers)}))
+
+
+def to_delayed(x: da.Array) -> np.ndarray:
+    """``x.to_delayed(optimize_graph=True)`` in both graph modes: an object array (shape
+    ``x.numblocks``) of one :class:`~dask.delayed.Delayed` per chunk, whose layer keeps the
+    blocks of ``x``'s engines biggest first on a cluster (:class:`~daskpatch._engine.order.BiggestFirst`,
+    an annotation the optimisation would drop)."""
+    engines = find_engines(x).values()
+    first = {"priority": BiggestFirst(engines)} if engines else None
+    if EXPR:
+        low = _expr_of(x).optimize()
+        base, graph, numblocks = low._name, low.__dask_graph__(), low.numblocks
+    else:
+        base, numblocks = x.name, x.numblocks
+        graph = x.__dask_optimize__(x.__dask_graph__(), x.__dask_keys__())
+    name = "delayed-" + base
+    hlg = HighLevelGraph({name: MaterializedLayer(graph, annotations=first)}, {name: set()})
+    out = np.empty(numblocks, dtype=object)
+    for idx in np.ndindex(*numblocks):
+        out[idx] = Delayed((base, *idx), hlg, layer=name)
+    return out
+
+
+def store_job(x: da.Array, out: np.ndarray) -> Any:
+    """A job writing ``x`` into ``out`` chunk by chunk (``dask.array.store(x, out,
+    compute=False)``), to compute later."""
+    if not EXPR:
+        return da.store(x, out, lock=False, compute=False)
+    from dask.array.core import slices_from_chunks
+
+    parts = to_delayed(x)
+    put = dask.delayed(_put, pure=False)
+    writes = [put(out, s, parts[i]) for i, s in zip(np.ndindex(*parts.shape),
+                                                     slices_from_chunks(x.chunks))]
+    return dask.delayed(_none, pure=False)(writes)
+
+
+def _put(out: np.ndarray, where: tuple, block: np.ndarray) -> None:
+    out[where] = block
+
+
+def _none(_: Any) -> None:
+    return None

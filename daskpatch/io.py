@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import dask
 import dask.array as da
@@ -303,7 +303,7 @@ def _plan(w: _Write, z: zarr.Array, fingerprint: dict[str, Any],
         if made is not None:
             graph, keys, spill = made
             spills = [(s, n) for s, n in spills if n != x.name] + [(spill, f"to-zarr-written-{token}")]
-            return _graph.then(graph, f"to-zarr-finalize-{tokenize(token, sorted(done))}",
+            return _sched.then(graph, f"to-zarr-finalize-{tokenize(token, sorted(done))}",
                                (_finalize, z, fingerprint, w.where, spills, keys))
         written = da.map_blocks(
             functools.partial(_write_block, z=z, fingerprint=fingerprint, where=w.where), x,
@@ -312,7 +312,7 @@ def _plan(w: _Write, z: zarr.Array, fingerprint: dict[str, Any],
             meta=np.empty((0,) * x.ndim, dtype=np.uint8),
             name=f"to-zarr-write-{token}",
         )
-        parts = _graph.to_delayed(written)
+        parts = _sched.to_delayed(written)
         todo = [d for loc, d in np.ndenumerate(parts) if loc not in done]
     finalize = functools.partial(_finalize, z, fingerprint, w.where, spills)
     return dask.delayed(finalize, pure=False)(
@@ -583,7 +583,7 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
     else:
         _fingerprint.check_not_aliased(array, out)
     if get is None:  # no shared memory with the workers
-        out[...] = _sched.compute(cast(Delayed, array), progress)
+        _sched.gather_into(array, out, progress)
         return out
     direct = engine_into(array, out, workers)
     if direct is not None:
@@ -595,5 +595,5 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
         finally:
             close()
         return out
-    _sched.compute(_graph.store_job(array, out), progress, scheduler=get)
+    _sched.compute(_sched.store_job(array, out), progress, scheduler=get)
     return out

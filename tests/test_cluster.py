@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import time
 
+import dask
 import numpy as np
 import pytest
 import zarr
@@ -127,6 +130,7 @@ def test_a_slow_model_in_the_helper_thread_sees_its_worker(client, volume):
     got = dp.apply_patches(volume, WorkerModel(), 16, 8, batch_size=2).compute()
     np.testing.assert_allclose(got, volume[:] * 2, rtol=1e-5)
 
+
 class CountingModel(Model):
     """A model that counts, per process, how many times it was unpickled (its weights loaded)."""
 
@@ -156,3 +160,34 @@ def test_the_model_reaches_each_worker_once_not_once_per_block(client, volume):
     np.testing.assert_array_equal(client.compute(out).result(), expected)
     loads = client.run(_loads)
     assert sum(loads.values()) >= 1 and all(n <= 1 for n in loads.values()), loads
+
+
+def _block_priorities(dask_scheduler) -> dict:
+    return {ts.key[1:]: ts.priority[0] for ts in dask_scheduler.tasks.values()
+            if isinstance(ts.key, tuple) and str(ts.key[0]).startswith("acc-")}
+
+
+@pytest.mark.parametrize("job", ["array", "to_zarr"])
+def test_the_biggest_blocks_start_first(client, volume, tmp_path, job):
+    # blocks of (3 or 2) x (3 or 1) x (3 or 2) patch starts: 27 patches down to 4. By graph
+    # shape alone dask.order may rank the biggest last, and one worker then waits at the end.
+    out = dp.apply_patches(volume, Model(6, delay=0.05), (16, 16, 12), (8, 8, 6),
+                           batch_size=4, block_shape=(24, 24, 18))
+    counts = [(3, 2), (3, 1), (3, 2)]
+    expected = out.compute(scheduler="threads")
+    # dask's array optimisation fuses an array's graph and drops its annotations unless fusion
+    # is off (the scheduler optimises it: off until the tasks are there)
+    with dask.config.set({"optimization.fuse.active": job != "array"}):
+        if job == "array":
+            future = client.compute(out)
+        else:
+            future = client.compute(dp.to_zarr(out, tmp_path / "o.zarr", compute=False))
+        deadline, prio = time.time() + 30, {}
+        while len(prio) < 8 and time.time() < deadline:
+            prio = client.run_on_scheduler(_block_priorities)
+            time.sleep(0.01)
+    result = future.result(timeout=120)
+    np.testing.assert_array_equal(result if job == "array" else result[...], expected)
+    # the scheduler's priority: -(patches - biggest); smaller first elements run first
+    assert prio == {b: 27 - math.prod(c[i] for c, i in zip(counts, b))
+                    for b in itertools.product(range(2), repeat=3)}

@@ -95,6 +95,11 @@ class Engine:
         n_halo = n_acc - math.prod(len(o) for o in self.self_only)
         return n_acc + n_halo + math.prod(self.plan.nblocks)
 
+    def block_patches(self) -> tuple[tuple[int, ...], ...]:
+        """Per axis, per block: how many patch starts the block owns along the axis (a
+        block's patch count is their product)."""
+        return tuple(tuple(i1 - i0 for i0, i1 in owned) for owned in self.plan.owned)
+
     def renamed(self, name: str, spill: Spill | None, names: dict[str, str]) -> Engine:
         """A new engine computing the same result under the new output name ``name`` (its block
         and halo tasks renamed with it), with its parts sent to ``spill`` (``None``: in memory),
@@ -268,3 +273,4 @@ class Engine:
         if self.ch is not None:
             chunks.insert(self.ch, (self.args[0],))
         return tuple(chunks)
+
