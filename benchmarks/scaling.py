@@ -4,7 +4,8 @@
 A CPU-heavy pure-NumPy model on an N^3 float32 volume (Zarr chunks 64^3), size 64, stride 32,
 batch 8, ``dp.to_zarr`` timed on a started LocalCluster; runs 1, 2, 1, 2 ... workers and prints
 the speedup (best 1-worker time / best 2-worker time, target >= 1.75) and whether both outputs
-are identical. It also prints the ceiling of the machine: the model alone (no daskpatch, no
+are identical; each cluster then runs the job once more, warm (workers have imported daskpatch
+and hold the model), and that speedup is printed too. It also prints the ceiling of the machine: the model alone (no daskpatch, no
 dask) on the same number of batches in 2 processes vs 1 -- on 2 cores shared with other work,
 no scheduler can beat it -- and, from the task stream of each 2-worker run, the tail
 efficiency (sum of task times / (2 x span): 1.0 means neither worker waited).
@@ -71,6 +72,7 @@ def main() -> None:
     x = np.random.default_rng(0).random((a.n,) * 3, dtype=np.float32)
     zarr.create_array(src, shape=x.shape, chunks=(64, 64, 64), dtype="f4")[:] = x
     best: dict[int, float] = {}
+    warm: dict[int, float] = {}
     effs = []
     for w in [1, 2] * a.rounds:
         out = f"{tmp}/out{w}.zarr"
@@ -79,17 +81,29 @@ def main() -> None:
                           dashboard_address=None) as c, Client(c):
             r = dp.apply_patches(dp.open_volume(src), model, 64, 32, batch_size=8)
             with get_task_stream() as ts:
-                t = time.perf_counter()
+                t0, t = time.time(), time.perf_counter()
                 dp.to_zarr(r, out)
                 dt = time.perf_counter() - t
+            # the same job again on the same (now warm) cluster: what a notebook's next run pays
+            t = time.perf_counter()
+            dp.to_zarr(r, f"{tmp}/again.zarr", overwrite=True)
+            warm_dt = time.perf_counter() - t
         best[w] = min(best.get(w, np.inf), dt)
+        warm[w] = min(warm.get(w, np.inf), warm_dt)
         spans = [s for e in ts.data for s in e["startstops"] if s["action"] == "compute"]
         busy = sum(s["stop"] - s["start"] for s in spans)
         span = max(s["stop"] for s in spans) - min(s["start"] for s in spans)
         eff = busy / (w * span)
+        blocks = [s for e in ts.data for s in e["startstops"]
+                  if s["action"] == "compute" and "acc-" in str(e["key"])]
+        first = min(s["start"] for s in blocks)
+        block_eff = sum(s["stop"] - s["start"] for s in blocks) / (
+            w * (max(s["stop"] for s in blocks) - first))
         if w == 2:
             effs.append(eff)
-        print(f"{w} workers {dt:.2f} s, tail efficiency {eff:.2f}", flush=True)
+        print(f"{w} workers {dt:.2f} s (warm cluster {warm_dt:.2f} s), tail efficiency "
+              f"{eff:.2f} (first block after {first - t0:.2f} s: workers import daskpatch, "
+              f"fetch the model; from then {block_eff:.2f})", flush=True)
     same = bool((zarr.open_array(f"{tmp}/out1.zarr")[:] == zarr.open_array(f"{tmp}/out2.zarr")[:])
                 .all())
     n_batches = -(-((a.n - 64) // 32 + 1) ** 3 // 8)
@@ -98,7 +112,8 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"identical {same}")
     print(f"speedup={sp:.2f} (goal >= {a.goal}) ceiling={ceil:.2f} (the model alone, 2 processes "
-          f"vs 1) tail_efficiency={min(effs):.2f}")
+          f"vs 1) tail_efficiency={min(effs):.2f} warm_speedup={warm[1] / warm[2]:.2f} (a "
+          "second run on the same cluster)")
     raise SystemExit(0 if sp >= a.goal and same else 1)
 
 

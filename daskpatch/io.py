@@ -511,6 +511,8 @@ def to_zarr(
     w = _parse(array, store, path, chunks, overwrite, resume, progress, compute, run_id,
                _dimension_names)
     node, fingerprint = _check_target(w)
+    if w.compute:
+        _sched.warm_up()  # a cluster's workers import daskpatch at once (before any store)
     z, done = _create_or_reopen(w, node, fingerprint)
     job = _plan(w, z, fingerprint, done)
     if not w.compute:

@@ -191,3 +191,21 @@ def test_the_biggest_blocks_start_first(client, volume, tmp_path, job):
     # the scheduler's priority: -(patches - biggest); smaller first elements run first
     assert prio == {b: 27 - math.prod(c[i] for c, i in zip(counts, b))
                     for b in itertools.product(range(2), repeat=3)}
+
+
+def _forbid_daskpatch() -> None:
+    import sys
+
+    sys.modules["daskpatch"] = None  # type: ignore[assignment]  # importing it now raises
+
+
+def test_workers_without_daskpatch_get_a_clear_error_before_any_store(volume, tmp_path):
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", silence_logs=50) as cluster:
+        with distributed.Client(cluster) as c:
+            c.run(_forbid_daskpatch)
+            with pytest.raises(ImportError, match="cannot import daskpatch .*install it"):
+                dp.to_zarr(_graph(volume, Model(7)), tmp_path / "o.zarr")
+            with pytest.raises(ImportError, match="cannot import daskpatch"):
+                dp.to_numpy(_graph(volume, Model(7)))
+    assert not (tmp_path / "o.zarr").exists()
