@@ -5,10 +5,11 @@ A CPU-heavy pure-NumPy model on an N^3 float32 volume (Zarr chunks 64^3), size 6
 batch 8, ``dp.to_zarr`` timed on a started LocalCluster; runs 1, 2, 1, 2 ... workers and prints
 the speedup (best 1-worker time / best 2-worker time, target >= 1.75) and whether both outputs
 are identical; each cluster then runs the job once more, warm (workers have imported daskpatch
-and hold the model), and that speedup is printed too. It also prints the ceiling of the machine: the model alone (no daskpatch, no
-dask) on the same number of batches in 2 processes vs 1 -- on 2 cores shared with other work,
-no scheduler can beat it -- and, from the task stream of each 2-worker run, the tail
-efficiency (sum of task times / (2 x span): 1.0 means neither worker waited).
+and hold the model), and that speedup is printed too. It also prints the ceiling of the
+machine: the model alone (no daskpatch, no dask) on the same number of batches in 2 processes
+vs 1 -- on 2 cores shared with other work, no scheduler can beat it -- and, from the task
+stream of each run, the tail efficiency (sum of task times / (workers x span): 1.0 means no
+worker waited), when the first block started and the efficiency from then on.
 
     python benchmarks/scaling.py            # N=256, target 1.75
     python benchmarks/scaling.py 256 1.75 --rounds 3

@@ -4,7 +4,8 @@
 Runs ``dp.to_zarr`` of ``scaling.py``'s CPU-heavy model on a 256^3 Zarr volume on a
 LocalCluster (2 processes, 1 thread each) and prints every task longer than 20 ms and every
 transfer (seconds from the first start, action, worker port, key), then ``dask.order``'s rank of
-the block (``acc-``) tasks in ``to_zarr``'s optimised job -- the order the cluster is given.
+the block (``acc-``) tasks in ``to_zarr``'s optimised job and the order the cluster is given
+(the blocks' priority annotations first, biggest blocks first; dask.order breaks ties).
 
     python benchmarks/task_stream.py
 """
@@ -56,6 +57,14 @@ def main() -> None:
     blocks = sorted((p, k[1:]) for k, p in rank.items()
                     if isinstance(k, tuple) and str(k[0]).startswith("acc-"))
     print("dask.order of the blocks in to_zarr's job:", [b for _, b in blocks])
+    from daskpatch._engine.order import BiggestFirst
+
+    arr = dp.apply_patches(dp.open_volume(src), model, 64, 32, batch_size=8)
+    (engine,) = dp._graph.find_engines(arr).values()
+    first = BiggestFirst([engine])
+    print("the order the cluster is given (priority annotations, biggest first, then dask.order):",
+          [b for _, b in sorted(blocks, key=lambda pb: (-first((engine.acc_name, *pb[1])),
+                                                        pb[0]))])
     shutil.rmtree(tmp, ignore_errors=True)
 
 

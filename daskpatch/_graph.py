@@ -5,8 +5,8 @@ dask's array modes (:data:`EXPR`): legacy graphs (``HighLevelGraph``) and, with 
 query planning (``DASK_ARRAY__QUERY_PLANNING=True``), array expressions. Other modules build
 (:func:`new_array`, :func:`from_zarr`), read (:func:`layers`, :func:`find_engines`,
 :func:`direct_source`) and rewrite (:func:`spill_into`, :func:`engine_into`) graphs only
-through this module; :mod:`daskpatch._sched` makes jobs of them. Under array expressions an array made
-here is a :class:`LayerArray` expression holding its layer; graph surgery rebuilds the
+through this module; :mod:`daskpatch._sched` makes jobs of them. Under array expressions an
+array made here is a :class:`LayerArray` expression holding its layer; graph surgery rebuilds the
 expression (``spill_into``), and jobs wrap the lowered graph. Array expressions do not cull (in
 dask 2026.8): computing one chunk makes every task of the layer.
 

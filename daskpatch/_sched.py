@@ -163,8 +163,8 @@ def then(graph: HighLevelGraph, key: str, task: tuple) -> Delayed:
 def to_delayed(x: da.Array) -> np.ndarray:
     """``x.to_delayed(optimize_graph=True)`` in both graph modes: an object array (shape
     ``x.numblocks``) of one :class:`~dask.delayed.Delayed` per chunk, whose layer keeps the
-    blocks of ``x``'s engines biggest first on a cluster (:class:`~daskpatch._engine.order.BiggestFirst`,
-    an annotation the optimisation would drop)."""
+    blocks of ``x``'s engines biggest first on a cluster (the annotation
+    :class:`~daskpatch._engine.order.BiggestFirst`, which the optimisation would drop)."""
     engines = find_engines(x).values()
     first = {"priority": BiggestFirst(engines)} if engines else None
     if EXPR:

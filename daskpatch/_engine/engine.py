@@ -273,4 +273,3 @@ class Engine:
         if self.ch is not None:
             chunks.insert(self.ch, (self.args[0],))
         return tuple(chunks)
-
