@@ -285,10 +285,9 @@ def _plan(w: _Write, z: zarr.Array, fingerprint: dict[str, Any],
     """The write graph: one task per chunk not done (compute the block, write it, mark it done;
     computing only those keys culls the rest of the graph, their inputs included), then one that
     marks the array complete and drops the spilled parts."""
-    # Overlap-add engines (apply_patches, reconstruct) built with spill=None send the halos
-    # their blocks hand to neighbouring chunks into the output store when they are large, so
-    # memory stays bounded whatever the volume; the parts are deleted once all is written.
-    # (Not into a store in RAM: parts would stay there until the end instead of being freed.)
+    # Engines built with spill=None send large halos (what blocks hand to neighbouring chunks)
+    # into the output store: memory stays bounded, and the parts are deleted once all is written.
+    # Not into a store in RAM, where the parts would stay until the end instead of being freed.
     if not isinstance(z.store, zarr.storage.MemoryStore):
         x, spills = spill_into(w.x, z.store, _store.spill_dir(z), threshold=w.threshold)
     else:
@@ -511,8 +510,8 @@ def to_zarr(
     w = _parse(array, store, path, chunks, overwrite, resume, progress, compute, run_id,
                _dimension_names)
     node, fingerprint = _check_target(w)
-    if w.compute:
-        _sched.warm_up()  # a cluster's workers import daskpatch at once (before any store)
+    if w.compute:  # a cluster's workers import daskpatch at once, before any store is made
+        _sched.warm_up()
     z, done = _create_or_reopen(w, node, fingerprint)
     job = _plan(w, z, fingerprint, done)
     if not w.compute:
