@@ -160,7 +160,7 @@ def _write_chunk(block: np.ndarray, location: tuple[int, ...], region: tuple[sli
     """:func:`_write_block` for the chunk tasks of a spilled engine that write their chunk
     themselves (:func:`daskpatch._graph.written_engine`)."""
     _fingerprint.check_still_ours(z, fingerprint, where)
-    z[region] = block
+    _store.write_chunk(z, region, block)
     _storeio.put(z.store, _store.chunk_marker(z, location))
 
 

@@ -167,6 +167,40 @@ def test_numpy_default_chunks_and_zero_chunks(tmp_path):
     np.testing.assert_array_equal(z0[:], 0)
 
 
+def test_chunks_equal_to_the_fill_value_follow_zarrs_rule(tmp_path):
+    # the written chunks skip zarr's byte comparison once they differ from the fill value;
+    # which chunks are stored must stay zarr's choice: all but the chunk of +0.0
+    data = np.zeros((4, 10), dtype="float32")
+    data[:, 2:4] = -0.0
+    data[0, 4] = np.nan
+    data[1, 6] = 1e-30
+    data[:, 8:] = np.inf
+    z = to_zarr(data, tmp_path / "f.zarr", chunks=2)
+    keys = sorted(p.relative_to(tmp_path / "f.zarr").as_posix()
+                  for p in (tmp_path / "f.zarr" / "c").rglob("*") if p.is_file())
+    # -0.0 in column chunk 1; NaN, 1e-30 in chunks (0, 2), (0, 3); inf in column chunk 4
+    assert keys == ["c/0/1", "c/0/2", "c/0/3", "c/0/4", "c/1/1", "c/1/4"]
+    np.testing.assert_array_equal(z[:], data)
+    assert np.signbit(z[:, 2:4]).all()
+
+    # integers; a chunk written before and now equal to the fill value is deleted, as zarr does
+    from daskpatch._store import write_chunk
+
+    zi = zarr.create_array(tmp_path / "i.zarr", shape=(4,), chunks=(2,), dtype="int16",
+                           fill_value=7)
+    write_chunk(zi, (slice(0, 2),), np.array([7, 8], "int16"))
+    write_chunk(zi, (slice(2, 4),), np.array([7, 7], "int16"))
+    assert zi.nchunks_initialized == 1
+    write_chunk(zi, (slice(0, 2),), np.array([7, 7], "int16"))
+    assert zi.nchunks_initialized == 0
+    np.testing.assert_array_equal(zi[:], 7)
+
+    # an array configured to write empty chunks stores them
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        zz = to_zarr(np.zeros((4,), "float32"), tmp_path / "e.zarr", chunks=2)
+    assert zz.nchunks_initialized == 2
+
+
 @pytest.mark.needs_dask("Array.reshape")
 def test_regular_dask_chunks_are_kept(tmp_path):
     x = da.arange(100, dtype="int32").reshape(10, 10).rechunk((4, 3))
