@@ -3,6 +3,9 @@
 - **Integer results** round to nearest (``np.rint``: halves to even) and saturate at the type's
   limits (255.6 -> 255 and -0.6 -> 0 as ``uint8``; 1000 -> 127 as ``int8``). NaN has no integer
   value: it is an error naming the output chunk (its index and voxel range) and the voxel.
+- **Boolean results** are the integers 0 and 1 by the same rule: True where the blended value
+  is above 0.5 (a blended mask is True where most of the weight said so, not wherever one patch
+  did); NaN is the same error.
 - **Floating results** never overflow: a finite value beyond the result type's largest finite
   value (by a rounding of the accumulation, or a model output a narrower ``dtype`` cannot hold)
   saturates at it; infinities and NaN pass through unchanged.
@@ -138,6 +141,11 @@ def cast(x: np.ndarray, dtype: Any, nan_at: Callable[[tuple[int, ...]], Exceptio
     dtype = np.dtype(dtype)
     if x.dtype == dtype:
         return x
+    if dtype.kind == "b":  # as an integer type 0..1: rounded to nearest, so True above 0.5
+        x = x.real
+        if x.dtype.kind == "f" and np.isnan(x).any():
+            raise nan_at(tuple(int(i) for i in np.argwhere(np.isnan(x))[0]))
+        return x > 0.5
     if dtype.kind in "iu":
         if x.dtype.kind in "iu":
             src = np.iinfo(x.dtype)
@@ -189,7 +197,12 @@ def check_fill(fill_value: Any, dtype: Any) -> None:
         value = complex(fill_value)
         parts = (value.real, value.imag)
     finite = [isinstance(p, int) or math.isfinite(p) for p in parts]
-    if dtype.kind in "iu":
+    if dtype.kind == "b":
+        if not (parts[0] in (0, 1) and parts[1] == 0):
+            raise ValueError(
+                f"fill_value={fill_value} does not fit the result dtype bool (False, True, 0 or 1)"
+            )
+    elif dtype.kind in "iu":
         info = np.iinfo(dtype)
         whole = isinstance(parts[0], int) or (finite[0] and float(parts[0]).is_integer())
         if not (whole and parts[1] == 0 and info.min <= int(parts[0]) <= info.max):

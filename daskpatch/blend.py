@@ -450,7 +450,8 @@ def apply_patches(
         Result dtype; ``None`` means the volume's dtype when it is floating or complex, else
         float32. An integer dtype rounds to nearest and saturates at the type's limits (255.6 ->
         255 and -0.6 -> 0 as uint8); NaN has no integer value, and raises an error naming the
-        output chunk and voxel. A complex ``fn`` output needs a complex dtype (a TypeError says
+        output chunk and voxel. ``bool`` is the integers 0 and 1 by that rule: True where the
+        blended value is above 0.5. A complex ``fn`` output needs a complex dtype (a TypeError says
         so). A value beyond a floating dtype's range saturates at its largest finite value.
 
     Returns

@@ -73,12 +73,25 @@ def test_integer_cast_examples_from_the_issue(path, tmp_path):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("blend", ["gaussian", "crop"])
-def test_nan_into_an_integer_type_names_the_chunk(path, blend, tmp_path):
+def test_bool_results_are_true_above_one_half(path, blend, tmp_path):
+    # a blended mask is True where most of the weight says so; a plain astype(bool) made every
+    # voxel any patch touched with a nonzero value (0.3 here, or NaN) True
+    values = np.array([0.0, 0.3, 0.49, 0.51, 0.9, 1.0, -2.0, 7.0], np.float32)
+    vol = values[np.random.default_rng(1).integers(0, len(values), (16, 16, 16))]
+    out = run(dp.apply_patches(vol, identity, 8, 4, blend=blend, dtype=bool), path, tmp_path)
+    assert out.dtype == np.bool_
+    np.testing.assert_array_equal(out, vol > 0.5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("blend", ["gaussian", "crop"])
+@pytest.mark.parametrize("dtype", ["uint8", "bool"])
+def test_nan_into_an_integer_type_names_the_chunk(path, blend, dtype, tmp_path):
     vol = np.ones((16, 16, 16), np.float32)
     vol[10, 3, 5] = np.nan
     # stride = size: the NaN stays in its voxel, which is in chunk (1, 0, 0) of 8^3 chunks
-    arr = dp.apply_patches(vol, identity, 8, 8, blend=blend, dtype="uint8", block_shape=8)
-    with pytest.raises(ValueError, match=r"NaN .* uint8 .* output chunk \(1, 0, 0\) "
+    arr = dp.apply_patches(vol, identity, 8, 8, blend=blend, dtype=dtype, block_shape=8)
+    with pytest.raises(ValueError, match=rf"NaN .* {dtype} .* output chunk \(1, 0, 0\) "
                                          r"\(voxels \[8:16, 0:8, 0:8\]\).* voxel \(10, 3, 5\)"):
         run(arr, path, tmp_path)
 
@@ -94,6 +107,9 @@ def test_nan_into_an_integer_type_with_a_channel_axis(path, tmp_path):
 
 
 @pytest.mark.parametrize(("call", "match"), [
+    (lambda: dp.apply_patches(np.zeros((20, 20)), identity, 8, 8, border="drop", dtype=bool,
+                              fill_value=0.5),
+     r"fill_value=0.5 does not fit the result dtype bool \(False, True, 0 or 1\)"),
     (lambda: dp.apply_patches(np.zeros((20, 20)), identity, 8, 8, border="drop", dtype="uint8",
                               fill_value=300),
      r"fill_value=300 does not fit the result dtype uint8 \(whole numbers from 0 to 255\)"),
