@@ -9,7 +9,11 @@ and hold the model), and that speedup is printed too. It also prints the ceiling
 machine: the model alone (no daskpatch, no dask) on the same number of batches in 2 processes
 vs 1 -- on 2 cores shared with other work, no scheduler can beat it -- and, from the task
 stream of each run, the tail efficiency (sum of task times / (workers x span): 1.0 means no
-worker waited), when the first block started and the efficiency from then on.
+worker waited), when the first block started and the efficiency from then on. From the CPU
+time of every process it prints ``cpu_bound``, the speedup these cores allow this job: the
+cores left beside the client and scheduler, over the cores one worker already uses (its
+``fn`` helper thread and zarr's threads work beside the task thread), times how much more CPU
+the same job costs two workers sharing the memory bus (medians over the rounds).
 
     python benchmarks/scaling.py            # N=256, target 1.75
     python benchmarks/scaling.py 256 1.75 --rounds 3
@@ -19,6 +23,7 @@ worker waited), when the first block started and the efficiency from then on.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -35,6 +40,12 @@ def model(b: np.ndarray) -> np.ndarray:
         y = (y + np.roll(y, 1, -1) + np.roll(y, 1, -2) + np.roll(y, 1, -3)) * 0.25
         y = np.tanh(y * 1.5)
     return y
+
+
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process, every thread."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _batch(seed: int) -> int:
@@ -75,21 +86,26 @@ def main() -> None:
     best: dict[int, float] = {}
     warm: dict[int, float] = {}
     effs = []
+    cpu: dict[int, list] = {1: [], 2: []}  # (worker CPU s, worker cores, client cores) per run
     for w in [1, 2] * a.rounds:
         out = f"{tmp}/out{w}.zarr"
         shutil.rmtree(out, ignore_errors=True)
         with LocalCluster(n_workers=w, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as c, Client(c):
+                          dashboard_address=None) as c, Client(c) as client:
             r = dp.apply_patches(dp.open_volume(src), model, 64, 32, batch_size=8)
             with get_task_stream() as ts:
+                cpu0, me0 = client.run(_cpu), _cpu()
                 t0, t = time.time(), time.perf_counter()
                 dp.to_zarr(r, out)
                 dt = time.perf_counter() - t
+                cpu1, me1 = client.run(_cpu), _cpu()
             # the same job again on the same (now warm) cluster: what a notebook's next run pays
             t = time.perf_counter()
             dp.to_zarr(r, f"{tmp}/again.zarr", overwrite=True)
             warm_dt = time.perf_counter() - t
         best[w] = min(best.get(w, np.inf), dt)
+        work = sum(cpu1[k] - cpu0[k] for k in cpu1)  # CPU seconds of the worker processes
+        cpu[w].append((work, work / dt, (me1 - me0) / dt))
         warm[w] = min(warm.get(w, np.inf), warm_dt)
         spans = [s for e in ts.data for s in e["startstops"] if s["action"] == "compute"]
         busy = sum(s["stop"] - s["start"] for s in spans)
@@ -104,7 +120,9 @@ def main() -> None:
             effs.append(eff)
         print(f"{w} workers {dt:.2f} s (warm cluster {warm_dt:.2f} s), tail efficiency "
               f"{eff:.2f} (first block after {first - t0:.2f} s: workers import daskpatch, "
-              f"fetch the model; from then {block_eff:.2f})", flush=True)
+              f"fetch the model; from then {block_eff:.2f}); workers used {cpu[w][-1][0]:.1f} "
+              f"CPU s, {cpu[w][-1][1]:.2f} cores; this process (client and scheduler) "
+              f"{cpu[w][-1][2]:.2f} cores", flush=True)
     same = bool((zarr.open_array(f"{tmp}/out1.zarr")[:] == zarr.open_array(f"{tmp}/out2.zarr")[:])
                 .all())
     n_batches = -(-((a.n - 64) // 32 + 1) ** 3 // 8)
@@ -112,6 +130,15 @@ def main() -> None:
     sp = best[1] / best[2]
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"identical {same}")
+    # what the cores allow: 2 workers cannot use more cores than are left beside the client and
+    # scheduler, one worker already uses more than one (fn's helper thread, zarr's threads),
+    # and the same job costs more CPU when two workers share the memory bus
+    cores = len(os.sched_getaffinity(0))
+    med = {w: [float(np.median([r[i] for r in cpu[w]])) for i in range(3)] for w in cpu}
+    bound = (cores - med[2][2]) / med[1][1] * med[1][0] / med[2][0]
+    print(f"cpu_bound={bound:.2f}: {cores} cores less {med[2][2]:.2f} for this process, over "
+          f"{med[1][1]:.2f} cores that 1 worker uses, times 1 worker's CPU / 2 workers' "
+          f"({med[1][0]:.1f} s / {med[2][0]:.1f} s)")
     print(f"speedup={sp:.2f} (goal >= {a.goal}) ceiling={ceil:.2f} (the model alone, 2 processes "
           f"vs 1) tail_efficiency={min(effs):.2f} warm_speedup={warm[1] / warm[2]:.2f} (a "
           "second run on the same cluster)")
