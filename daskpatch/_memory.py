@@ -16,8 +16,10 @@ that the tasks running at once do not each hold a whole buffer from their start.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,8 +32,39 @@ _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _populate_write_works = hasattr(mmap, "MAP_POPULATE")  # Linux; set to False if refused
 
 
+def _libc_madvise() -> Any:
+    """libc's ``madvise`` through ctypes, or ``None`` where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # pragma: no cover - no libc madvise (Windows)
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_c_madvise = _libc_madvise()
+
+
+def _madvise(buf: mmap.mmap, advice: int, start: int, length: int) -> None:
+    """``buf.madvise(advice, start, length)``, without holding the GIL.
+
+    ``mmap.madvise`` holds it for the whole system call, and mapping in (the kernel zeroing the
+    pages) takes ~0.5 ms per MiB here: the other threads' Python waited that long (13% of the
+    time the GIL was held in ``busy.py``), and the threads of :func:`zeros` took turns. A call
+    through ctypes releases it.
+    """
+    if _c_madvise is None:  # pragma: no cover - no libc madvise
+        buf.madvise(advice, start, length)
+        return
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))  # the export ends at once
+    if _c_madvise(address + start, length, advice) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"madvise: {os.strerror(errno)}")
+
+
 def _populate(buf: mmap.mmap, start: int, length: int) -> None:
-    buf.madvise(_POPULATE_WRITE, start, length)
+    _madvise(buf, _POPULATE_WRITE, start, length)
 
 
 def zeros(shape: tuple[int, ...], dtype: Any, threads: int = 1, populate: bool = True
@@ -108,7 +141,7 @@ def drop(a: np.ndarray, lo: int, hi: int) -> None:
     for start, end in _spans(a, lo, hi):
         start, end = -(-start // page) * page, end // page * page  # whole pages inside
         if end > start:
-            buf.madvise(dontneed, start, end - start)
+            _madvise(buf, dontneed, start, end - start)
 
 
 def reach(a: np.ndarray, lo: int, hi: int) -> None:

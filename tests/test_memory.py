@@ -3,7 +3,9 @@ accumulation reaches them, so that running block tasks do not each hold a whole 
 
 from __future__ import annotations
 
+import mmap
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -44,6 +46,30 @@ def test_zeros_mapped_in_at_once_or_row_by_row():
     _memory.drop(b, 0, 48)  # three quarters of each plane given back
     assert full - rss() > 20 * MiB
     assert float(b[:, :48].max()) == 0.0 and float(b[:, 48:].min()) == 1.0
+
+
+@linux
+def test_mapping_in_leaves_the_gil_to_other_threads():
+    # mmap.madvise holds the GIL through the whole system call (the kernel zeroing every page):
+    # the other threads' Python stood still meanwhile; through ctypes it does not
+    buf = mmap.mmap(-1, 256 * MiB)
+    inside, done, steps = threading.Event(), threading.Event(), [0]
+
+    def populate():
+        inside.set()
+        _memory._populate(buf, 0, len(buf))
+        done.set()
+
+    t = threading.Thread(target=populate)
+    t.start()
+    inside.wait()
+    while not done.is_set():
+        steps[0] += 1
+    t.join()
+    assert steps[0] > 100_000, steps  # holding the GIL it gave one switch interval (~20,000)
+    assert np.frombuffer(buf, np.uint8)[::4096].max() == 0
+    with pytest.raises(OSError, match="madvise: Invalid argument"):
+        _memory._madvise(buf, 12345, 0, len(buf))
 
 
 @linux
