@@ -525,7 +525,8 @@ def write_chunk(z: zarr.Array, region: tuple[slice, ...], block: np.ndarray) -> 
 
 def _differs(block: np.ndarray, fill: Any) -> bool:
     """Whether ``block`` holds a value other than ``fill`` (a +0.0 fill: other bits, -0.0 too)."""
-    if block.dtype.kind == "f" and fill == 0 and block.flags.c_contiguous:
+    plus_zero = fill == 0 and not np.signbit(fill)
+    if block.dtype.kind == "f" and plus_zero and block.flags.c_contiguous:
         return bool(block.view(f"u{block.dtype.itemsize}").any())
     return bool((block != fill).any())
 

@@ -195,6 +195,14 @@ def test_chunks_equal_to_the_fill_value_follow_zarrs_rule(tmp_path):
     assert zi.nchunks_initialized == 0
     np.testing.assert_array_equal(zi[:], 7)
 
+    # a fill value of -0.0: a chunk of -0.0 equals it, one of +0.0 does not (zarr: bit for bit)
+    zn = zarr.create_array(tmp_path / "n.zarr", shape=(4,), chunks=(2,), dtype="f4",
+                           fill_value=-0.0)
+    write_chunk(zn, (slice(0, 2),), np.array([-0.0, -0.0], "f4"))
+    write_chunk(zn, (slice(2, 4),), np.array([0.0, 0.0], "f4"))
+    assert zn.nchunks_initialized == 1
+    assert np.signbit(zn[:]).tolist() == [True, True, False, False]
+
     # an array configured to write empty chunks stores them
     with zarr.config.set({"array.write_empty_chunks": True}):
         zz = to_zarr(np.zeros((4,), "float32"), tmp_path / "e.zarr", chunks=2)
