@@ -244,9 +244,20 @@ def check_still_ours(z: zarr.Array, fp: dict[str, Any], where: str) -> None:
         )
 
 
-def check_resumable(z: zarr.Array, x: da.Array, chunks: tuple[int, ...], where: str) -> None:
-    """Refuse to resume an array whose shape, dtype, chunks or sharding differ from this
-    write's."""
+def _codecs(codecs: Any) -> str:
+    """Codecs as their JSON names and settings, e.g. ``[zstd(level=0, checksum=False)]``."""
+    shown = []
+    for codec in codecs:
+        d = codec.to_dict()
+        conf = ", ".join(f"{k}={v}" for k, v in d.get("configuration", {}).items())
+        shown.append(f"{d['name']}({conf})")
+    return "[" + ", ".join(shown) + "]"
+
+
+def check_resumable(z: zarr.Array, x: da.Array, chunks: tuple[int, ...], compressors: tuple,
+                    where: str) -> None:
+    """Refuse to resume an array whose shape, dtype, chunks, compressors or sharding differ
+    from this write's."""
     problems = []
     if tuple(z.shape) != tuple(x.shape):
         problems.append(f"shape {tuple(z.shape)} (this write: {tuple(x.shape)})")
@@ -254,6 +265,9 @@ def check_resumable(z: zarr.Array, x: da.Array, chunks: tuple[int, ...], where: 
         problems.append(f"dtype {np.dtype(z.dtype)} (this write: {x.dtype})")
     if tuple(z.chunks) != chunks:
         problems.append(f"chunks {tuple(z.chunks)} (this write: {chunks}; pass chunks= to match)")
+    if z.metadata.zarr_format == 3 and tuple(z.compressors) != tuple(compressors):
+        problems.append(f"compressors {_codecs(z.compressors)} (this write: "
+                        f"{_codecs(compressors)}; pass compressors= to match)")
     if getattr(z, "shards", None) is not None:
         problems.append(f"shards {z.shards} (to_zarr writes unsharded arrays)")
     if problems:

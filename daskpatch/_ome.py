@@ -471,6 +471,7 @@ def write(
     path: Any,
     *,
     chunks: Any,
+    compressors: Any,
     overwrite: bool,
     resume: bool,
     progress: bool,
@@ -488,8 +489,8 @@ def write(
     ome = parse_bool(ome, "ome")
     levels = parse_int(levels, "levels", minimum=1)
     downsample = parse_choice(downsample, "downsample", DOWNSAMPLE)
-    plain = dict(chunks=chunks, overwrite=overwrite, resume=resume, progress=progress,
-                 compute=compute, run_id=run_id)
+    plain = dict(chunks=chunks, compressors=compressors, overwrite=overwrite, resume=resume,
+                 progress=progress, compute=compute, run_id=run_id)
     data = array.data if is_dataarray(array) else array
     if not ome:
         extra = [k for k, v in (("levels", levels != 1), ("axes", axes is not None),
@@ -513,6 +514,7 @@ def write(
             f"above once it is written); got levels={levels}"
         )
     x = as_dask(data)
+    _store.parse_compressors(compressors, x.dtype)  # before the group is made
     ax, scale0, shift0 = _geometry(array, x.ndim, axes, scale, units)
     names = [a["name"] for a in ax]
     space = [i for i, a in enumerate(ax) if a["type"] == "space"]
@@ -573,9 +575,9 @@ def write(
         factors = tuple(2 if p != n else 1 for p, n in zip(shapes[k - 1], shapes[k]))
         level_chunks = tuple(min(c, n) for c, n in zip(zchunks, shapes[k]))
         y = _downsampled(written, factors, level_chunks, method)
-        written = to_zarr(y, base, level_paths[k], chunks=level_chunks, overwrite=overwrite,
-                          resume=resume, progress=progress, run_id=run_id,
-                          _dimension_names=names)
+        written = to_zarr(y, base, level_paths[k], chunks=level_chunks,
+                          compressors=compressors, overwrite=overwrite, resume=resume,
+                          progress=progress, run_id=run_id, _dimension_names=names)
     return _finish(group, meta, None)
 
 

@@ -497,38 +497,29 @@ def done_chunks(z: zarr.Array, numblocks: tuple[int, ...]) -> set[tuple[int, ...
     return done
 
 
-def write_chunk(z: zarr.Array, region: tuple[slice, ...], block: np.ndarray) -> None:
-    """``z[region] = block`` for one whole chunk, with zarr's own rule for chunks equal to the
-    fill value (not stored unless the array's config says ``write_empty_chunks``).
-
-    Zarr decides that by comparing the chunk's bytes with the fill value's on its event loop
-    thread (10-40 ms for 27 MiB, while the loop serves no other read or write). A chunk that
-    differs from a non-NaN fill value somewhere cannot be equal to it, bit for bit or not; one
-    pass over it (a few ms) finds that, and the chunk is then written without zarr's check.
+def parse_compressors(value: Any, dtype: Any) -> tuple:
+    """The compressors zarr makes of ``value`` for ``dtype`` (``"auto"``: zarr's default), or a
+    ValueError naming the parameter: checked on an array in memory, before anything is written.
 
     Examples
     --------
-    >>> import zarr
-    >>> z = zarr.create_array({}, shape=(4, 4), chunks=(2, 2), dtype="f4")
-    >>> write_chunk(z, (slice(0, 2), slice(0, 2)), np.ones((2, 2), "f4"))
-    >>> write_chunk(z, (slice(2, 4), slice(0, 2)), np.zeros((2, 2), "f4"))
-    >>> z.nchunks_initialized  # the chunk of zeros is not stored, as zarr does
-    1
+    >>> parse_compressors(None, "f4")
+    ()
+    >>> parse_compressors("lz5", "f4")
+    Traceback (most recent call last):
+    ...
+    ValueError: compressors='lz5' is not something zarr compresses with ...
     """
-    fill = z.fill_value
-    if (not z.async_array.config.write_empty_chunks and block.dtype.kind in "biuf"
-            and np.asarray(fill).dtype.kind in "biuf" and not np.isnan(fill)
-            and _differs(block, fill)):
-        z = z.with_config({"write_empty_chunks": True})
-    z[region] = block
-
-
-def _differs(block: np.ndarray, fill: Any) -> bool:
-    """Whether ``block`` holds a value other than ``fill`` (a +0.0 fill: other bits, -0.0 too)."""
-    plus_zero = fill == 0 and not np.signbit(fill)
-    if block.dtype.kind == "f" and plus_zero and block.flags.c_contiguous:
-        return bool(block.view(f"u{block.dtype.itemsize}").any())
-    return bool((block != fill).any())
+    try:
+        probe = zarr.create_array(store={}, shape=(1,), chunks=(1,), dtype=dtype,
+                                  compressors=value, zarr_format=3)
+    except Exception as err:
+        raise ValueError(
+            f"compressors={value!r} is not something zarr compresses with ({type(err).__name__}: "
+            f"{err}); pass \"auto\" (zarr's default), None (no compression), a codec such as "
+            "zarr.codecs.BloscCodec(cname='lz4', shuffle='shuffle'), or a list of codecs"
+        ) from None
+    return tuple(probe.compressors)
 
 
 def numblocks(z: zarr.Array) -> tuple[int, ...]:

@@ -184,7 +184,7 @@ def test_chunks_equal_to_the_fill_value_follow_zarrs_rule(tmp_path):
     assert np.signbit(z[:, 2:4]).all()
 
     # integers; a chunk written before and now equal to the fill value is deleted, as zarr does
-    from daskpatch._store import write_chunk
+    from daskpatch._writes import write_chunk
 
     zi = zarr.create_array(tmp_path / "i.zarr", shape=(4,), chunks=(2,), dtype="int16",
                            fill_value=7)
@@ -393,14 +393,47 @@ def test_resume_without_target_is_a_fresh_write(tmp_path):
         (np.zeros((8, 9), dtype="int32"), 4, r"shape \(8, 8\) \(this write: \(8, 9\)\)"),
         (np.zeros((8, 8), dtype="float32"), 4, r"dtype int32 \(this write: float32\)"),
         (np.zeros((8, 8), dtype="int32"), 2, r"chunks \(4, 4\) \(this write: \(2, 2\); pass"),
+        (np.zeros((8, 8), dtype="int32"), {"chunks": 4, "compressors": None},
+         r"compressors \[zstd\(level=0, checksum=False\)\] \(this write: \[\]; pass"),
     ],
 )
 def test_resume_mismatch(tmp_path, array, chunks, match):
     to_zarr(np.ones((8, 8), dtype="int32"), tmp_path / "m.zarr", chunks=4)
     before = _chunk_files(tmp_path / "m.zarr")
+    kwargs = chunks if isinstance(chunks, dict) else {"chunks": chunks}
     with pytest.raises(ValueError, match=match):
-        to_zarr(array, tmp_path / "m.zarr", chunks=chunks, resume=True)
+        to_zarr(array, tmp_path / "m.zarr", resume=True, **kwargs)
     assert _chunk_files(tmp_path / "m.zarr") == before
+
+
+def test_compressors_are_chosen_checked_and_kept_on_resume(tmp_path):
+    from zarr.codecs import BloscCodec
+
+    data = np.linspace(0, 1, 32 * 32, dtype="float32").reshape(32, 32)
+    raw = to_zarr(data, tmp_path / "raw.zarr", chunks=16, compressors=None)
+    assert raw.compressors == ()
+    assert {p.stat().st_size for p in (tmp_path / "raw.zarr" / "c").rglob("*")
+            if p.is_file()} == {16 * 16 * 4}  # stored as they are
+    blosc = BloscCodec(cname="lz4", shuffle="shuffle")
+    z = to_zarr(data, tmp_path / "b.zarr", chunks=16, compressors=blosc)
+    assert [c.to_dict()["name"] for c in z.compressors] == ["blosc"]
+    np.testing.assert_array_equal(z[:], data)
+    # the same compressors resume; the default ("auto", zstd) does not match them
+    to_zarr(data, tmp_path / "b.zarr", chunks=16, compressors=[blosc], resume=True)
+    with pytest.raises(ValueError, match=r"compressors \[blosc\(.*\)\] \(this write: \[zstd"):
+        to_zarr(data, tmp_path / "b.zarr", chunks=16, resume=True)
+    # an OME-Zarr image compresses every level so
+    img = to_zarr(da.from_array(np.ones((16, 16, 16), "float32"), chunks=8),
+                  tmp_path / "img.zarr", ome=True, levels=2, compressors=None)
+    assert [img[k].compressors for k in ("0", "1")] == [(), ()]
+
+
+@pytest.mark.parametrize("ome", [False, True])
+def test_bad_compressors_write_nothing(tmp_path, ome):
+    with pytest.raises(ValueError, match=r"compressors='lz4' is not something zarr compresses "
+                                         r"with .*; pass \"auto\""):
+        to_zarr(np.ones((8, 8), "float32"), tmp_path / "x.zarr", compressors="lz4", ome=ome)
+    assert not (tmp_path / "x.zarr").exists()
 
 
 # --------------------------------------------------------------------------------------------
