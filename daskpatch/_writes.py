@@ -31,7 +31,7 @@ def write_task(block: np.ndarray, location: tuple[int, ...], region: tuple[slice
 
 
 def finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, written: list[Any]
-              ) -> zarr.Array:
+             ) -> zarr.Array:
     """Runs after every write task: check that no other writer replaced the array meanwhile,
     record it as complete, drop the per-chunk markers and every spilled part under it, and the
     parts of the engines that spilled elsewhere."""
