@@ -354,6 +354,7 @@ def rechunk_to_stride(
     target_path: str | None = None,
     channel_axis: int | None = None,
     target_bytes: int = DEFAULT_TARGET_BYTES,
+    compressors: Any = "auto",
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = False,
@@ -382,6 +383,8 @@ def rechunk_to_stride(
         Channel axis, kept whole in every chunk.
     target_bytes : int, default 8 MiB
         Chunk byte budget passed to :func:`aligned_chunks`.
+    compressors : "auto", None, a codec or a list of codecs, default "auto"
+        The copy's codec, as in :func:`to_zarr`.
     overwrite, resume, progress : bool, default False
         As in :func:`to_zarr`.
 
@@ -434,8 +437,8 @@ def rechunk_to_stride(
     from .io import to_zarr
 
     out = cast(zarr.Array, to_zarr(
-        _graph.from_zarr(src), base, full, chunks=chunks, overwrite=overwrite, resume=resume,
-        progress=progress,
+        _graph.from_zarr(src), base, full, chunks=chunks, compressors=compressors,
+        overwrite=overwrite, resume=resume, progress=progress,
     ))
     logger.info(
         "rechunk_to_stride: rechunked %s from chunks %s to stride-aligned chunks %s (stride %s) "

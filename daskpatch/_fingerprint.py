@@ -267,7 +267,7 @@ def check_resumable(z: zarr.Array, x: da.Array, chunks: tuple[int, ...], compres
         problems.append(f"chunks {tuple(z.chunks)} (this write: {chunks}; pass chunks= to match)")
     if z.metadata.zarr_format == 3 and tuple(z.compressors) != tuple(compressors):
         problems.append(f"compressors {_codecs(z.compressors)} (this write: "
-                        f"{_codecs(compressors)}; pass compressors= to match)")
+                        f"{_codecs(compressors)}; pass the same compressors=, or --compressor)")
     if getattr(z, "shards", None) is not None:
         problems.append(f"shards {z.shards} (to_zarr writes unsharded arrays)")
     if problems:

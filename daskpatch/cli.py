@@ -31,11 +31,12 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, cast
 
 import dask
 import numpy as np
+import zarr.codecs
 from dask.delayed import Delayed
 from dask.utils import parse_bytes
 
@@ -234,6 +235,15 @@ def _add_geometry(p: argparse.ArgumentParser, *, apply: bool) -> None:
                         "(default: the input chunks when aligned, else a block near 64 MiB)")
 
 
+#: ``--compressor`` choices: what each gives ``to_zarr(compressors=...)``.
+COMPRESSORS: dict[str, Callable[[], Any]] = {
+    "zstd": lambda: "auto",
+    "blosc-lz4": lambda: zarr.codecs.BloscCodec(cname="lz4", shuffle="shuffle"),
+    "blosc-zstd": lambda: zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+    "none": lambda: None,
+}
+
+
 def _add_run(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("running")
     mode = g.add_mutually_exclusive_group()
@@ -241,6 +251,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                       help="finish an interrupted run into DST (only the missing chunks)")
     mode.add_argument("--overwrite", action="store_true",
                       help="replace an existing DST array")
+    g.add_argument("--compressor", choices=tuple(COMPRESSORS), default="zstd",
+                   help="how DST's chunks are compressed: zstd (zarr's default), blosc-lz4 "
+                        "(Blosc lz4 with byte shuffle, faster), blosc-zstd, or none")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stdout is a terminal)")
     g.add_argument("--debug", action="store_true",
@@ -403,7 +416,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     )
     with _scheduler(args.scheduler, args.workers):
         job = to_zarr(result, args.dst, args.dst_path, resume=args.resume,
-                      overwrite=args.overwrite, compute=False)  # checks, then creates DST
+                      compressors=COMPRESSORS[args.compressor](), overwrite=args.overwrite,
+                      compute=False)  # checks, then creates DST
         args.started = True
         z = _compute(cast(Delayed, job), _progress(args))  # as to_zarr(compute=True) does
     print(f"{PROG}: wrote {_where(args.dst, z.path or None)}: {_x(z.shape)} {z.dtype}, chunks "
@@ -420,8 +434,8 @@ def _cmd_rechunk(args: argparse.Namespace) -> int:
     args.started = True
     rechunk_to_stride(  # logs what it did (INFO: on stderr here)
         src, args.stride, args.dst, target_path=args.dst_path, channel_axis=args.channel_axis,
-        target_bytes=args.target_bytes, overwrite=args.overwrite, resume=args.resume,
-        progress=_progress(args),
+        target_bytes=args.target_bytes, compressors=COMPRESSORS[args.compressor](),
+        overwrite=args.overwrite, resume=args.resume, progress=_progress(args),
     )
     return 0
 
