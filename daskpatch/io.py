@@ -245,8 +245,8 @@ def _create_or_reopen(w: _Write, node: zarr.Array | None, fingerprint: dict[str,
         _storeio.delete_dir(w.target, _store.node_path(w.path, _store.SPILL_DIR) or "")
     z = zarr.create_array(
         store=w.target, name=w.path, shape=w.x.shape, dtype=w.x.dtype, chunks=w.chunks,
-        compressors=w.compressors, attributes={_store.ATTR: _fingerprint.record(fingerprint)}, zarr_format=3,
-        dimension_names=w.dimension_names,
+        compressors=w.compressors, attributes={_store.ATTR: _fingerprint.record(fingerprint)},
+        zarr_format=3, dimension_names=w.dimension_names,
     )
     _fingerprint.check_still_ours(z, fingerprint, w.where)  # another writer created it meanwhile
     return z, set()
