@@ -313,7 +313,7 @@ def worker_zarr(p: dict) -> dict:
     import zarr
 
     import daskpatch as dp
-    from daskpatch import blend as dpblend
+    from daskpatch.graph import lowering
 
     dask.config.set(scheduler="threads")
     if p.get("workers"):
@@ -375,7 +375,7 @@ def worker_zarr(p: dict) -> dict:
     files = [f for f in Path(spill_dir).rglob("*") if f.is_file()]
     spill_files, spill_bytes = len(files), sum(f.stat().st_size for f in files)
     # did the halos go to a store? (spill_into only rebuilds the graph; nothing runs)
-    would_spill = bool(dpblend.spill_into(out, None, "probe")[1])
+    would_spill = bool(lowering.spill_into(out, None, "probe")[1])
     spilled = would_spill and (mode == "on" or writer == "daskpatch.io.to_zarr")
     return {
         "n": p["n"], "chunk": p["chunk"], "block": chunks, "numblocks": list(out.numblocks),

@@ -4,13 +4,13 @@ Lazy Dask graphs cut a volume into patches, run a model on every patch exactly o
 predictions back into a seamless volume with exact normalisation; volumes live in Zarr stores.
 """
 
-from ._svg import plot_window
-from ._torch import TorchModel
-from .blend import apply_patches, reconstruct
-from .data import PatchDataset, RandomPatchDataset
-from .extract import extract_patches
-from .grid import PatchGrid
-from .io import (
+from daskpatch.viz import plot_window
+from daskpatch.adapters.torch import TorchModel
+from daskpatch.patches import apply_patches, reconstruct
+from daskpatch.data.datasets import PatchDataset, RandomPatchDataset
+from daskpatch.extract import extract_patches
+from daskpatch.geometry.grid import PatchGrid
+from daskpatch.io import (
     IncompleteWarning,
     aligned_chunks,
     is_stride_aligned,
@@ -19,8 +19,8 @@ from .io import (
     to_numpy,
     to_zarr,
 )
-from .seed import get_patches, reconstruct_patch
-from .windows import BLENDS, window
+from daskpatch.seed import get_patches, reconstruct_patch
+from daskpatch.geometry.windows import BLENDS, window
 
 __all__ = [
     "BLENDS",

@@ -1,6 +1,6 @@
 """``python -m daskpatch``: the command line (see :mod:`daskpatch.cli`)."""
 
-from .cli import main
+from daskpatch.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

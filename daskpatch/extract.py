@@ -11,11 +11,11 @@ import numpy as np
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
-from ._axes import Layout, full_grid, parse_layout
-from ._graph import LazyLayer, new_array
-from ._source import Volume
-from ._validate import BORDERS, PAD_MODES, BorderMode, PadMode, parse_choice, parse_pad_value
-from ._xarray import accepts_dataarray
+from daskpatch.geometry.layout import Layout, full_grid, parse_layout
+from daskpatch.graph.layers import LazyLayer, new_array
+from daskpatch.storage.sources import Volume
+from daskpatch.geometry.parse import BORDERS, PAD_MODES, BorderMode, PadMode, parse_choice, parse_pad_value
+from daskpatch.adapters.xarray import accepts_dataarray
 
 __all__ = ["extract_patches"]
 

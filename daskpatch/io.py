@@ -33,8 +33,15 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 from zarr.abc.store import Store
 
-from . import _fingerprint, _graph, _memory, _ome, _sched, _store, _storeio, _writes
-from ._chunks import (
+from daskpatch.storage import fingerprint as _fingerprint
+from daskpatch.graph import layers as _graph
+from daskpatch.engine import memory as _memory
+from daskpatch.storage import ome as _ome
+from daskpatch.graph import jobs as _sched
+from daskpatch.storage import stores as _store
+from daskpatch.storage import storeio as _storeio
+from daskpatch.storage import writes as _writes
+from daskpatch.rechunk import (
     DEFAULT_TARGET_BYTES,
     aligned_chunks,
     as_dask,
@@ -42,10 +49,10 @@ from ._chunks import (
     rechunk_to_stride,
     write_chunks,
 )
-from ._store import IncompleteWarning, StoreLike
-from ._validate import _describe, parse_bool
-from ._xarray import is_dataarray as _is_dataarray
-from .blend import engine_into, spill_bytes, spill_into
+from daskpatch.storage.stores import IncompleteWarning, StoreLike
+from daskpatch.geometry.parse import _describe, parse_bool
+from daskpatch.adapters.xarray import is_dataarray as _is_dataarray
+from daskpatch.patches import engine_into, spill_bytes, spill_into
 
 __all__ = [
     "DEFAULT_TARGET_BYTES",

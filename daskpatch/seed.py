@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import _describe, parse_per_axis
-from .blend import reconstruct
-from .extract import extract_patches
-from .grid import PatchGrid
-from .windows import Blend
+from daskpatch.geometry.parse import _describe, parse_per_axis
+from daskpatch.patches import reconstruct
+from daskpatch.extract import extract_patches
+from daskpatch.geometry.grid import PatchGrid
+from daskpatch.geometry.windows import Blend
 
 __all__ = ["get_patches", "reconstruct_patch"]
 

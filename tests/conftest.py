@@ -14,7 +14,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore
 
 from daskpatch import PatchGrid
-from daskpatch.windows import profile
+from daskpatch.geometry.windows import profile
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

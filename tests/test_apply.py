@@ -11,7 +11,8 @@ import pytest
 import zarr
 
 import daskpatch as dp
-from daskpatch import PatchGrid, _graph
+from daskpatch import PatchGrid
+from daskpatch.graph import layers as _graph
 
 from .conftest import naive_blend, write_zarr
 

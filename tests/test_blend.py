@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import daskpatch as dp
-from daskpatch import _graph
+from daskpatch.graph import layers as _graph
 from daskpatch import PatchGrid
-from daskpatch.windows import window
+from daskpatch.geometry.windows import window
 
 from .conftest import naive_blend, naive_patches
 

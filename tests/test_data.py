@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from daskpatch import extract_patches
 from daskpatch.data import INDEX_ATTR, PatchDataset, RandomPatchDataset
-from daskpatch.grid import PatchGrid
+from daskpatch.geometry.grid import PatchGrid
 
 from .conftest import write_zarr as to_zarr
 

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 import daskpatch as dp
-from daskpatch import _graph
+from daskpatch.graph import layers as _graph
 
 from .conftest import write_zarr
 
@@ -196,7 +196,7 @@ def test_spilled_engine_over_a_spilled_engine(tmp_path):
 
 
 def test_to_numpy_jobs_have_keys_of_their_own_and_leave_the_array_as_it_is():
-    from daskpatch.blend import engine_into
+    from daskpatch.patches import engine_into
 
     res = _res()
     layers = dict(_graph.layers(res))

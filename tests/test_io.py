@@ -18,7 +18,7 @@ from dask.delayed import Delayed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daskpatch._engine.spill import Spill
+from daskpatch.storage.spill import Spill
 from daskpatch.io import (
     aligned_chunks,
     is_stride_aligned,
@@ -184,7 +184,7 @@ def test_chunks_equal_to_the_fill_value_follow_zarrs_rule(tmp_path):
     assert np.signbit(z[:, 2:4]).all()
 
     # integers; a chunk written before and now equal to the fill value is deleted, as zarr does
-    from daskpatch._writes import write_chunk
+    from daskpatch.storage.writes import write_chunk
 
     zi = zarr.create_array(tmp_path / "i.zarr", shape=(4,), chunks=(2,), dtype="int16",
                            fill_value=7)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import daskpatch as dp
-from daskpatch import _graph
+from daskpatch.graph import layers as _graph
 
 from .conftest import ComputeForbidden
 

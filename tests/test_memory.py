@@ -10,10 +10,11 @@ import threading
 import numpy as np
 import pytest
 
-from daskpatch import PatchGrid, _memory
-from daskpatch._engine.kernel import Accumulator, make_weights
-from daskpatch._numbers import Numbers
-from daskpatch.windows import parse_blend
+from daskpatch import PatchGrid
+from daskpatch.engine import memory as _memory
+from daskpatch.engine.kernel import Accumulator, make_weights
+from daskpatch.engine.numbers import Numbers
+from daskpatch.geometry.windows import parse_blend
 
 MiB = 2**20
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc")
@@ -76,7 +77,7 @@ def test_mapping_in_leaves_the_gil_to_other_threads():
 def test_a_zarr_region_gives_back_the_rows_its_patches_passed(tmp_path):
     import zarr
 
-    from daskpatch._source import Region
+    from daskpatch.storage.sources import Region
 
     z = zarr.create_array(str(tmp_path / "v.zarr"), shape=(128, 128, 128), chunks=(32,) * 3,
                           dtype="f4")

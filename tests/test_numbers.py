@@ -178,7 +178,7 @@ def test_tiny_per_axis_sigma(path, tmp_path):
 
 
 def test_tiny_sigma_weights_are_a_partition_of_one():
-    from daskpatch.windows import Window
+    from daskpatch.geometry.windows import Window
 
     starts = np.array([0, 3, 6, 9, 12, 13])  # a shifted last patch
     for sigma in (0.125, 0.01, 1e-3, 1e-6):
@@ -275,7 +275,7 @@ def test_complex_volumes_keep_their_imaginary_part(path, dtype, blend, tmp_path)
 @pytest.mark.parametrize("path", PATHS)
 def test_complex_with_a_user_window(path, tmp_path):
     vol = _complex((16, 16), "complex64")
-    w = dp.windows.window("hann", (8, 8)) + 0.5
+    w = dp.window("hann", (8, 8)) + 0.5
     out = run(dp.apply_patches(vol, identity, 8, 4, blend=w), path, tmp_path)
     np.testing.assert_allclose(out, vol, rtol=1e-5)
 
@@ -312,7 +312,7 @@ def test_data_at_the_dtype_maximum_stays_finite(path, blend, dtype, tmp_path):
 def test_one_axis_at_the_dtype_maximum_stays_finite(path, blend, tmp_path):
     vol = (F32_MAX * (1 - np.random.default_rng(8).random(60) * 1e-6)).astype(np.float32)
     vol[::2] = F32_MAX
-    w = dp.windows.window("hann", (7,)) + 0.5 if blend == "user" else blend
+    w = dp.window("hann", (7,)) + 0.5 if blend == "user" else blend
     out = run(dp.apply_patches(vol, identity, 7, 2, blend=w, block_shape=4), path, tmp_path)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, vol, rtol=1e-5)
@@ -347,7 +347,7 @@ def test_infinite_inputs_stay_infinite(path, tmp_path):
 @pytest.mark.parametrize("scale", [1e38, 1e-45, 1e-30, 1e300])
 def test_user_windows_at_any_scale(path, scale, tmp_path):
     vol = np.random.default_rng(7).random((20, 18, 12)).astype(np.float32) * F32_MAX
-    w = (dp.windows.window("hann", (8, 8, 8)) + 0.25) * scale
+    w = (dp.window("hann", (8, 8, 8)) + 0.25) * scale
     out = run(dp.apply_patches(vol, identity, 8, 4, blend=w), path, tmp_path)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, vol, rtol=1e-5)

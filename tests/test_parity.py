@@ -8,7 +8,7 @@ import pytest
 
 import daskpatch as dp
 from daskpatch import PatchGrid
-from daskpatch.windows import profile
+from daskpatch.geometry.windows import profile
 
 from .conftest import naive_blend
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import daskpatch as dp
+import daskpatch.viz
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -72,7 +73,7 @@ def test_a_huge_grid_draws_ticks_not_patches():
     svg = grid._repr_html_()
     root = parse(svg)
     ticks = marks(root, "start")
-    assert 3 * 10 <= len(ticks) <= 3 * (dp._svg.MAX_TICKS + 1)
+    assert 3 * 10 <= len(ticks) <= 3 * (dp.viz.MAX_TICKS + 1)
     assert len(svg) < 50_000
     assert f"axis 2: {len(ticks) // 3} of 100 starts ticked" in svg
 

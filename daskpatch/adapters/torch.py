@@ -1,0 +1,394 @@
+"""PyTorch models as they are: NumPy batches in, the module under inference mode, NumPy out.
+
+:func:`daskpatch.apply_patches` hands its ``fn`` NumPy batches in whatever thread or process runs
+a block task, so a ``with torch.no_grad():`` around ``compute()`` in the caller's thread does not
+reach the model. :class:`TorchModel` carries everything the call needs with it: it enters
+``torch.inference_mode()`` itself, moves each batch to the module's device and dtype, optionally
+autocasts, and converts the result back to NumPy. ``apply_patches`` wraps a bare
+``torch.nn.Module`` in one; a plain callable that returns torch tensors has them converted.
+
+PyTorch is imported only when a :class:`TorchModel` is made or called: ``import daskpatch`` never
+imports it, and a module is recognised only when torch is already imported (by the caller, who
+made the module).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+
+from daskpatch.geometry.layout import describe_axes
+from daskpatch.geometry.parse import _describe
+
+__all__ = ["BatchFn", "TorchModel", "as_model", "check_model_input", "to_numpy", "wrap_fn"]
+
+#: Accepted names of ``amp`` besides ``True``/``False``: the autocast dtype.
+AMP_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError as err:  # pragma: no cover - torch is installed where the tests run
+        raise ImportError(
+            "daskpatch.TorchModel needs PyTorch; install it (pip install 'daskpatch[torch]', or "
+            "the torch build for your platform from pytorch.org)"
+        ) from err
+    return torch
+
+
+def is_module(obj: Any) -> bool:
+    """Whether ``obj`` is a ``torch.nn.Module`` (``False`` without importing torch if it is not
+    imported yet: then no module can exist)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def to_numpy(out: Any) -> Any:
+    """A torch tensor as a NumPy array (detached, on the CPU; float16 and bfloat16 as float32);
+    anything else unchanged."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(out, torch.Tensor):
+        return out
+    out = out.detach()
+    if out.dtype in (torch.float16, torch.bfloat16):
+        return out.to("cpu", torch.float32).numpy()
+    return out.cpu().resolve_conj().resolve_neg().numpy()
+
+
+class BatchFn:
+    """The ``fn`` that :func:`daskpatch.apply_patches` calls: the user's callable (or a
+    :class:`TorchModel`), its torch tensor results turned into NumPy (see :func:`to_numpy`),
+    its output shape checked against what the engine expects. The engine notes its errors with
+    the block, the patches and how the volume's axes were read (:attr:`axes`).
+    """
+
+    def __init__(self, fn: Any, out_shape: tuple[int, ...], axes: str) -> None:
+        self.fn, self.out_shape, self.axes = fn, tuple(out_shape), axes
+
+    def __call__(self, batch: np.ndarray) -> Any:
+        out = to_numpy(self.fn(batch))  # errors get the engine's note (block, patches, axes)
+        shape = getattr(out, "shape", None)
+        expected = (batch.shape[0],) + self.out_shape
+        if shape is not None and tuple(shape) != expected:
+            raise ValueError(
+                f"fn returned shape {tuple(shape)} for a batch of shape {batch.shape}; expected "
+                f"{expected}: {self.axes}"
+            )
+        return out
+
+    def __dask_tokenize__(self) -> Any:
+        from dask.base import normalize_token
+
+        return ("daskpatch-batch-fn", normalize_token(self.fn), self.out_shape)
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+
+def wrap_fn(fn: Any, layout: Any, shape: tuple[int, ...], spatial: tuple[int, ...],
+            channels: int, out_channels: int) -> BatchFn:
+    """The :class:`BatchFn` of ``apply_patches``: a bare module made a :class:`TorchModel`, its
+    input layer checked against the batches it will get (``layout`` is the volume's
+    :class:`~daskpatch._axes.Layout`)."""
+    fn = as_model(fn)
+    batch = layout.patch_shape(tuple(spatial), channels)
+    out = layout.patch_shape(tuple(spatial), out_channels)
+    axes = (f"{describe_axes(layout.ndim, layout.channel_axis, layout.n_batch, shape)}: fn gets "
+            f"batches {_shape('B', batch)} and must return {_shape('B', out)}")
+    check_model_input(fn, layout, (1,) + tuple(batch), axes)
+    return BatchFn(fn, out, axes)
+
+
+def _shape(first: str, rest: tuple[int, ...]) -> str:
+    return "(" + ", ".join([first, *map(str, rest)]) + ")"
+
+
+def as_model(fn: Any) -> Any:
+    """A bare ``torch.nn.Module`` wrapped in :class:`TorchModel`; anything else as it is."""
+    return TorchModel(fn) if is_module(fn) and not isinstance(fn, TorchModel) else fn
+
+
+def check_model_input(model: Any, layout: Any, batch_shape: tuple[int, ...], axes: str) -> None:
+    """Refuse, before anything runs, batches that a :class:`TorchModel`'s input layer cannot take.
+
+    Checked only where the module's input layer is certain: the module is a convolution, or a
+    ``torch.nn.Sequential`` whose first layer is one (a custom ``forward`` may reshape its input
+    first, so its first registered layer proves nothing). ``batch_shape`` is ``(B, ...)`` as the
+    model gets it.
+    """
+    if not isinstance(model, TorchModel):
+        return
+    torch = sys.modules["torch"]
+    layer = model.module
+    while isinstance(layer, torch.nn.Sequential) and len(layer):
+        layer = layer[0]
+    if not isinstance(layer, torch.nn.modules.conv._ConvNd):
+        return
+    k, cin = len(layer.kernel_size), layer.in_channels
+    n_spatial = len(batch_shape) - 1 - (layout.channel_axis is not None)
+    if layout.channel_axis is None:
+        fix = ("give the volume a channel axis before the spatial axes (for one channel: "
+               "volume[None] with channel_axis=0)")
+    elif not layout.channels_first:
+        fix = ("put the channel axis first (np.moveaxis(volume, -1, 0), or the Dask "
+               "equivalent, with channel_axis=0): torch layers take channel-first batches")
+    elif n_spatial != k:
+        fix = (f"check channel_axis and size: the model wants {k} spatial axes, the batches "
+               f"have {n_spatial}")
+    elif batch_shape[1] != cin:
+        fix = f"the volume has {batch_shape[1]} channels where the model takes {cin}"
+    else:
+        return
+    want = ("B", cin) + tuple("DHW"[3 - k:] if k <= 3 else [f"X{i}" for i in range(k)])
+    raise ValueError(
+        f"the model's input layer {layer} takes batches ({', '.join(map(str, want))}): {cin} "
+        f"channel{'s' * (cin != 1)}, then {k} spatial axes; but {axes}. To fix it, {fix}"
+    )
+
+
+def _parse_device(device: Any) -> str | None:
+    if device is None:
+        return None
+    torch = _import_torch()
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            "device must be None, a device name such as 'cpu' or 'cuda:0', or a torch.device; "
+            f"got {_describe(device)}"
+        )
+    try:
+        return str(torch.device(device))
+    except RuntimeError as err:
+        raise ValueError(
+            f"device must name a torch device such as 'cpu', 'cuda' or 'cuda:1'; got {device!r}"
+        ) from err
+
+
+def _parse_dtype(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    torch = _import_torch()
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    elif isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+    else:
+        raise TypeError(
+            f"dtype must be None, a torch floating dtype or its name {_FLOAT_DTYPES}; "
+            f"got {_describe(dtype)}"
+        )
+    if name not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {_FLOAT_DTYPES} (a torch floating dtype); "
+                         f"got {dtype!r}")
+    return name
+
+
+def _parse_amp(amp: Any) -> bool | str:
+    if isinstance(amp, bool):
+        return amp
+    if isinstance(amp, str):
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be True, False or one of {AMP_DTYPES}; got {amp!r}")
+        return amp
+    raise TypeError(f"amp must be True, False or one of {AMP_DTYPES}; got {_describe(amp)}")
+
+
+class TorchModel:
+    """A ``torch.nn.Module`` as a function on NumPy batches, for :func:`daskpatch.apply_patches`.
+
+    Each call runs under ``torch.inference_mode()`` (no autograd, whichever thread, process or
+    cluster worker calls it), moves the batch to the module's device and dtype, runs the module
+    (under ``torch.autocast`` with ``amp``) and returns a NumPy array on the CPU. The module is
+    switched to evaluation mode (``module.eval()``, in place) when wrapped. A bare module passed
+    to :func:`~daskpatch.apply_patches` is wrapped in a ``TorchModel()`` with the defaults.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Takes a ``torch.Tensor`` batch ``(B, C, *size)`` (channel-first, as PyTorch layers want:
+        give the volume ``channel_axis=0``) and returns one of the same spatial shape.
+    device : str or torch.device, optional
+        Where the module runs: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... ``None`` (default): the
+        device of the module's parameters (the CPU for a module without any). A given device
+        moves the module there (``module.to(device)``, in place) on its first call in each
+        process, so a graph built on a machine without a GPU runs on GPU workers.
+    dtype : str or torch.dtype, optional
+        Floating dtype the module runs in (``"float32"``, ``"float16"``, ``"bfloat16"``,
+        ``"float64"``); given, the module is converted on its first call in each process.
+        ``None`` (default): the dtype of the module's floating parameters (the batch's own dtype
+        when floating, else float32, for a module without any). Batches are converted to it.
+    amp : bool or {"float16", "bfloat16"}
+        Mixed precision: run the module under ``torch.autocast(device_type, dtype)``. ``True``
+        means float16 on CUDA and bfloat16 on the CPU (the CPU autocast's native type: it is
+        fast on CPUs with AVX-512 BF16 or AMX, slow elsewhere, and less precise than float32
+        either way); a name picks the dtype. Results come back as float32.
+
+    Notes
+    -----
+    *Devices.* With ``device="cuda"`` every worker thread shares the one GPU; run the threaded
+    scheduler with few threads, or a ``dask.distributed`` cluster with one worker per GPU and
+    ``device="cuda"`` (each worker process moves its own copy of the module). Batches are copied
+    from NumPy to the device and the result back to the CPU on each call: pick ``batch_size`` to
+    fill the GPU. On the CPU, torch's own threads compete with dask's: ``torch.set_num_threads(1)``
+    with one dask thread per core is usually fastest.
+
+    *Pickling.* A ``TorchModel`` pickles with its module (parameters on their current device), so
+    it ships to ``dask.distributed`` workers and spawned processes; a TorchScript module
+    (``torch.jit.script``/``torch.jit.load``) travels as its ``torch.jit.save`` bytes and arrives
+    on the CPU (give ``device=`` to run it elsewhere). Its dask token hashes the
+    module's class, ``repr``, plain attributes and every tensor of its ``state_dict``: changed
+    weights give a new graph name, the same weights the same name in any session.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch
+    >>> import daskpatch as dp
+    >>> net = torch.nn.Conv3d(1, 2, kernel_size=3, padding=1)
+    >>> model = dp.TorchModel(net)
+    >>> out = model(np.zeros((4, 1, 8, 8, 8), dtype=np.float32))   # NumPy in, NumPy out
+    >>> type(out).__name__, out.shape, out.dtype
+    ('ndarray', (4, 2, 8, 8, 8), dtype('float32'))
+    >>> vol = np.random.default_rng(0).random((1, 32, 32, 32), dtype=np.float32)
+    >>> logits = dp.apply_patches(vol, net, 16, 8, channel_axis=0, out_channels=2, batch_size=4)
+    >>> logits.shape
+    (2, 32, 32, 32)
+    """
+
+    def __init__(self, module: Any, device: Any = None, dtype: Any = None,
+                 amp: bool | str = False) -> None:
+        torch = _import_torch()
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module; got {_describe(module)}")
+        self.module = module.eval()
+        self.device = _parse_device(device)
+        self.dtype = _parse_dtype(dtype)
+        self.amp = _parse_amp(amp)
+        self._init_local()
+
+    def _init_local(self) -> None:
+        self._lock = threading.Lock()
+        self._placed: tuple[int, Any, Any] | None = None  # (pid, device, dtype)
+        self._token: tuple[tuple, Any] | None = None  # (tensor versions, token)
+
+    # -- pickling ----------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: self.__dict__[k] for k in ("module", "device", "dtype", "amp")}
+        torch = sys.modules["torch"]
+        if isinstance(self.module, torch.jit.ScriptModule):  # it has no pickle of its own
+            buf = io.BytesIO()
+            torch.jit.save(self.module, buf)
+            state["module"] = None
+            state["script"] = buf.getvalue()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        script = state.pop("script", None)
+        self.__dict__.update(state)
+        if script is not None:
+            torch = _import_torch()
+            self.module = torch.jit.load(io.BytesIO(script), map_location="cpu").eval()
+        self._init_local()
+
+    def __repr__(self) -> str:
+        return (f"TorchModel({type(self.module).__name__}, device={self.device!r}, "
+                f"dtype={self.dtype!r}, amp={self.amp!r})")
+
+    # -- placement ---------------------------------------------------------------------------------
+    def _floating_tensor(self) -> Any | None:
+        for t in self.module.parameters():
+            if t.is_floating_point():
+                return t
+        for t in self.module.buffers():
+            if t.is_floating_point():
+                return t
+        return None
+
+    def _place(self) -> tuple[Any, Any]:
+        """(device, dtype or None) for this process, moving the module once if asked to."""
+        placed = self._placed
+        if placed is not None and placed[0] == os.getpid():
+            return placed[1], placed[2]
+        torch = _import_torch()
+        with self._lock:
+            placed = self._placed
+            if placed is not None and placed[0] == os.getpid():
+                return placed[1], placed[2]
+            if self.device is not None:
+                device = torch.device(self.device)
+                if device.type == "cuda" and not torch.cuda.is_available():
+                    raise RuntimeError(
+                        f"TorchModel(device={self.device!r}): CUDA is not available in this "
+                        f"process (pid {os.getpid()}); run it where a GPU is, or use device='cpu'"
+                    )
+                self.module.to(device)
+            dtype = None if self.dtype is None else getattr(torch, self.dtype)
+            if dtype is not None:
+                self.module.to(dtype)
+            ref = self._floating_tensor()
+            if self.device is None:
+                device = ref.device if ref is not None else torch.device("cpu")
+            if dtype is None and ref is not None:
+                dtype = ref.dtype
+            self._placed = (os.getpid(), device, dtype)
+            return device, dtype
+
+    # -- the call ----------------------------------------------------------------------------------
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Run the module on a NumPy batch; return a NumPy array (float32 under ``amp``)."""
+        torch = _import_torch()
+        device, dtype = self._place()
+        batch = np.asarray(batch)
+        if not batch.dtype.isnative:
+            batch = batch.astype(batch.dtype.newbyteorder("="))
+        batch = np.ascontiguousarray(batch)
+        if not batch.flags.writeable:  # torch warns about tensors over read-only memory
+            batch = batch.copy()
+        x = torch.from_numpy(batch)
+        if dtype is None:
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+        if self.amp:
+            amp_dtype = self.amp if isinstance(self.amp, str) else (
+                "float16" if device.type == "cuda" else "bfloat16")
+            autocast: Any = torch.autocast(device.type, dtype=getattr(torch, amp_dtype))
+        else:
+            autocast = contextlib.nullcontext()
+        with torch.inference_mode():
+            x = x.to(device=device, dtype=dtype, non_blocking=device.type == "cuda")
+            with autocast:
+                y = self.module(x)
+            return to_numpy(y)
+
+    # -- graph names -----------------------------------------------------------------------------
+    def __dask_tokenize__(self) -> Any:
+        from dask.base import normalize_token, tokenize
+
+        state = self.module.state_dict(keep_vars=True)
+        versions = tuple((k, t._version, t.data_ptr()) for k, t in state.items())
+        cached = self._token
+        if cached is not None and cached[0] == versions:
+            return cached[1]
+        torch = _import_torch()
+        tensors = []
+        for k, t in state.items():
+            t = t.detach()
+            if t.dtype == torch.bfloat16:
+                t = t.view(torch.int16)
+            tensors.append((k, tuple(t.shape), str(t.dtype), tokenize(t.cpu().numpy())))
+        attrs = [
+            (name, sorted((k, v) for k, v in vars(m).items()
+                          if isinstance(v, (bool, int, float, str, type(None)))))
+            for name, m in self.module.named_modules()
+        ]
+        cls = type(self.module)
+        token = ("daskpatch-torch-model", cls.__module__, cls.__qualname__, repr(self.module),
+                 normalize_token(attrs), tensors, self.device, self.dtype, self.amp)
+        self._token = (versions, token)
+        return token

@@ -1,0 +1,515 @@
+"""The ``daskpatch`` command line: ``info``, ``apply``, ``rechunk`` (also ``python -m daskpatch``).
+
+A thin layer over the Python API: every command parses its arguments, checks everything it can
+(the source store, the target, the model, the patch geometry) before anything is written, and
+then calls :func:`daskpatch.apply_patches`, :func:`daskpatch.to_zarr` or
+:func:`daskpatch.rechunk_to_stride`. A bad input prints one line on stderr
+(``daskpatch: error: ...``; ``--debug`` adds the traceback) and exits with status 2, having written
+nothing; a run that fails after it started exits with status 1 (finish it with ``--resume``).
+
+Examples
+--------
+>>> import contextlib, io, json, tempfile, numpy as np, zarr
+>>> tmp = tempfile.TemporaryDirectory()
+>>> z = zarr.create_array(f"{tmp.name}/vol.zarr", shape=(64, 64), chunks=(32, 32), dtype="f4")
+>>> out = io.StringIO()
+>>> with contextlib.redirect_stdout(out):
+...     status = main(["info", f"{tmp.name}/vol.zarr", "--size", "16", "--stride", "8", "--json"])
+>>> status
+0
+>>> report = json.loads(out.getvalue())
+>>> report["shape"], report["dtype"], report["chunks"], report["stride_aligned"]
+([64, 64], 'float32', [32, 32], True)
+>>> tmp.cleanup()
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn, cast
+
+import dask
+import numpy as np
+import zarr.codecs
+from dask.delayed import Delayed
+from dask.utils import parse_bytes
+
+from daskpatch import __version__
+from daskpatch.storage import stores as _store
+from daskpatch.cli.errors import UsageError, in_flags
+from daskpatch.cli.info import cmd_info
+from daskpatch.cli.info import shape_text as _x
+from daskpatch.cli.model import SpecModel, resolve_spec
+from daskpatch.graph.jobs import compute as _compute
+from daskpatch.storage.stores import open_array as _open_array
+from daskpatch.storage.stores import parse_path as _parse_path
+from daskpatch.storage.stores import probe as _probe
+from daskpatch.storage.stores import resolve_store as _resolve_store
+from daskpatch.storage.stores import where as _where
+from daskpatch.geometry.parse import BORDERS, PAD_MODES
+from daskpatch.patches import apply_patches
+from daskpatch.geometry.layout import parse_layout
+from daskpatch.io import (
+    DEFAULT_TARGET_BYTES,
+    is_stride_aligned,
+    open_volume,
+    rechunk_to_stride,
+    to_zarr,
+)
+from daskpatch.geometry.windows import BLENDS
+
+__all__ = ["main"]
+
+PROG = "daskpatch"
+#: ``--scheduler`` names of dask's local schedulers (anything with ``://`` is a cluster address).
+SCHEDULERS = ("threads", "processes", "sync")
+
+_logger = logging.getLogger("daskpatch")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, raised to :func:`main` (not printed)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# -- argument types ------------------------------------------------------------------------------
+def _int_list(text: str, *, minimum: int = 1) -> int | tuple[int, ...]:
+    """``"64"`` -> 64, ``"32,64,64"`` -> (32, 64, 64): an int, or one per spatial axis."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= {minimum}, or one per spatial axis separated by commas "
+            f"(e.g. 64 or 32,64,64); got {text!r}"
+        )
+    return values[0] if len(values) == 1 else values
+
+
+def _float_list(text: str) -> float | tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number, or one per spatial axis separated by commas; got {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
+def _positive_int(text: str) -> int:
+    value = _int_list(text)
+    if not isinstance(value, int):
+        raise argparse.ArgumentTypeError(f"expected one integer >= 1; got {text!r}")
+    return value
+
+
+def _dtype(text: str) -> np.dtype:
+    try:
+        return np.dtype(text)
+    except TypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a NumPy dtype name (float32, float16, uint8, ...); got {text!r}"
+        ) from None
+
+
+def _bytes(text: str) -> int:
+    try:
+        value = parse_bytes(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive byte count (8388608, 8MiB, 16MB); got {text!r}"
+        )
+    return value
+
+
+def _scheduler_name(text: str) -> str:
+    if text in SCHEDULERS or "://" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(SCHEDULERS)} or a dask.distributed scheduler address "
+        f"(tcp://host:8786); got {text!r}"
+    )
+
+
+# -- the parser ----------------------------------------------------------------------------------
+_DESCRIPTION = """\
+Patch-based processing of N-D volumes larger than RAM, from the command line.
+
+A volume lives in a Zarr store. `apply` cuts it into patches (a size, a stride, overlap when
+stride < size), runs a model on every patch exactly once, in batches, blends the predictions
+back into a seamless volume and writes it to a Zarr store, block by block: memory depends on
+the block size, not on the volume. `info` tells what a store holds and what a run would cost;
+`rechunk` copies a store into chunks aligned to the patch stride (what apply reads best).
+"""
+
+_EPILOG = """\
+examples:
+  daskpatch info volume.zarr --size 64 --stride 32
+  daskpatch rechunk raw.zarr volume.zarr --stride 32 --progress
+  daskpatch apply volume.zarr pred.zarr --model mymodel:predict --size 64 --stride 32 \\
+      --batch-size 8
+  daskpatch apply volume.zarr pred.zarr --model unet.pt2 --device cuda --size 128 --stride 64
+  daskpatch apply volume.zarr pred.zarr --model mymodel:predict --size 64 --resume
+
+Each command has its own --help. Exit status: 0 done, 1 the run failed after it started
+(finish it with --resume), 2 a bad command line or input (nothing written).
+"""
+
+_APPLY_DESCRIPTION = """\
+Run a model on every patch of SRC and write the blended result to DST (Zarr format 3).
+
+The model (--model SPEC) is one of:
+  package.module:name   a function on NumPy batches, (B, *size) -> same shape (with a channel
+                        axis: (B, C, *size) or (B, *size, C), as in the volume); or a torch
+                        nn.Module instance; or a class, or a function that takes no arguments,
+                        called once to make either (a factory)
+  model.pt, model.pth   a TorchScript file (torch.jit.load)
+  model.pt2             a torch.export file (torch.export.load(...).module())
+
+Torch models run under torch.inference_mode() in eval mode, on --device, fed float tensors of
+their parameters' dtype, channel-first: a volume without --channel-axis goes in as one channel
+(B, 1, *size) and the model must return one channel. The current directory is on the import
+path. With --scheduler processes or a cluster address, each worker process loads the model
+again from SPEC (once per process), so SPEC must build the same model every time (load weights
+from a file, seed any random initialisation) and be importable there.
+
+DST must not exist unless --overwrite (start again) or --resume (finish an interrupted run: only
+the chunks not yet recorded as done are computed; the result is bit-identical to an
+uninterrupted run).
+"""
+
+_INFO_DESCRIPTION = """\
+What a Zarr store holds: shape, dtype, chunks, codecs, Zarr format; the OME-Zarr axes, scales
+and levels of an image group; the members of a plain group; whether daskpatch wrote it
+completely (its done-markers); with --stride, whether the chunks are stride-aligned; with
+--size, what `daskpatch apply` with the same options would do: patches, blocks, tasks and an
+estimated peak memory.
+
+Peak memory is estimated per worker thread as the input block plus its halo
+(block + size - stride per axis, input dtype and channels), plus the extended accumulation
+buffer (the same extent, float32 -- float64 for float64 output, the output dtype itself for
+--blend crop -- times output channels), plus
+one batch (batch size x patch, input dtype, and the model's output as float32), times the
+number of worker threads (--workers, else dask's num_workers, else the number of cores).
+"""
+
+_RECHUNK_DESCRIPTION = """\
+Copy the array SRC into DST (Zarr format 3) with chunks on the patch-stride grid: a multiple of
+the stride on each spatial axis, near --target-bytes, the channel axis whole. That is the layout
+`daskpatch apply` reads and writes best. Nothing is written when SRC is already aligned.
+"""
+
+
+def _add_geometry(p: argparse.ArgumentParser, *, apply: bool) -> None:
+    g = p.add_argument_group("patches")
+    g.add_argument("--size", type=_int_list, metavar="S", required=apply,
+                   help="patch size: an int for every spatial axis, or one per axis (32,64,64)"
+                        + ("" if apply else "; with it, info estimates a run"))
+    g.add_argument("--stride", type=_int_list, metavar="T",
+                   help="patch stride (default: the size, no overlap); overlap is size - stride")
+    g.add_argument("--channel-axis", type=int, metavar="A",
+                   help="the volume's channel axis: 0 (channel-first) or -1 (channel-last); "
+                        "default: none, every axis is spatial (or a batch axis, when --size has "
+                        "fewer entries than the volume has axes)")
+    g.add_argument("--border", choices=BORDERS, default="shift",
+                   help="the last patch on an axis: shift it back flush with the volume "
+                        "(default), pad past the end, or drop it")
+    g.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                   help="patches per model call (default 1)")
+    g.add_argument("--out-channels", type=_positive_int, metavar="C",
+                   help="channels the model returns (default: the volume's)")
+    g.add_argument("--dtype", type=_dtype, metavar="D",
+                   help="result dtype (default: the volume's when floating, else float32)")
+    g.add_argument("--block-shape", type=_int_list, metavar="B",
+                   help="work block (and output chunk) shape, a multiple of the stride "
+                        "(default: the input chunks when aligned, else a block near 64 MiB)")
+
+
+#: ``--compressor`` choices: what each gives ``to_zarr(compressors=...)``.
+COMPRESSORS: dict[str, Callable[[], Any]] = {
+    "zstd": lambda: "auto",
+    "blosc-lz4": lambda: zarr.codecs.BloscCodec(cname="lz4", shuffle="shuffle"),
+    "blosc-zstd": lambda: zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+    "none": lambda: None,
+}
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("running")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="finish an interrupted run into DST (only the missing chunks)")
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace an existing DST array")
+    g.add_argument("--compressor", choices=tuple(COMPRESSORS), default="zstd",
+                   help="how DST's chunks are compressed: zstd (zarr's default), blosc-lz4 "
+                        "(Blosc lz4 with byte shuffle, faster), blosc-zstd, or none")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default: when stdout is a terminal)")
+    g.add_argument("--debug", action="store_true",
+                   help="print the traceback of an error")
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog=PROG, description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="what a store holds, and what a run over it would cost",
+                       description=_INFO_DESCRIPTION, formatter_class=fmt,
+                       epilog="example:\n  daskpatch info volume.zarr --size 64 --stride 32 --json")
+    p.add_argument("store", metavar="STORE", help="a Zarr store (directory or URL)")
+    p.add_argument("--path", metavar="P", help="the array (or group) inside the store")
+    _add_geometry(p, apply=False)
+    p.add_argument("--blend", choices=BLENDS, default="gaussian",
+                   help="the blend apply would use (default gaussian; crop accumulates in the "
+                        "result dtype)")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="worker threads the memory estimate assumes (default: the cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("apply", help="run a model on every patch and blend the result into DST",
+                       description=_APPLY_DESCRIPTION, formatter_class=fmt,
+                       epilog="example:\n  daskpatch apply volume.zarr pred.zarr --model "
+                              "mymodel:predict --size 64 --stride 32 --batch-size 8")
+    p.add_argument("src", metavar="SRC", help="input Zarr store (directory or URL)")
+    p.add_argument("dst", metavar="DST", help="output Zarr store (written in Zarr format 3)")
+    p.add_argument("--model", required=True, metavar="SPEC",
+                   help="package.module:callable, or a .pt/.pth (TorchScript) or .pt2 "
+                        "(torch.export) file")
+    p.add_argument("--src-path", metavar="P", help="the array inside SRC")
+    p.add_argument("--dst-path", metavar="P", help="the array to write inside DST")
+    _add_geometry(p, apply=True)
+    g = p.add_argument_group("blending")
+    g.add_argument("--blend", choices=BLENDS, default="gaussian",
+                   help="how overlapping predictions combine (default gaussian)")
+    g.add_argument("--sigma-scale", type=_float_list, default=0.125, metavar="X",
+                   help="gaussian sigma as a fraction of the patch size (default 0.125)")
+    g.add_argument("--pad-mode", choices=PAD_MODES, default="reflect",
+                   help="how --border pad reads past the end (default reflect)")
+    g.add_argument("--fill-value", type=float, metavar="V",
+                   help="value of voxels no patch covers (--border drop, stride > size)")
+    g = p.add_argument_group("model")
+    g.add_argument("--device", metavar="DEV",
+                   help="torch device for a torch model: cpu, cuda, cuda:1 (default: where the "
+                        "model's parameters are; cpu for a file)")
+    _add_run(p)
+    g = p.add_argument_group("scheduler")
+    g.add_argument("--scheduler", type=_scheduler_name, default="threads", metavar="S",
+                   help="threads (default), processes, sync, or the address of a "
+                        "dask.distributed scheduler (tcp://host:8786)")
+    g.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="threads or processes of a local scheduler (default: the cores)")
+    p.set_defaults(run=_cmd_apply)
+
+    p = sub.add_parser("rechunk", help="copy a store into stride-aligned chunks",
+                       description=_RECHUNK_DESCRIPTION,
+                       formatter_class=fmt,
+                       epilog="example:\n  daskpatch rechunk raw.zarr volume.zarr --stride 32")
+    p.add_argument("src", metavar="SRC", help="input Zarr store")
+    p.add_argument("dst", metavar="DST", help="output Zarr store (Zarr format 3)")
+    p.add_argument("--stride", type=_int_list, required=True, metavar="T",
+                   help="patch stride: an int, or one per spatial axis")
+    p.add_argument("--path", metavar="P", help="the array inside SRC")
+    p.add_argument("--dst-path", metavar="P", help="the array to write inside DST")
+    p.add_argument("--channel-axis", type=int, metavar="A",
+                   help="channel axis, kept whole in every chunk")
+    p.add_argument("--target-bytes", type=_bytes, default=DEFAULT_TARGET_BYTES, metavar="N",
+                   help="chunk size target (default 8MiB)")
+    _add_run(p)
+    p.set_defaults(run=_cmd_rechunk)
+    return parser
+
+
+def _check_apart(src: str, src_path: str | None, dst: str, dst_path: str | None) -> None:
+    """Refuse a DST that is SRC, contains it or lies inside it (before anything runs)."""
+    if _store.overlaps(_node_location(dst, dst_path), _node_location(src, src_path)):
+        raise UsageError(
+            "DST must differ from SRC, and neither contain it nor lie inside it (the run reads "
+            f"SRC while it writes DST); SRC is {_where(src, _parse_path(src_path))}, "
+            f"DST is {_where(dst, _parse_path(dst_path))}")
+
+
+def _node_location(store: str, path: str | None) -> tuple[str, str]:
+    """Where ``store``/``path`` is, comparable by containment (:func:`_store.overlaps`)."""
+    base, full = _resolve_store(store, _parse_path(path))
+    target, prefix = _store.as_store(base, read_only=True)
+    return _store.location(target, "/".join(p for p in (prefix, full) if p) or None)
+
+
+
+
+# -- apply and rechunk ---------------------------------------------------------------------------
+def _check_target(dst: str, path: str | None, args: argparse.Namespace) -> None:
+    """Refuse an existing DST before anything runs (unless --overwrite or --resume)."""
+    base, full = _resolve_store(dst, _parse_path(path))
+    node = _probe(base, full)
+    if node is not None and not (args.overwrite or args.resume):
+        raise UsageError(f"{_where(base, full)} already exists; pass --overwrite to replace "
+                          "it, or --resume to finish an interrupted run")
+    if node is None and full is None and "://" not in dst and os.path.exists(dst) and (
+            not os.path.isdir(dst) or os.listdir(dst)):
+        raise UsageError(f"{dst!r} exists and is not a Zarr array; choose another DST")
+
+
+@contextlib.contextmanager
+def _scheduler(name: str, workers: int | None) -> Iterator[None]:
+    if "://" not in name:
+        config: dict[str, Any] = {"scheduler": name}
+        if workers is not None:
+            config["num_workers"] = workers
+        with dask.config.set(config):
+            yield
+        return
+    try:
+        from distributed import Client
+    except ImportError as err:
+        raise UsageError("--scheduler ADDRESS needs dask.distributed (pip install "
+                          "'daskpatch[distributed]')") from err
+    try:
+        client = Client(name)
+    except OSError as err:
+        raise UsageError(f"cannot connect to the dask scheduler at {name}: {err}") from err
+    with client:
+        yield
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return sys.stdout.isatty() if args.progress is None else args.progress
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    if args.workers is not None and "://" in args.scheduler:
+        raise UsageError("--workers sets the threads or processes of a local scheduler; a "
+                          f"cluster ({args.scheduler}) has its own workers")
+    volume = open_volume(args.src, args.src_path)
+    _check_target(args.dst, args.dst_path, args)
+    _check_apart(args.src, args.src_path, args.dst, args.dst_path)
+    layout = parse_layout(volume.ndim, args.size, args.channel_axis)
+    channels = "none" if layout.channel_axis is None else (
+        "first" if layout.channels_first else "last")
+    model = SpecModel(args.model, args.device, channels)
+    # A bad SPEC fails here, before anything is written. Local schedulers run the model in this
+    # process: build it now; worker processes build their own (this one may have no GPU).
+    if args.scheduler in ("threads", "sync"):
+        model.load()
+    else:
+        resolve_spec(args.model)
+    result = apply_patches(
+        volume, model, args.size, args.stride, border=args.border, pad_mode=args.pad_mode,
+        blend=args.blend, batch_size=args.batch_size, channel_axis=args.channel_axis,
+        out_channels=args.out_channels, dtype=args.dtype, block_shape=args.block_shape,
+        fill_value=args.fill_value, sigma_scale=args.sigma_scale,
+    )
+    with _scheduler(args.scheduler, args.workers):
+        job = to_zarr(result, args.dst, args.dst_path, resume=args.resume,
+                      compressors=COMPRESSORS[args.compressor](), overwrite=args.overwrite,
+                      compute=False)  # checks, then creates DST
+        args.started = True
+        z = _compute(cast(Delayed, job), _progress(args))  # as to_zarr(compute=True) does
+    print(f"{PROG}: wrote {_where(args.dst, z.path or None)}: {_x(z.shape)} {z.dtype}, chunks "
+          f"{_x(z.chunks)}")
+    return 0
+
+
+def _cmd_rechunk(args: argparse.Namespace) -> int:
+    src = _open_array(args.src, args.path, name="SRC")
+    if not is_stride_aligned(src.chunks, args.stride, shape=src.shape,
+                             channel_axis=args.channel_axis):
+        _check_target(args.dst, args.dst_path, args)
+        _check_apart(args.src, args.path, args.dst, args.dst_path)
+    args.started = True
+    rechunk_to_stride(  # logs what it did (INFO: on stderr here)
+        src, args.stride, args.dst, target_path=args.dst_path, channel_axis=args.channel_axis,
+        target_bytes=args.target_bytes, compressors=COMPRESSORS[args.compressor](),
+        overwrite=args.overwrite, resume=args.resume, progress=_progress(args),
+    )
+    return 0
+
+
+# -- main ----------------------------------------------------------------------------------------
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    notes = " ".join(" ".join(str(n).split()) for n in getattr(err, "__notes__", ()))
+    return f"{text} ({notes})" if notes else text
+
+
+@contextlib.contextmanager
+def _session() -> Iterator[None]:
+    """Log daskpatch's INFO messages to stderr; the current directory on the import path."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    level = _logger.level
+    _logger.addHandler(handler)
+    _logger.setLevel(logging.INFO)
+    added = os.getcwd() not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        _logger.removeHandler(handler)
+        _logger.setLevel(level)
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(os.getcwd())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``daskpatch`` command line with ``argv`` (default ``sys.argv[1:]``).
+
+    Returns the exit status: 0 done, 1 the run failed after it started, 2 a bad command line
+    or input (one line on stderr, nothing written), 130 interrupted.
+    """
+    args: argparse.Namespace | None = None
+    try:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as done:  # --help, --version
+            return int(done.code or 0)
+        args.started = False
+        with _session():
+            return int(args.run(args))
+    except BrokenPipeError:  # stdout closed early (| head): not an error of ours
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted" + ("; finish with --resume" if args is not None
+                                        and getattr(args, "started", False) else ""),
+              file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args is not None and getattr(args, "debug", False):
+            traceback.print_exc()
+        started = args is not None and getattr(args, "started", False)
+        if started and not isinstance(err, (UsageError, FileExistsError)):
+            print(f"{PROG}: error: the run failed: {type(err).__name__}: {_one_line(err)} "
+                  "(fix the cause and run again with --resume to keep the chunks already "
+                  "written" + ("" if getattr(args, "debug", False) else "; --debug shows the "
+                                                                           "traceback") + ")",
+                  file=sys.stderr)
+            return 1
+        text = _one_line(err)
+        if not isinstance(err, UsageError):  # the library's words: its parameters as flags
+            text = in_flags(text, getattr(args, "command", None))
+        print(f"{PROG}: error: {text}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,301 @@
+"""The accumulate tasks: a block's patches (read and run through the model, or taken from the
+patch array) added into its buffer, and the checks of what the model returned."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from daskpatch.engine import memory as _memory
+from daskpatch.engine.kernel import Accumulator
+from daskpatch.engine.spec import ApplyBlock, ReconstructBlock
+
+if TYPE_CHECKING:
+    from daskpatch.engine.sink import Sink
+
+
+class BatchPool:
+    """Batch arrays reused by block tasks.
+
+    A fresh batch (8 patches of 128^3 float32 is 64 MiB) costs its page faults on every block
+    (~8 ms here, as much as copying the patches in); reused, it costs the copy alone. Each
+    engine owns a pool (its block tasks share it on the threaded scheduler; pickled to a worker,
+    a task gets a fresh, empty one), emptied whenever none of its block tasks holds a batch, so
+    nothing stays allocated after a compute; a pool with ``keep=True`` (one
+    :func:`daskpatch.to_numpy` job's) keeps its batches until :meth:`clear`.
+    """
+
+    def __init__(self, keep: bool = False) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        self.free: dict = {}
+        self.keep = keep
+
+    def __reduce__(self) -> tuple:  # a lock does not pickle: a copy starts empty
+        return (type(self), (self.keep,))
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with self.lock:
+            self.active += 1
+            stack = self.free.get((shape, dtype.str))
+            if stack:
+                return stack.pop()
+        return _memory.zeros(shape, dtype)
+
+    def give(self, batch: np.ndarray) -> None:
+        with self.lock:
+            self.active -= 1
+            if self.active == 0 and not self.keep:
+                self.free.clear()
+            else:
+                self.free.setdefault((batch.shape, batch.dtype.str), []).append(batch)
+
+
+def _describe_output(out: Any) -> str:
+    """A model output's type and shape (or length); its values only when they are a few
+    scalars (a list of arrays would print megabytes)."""
+    kind = type(out).__name__
+    shape = getattr(out, "shape", None)
+    if shape is not None:
+        return f"a {kind} of shape {tuple(shape)}"
+    try:
+        n = len(out)
+    except TypeError:
+        text = repr(out)
+        return f"{text} of type {kind}" if len(text) <= 80 else f"a {kind}"
+    if n <= 8 and isinstance(out, (list, tuple)) and all(
+            isinstance(v, (bool, int, float, complex, str)) and len(repr(v)) <= 20 for v in out):
+        return f"{out!r} of type {kind} (length {n})"
+    return f"a {kind} of length {n}"
+
+
+def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
+    """Check a model's output against the shape the engine expects back."""
+    if not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        hint = " (stack it with numpy.stack)" if isinstance(out, (list, tuple)) else ""
+        raise TypeError(
+            f"fn must return an array of shape {expected} for a batch of shape {batch_shape}; "
+            f"got {_describe_output(out)}{hint}"
+        )
+    out = np.asarray(out)
+    if out.dtype.kind not in "biufc":
+        raise TypeError(
+            f"fn must return numbers (a numeric dtype) for a batch of shape {batch_shape}; "
+            f"got an array of dtype {out.dtype} ({out.dtype.name}) and shape {out.shape}"
+        )
+    if out.shape != expected:
+        raise ValueError(
+            f"fn returned shape {out.shape} for a batch of shape {batch_shape}; expected "
+            f"{expected} (the batch's patch shape, with out_channels channels where the volume "
+            "has a channel axis)"
+        )
+    return out
+
+
+def _batch_note(block: tuple[int, ...], gidxs: list, starts: list, grid_shape: tuple[int, ...],
+                region_lo: np.ndarray, region_shape: tuple[int, ...]) -> str:
+    """Where a failing batch of ``fn`` was: its work block, its patches, the region read."""
+    flat = [int(np.ravel_multi_index(g, grid_shape)) for g in gidxs]
+    shown = 8
+    st = ", ".join(str(tuple(int(v) for v in x)) for x in starts[:shown])
+    more = f", ... ({len(starts)} patches)" if len(starts) > shown else ""
+    ids = ", ".join(map(str, flat[:shown])) + (", ..." if len(flat) > shown else "")
+    region = ", ".join(f"{int(lo)}:{int(lo) + n}" for lo, n in zip(region_lo, region_shape))
+    return (
+        f"daskpatch: raised for fn's batch of {len(starts)} "
+        f"patch{'es' if len(starts) != 1 else ''} (indices {ids} in the order of "
+        f"extract_patches) starting at {st}{more}, in apply_patches work block {tuple(block)}, "
+        f"which reads the input region [{region}] (non-channel axes, padded coordinates)"
+    )
+
+
+def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
+                fn: Callable[[np.ndarray], Any], sink: Sink | None = None) -> np.ndarray | None:
+    """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches; the
+    block's buffer (``None`` with a ``sink``: the patches went into it). ``fn`` is the value of
+    the graph's model key, shared by every block task.
+
+    The first batch runs in this thread, timed. When ``fn`` took at least :data:`OVERLAP` of the
+    task's own work on it (copying the batch in, checking and blending the output) and two or
+    more batches are left, the others run through a pipeline: ``fn`` in one helper thread of this
+    task (started here, joined before returning), while this thread copies the next batch in and
+    blends the previous output. An accelerator (or anything ``fn`` waits on with the GIL
+    released) then always has the next batch queued; a cheap ``fn`` stays in this thread, with
+    one batch in memory. ``fn`` is called once at a time, in order, with this task's context
+    variables; outputs are blended in the same order either way, so the result is the same.
+
+    ``region`` is the region read ``(C, *region)``, or a :class:`daskpatch._source.Region` read
+    slab by slab as the batches reach it (in the pipeline, while ``fn`` runs).
+
+    An exception raised by ``fn``, or by the check of what it returned, is re-raised as it is
+    with a note (PEP 678) naming the work ``block``, the batch's patches and the region read;
+    no batch is handed to ``fn`` after it, and no thread of the task outlives it.
+    """
+    upto = getattr(region, "upto", None)  # a Region: read as the batches reach its rows
+    drop = getattr(region, "drop", None)  # and given back once the batches have passed them
+    if upto is not None:
+        region = region.data
+    layout, batch_size = spec.layout, spec.batch_size
+    out_channels, starts = spec.out_channels, spec.starts
+    acc = Accumulator(spec.ext_lo, spec.ext_shape, out_channels, spec.numbers, spec.weights, sink)
+    region_lo = np.asarray(spec.region_lo)
+    items = [(g, np.array([s[i] for s, i in zip(starts, g)]))
+             for g in itertools.product(*spec.owned)]
+    groups = [items[b0:b0 + batch_size] for b0 in range(0, len(items), batch_size)]
+    size = tuple(int(v) for v in spec.patch_shape)
+    channels = region.shape[0]
+    spatial = size[spec.n_batch:]
+    expected = layout.patch_shape(spatial, out_channels)
+    pool = sink.pool if sink is not None else None
+    if sink is not None:
+        batches = sink.batches
+    elif batches is None:
+        batches = BatchPool()
+    shape = (min(batch_size, len(items)), channels) + spatial
+    held = [batches.take(shape, region.dtype)]  # batch k goes into held[k % 2]
+
+    def gather(k: int) -> np.ndarray:
+        """Copy the patches of batch ``k`` in; the batch as ``fn`` takes it."""
+        batch = held[k % len(held)][:len(groups[k])]
+        if upto is not None:
+            upto(int(groups[k][-1][1][0] - region_lo[0]) + size[0])
+
+        def put(j: int, st: np.ndarray) -> None:
+            rel = st - region_lo
+            sl = tuple(slice(int(r), int(r) + z) for r, z in zip(rel, size))
+            batch[j] = region[(slice(None),) + sl].reshape(batch.shape[1:])
+
+        if pool is None:
+            for j, (_, st) in enumerate(groups[k]):
+                put(j, st)
+        else:
+            for f in [pool.submit(put, j, st) for j, (_, st) in enumerate(groups[k])]:
+                f.result()
+        if drop is not None:  # patches go in C order: no later one starts above the next's row
+            drop(int(groups[k + 1][0][1][0] - region_lo[0]) if k + 1 < len(groups)
+                 else region.shape[1])
+        return layout.from_canonical(batch)
+
+    def finish(k: int, user_batch: np.ndarray, result: Callable[[], Any]) -> None:
+        """Check the output of batch ``k`` (``result()``) and blend it into the buffer."""
+        chunk = groups[k]
+        try:
+            out = _check_output(result(), user_batch.shape, (len(chunk),) + expected)
+        except Exception as err:
+            note = _batch_note(spec.block, [g for g, _ in chunk], [st for _, st in chunk],
+                               tuple(len(s) for s in starts), region_lo, region.shape[1:])
+            axes = getattr(fn, "axes", None)  # how the volume's axes were read
+            if axes:
+                note += f"; fn was called on a batch of shape {user_batch.shape}; {axes}"
+            err.add_note(note)
+            raise
+        out = layout.to_canonical(out).reshape((len(chunk), out_channels) + size)
+        acc.add_batch([g for g, _ in chunk], [st for _, st in chunk], list(out))
+
+    helper: _Helper | None = None
+    try:
+        clock = time.perf_counter
+        if upto is not None:  # the first slabs: not part of the work timed per batch
+            upto(int(groups[0][-1][1][0] - region_lo[0]) + size[0])
+        t0 = clock()
+        user_batch = gather(0)
+        took = _timed(fn, user_batch)
+        finish(0, user_batch, took)
+        own = clock() - t0 - took.seconds
+        if len(groups) > 2 and took.seconds >= OVERLAP * own:
+            held.append(batches.take(shape, region.dtype))
+            helper = _Helper(fn)
+            pending: tuple | None = None
+            for k in range(1, len(groups)):
+                user_batch = gather(k)  # while fn runs on batch k - 1
+                result = helper.submit(user_batch)
+                if pending is not None:
+                    finish(*pending)  # batch k - 1, while fn runs on batch k
+                pending = (k, user_batch, result)
+            assert pending is not None
+            finish(*pending)
+        else:
+            for k in range(1, len(groups)):
+                user_batch = gather(k)
+                finish(k, user_batch, functools.partial(fn, user_batch))
+    finally:
+        if helper is not None:
+            helper.close()
+        for batch in held:
+            batches.give(batch)
+    return acc.buf if sink is None else None
+
+
+#: Share of a block task's own work on a batch (copying it in, checking and blending the output)
+#: that one call of ``fn`` must take for the task to run ``fn`` in a helper thread, overlapped
+#: with that work (see :func:`apply_block`).
+OVERLAP = 0.25
+
+
+class _timed:
+    """``fn(batch)`` as a thunk that records how long the call took."""
+
+    def __init__(self, fn: Callable, batch: np.ndarray) -> None:
+        self.fn, self.batch, self.seconds = fn, batch, 0.0
+
+    def __call__(self) -> Any:
+        t = time.perf_counter()
+        try:
+            return self.fn(self.batch)
+        finally:
+            self.seconds = time.perf_counter() - t
+
+
+class _Helper:
+    """One thread of one block task that calls ``fn`` on the batches submitted, in order, in a
+    copy of the task's context (a distributed worker's ``get_worker()`` works there too).
+
+    Once a call raised, the batches queued behind it are not handed to ``fn``; :meth:`close`
+    skips the queued ones and joins the thread (after the call in progress, if any).
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.stop = threading.Event()
+        self.context = contextvars.copy_context()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="daskpatch-fn")
+
+    def _call(self, batch: np.ndarray) -> Any:
+        if self.stop.is_set():
+            return None
+        try:
+            return self.fn(batch)
+        except BaseException:
+            self.stop.set()
+            raise
+
+    def submit(self, batch: np.ndarray) -> Callable[[], Any]:
+        """Queue ``fn(batch)``; a thunk that waits for its output (or raises its exception)."""
+        return self.executor.submit(self.context.run, self._call, batch).result
+
+    def close(self) -> None:
+        self.stop.set()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def reconstruct_block(spec: ReconstructBlock, chunks: list, sink: Sink | None = None
+                      ) -> np.ndarray | None:
+    """Accumulate task of ``reconstruct``: the block's patches come from the patch array."""
+    channels, size = spec.channels, spec.patch_shape
+    acc = Accumulator(spec.ext_lo, spec.ext_shape, channels, spec.numbers, spec.weights, sink)
+    ys = [spec.layout.to_canonical(np.asarray(chunks[c][i:i + 1]))[0]
+          .reshape((channels,) + size) for c, i in spec.where]
+    acc.add_batch(list(spec.gidxs), [np.asarray(st) for st in spec.starts], ys)
+    return acc.buf if sink is None else None

@@ -1,0 +1,138 @@
+"""Halo exchange and the output chunks: the parts of a block's buffer that fall into other
+blocks' chunks, and the sum (and cast) of each output chunk from its parts."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from daskpatch.engine import memory as _memory
+from daskpatch.engine.numbers import cast, doubled, nan_error, wide_dtype
+from daskpatch.engine.spec import ChunkSum
+from daskpatch.storage.spill import Spill
+
+
+def halo(buf: np.ndarray, pieces: list, spill: Spill | None = None, name: str = "",
+         bidx: tuple[int, ...] = ()) -> dict:
+    """Copy the parts of a block buffer that belong to other chunks, keyed by chunk index.
+
+    With ``spill`` the parts that belong to other chunks (the halo faces) are written there and
+    the dict holds their keys; the block's own part (``pieces`` may name the block ``bidx``
+    itself) stays in memory, a copy, so the buffer is freed at once and the own part goes
+    straight into its chunk (see :func:`add`). Only the halo ever reaches the disk.
+    """
+    if spill is None:
+        return {target: buf[(slice(None),) + sl].copy() for target, sl in pieces}
+    out = {}
+    for target, sl in pieces:
+        if target == bidx:
+            out[target] = buf[(slice(None),) + sl].copy()
+            continue
+        key = spill.key(name, bidx, target)
+        spill.put(key, buf[(slice(None),) + sl])
+        out[target] = (spill, key)
+    return out
+
+
+def spilled_keys(parts: dict) -> dict:
+    """The halo task of a spilled block: the keys of its spilled parts, without its own part
+    (so that the block's own part is freed as soon as its own chunk is summed)."""
+    return {target: part for target, part in parts.items() if isinstance(part, tuple)}
+
+
+def _on_cluster() -> bool:
+    """Whether this task runs on a ``distributed`` worker, where a result lost with a worker
+    is computed again from its inputs (so spilled parts must stay until the write is done)."""
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return False
+    try:
+        distributed.get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+def _consumed(parts: list, sels: Any) -> list:
+    """The spilled ``(spill, key)`` pieces a chunk reads (each is read by that chunk only)."""
+    return [piece for part, sel in zip(parts, sels) if isinstance(part, dict)
+            for piece in [part[sel]] if isinstance(piece, tuple)]
+
+
+def add(spec: ChunkSum, parts: list, after: Any = None) -> np.ndarray:
+    """Sum one output chunk from its own block buffer and its neighbours' halo pieces, and cast.
+
+    ``parts[k]`` is a block buffer or a halo dict (see :class:`ChunkSum`); ``after`` (unused) is
+    the block's own halo task, so that the scheduler copies the halo out first.
+    Spilled pieces are deleted once the chunk is summed: each is read by this chunk alone, and
+    the local schedulers run a task once per compute (a new compute runs the blocks again). On
+    a ``distributed`` worker they stay until :func:`daskpatch.to_zarr` is done (a chunk lost
+    with a worker is summed again from them).
+    The sum (and a cast to a narrower float) is redone in float64 and saturated if it overflows;
+    the cast to an integer dtype rounds and saturates (:func:`daskpatch._numbers.cast`).
+    """
+    sels, dsts, user, copy = spec.sels, spec.dsts, spec.user, spec.copy
+    acc_dtype, out_dtype = spec.acc_dtype, spec.out_dtype
+    channels, channel_axis, cov = spec.channels, spec.channel_axis, spec.cov
+    shape = (channels + user,) + tuple(spec.chunk_shape)
+
+    def nan_at(idx: tuple[int, ...]) -> Exception:
+        key, bounds = spec.where
+        return nan_error(out_dtype, key, bounds, channels, channel_axis,
+                         (idx[0],) + tuple(lo + i for (lo, _), i in zip(bounds, idx[1:])))
+
+    try:
+        with np.errstate(over="raise"):
+            out = cast(chunk_sum(parts, sels, dsts, shape, user, acc_dtype, acc_dtype, copy),
+                       out_dtype, nan_at)
+    except FloatingPointError:  # the same sum in float64 at half scale, saturated
+        with np.errstate(over="ignore"):
+            half = chunk_sum(parts, sels, dsts, shape, user, acc_dtype, wide_dtype(acc_dtype),
+                             copy, 0.5)
+        out = cast(doubled(half), out_dtype, nan_at)
+    if cov is not None:
+        mask = np.ones((), dtype=bool)
+        for c in cov:
+            mask = np.logical_and.outer(mask, c)
+        out[:, ~mask] = spec.fill_value
+    spilled = _consumed(parts, sels)
+    if spilled and not _on_cluster():
+        for where, key in spilled:
+            where.delete(key)
+    if channel_axis is None:
+        return out[0]
+    return np.moveaxis(out, 0, channel_axis)
+
+
+def chunk_sum(parts: list, sels: Any, dsts: Any, shape: tuple[int, ...], user: int,
+              acc_dtype: np.dtype, dtype: np.dtype, copy: bool, scale: float | None = None
+              ) -> np.ndarray:
+    """The parts of a chunk summed in ``dtype`` (and divided by the user window's weights),
+    times ``scale`` if given."""
+    if copy and np.dtype(dtype).kind in "fc":
+        out = np.full(shape, -0.0, dtype=dtype)
+    else:
+        out = _memory.zeros(shape, dtype)
+    for part, sel, dst in zip(parts, sels, dsts):
+        if isinstance(part, dict):
+            piece = part[sel]
+            if isinstance(piece, tuple):  # spilled: (where, key)
+                piece_shape = (shape[0],) + tuple(d.stop - d.start for d in dst)
+                piece = piece[0].get(piece[1], piece_shape, np.dtype(acc_dtype))
+        else:
+            piece = part[(slice(None),) + sel]
+        if scale is not None:
+            factor = np.full((shape[0],) + (1,) * (len(shape) - 1), scale)
+            if user:
+                factor[-1] = 1.0  # the weights: their ratio with the data is halved
+            piece = piece * factor
+        region = out[(slice(None),) + dst]
+        np.add(region, piece, out=region)
+    if user:
+        w = out[-1]
+        out = out[:-1]
+        np.divide(out, w, out=out, where=w > 0)
+    return out
+

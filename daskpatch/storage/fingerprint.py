@@ -1,0 +1,278 @@
+"""What a graph reads, and the fingerprint of everything that determines a written result.
+
+:func:`daskpatch.to_zarr` stores a *fingerprint* in the output's ``attrs["daskpatch"]``: shape,
+dtype, chunks, the overlap-add parameters of every engine in the graph, the inputs the graph reads
+and a user-given ``run_id``. ``resume=True`` refuses an array whose fingerprint differs (naming
+the first parameter that differs), and every write task checks that no other writer replaced the
+array meanwhile. The graph scan that finds the inputs also keeps a write from overwriting what it
+reads (:func:`check_not_read`) and :func:`daskpatch.to_numpy` from writing into its own input
+(:func:`check_not_aliased`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from dask.highlevelgraph import MaterializedLayer
+from zarr.abc.store import Store
+
+from daskpatch.graph import layers as _graph
+from daskpatch.storage.stores import ATTR, FORMAT, _join, get, location, overlaps, stored_fingerprint
+
+
+# --------------------------------------------------------------------------------------------
+# what a graph reads
+# --------------------------------------------------------------------------------------------
+
+
+def _scan(value: Any, found: dict[int, Any], depth: int = 0) -> None:
+    if isinstance(value, (np.ndarray, zarr.Array)):
+        found.setdefault(id(value), value)
+    elif isinstance(value, (tuple, list)) and depth < 2:
+        for v in value:
+            _scan(v, found, depth + 1)
+    elif type(value).__name__ == "DataNode":  # dask's task spec wrapper of a literal
+        _scan(getattr(value, "value", None), found, depth + 1)
+
+
+def graph_arrays(x: da.Array, *, sources_only: bool = False) -> list[Any]:
+    """The NumPy and Zarr arrays a Dask array's graph holds (not the ones it computes).
+
+    That is what ``from_array``/``from_zarr`` (``original-`` layers, or the arrays of an inline
+    ``from_zarr``), daskpatch's readers (``source-of-`` layers of :func:`~daskpatch.apply_patches`,
+    :func:`~daskpatch.extract_patches` and :func:`~daskpatch.reconstruct`) and any other
+    materialised layer hold; the on-demand layers of daskpatch hold no data. With
+    ``sources_only`` the NumPy chunks that small ``from_array`` calls copy into the graph are
+    left out (they are data, not an input that could be named).
+    """
+    found: dict[int, Any] = {}
+    for name, layer in _graph.layers(x).items():
+        source = name.startswith(("original-", "source-of-"))
+        if isinstance(layer, MaterializedLayer):
+            if sources_only and not source:
+                part: dict[int, Any] = {}
+                for value in layer.mapping.values():
+                    _scan(value, part)
+                found.update((k, v) for k, v in part.items() if isinstance(v, zarr.Array))
+            else:
+                for value in layer.mapping.values():
+                    _scan(value, found)
+        else:
+            for value, index in getattr(layer, "indices", ()) or ():
+                if index is None:
+                    _scan(value, found)
+    return list(found.values())
+
+
+def check_not_read(x: da.Array, store: Store, path: str | None, where: str) -> None:
+    """Refuse a target that contains, or lies inside, a Zarr array the graph reads."""
+    target = location(store, path)
+    for source in graph_arrays(x, sources_only=True):
+        if not isinstance(source, zarr.Array):
+            continue
+        loc = location(source.store, source.path or None)
+        if not overlaps(loc, target):
+            continue
+        if loc == target:
+            what = where
+        else:
+            inside = loc[1].startswith(target[1].rstrip("/") + "/")
+            what = f"the Zarr array {loc[0]}://{loc[1]}, {'inside' if inside else 'which holds'}"
+            what += f" {where}"
+        raise ValueError(
+            f"to_zarr: the input array reads from {what}, which this call would write (and "
+            "overwrite or delete what it reads); write to a location that neither contains "
+            "that array nor lies inside it (rechunk_to_stride copies an array to new chunks)"
+        )
+
+
+def check_not_aliased(x: da.Array, out: np.ndarray) -> None:
+    """Refuse an ``out`` sharing memory with a NumPy array the graph reads."""
+    for source in graph_arrays(x):
+        if isinstance(source, np.ndarray) and np.may_share_memory(out, source):
+            raise ValueError(
+                "out shares memory with a NumPy array the computation reads (shape "
+                f"{source.shape}, dtype {source.dtype}): writing the result there would change "
+                "the input while it is read; pass out=None or a separate array"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# fingerprints
+# --------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # NaN and inf are not JSON
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+
+
+def _input(source: Any) -> str:
+    if isinstance(source, zarr.Array):
+        kind, where = location(source.store, None)
+        return f"zarr {kind}://{where}" + (f" path {source.path!r}" if source.path else "")
+    return (f"numpy (content not fingerprinted) shape {tuple(source.shape)} dtype "
+            f"{source.dtype}")
+
+
+def fingerprint(x: da.Array, chunks: tuple[int, ...], run_id: str | None) -> dict[str, Any]:
+    """Everything that determines ``x`` written with Zarr ``chunks``, except the model.
+
+    The overlap-add parameters come from the ``params`` of the engines in the graph; the inputs
+    are the Zarr arrays the graph reads (by location) and the NumPy arrays it was given (by
+    shape and dtype only: their content is not hashed). A model cannot be fingerprinted
+    reliably (a closure's token differs in every process); ``run_id`` names its version.
+    """
+    engines = []
+    for layer in _graph.layers(x).values():
+        params = getattr(getattr(layer, "engine", None), "params", None)
+        if isinstance(params, dict) and params:
+            engines.append(params)
+    inputs = sorted({_input(s) for s in graph_arrays(x, sources_only=True)})
+    return _jsonable({
+        "format": FORMAT,
+        "shape": x.shape,
+        "dtype": str(x.dtype),
+        "chunks": chunks,
+        "pipeline": [e.get("kind", "?") for e in engines],
+        "engines": engines,
+        "inputs": inputs,
+        "run_id": run_id,
+    })
+
+
+def _flat(fp: dict[str, Any], other: dict[str, Any]) -> list[tuple[str, Any]]:
+    out = [(k, fp.get(k)) for k in ("format", "shape", "dtype", "chunks", "pipeline")]
+    engines = fp.get("engines") or []
+    if fp.get("pipeline") == other.get("pipeline"):
+        for i, params in enumerate(engines):
+            label = "" if len(engines) == 1 else f"{params.get('kind')} #{i + 1} "
+            keys = list(params) + [k for k in (other.get("engines") or [{}] * len(engines))[i]
+                                   if k not in params]
+            out.extend((label + k, params.get(k)) for k in keys if k != "kind")
+    out += [("input", fp.get("inputs")), ("run_id", fp.get("run_id"))]
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            return "[" + ", ".join(_show(v) for v in value) + "]"
+        return "(" + ", ".join(_show(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def first_difference(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    a, b = _flat(old, new), dict(_flat(new, old))
+    for name, value in a:
+        if value != b.get(name):
+            return name, value, b.get(name)
+    for name, value in b.items():  # a parameter only the new fingerprint has
+        if name not in dict(a):
+            return name, None, value
+    return None
+
+
+
+
+def record(fp: dict[str, Any]) -> dict[str, Any]:
+    """The ``attrs["daskpatch"]`` value of a new output."""
+    return {"fingerprint": fp,
+            "note": "written by daskpatch.to_zarr; resume=True checks this fingerprint"}
+
+
+def check_fingerprint(z: zarr.Array, fp: dict[str, Any], where: str) -> None:
+    """Refuse to resume an array written with other parameters, naming the first difference."""
+    old = stored_fingerprint(z)
+    if old is None:
+        raise ValueError(
+            f"resume=True needs an array written by daskpatch.to_zarr, which records its "
+            f"parameters in attrs[{ATTR!r}]; {where} has no such record (written by another "
+            "tool, or by an older daskpatch), so its chunks cannot be trusted to match. Pass "
+            "overwrite=True to start again"
+        )
+    diff = first_difference(old, fp)
+    if diff is not None:
+        name, was, now = diff
+        raise ValueError(
+            f"resume=True: {where} was written with {name}={_show(was)}, but this call has "
+            f"{name}={_show(now)} (the first parameter that differs); resuming would mix "
+            "chunks of two different results. Resume with the same parameters (and run_id), or "
+            "pass overwrite=True to start again"
+        )
+
+
+def current_fingerprint(z: zarr.Array) -> dict[str, Any] | None:
+    """The fingerprint in the store now (one small read of the array's ``zarr.json``)."""
+    raw = get(z.store, _join(z.path, "zarr.json"))
+    try:
+        attrs = json.loads(raw or b"null")["attributes"]
+        return attrs[ATTR]["fingerprint"]
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def check_still_ours(z: zarr.Array, fp: dict[str, Any], where: str) -> None:
+    """Refuse to go on when another writer replaced the array (and its fingerprint) since this
+    write began: checked before each chunk is written and before the array is marked complete."""
+    now = current_fingerprint(z)
+    if now != fp:
+        diff = first_difference(fp, now) if now is not None else ("fingerprint", fp, None)
+        name, mine, theirs = diff or ("fingerprint", fp, now)
+        raise ValueError(
+            f"to_zarr: {where} was rewritten by another writer while this one ran (its {name} "
+            f"is now {_show(theirs)}, this call's is {_show(mine)}); this write stops here and "
+            "does not touch it further. Run one writer at a time per array"
+        )
+
+
+def _codecs(codecs: Any) -> str:
+    """Codecs as their JSON names and settings, e.g. ``[zstd(level=0, checksum=False)]``."""
+    shown = []
+    for codec in codecs:
+        d = codec.to_dict()
+        conf = ", ".join(f"{k}={v}" for k, v in d.get("configuration", {}).items())
+        shown.append(f"{d['name']}({conf})")
+    return "[" + ", ".join(shown) + "]"
+
+
+def check_resumable(z: zarr.Array, x: da.Array, chunks: tuple[int, ...], compressors: tuple,
+                    where: str) -> None:
+    """Refuse to resume an array whose shape, dtype, chunks, compressors or sharding differ
+    from this write's."""
+    problems = []
+    if tuple(z.shape) != tuple(x.shape):
+        problems.append(f"shape {tuple(z.shape)} (this write: {tuple(x.shape)})")
+    if np.dtype(z.dtype) != x.dtype:
+        problems.append(f"dtype {np.dtype(z.dtype)} (this write: {x.dtype})")
+    if tuple(z.chunks) != chunks:
+        problems.append(f"chunks {tuple(z.chunks)} (this write: {chunks}; pass chunks= to match)")
+    if z.metadata.zarr_format == 3 and tuple(z.compressors) != tuple(compressors):
+        problems.append(f"compressors {_codecs(z.compressors)} (this write: "
+                        f"{_codecs(compressors)}; pass the same compressors=, or --compressor)")
+    if getattr(z, "shards", None) is not None:
+        problems.append(f"shards {z.shards} (to_zarr writes unsharded arrays)")
+    if problems:
+        raise ValueError(
+            f"resume=True needs the existing array at {where} to match this write, but it has "
+            + "; ".join(problems)
+            + ". Pass overwrite=True to start again."
+        )

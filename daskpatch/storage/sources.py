@@ -1,0 +1,474 @@
+"""The one way in: user arrays (NumPy, Dask, Zarr) and the reads of their regions.
+
+- :class:`Volume`: a volume for the graph builders (``extract_patches``, ``apply_patches``);
+- :class:`Source`: one array of the training loaders, kept by path (reopened in each process)
+  or as the array itself;
+- :func:`pad_axis` and :func:`_apply_maps`: the one padding (``numpy.pad`` modes, or a constant
+  ``pad_value``) of a region that runs past the end of a volume, shared by both.
+
+Patch extraction and the blending engine both build one task per group of patches that reads a
+region (a group's bounding box, or a work block plus its halo). This module turns a user volume
+into a :class:`Volume` in a canonical layout — channel axis first, then batch and spatial axes —
+and builds the task that reads a region of it, padded past the end where a ``border="pad"`` grid
+needs it.
+
+Two ways to read:
+
+- *direct*: the volume is an array-like (NumPy, Zarr, or a Dask array that is a bare
+  ``from_array``/``from_zarr`` over one) and the task slices it itself, so a Zarr-backed task reads
+  exactly the chunks its region touches, and no chunk stays in memory between tasks;
+- *chunks*: any other Dask array; the task depends on the chunks its region overlaps and copies
+  the overlapping parts into place.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from zarr.buffer import default_buffer_prototype
+from dask.base import tokenize
+
+from daskpatch.graph import layers as _graph
+from daskpatch.engine import memory as _memory
+from daskpatch.geometry.layout import Layout
+from daskpatch.config import get_bytes
+from daskpatch.geometry.parse import _describe
+
+
+def _direct_source(x: da.Array) -> Any | None:
+    """The array-like under a Dask array built by ``from_array``/``from_zarr``, else ``None``."""
+    return _graph.direct_source(x)
+
+
+def _unwrap(obj: Any, param: str) -> tuple[Any, bool]:
+    """``(array, is_dask)``: the array-like under a bare ``from_array``/``from_zarr`` Dask array
+    (read directly), any other Dask array as it is (its shape must be known), else ``obj``."""
+    if not isinstance(obj, da.Array):
+        return obj, False
+    if any(math.isnan(c) for c in obj.shape):
+        raise ValueError(f"{param} must have a known shape; got {obj.shape}")
+    src = _direct_source(obj)
+    return (obj, True) if src is None else (src, False)
+
+
+def _is_array_like(obj: Any) -> bool:
+    return hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__")
+
+
+def _pad_map(n: int, total: int, mode: str) -> np.ndarray:
+    """Source index for each padded position along an axis (-1 for a constant fill)."""
+    if mode == "constant":
+        return np.concatenate([np.arange(n), np.full(total - n, -1)])
+    return np.pad(np.arange(n), (0, total - n), mode=mode)  # type: ignore[call-overload]
+
+
+def pad_axis(n: int, lo: int, hi: int, mode: str) -> tuple[np.ndarray | None, int, int]:
+    """How to read ``[lo, hi)`` of an axis of length ``n`` padded past its end with ``mode``:
+    ``(map, s0, s1)``: read ``[s0, s1)``, then take ``map`` (indices into that read, -1 for the
+    constant fill; ``None`` when nothing is padded) with :func:`_apply_maps`.
+
+    Examples
+    --------
+    >>> pad_axis(5, 1, 4, "reflect")
+    (None, 1, 4)
+    >>> m, s0, s1 = pad_axis(5, 3, 8, "reflect")
+    >>> m.tolist(), s0, s1
+    ([2, 3, 2, 1, 0], 1, 5)
+    >>> m, s0, s1 = pad_axis(5, 3, 8, "constant")
+    >>> m.tolist(), s0, s1
+    ([0, 1, -1, -1, -1], 3, 5)
+    """
+    if hi <= n:
+        return None, lo, hi
+    full = _pad_map(n, hi, mode)[lo:hi]
+    valid = full[full >= 0]
+    s0, s1 = (int(valid.min()), int(valid.max()) + 1) if valid.size else (0, 0)
+    return np.where(full >= 0, full - s0, -1), s0, s1
+
+
+@dataclass
+class Volume:
+    """A user volume seen in the canonical layout ``(C, *grid_axes)``.
+
+    ``grid_axes`` are the batch axes followed by the spatial axes (the non-channel axes in their
+    order). ``channels`` is 1 when the volume has no channel axis.
+    """
+
+    array: Any  # array-like (direct) or dask array (chunks), in the user's layout
+    direct: bool
+    channel_axis: int | None  # in the user's array (direct reads)
+    shape: tuple[int, ...]  # grid axes only
+    channels: int
+    dtype: np.dtype
+    name: str
+
+    @classmethod
+    def from_user(cls, volume: Any, channel_axis: int | None, *, param: str = "volume") -> Volume:
+        volume, is_dask = _unwrap(volume, param)
+        if is_dask:
+            x = volume
+            if channel_axis is None:
+                grid_shape, channels = x.shape, 1
+            else:
+                if len(x.chunks[channel_axis]) > 1:
+                    x = x.rechunk({channel_axis: -1})
+                grid_shape = x.shape[:channel_axis] + x.shape[channel_axis + 1:]
+                channels = x.shape[channel_axis]
+            return cls(x, False, channel_axis, tuple(grid_shape), channels, x.dtype, x.name)
+        if not _is_array_like(volume):
+            raise TypeError(
+                f"{param} must be a NumPy, Dask or Zarr array; got {_describe(volume)}"
+            )
+        if isinstance(volume, np.ndarray) or not hasattr(volume, "ndim"):
+            volume = np.asarray(volume)
+        shape = tuple(int(s) for s in volume.shape)
+        if channel_axis is None:
+            grid_shape, channels = shape, 1
+        else:
+            grid_shape = shape[:channel_axis] + shape[channel_axis + 1:]
+            channels = shape[channel_axis]
+        if isinstance(volume, np.ndarray):
+            # a random name, as dask's from_array(name=False): hashing the data costs ~0.7 s/GiB
+            name = "source-" + uuid.uuid4().hex
+        else:
+            name = "source-" + tokenize(volume)
+        return cls(volume, True, channel_axis, grid_shape, channels, np.dtype(volume.dtype), name)
+
+    # -- graph pieces --------------------------------------------------------------------------
+    def source_layer(self) -> tuple[list, dict]:
+        """Collections the read tasks depend on, and graph entries they read."""
+        if self.direct:
+            return [], {self.name: self.array}
+        return [self.array], {}
+
+    def _axis_read(self, a: int, lo: int, hi: int, pad_mode: str) -> tuple:
+        """Per-axis part of a read: (pad map, source lo, source hi, chunk pieces)."""
+        key = (a, lo, hi, pad_mode)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        m, s0, s1 = pad_axis(self.shape[a], lo, hi, pad_mode)
+        pieces = []
+        if not self.direct:
+            bounds = self._bounds[a]
+            i0 = int(np.searchsorted(bounds, s0, "right")) - 1
+            i1 = int(np.searchsorted(bounds, s1, "left"))
+            for i in range(i0, max(i1, i0 + 1)):
+                p0, p1 = max(s0, int(bounds[i])), min(s1, int(bounds[i + 1]))
+                if p0 < p1:
+                    pieces.append((i, slice(p0 - s0, p1 - s0), slice(p0 - bounds[i], p1 - bounds[i])))
+        out = self._cache[key] = (m, s0, s1, pieces)
+        return out
+
+    def read_task(self, lo: tuple[int, ...], hi: tuple[int, ...], pad_mode: str,
+                  pad_value: Any = 0, lazy: bool = False) -> tuple:
+        """A task reading ``[lo, hi)`` (padded coordinates) as ``(C, *region)``, and its inputs;
+        ``pad_mode="constant"`` fills with ``pad_value``. ``lazy``: from a Zarr array, a
+        :class:`Region` read slab by slab as the consumer asks (else the array itself)."""
+        axes = [self._axis_read(a, l, h, pad_mode) for a, (l, h) in enumerate(zip(lo, hi))]
+        maps = [ax[0] for ax in axes]
+        src_lo = tuple(ax[1] for ax in axes)
+        src_hi = tuple(ax[2] for ax in axes)
+        if self.direct:
+            return (_open_region if lazy else _read_direct, self.name, src_lo, src_hi,
+                    self.channel_axis, maps, pad_value), {self.name}
+        keys, spec = [], []
+        ch = self.channel_axis
+        for combo in itertools.product(*[ax[3] for ax in axes]):
+            idx = [p[0] for p in combo]
+            if ch is not None:
+                idx.insert(ch, 0)
+            keys.append((self.array.name, *idx))
+            spec.append((tuple(p[1] for p in combo), tuple(p[2] for p in combo)))
+        shape = (self.channels,) + tuple(h - l for l, h in zip(src_lo, src_hi))
+        return (_read_chunks, shape, self.dtype, spec, maps, ch, keys, pad_value), set(keys)
+
+    def __post_init__(self) -> None:
+        self._cache: dict = {}
+        if not self.direct:
+            chunks = list(self.array.chunks)
+            if self.channel_axis is not None:
+                del chunks[self.channel_axis]
+            self._bounds = [np.cumsum((0,) + c) for c in chunks]
+
+
+def _apply_maps(a: np.ndarray, maps: list, pad_value: Any = 0) -> np.ndarray:
+    """Expand the source read ``a`` (C, *src) to the padded region with the per-axis maps
+    (``-1`` in a map: ``pad_value``)."""
+    if all(m is None for m in maps):
+        return a
+    for ax, m in enumerate(maps):
+        if m is None:
+            continue
+        if a.shape[ax + 1] == 0:  # nothing of the volume on this axis: all fill
+            a = np.full(a.shape[: ax + 1] + (len(m),) + a.shape[ax + 2:], pad_value, a.dtype)
+            continue
+        fill = m < 0
+        a = np.take(a, np.where(fill, 0, m), axis=ax + 1)
+        if fill.any():
+            index = [slice(None)] * a.ndim
+            index[ax + 1] = fill
+            a[tuple(index)] = pad_value
+    return a
+
+
+def _read_direct(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps: list,
+                 pad_value: Any = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """The region ``[lo, hi)`` of ``arr``, canonical ``(C, *region)`` and padded by ``maps``;
+    into ``out`` when given (unpadded, it is decoded straight there, no array beside it)."""
+    index = [slice(l, h) for l, h in zip(lo, hi)]
+    if channel_axis is not None:
+        index.insert(channel_axis, slice(0, arr.shape[channel_axis]))
+    padded = any(m is not None for m in maps)
+    into = None
+    if out is not None and not padded:
+        into = out[0] if channel_axis is None else np.moveaxis(out, 0, channel_axis)
+    try:
+        region = _read_region(arr, tuple(index), out=into)
+    except Exception as err:  # a corrupt chunk, a lost store: say which array and where
+        err.add_note(_read_note(arr, tuple(index)))
+        raise
+    if into is None:
+        region = _apply_maps(_canonical(region, channel_axis), maps, pad_value)
+        if out is not None:
+            out[...] = region
+    return region if out is None else out
+
+
+class Region:
+    """A region of a Zarr array, read in slabs of whole chunks along its first grid axis as the
+    consumer asks for them (:meth:`upto`), each chunk once: a block task's model starts on its
+    first patches while the rest of the region is still to be read. ``data`` is the whole region
+    ``(C, *region)``, valid from the rows given back (:meth:`drop`) up to the rows read."""
+
+    def __init__(self, arr: Any, lo: tuple, hi: tuple, channel_axis: int | None,
+                 maps: list, pad_value: Any = 0) -> None:
+        self.arr, self.lo, self.hi, self.channel_axis, self.maps = arr, lo, hi, channel_axis, maps
+        self.pad_value = pad_value
+        channels = 1 if channel_axis is None else arr.shape[channel_axis]
+        self.shape = (channels,) + tuple(h - l if m is None else len(m)
+                                         for l, h, m in zip(lo, hi, maps))
+        self.data = _memory.zeros(self.shape, arr.dtype, populate=False)
+        step = arr.chunks[1 if channel_axis == 0 else 0]  # the first grid axis's chunks
+        self.cuts = [lo[0]] + list(range((lo[0] // step + 1) * step, hi[0], step)) + [hi[0]]
+        self.done = 0  # slabs read
+        self.dropped = 0  # rows given back
+
+    def drop(self, stop: int) -> None:
+        """Give back the region's rows ``[0, stop)`` on its first grid axis: the consumer has
+        copied out every patch that starts there (they read as zeros afterwards)."""
+        if stop > self.dropped:
+            _memory.drop(self.data, self.dropped, stop)
+            self.dropped = stop
+
+    def upto(self, stop: int) -> None:
+        """Read the slabs holding the region's rows ``[0, stop)`` on its first grid axis."""
+        lo0 = self.lo[0]
+        while self.done < len(self.cuts) - 1 and self.cuts[self.done] - lo0 < stop:
+            a, b = self.cuts[self.done], self.cuts[self.done + 1]
+            self.done += 1
+            _memory.reach(self.data, a - lo0, b - lo0)  # mapped in at once, not page by page
+            # decoded straight into the region: no slab array beside it (a 256-row slab of a
+            # 320^2 region is 100 MiB of float32)
+            _read_direct(self.arr, (a,) + tuple(self.lo[1:]), (b,) + tuple(self.hi[1:]),
+                         self.channel_axis, [None] + list(self.maps[1:]), self.pad_value,
+                         out=self.data[:, a - lo0:b - lo0])
+
+
+def _open_region(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps: list,
+                 pad_value: Any = 0) -> Any:
+    """A :class:`Region` of a Zarr array spanning several chunks on its first grid axis (not
+    padded there), or else the region read at once as :func:`_read_direct` reads it."""
+    axis = 1 if channel_axis == 0 else 0
+    chunks = getattr(arr, "chunks", None)
+    if (isinstance(arr, zarr.Array) and isinstance(chunks, tuple) and maps[0] is None
+            and lo[0] // chunks[axis] < (hi[0] - 1) // chunks[axis]):
+        return Region(arr, lo, hi, channel_axis, maps, pad_value)
+    return _read_direct(arr, lo, hi, channel_axis, maps, pad_value)
+
+
+#: Most stored chunks (or shards) probed one by one to find the one a failed read tripped on.
+PROBE_CHUNKS = 64
+
+
+def _read_note(arr: Any, index: tuple[slice, ...]) -> str:
+    """A note for an exception raised reading ``arr[index]``: the array, the region and, for a
+    Zarr array, the first stored chunk (or shard) of the region that cannot be read alone."""
+    region = "[" + ", ".join(f"{s.start}:{s.stop}" for s in index) + "]"
+    if not isinstance(arr, zarr.Array):
+        return (f"daskpatch: raised reading region {region} of a {type(arr).__name__} of shape "
+                f"{tuple(arr.shape)}")
+    where = f"the Zarr array at {arr.store_path}"
+    grid = arr.shards or arr.chunks
+    ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(index, grid)]
+    combos = list(itertools.islice(itertools.product(*ranges), PROBE_CHUNKS))
+    for combo in combos:
+        sel = tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(combo, grid, arr.shape))
+        try:
+            arr[sel]
+        except Exception as err:
+            try:
+                key = f" (stored as {arr.metadata.encode_chunk_key(combo)!r})"
+            except Exception:
+                key = ""
+            what = "shard" if arr.shards else "chunk"
+            return (f"daskpatch: raised reading region {region} of {where}: its {what} "
+                    f"{combo}{key} cannot be read ({type(err).__name__}: {err})")
+    span = ", ".join(f"{r.start}..{r.stop - 1}" for r in ranges)
+    return f"daskpatch: raised reading region {region} (chunks {span}) of {where}"
+
+
+def _read_region(arr: Any, index: tuple[slice, ...], out: np.ndarray | None = None) -> Any:
+    """``arr[index]`` (read into ``out``, a NumPy array of its shape, when given); a Zarr read
+    touching more than ``daskpatch.read-bytes`` of chunks is done in boxes of whole chunks that
+    each touch at most that many bytes (at least one chunk): zarr decodes all the chunks of one
+    read at once (8 chunks of 64 MiB for a block plus halo is half a GiB of transient memory),
+    while reading small chunks one by one costs a round trip each (125 reads of 1 MiB take twice
+    as long as 3 reads of 50)."""
+    chunks = getattr(arr, "chunks", None)
+    if not isinstance(arr, zarr.Array) or not isinstance(chunks, tuple):
+        if out is None:
+            return arr[index]
+        out[...] = arr[index]
+        return out
+    ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(index, chunks)]
+    touched = math.prod(len(r) for r in ranges)
+    chunk_bytes = math.prod(chunks) * arr.dtype.itemsize
+    budget = get_bytes("read-bytes")
+    if touched <= 1 or touched * chunk_bytes <= budget:
+        return _get(arr, index, out)
+    group = [len(r) for r in ranges]  # chunks per box along each axis, the first axes cut first
+    for a in range(len(group)):
+        if math.prod(group) * chunk_bytes <= budget:
+            break
+        group[a] = max(1, int(budget // (chunk_bytes * math.prod(group[a + 1:]))))
+    if out is None:
+        out = np.empty(tuple(s.stop - s.start for s in index), dtype=arr.dtype)
+    for combo in itertools.product(*[range(r.start, r.stop, g) for r, g in zip(ranges, group)]):
+        src = tuple(slice(max(s.start, k * c), min(s.stop, (k + g) * c))
+                    for s, k, c, g in zip(index, combo, chunks, group))
+        _get(arr, src, out[tuple(slice(a.start - s.start, a.stop - s.start)
+                                 for a, s in zip(src, index))])
+    return out
+
+
+def _get(arr: Any, index: tuple[slice, ...], out: np.ndarray | None) -> Any:
+    """``arr[index]`` of a Zarr array, or decoded straight into ``out`` (any NumPy view of the
+    index's shape), without an array of its own beside it."""
+    if out is None:
+        return arr[index]
+    arr.get_basic_selection(index, out=default_buffer_prototype().nd_buffer.from_numpy_array(out))
+    return out
+
+
+def _canonical(block: Any, channel_axis: int | None) -> np.ndarray:
+    block = np.asarray(block)
+    return block[None] if channel_axis is None else np.moveaxis(block, channel_axis, 0)
+
+
+def _read_chunks(shape: tuple, dtype: np.dtype, spec: list, maps: list,
+                 channel_axis: int | None, blocks: list, pad_value: Any = 0) -> np.ndarray:
+    if len(spec) == 1 and _canonical(blocks[0], channel_axis).shape == tuple(shape):
+        a = _canonical(blocks[0], channel_axis)
+    else:
+        a = np.empty(shape, dtype=dtype)
+        for (dst, src), b in zip(spec, blocks):
+            a[(slice(None),) + dst] = _canonical(b, channel_axis)[(slice(None),) + src]
+    return _apply_maps(a, maps, pad_value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loaders' arrays: one user array, opened lazily in each process
+# ----------------------------------------------------------------------------------------------
+def _open_zarr(path: str, param: str, mode: str = "r") -> zarr.Array:
+    try:
+        return zarr.open_array(path, mode=mode)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{param}: no Zarr array at {path!r}") from e
+    except zarr.errors.NodeTypeValidationError as e:
+        raise ValueError(
+            f"{param}: {path!r} is a Zarr group, not an array; pass the array itself, e.g. "
+            "zarr.open_array(store, path='name', mode='r')"
+        ) from e
+
+
+class Source:
+    """One user array of a loader: keeps a path (reopened per process) or the array itself."""
+
+    def __init__(self, obj: Any, param: str) -> None:
+        self.param = param
+        self.path: str | None = None
+        self._obj: Any = None
+        self._handle: zarr.Array | None = None
+        self._pid: int | None = None
+        self.is_dask = False
+        if isinstance(obj, (str, os.PathLike)):
+            self.path = os.fspath(obj)
+            arr: Any = _open_zarr(self.path, param)
+            self._handle, self._pid = arr, os.getpid()
+        else:
+            obj, self.is_dask = _unwrap(obj, param)
+            if not self.is_dask and not _is_array_like(obj):
+                raise TypeError(
+                    f"{param} must be a Zarr store path, or a Zarr, Dask or NumPy array; "
+                    f"got {_describe(obj)}"
+                )
+            self._obj = arr = obj
+        self.shape: tuple[int, ...] = tuple(int(s) for s in arr.shape)
+        self.dtype = np.dtype(arr.dtype)
+        if len(self.shape) == 0:
+            raise ValueError(f"{param} must have at least one axis; got a 0-d array")
+        self.zarr_backed = isinstance(arr, zarr.Array)
+        if self.zarr_backed:
+            self.chunks: tuple[Any, ...] | None = tuple(int(c) for c in arr.chunks)
+        elif self.is_dask:
+            self.chunks = tuple(tuple(int(c) for c in cs) for cs in arr.chunks)
+        else:
+            self.chunks = None
+
+    # -- lazy, fork-safe access ----------------------------------------------------------------
+    @property
+    def array(self) -> Any:
+        """The array to read from, (re)opened in this process if it was given by path."""
+        if self.path is None:
+            return self._obj
+        if self._handle is None or self._pid != os.getpid():
+            self._handle, self._pid = _open_zarr(self.path, self.param), os.getpid()
+        return self._handle
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.path is not None:  # never ship an open handle: the worker reopens the path
+            state["_handle"] = None
+            state["_pid"] = None
+        return state
+
+    def read(self, index: tuple[Any, ...]) -> np.ndarray:
+        part = self.array[index]
+        if self.is_dask:
+            # local, single-threaded: a loader worker must not start thread pools or use a client
+            part = part.compute(scheduler="synchronous")
+        return np.asarray(part)
+
+    def read_patch(self, layout: Layout, batch: tuple[int, ...], start: Sequence[int],
+                   size: Sequence[int], pad_mode: str = "constant",
+                   pad_value: Any = 0) -> np.ndarray:
+        """Patch ``[start, start + size)`` of the volume at ``batch`` as a contiguous
+        ``(C, *size)`` array, padded past the end like the engine's reads (:func:`pad_axis`)."""
+        axes = [pad_axis(n, int(s), int(s) + z, pad_mode)
+                for n, s, z in zip(layout.spatial_shape, start, size)]
+        index = layout.index(batch, [slice(s0, s1) for _, s0, s1 in axes])
+        a = layout.channel_first(self.read(index))
+        return np.ascontiguousarray(_apply_maps(a, [m for m, _, _ in axes], pad_value))
+
+    def describe(self) -> str:
+        return f"{self.param} ({self.path!r})" if self.path else self.param
