@@ -57,10 +57,11 @@ def main() -> None:
     blocks = sorted((p, k[1:]) for k, p in rank.items()
                     if isinstance(k, tuple) and str(k[0]).startswith("acc-"))
     print("dask.order of the blocks in to_zarr's job:", [b for _, b in blocks])
+    from daskpatch.graph.engine import find_engines
     from daskpatch.graph.order import BiggestFirst
 
     arr = dp.apply_patches(dp.open_volume(src), model, 64, 32, batch_size=8)
-    (engine,) = dp._graph.find_engines(arr).values()
+    (engine,) = find_engines(arr).values()
     first = BiggestFirst([engine])
     print("the order the cluster is given (priority annotations, biggest first, then dask.order):",
           [b for _, b in sorted(blocks, key=lambda pb: (-first((engine.acc_name, *pb[1])),

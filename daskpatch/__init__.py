@@ -10,15 +10,8 @@ from daskpatch.patches import apply_patches, reconstruct
 from daskpatch.data.datasets import PatchDataset, RandomPatchDataset
 from daskpatch.extract import extract_patches
 from daskpatch.geometry.grid import PatchGrid
-from daskpatch.io import (
-    IncompleteWarning,
-    aligned_chunks,
-    is_stride_aligned,
-    open_volume,
-    rechunk_to_stride,
-    to_numpy,
-    to_zarr,
-)
+from daskpatch.io import IncompleteWarning, open_volume, to_numpy, to_zarr
+from daskpatch.rechunk import aligned_chunks, is_stride_aligned, rechunk_to_stride
 from daskpatch.seed import get_patches, reconstruct_patch
 from daskpatch.geometry.windows import BLENDS, window
 

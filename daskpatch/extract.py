@@ -13,7 +13,7 @@ from dask.utils import parse_bytes
 
 from daskpatch.geometry.layout import Layout, full_grid, parse_layout
 from daskpatch.graph.layers import LazyLayer, new_array
-from daskpatch.storage.sources import Volume
+from daskpatch.graph.inputs import Volume
 from daskpatch.geometry.parse import BORDERS, PAD_MODES, BorderMode, PadMode, parse_choice, parse_pad_value
 from daskpatch.adapters.xarray import accepts_dataarray
 

@@ -34,33 +34,26 @@ from dask.delayed import Delayed
 from zarr.abc.store import Store
 
 from daskpatch.storage import fingerprint as _fingerprint
-from daskpatch.graph import layers as _graph
 from daskpatch.engine import memory as _memory
 from daskpatch.storage import ome as _ome
 from daskpatch.graph import jobs as _sched
 from daskpatch.storage import stores as _store
 from daskpatch.storage import storeio as _storeio
 from daskpatch.storage import writes as _writes
-from daskpatch.rechunk import (
-    DEFAULT_TARGET_BYTES,
-    aligned_chunks,
-    as_dask,
-    is_stride_aligned,
-    rechunk_to_stride,
-    write_chunks,
-)
+from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES, as_dask, downsampled, write_chunks
+from daskpatch.graph.inspect import check_not_aliased, check_not_read
+from daskpatch.graph.inspect import fingerprint as fingerprint_of
+from daskpatch.graph.layers import from_zarr
 from daskpatch.storage.stores import IncompleteWarning, StoreLike
-from daskpatch.geometry.parse import _describe, parse_bool
+from daskpatch.geometry.parse import _describe, parse_bool, parse_choice, parse_int
 from daskpatch.adapters.xarray import is_dataarray as _is_dataarray
-from daskpatch.patches import engine_into, spill_bytes, spill_into
+from daskpatch.graph.lowering import engine_into, spill_into, written_engine
+from daskpatch.storage.spill import spill_bytes
 
 __all__ = [
     "DEFAULT_TARGET_BYTES",
     "IncompleteWarning",
-    "aligned_chunks",
-    "is_stride_aligned",
     "open_volume",
-    "rechunk_to_stride",
     "to_numpy",
     "to_zarr",
 ]
@@ -144,7 +137,11 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None, *, level
     ValueError: store/path must name a Zarr array, but ... holds a group; pass path= one of ['raw']
     >>> tmp.cleanup()
     """
-    return _ome.open_volume(store, path, level=level, xarray=xarray)
+    level = parse_int(level, "level", minimum=0)
+    xarray = parse_bool(xarray, "xarray")
+    z, image = _ome.locate(store, path, level)
+    data = from_zarr(z)
+    return _ome.as_dataarray(z, data, image, level) if xarray else data
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +206,7 @@ def _check_target(w: _Write) -> tuple[zarr.Array | None, dict[str, Any]]:
     """The array at the target (``None``: nothing there) and this write's fingerprint, after
     checking the inputs, the target itself, its parents, what it holds, and (to replace it)
     that every part of it can be deleted -- before anything is created or deleted."""
-    _fingerprint.check_not_read(w.x, w.target, w.path, w.where)
+    check_not_read(w.x, w.target, w.path, w.where)
     node = _store.probe(w.reader, w.path, w.where)
     if isinstance(node, zarr.Group):
         raise ValueError(
@@ -222,7 +219,7 @@ def _check_target(w: _Write) -> tuple[zarr.Array | None, dict[str, Any]]:
             "or resume=True to finish an interrupted write"
         )
     _store.check_parents(w.reader, w.path, w.where)
-    fingerprint = _fingerprint.fingerprint(w.x, w.chunks, w.run_id)
+    fingerprint = fingerprint_of(w.x, w.chunks, w.run_id)
     if w.resume and node is not None:
         _fingerprint.check_resumable(node, w.x, w.chunks, w.compressors, w.where)
         _fingerprint.check_fingerprint(node, fingerprint, w.where)
@@ -278,7 +275,7 @@ def _plan(w: _Write, z: zarr.Array, fingerprint: dict[str, Any],
         locs = [loc for loc in np.ndindex(*x.numblocks) if loc not in done]
         writer = functools.partial(_writes.write_task, z=z, fingerprint=fingerprint,
                                    where=w.where)
-        made = _graph.written_engine(x, writer, locs, f"to-zarr-written-{token}")
+        made = written_engine(x, writer, locs, f"to-zarr-written-{token}")
         if made is not None:
             graph, keys, spill = made
             spills = [(s, n) for s, n in spills if n != x.name] + [(spill, f"to-zarr-written-{token}")]
@@ -318,7 +315,6 @@ def to_zarr(
     units: Any = None,
     downsample: str = "auto",
     run_id: str | None = None,
-    _dimension_names: Sequence[str] | None = None,
 ) -> zarr.Array | zarr.Group | Delayed:
     """Write an array to a Zarr (format 3) array, one task per Zarr chunk, resumably.
 
@@ -490,14 +486,22 @@ def to_zarr(
     """
     if ome is not False or levels != 1 or axes is not None or scale is not None or \
             units is not None or downsample != "auto" or _is_dataarray(array):
-        return _ome.write(
-            to_zarr, array, store, path, chunks=chunks, compressors=compressors,
-            overwrite=overwrite, resume=resume,
-            progress=progress, compute=compute, ome=ome, levels=levels, axes=axes,
-            scale=scale, units=units, downsample=downsample, run_id=run_id,
-        )
+        return _write_image(array, store, path, chunks=chunks, compressors=compressors,
+                            overwrite=overwrite, resume=resume, progress=progress,
+                            compute=compute, ome=ome, levels=levels, axes=axes, scale=scale,
+                            units=units, downsample=downsample, run_id=run_id)
+    return _write_array(array, store, path, chunks=chunks, compressors=compressors,
+                        overwrite=overwrite, resume=resume, progress=progress, compute=compute,
+                        run_id=run_id)
+
+
+def _write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: Any,
+                 overwrite: Any, resume: Any, progress: Any, compute: Any, run_id: Any,
+                 dimension_names: Sequence[str] | None = None) -> zarr.Array | Delayed:
+    """The one write pipeline of an array (a bare one, or a level of an image): parse, check
+    the target, create or reopen it, plan the writes, compute."""
     w = _parse(array, store, path, chunks, compressors, overwrite, resume, progress, compute,
-               run_id, _dimension_names)
+               run_id, dimension_names)
     node, fingerprint = _check_target(w)
     if w.compute:  # a cluster's workers import daskpatch at once, before any store is made
         _sched.warm_up()
@@ -507,6 +511,78 @@ def to_zarr(
         return job
     _sched.compute(job, w.progress)
     return z
+
+
+def _write_image(array: Any, store: Any, path: Any, *, chunks: Any, compressors: Any,
+                 overwrite: Any, resume: Any, progress: Any, compute: Any, ome: Any, levels: Any,
+                 axes: Any, scale: Any, units: Any, downsample: Any, run_id: Any) -> Any:
+    """:func:`to_zarr` of a DataArray (its dims as ``dimension_names``) or of an OME-Zarr image:
+    each level goes through :func:`_write_array`, level ``k`` computed from the written level
+    ``k - 1``, and the image's metadata is written last."""
+    ome = parse_bool(ome, "ome")
+    levels = parse_int(levels, "levels", minimum=1)
+    downsample = parse_choice(downsample, "downsample", _ome.DOWNSAMPLE)
+    plain = dict(chunks=chunks, compressors=compressors, overwrite=overwrite, resume=resume,
+                 progress=progress, compute=compute, run_id=run_id)
+    data = array.data if _is_dataarray(array) else array
+    if not ome:
+        extra = [k for k, v in (("levels", levels != 1), ("axes", axes is not None),
+                                ("scale", scale is not None), ("units", units is not None),
+                                ("downsample", downsample != "auto")) if v]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} need ome=True (an OME-Zarr image); got "
+                             "ome=False")
+        names = [str(d) for d in array.dims] if _is_dataarray(array) else None
+        return _write_array(data, store, path, dimension_names=names, **plain)
+
+    for name, value in (("overwrite", overwrite), ("resume", resume), ("progress", progress),
+                        ("compute", compute)):
+        parse_bool(value, name)
+    if overwrite and resume:
+        raise ValueError("overwrite=True and resume=True exclude each other (overwrite starts "
+                         "again, resume keeps the levels already written); got both")
+    if not compute and levels > 1:
+        raise ValueError(
+            f"compute=False needs levels=1 with ome=True (each level is computed from the level "
+            f"above once it is written); got levels={levels}"
+        )
+    x = as_dask(data)
+    _store.parse_compressors(compressors, x.dtype)  # before the group is made
+    ax, scale0, shift0 = _ome.write_geometry(array, x.ndim, axes, scale, units)
+    names = [a["name"] for a in ax]
+    space = [i for i, a in enumerate(ax) if a["type"] == "space"]
+    shapes = _ome.level_shapes(x.shape, space, levels)
+    method = downsample if downsample != "auto" else ("mean" if x.dtype.kind in "fc" else "mode")
+    x, zchunks = write_chunks(x, chunks)
+
+    path = _store.parse_path(path)
+    base, full = _store.resolve_store(store, path)
+    where = _store.where(base, full)
+    node = _ome.check_target(base, full, where, overwrite=overwrite, resume=resume,
+                             levels=levels)
+    target, prefix = _store.as_store(base)
+    check_not_read(x, target, _store.node_path(prefix, full), where)
+    if node is not None and overwrite:
+        _store.check_deletable(target, _store.node_path(prefix, full), where)
+
+    # Everything is checked: create the group (marked incomplete), the levels, then the metadata.
+    group, marker = _ome.create_group(base, full, node, overwrite, levels, method)
+    meta = _ome.metadata(ax, shapes, scale0, shift0, method,
+                         getattr(array, "name", None) if _is_dataarray(array) else None, marker)
+    level_paths = [_store.node_path(full, str(k)) for k in range(levels)]
+    job = _write_array(x, base, level_paths[0], dimension_names=names, **plain)
+    if not compute:
+        return dask.delayed(_ome.finish, pure=False)(group, meta, job)
+    written = job
+    for k in range(1, levels):
+        factors = tuple(2 if p != n else 1 for p, n in zip(shapes[k - 1], shapes[k]))
+        level_chunks = tuple(min(c, n) for c, n in zip(zchunks, shapes[k]))
+        y = downsampled(written, factors, level_chunks, method)
+        written = _write_array(y, base, level_paths[k], chunks=level_chunks,
+                               compressors=compressors, overwrite=overwrite, resume=resume,
+                               progress=progress, compute=True, run_id=run_id,
+                               dimension_names=names)
+    return _ome.finish(group, meta, None)
 
 
 def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool = False
@@ -571,7 +647,7 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
         raise ValueError(f"out must be a writable numpy.ndarray of shape {array.shape} and dtype "
                          f"{array.dtype}; got {got}")
     else:
-        _fingerprint.check_not_aliased(array, out)
+        check_not_aliased(array, out)
     if get is None:  # no shared memory with the workers
         _sched.gather_into(array, out, progress)
         return out

@@ -30,7 +30,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -40,20 +39,11 @@ import numpy as np
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
-from daskpatch.config import get_bytes, get_int
 from daskpatch.engine.block import BatchPool, apply_block, reconstruct_block
-from daskpatch.graph.engine import Engine
-from daskpatch.engine.kernel import make_weights
 from daskpatch.engine.spec import ApplyBlock, ReconstructBlock
-from daskpatch.storage.spill import parse_spill
-from daskpatch.storage.spill import spill_bytes as spill_bytes  # re-exported until io imports it there
-from daskpatch.graph.layers import engine_array
-from daskpatch.graph.layers import engine_into as engine_into  # re-exported until io imports it there
-from daskpatch.graph.layers import spill_into as spill_into  # re-exported until io imports it there
-from daskpatch.engine.numbers import Numbers, check_fill
-from daskpatch.engine.numbers import acc_dtype as _acc_dtype
-from daskpatch.storage.sources import Volume
-from daskpatch.storage.stores import window_digest
+from daskpatch.graph.engine import Engine, engine_array
+from daskpatch.graph.plan import check_coverage, parse_window, prepare
+from daskpatch.graph.inputs import Volume
 from daskpatch.adapters.torch import wrap_fn
 from daskpatch.geometry.parse import (
     BORDERS,
@@ -68,178 +58,9 @@ from daskpatch.geometry.parse import (
 )
 from daskpatch.adapters.xarray import accepts_dataarray
 from daskpatch.geometry.layout import full_grid, parse_layout
-from daskpatch.rechunk import stride_multiples
-from daskpatch.geometry.grid import PatchGrid
-from daskpatch.geometry.windows import Blend, Window, parse_blend
+from daskpatch.geometry.windows import Blend
 
 __all__ = ["apply_patches", "reconstruct"]
-
-
-# -- the block shape -----------------------------------------------------------------------------
-#: Batch fill the automatic block aims for where its blocks own fewer patches than a batch: the
-#: fewest calls of ``fn`` the patches need, ``ceil(patches / batch_size)``, over the calls the
-#: blocks make (each block calls ``fn`` on full batches and one remainder).
-MIN_FILL = 0.9
-
-
-def _batch_fill(starts: list[np.ndarray], block: list[int], batch_size: int
-                ) -> tuple[float, int]:
-    """The batch fill of spatial blocks ``block`` (voxels per axis) over the patch ``starts``,
-    and the fewest patches a block owning any owns."""
-    per_axis = [Counter(c for c in np.bincount(s // b).tolist() if c)
-                for s, b in zip(starts, block)]
-    smallest = math.prod(min(c) for c in per_axis) if all(per_axis) else 0
-    if batch_size == 1:
-        return 1.0, smallest
-    calls = 0
-    for combo in itertools.product(*[c.items() for c in per_axis]):
-        calls += math.prod(m for _, m in combo) * -(-math.prod(n for n, _ in combo) // batch_size)
-    ideal = -(-math.prod(len(s) for s in starts) // batch_size)
-    return (ideal / calls if calls else 1.0), smallest
-
-
-def _auto_block(
-    grid: PatchGrid, n_batch: int, itemsize: int, channels: int, input_chunks: tuple | None,
-    batch_size: int = 1,
-) -> tuple[int, ...]:
-    """A stride-aligned spatial block near the ``daskpatch.block-bytes`` setting (the input's
-    chunks if aligned), in at least ``daskpatch.min-blocks`` blocks where the volume allows.
-
-    With ``batch_size`` > 1 the blocks also keep ``fn``'s batches full: the min-blocks split
-    stops before a block would own fewer patches than a batch while the fill (see
-    :func:`_batch_fill`) drops below :data:`MIN_FILL` (a small volume is not split into
-    one-patch calls), and blocks that small grow until the fill reaches it, up to
-    ``block-bytes`` or four batches' bytes, whichever is larger. Each block still makes at most
-    one call with a part-filled batch."""
-    block_bytes, min_blocks = get_bytes("block-bytes"), get_int("min-blocks")
-    spatial = range(n_batch, grid.ndim)
-    stride = [grid.stride[a] for a in spatial]
-    shape = [grid.shape[a] for a in spatial]
-    axis_starts = [grid.axis_starts(a) for a in spatial]
-    kmax = [-(-n // s) for n, s in zip(shape, stride)]
-    batch_voxels = batch_size * math.prod(grid.size[a] for a in spatial)
-    limit = max(block_bytes, 4 * batch_voxels * itemsize * channels)
-
-    def full(mult: list[int]) -> tuple[bool, float, int]:
-        """Whether the blocks ``mult`` keep the batches full; their fill and smallest block."""
-        fill, smallest = _batch_fill(axis_starts, [m * s for m, s in zip(mult, stride)],
-                                     batch_size)
-        return smallest >= batch_size or fill >= MIN_FILL, fill, smallest
-
-    def keeps(trial: list[int], mult: list[int]) -> bool:
-        """Whether ``trial`` keeps the batches full, or at least as full as ``mult``."""
-        ok, fill, _ = full(trial)
-        return ok or fill >= full(mult)[1]
-
-    def grow(mult: list[int], step: list[int]) -> tuple[int, ...]:
-        """``mult``, or where its batches are not full, ``mult`` grown by ``step`` strides on
-        one axis at a time (the one that fills the batches best, the smallest side on a tie)
-        until they fill to :data:`MIN_FILL`, within ``limit``."""
-        mult = list(mult)
-        if full(mult)[0]:
-            return tuple(m * s for m, s in zip(mult, stride))
-        while full(mult)[1] < MIN_FILL:
-            best = None
-            for i in range(len(mult)):
-                trial = list(mult)
-                trial[i] = min(mult[i] + step[i], kmax[i])
-                nbytes = math.prod(t * s for t, s in zip(trial, stride)) * itemsize * channels
-                if trial[i] == mult[i] or nbytes > limit:
-                    continue
-                _, fill, smallest = full(trial)
-                rank = (min(smallest, batch_size), fill, -mult[i] * stride[i])
-                if best is None or rank > best[0]:
-                    best = (rank, trial)
-            if best is None:
-                break
-            mult = best[1]
-        return tuple(m * s for m, s in zip(mult, stride))
-
-    if input_chunks is not None:
-        sizes = [input_chunks[a][0] for a in spatial]
-        regular = all(len(set(input_chunks[a][:-1])) <= 1 and input_chunks[a][-1] <= sizes[i]
-                      for i, a in enumerate(spatial))
-        nbytes = math.prod(sizes) * itemsize * channels
-        if regular and all(c % s == 0 for c, s in zip(sizes, stride)) and (
-            block_bytes // 8 <= nbytes <= block_bytes * 2
-        ):
-            # whole input chunks: grown by whole chunks where the batches do not fill
-            return grow([c // s for c, s in zip(sizes, stride)],
-                        [c // s for c, s in zip(sizes, stride)])
-    voxels = max(1, block_bytes // (itemsize * channels))
-    # the one chunk-size policy (as aligned_chunks): whole strides, smallest axis grown first
-    mult = list(stride_multiples(shape, stride, voxels, clamp=False, ties="first"))
-    # enough blocks to keep every core busy on small volumes (but batches that fill) ...
-    starts = [len(s) for s in axis_starts]
-    while math.prod(-(-m // k) for m, k in zip(starts, mult)) < min_blocks:
-        i = max(range(len(mult)), key=lambda j: mult[j] * stride[j])
-        if mult[i] == 1:
-            break
-        trial = mult[:i] + [mult[i] - 1] + mult[i + 1:]
-        if batch_size > 1 and not keeps(trial, mult):
-            break
-        mult = trial
-    # ... and the same number of patch starts in each block of an axis, as far as possible
-    even = [-(-m // -(-m // k)) for m, k in zip(starts, mult)]
-    if batch_size == 1 or keeps(even, mult):
-        mult = even
-    return grow(mult, [1] * len(mult)) if batch_size > 1 else tuple(
-        m * s for m, s in zip(mult, stride))
-
-
-
-def _block(grid: PatchGrid, n_batch: int, block_shape: Any, itemsize: int, channels: int,
-           input_chunks: tuple | None, batch_size: int = 1) -> tuple[int, ...]:
-    if block_shape is None:
-        spatial = _auto_block(grid, n_batch, itemsize, channels, input_chunks, batch_size)
-    else:
-        spatial_grid = PatchGrid(grid.shape[n_batch:], grid.size[n_batch:],
-                                 grid.stride[n_batch:], border=grid.border)
-        spatial = spatial_grid.normalize_block_shape(block_shape)
-    return (1,) * n_batch + tuple(spatial)
-
-
-def _window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Window:
-    """Parse ``blend`` against the spatial patch shape; a user window gets size-1 batch axes."""
-    window = parse_blend(blend, grid.size[n_batch:], sigma_scale)
-    if n_batch and isinstance(window.sigma_scale, tuple):  # batch axes: patches of size 1
-        window = Window(window.blend, (1.0,) * n_batch + window.sigma_scale, window.array,
-                        window.source)
-    if n_batch and not window.separable:
-        assert window.array is not None  # a user window
-        window = Window("user", window.sigma_scale, window.array.reshape(grid.size),
-                        window.source)
-    return window
-
-
-def _max_cover(grid: PatchGrid) -> int:
-    """The most patches that overlap one voxel (a bound: the product of the per-axis counts)."""
-    cover = 1
-    for a in range(grid.ndim):
-        diff = np.zeros(grid.padded_shape[a] + 1, dtype=np.int64)
-        starts = grid.axis_starts(a)
-        np.add.at(diff, starts, 1)
-        np.add.at(diff, starts + grid.size[a], -1)
-        cover *= int(np.cumsum(diff).max())
-    return cover
-
-
-def _check_coverage(grid: PatchGrid, fill_value: Any) -> None:
-    if grid.uncovered and fill_value is None:
-        sparse = [a for a in range(grid.ndim) if grid.stride[a] > grid.size[a]]
-        fixes = []
-        if grid.border == "drop":
-            fixes.append("border='shift' or 'pad'")
-        if sparse:
-            fixes.append(f"a stride <= size (the stride is larger on axis {sparse[0]})")
-        raise ValueError(
-            f"the patch grid leaves {grid.uncovered} of {math.prod(grid.shape)} voxels uncovered "
-            f"(size={grid.size}, stride={grid.stride}, border={grid.border!r}); pass "
-            f"fill_value=... to fill them explicitly, or use {' with '.join(fixes)}"
-        )
-    if fill_value is not None and not isinstance(fill_value, (int, float, np.number)):
-        raise TypeError(f"fill_value must be a number or None; got {_describe(fill_value)}")
-
 
 
 # -- public functions ----------------------------------------------------------------------------
@@ -333,8 +154,8 @@ def reconstruct(
     grid = full_grid(grid_shape, layout.n_batch, size, stride, border)
     nb = layout.n_batch
     spatial = grid.size[nb:]
-    window = _window(blend, grid, nb, sigma_scale)
-    _check_coverage(grid, fill_value)
+    window = parse_window(blend, grid, nb, sigma_scale)
+    check_coverage(grid, fill_value)
     expected = (len(grid),) + layout.patch_shape(spatial, channels)
     if not (hasattr(patches, "shape") and hasattr(patches, "dtype")):
         raise TypeError(f"patches must be a NumPy, Dask or Zarr array; got {_describe(patches)}")
@@ -345,29 +166,22 @@ def reconstruct(
             f"got {tuple(patches.shape)}"
         )
     in_dtype = np.dtype(patches.dtype)
-    copy = window.blend == "crop"
-    if copy and in_dtype.kind in "biu":
+    if window.blend == "crop" and in_dtype.kind in "biu":
         out_dtype = in_dtype
     else:
         out_dtype = np.result_type(in_dtype, np.float32)
-    check_fill(fill_value, out_dtype)
-    acc_dtype = _acc_dtype(out_dtype, copy)
-    window = window.scaled(_max_cover(grid), acc_dtype)
+    b = prepare("reconstruct", grid, layout, window, fill_value=fill_value, out_dtype=out_dtype,
+                channels=channels, block_shape=block_shape, input_chunks=None, batch_size=1,
+                spill=spill, record=dict(shape=shape, channels=channels,
+                                         input_dtype=in_dtype, dtype=out_dtype))
     if not isinstance(patches, da.Array):
         per = max(1, parse_bytes(dask.config.get("array.chunk-size"))
                   // max(1, math.prod(expected[1:]) * in_dtype.itemsize))
         patches = da.from_array(patches, chunks=(per,) + expected[1:])
     patches = patches.rechunk({i: -1 for i in range(1, patches.ndim)})
-    block = _block(grid, nb, block_shape, acc_dtype.itemsize, channels, None)
-    plan = grid.block_plan(block)
-    slab = int(get_bytes("slab-bytes"))  # the order of float sums: part of the name
-    weights = make_weights(grid, window, slab)
-    numbers = Numbers(acc_dtype, out_dtype, copy, grid.shape, block, channels, ch)
     nbounds = np.cumsum((0,) + patches.chunks[0])
-    spilled = parse_spill(spill)  # last: a temporary directory only for a valid call
-    name = "reconstruct-" + tokenize(patches.name, shape, grid, block, window.blend,
-                                     window.sigma_scale, window.array, fill_value, ch, spilled,
-                                     slab)
+    name = "reconstruct-" + tokenize(patches.name, shape, b.token())
+    plan = b.plan
     axis_starts = [grid.axis_starts(a) for a in range(grid.ndim)]
 
     def accumulate(bidx, ext_lo, ext_hi):
@@ -382,14 +196,10 @@ def reconstruct(
         starts = [tuple(int(axis_starts[a][i]) for a, i in enumerate(g)) for g in gidxs]
         spec = ReconstructBlock(tuple(where), ext_lo,
                                 tuple(h - lo for lo, h in zip(ext_lo, ext_hi)), tuple(gidxs),
-                                tuple(starts), weights, layout, channels, numbers, grid.size)
+                                tuple(starts), b.weights, layout, channels, b.numbers, grid.size)
         return (reconstruct_block, spec, keys), set(keys)
 
-    params = _params("reconstruct", grid, nb, window, block, fill_value, ch, shape=shape,
-                     channels=channels, input_dtype=in_dtype, dtype=out_dtype)
-    engine = Engine(plan, name, accumulate, channels, acc_dtype, out_dtype, fill_value, layout,
-                    spilled, window, params=params)
-    return engine_array(engine, [patches], None)
+    return engine_array(Engine(b, name, accumulate), [patches], None)
 
 
 @accepts_dataarray
@@ -480,8 +290,8 @@ def apply_patches(
     pad_value = parse_pad_value(pad_value, pad_mode, vol.dtype)
     nb = layout.n_batch
     grid = full_grid(vol.shape, nb, size, stride, border)
-    window = _window(blend, grid, nb, sigma_scale)
-    _check_coverage(grid, fill_value)
+    window = parse_window(blend, grid, nb, sigma_scale)
+    check_coverage(grid, fill_value)
     if out_channels is None:
         cout = vol.channels
     else:
@@ -499,10 +309,6 @@ def apply_patches(
             out_dtype = np.dtype(dtype)
         except TypeError as err:
             raise TypeError(f"dtype must be a NumPy dtype; got {_describe(dtype)}") from err
-    check_fill(fill_value, out_dtype)
-    copy = window.blend == "crop"
-    acc_dtype = _acc_dtype(out_dtype, copy)
-    window = window.scaled(_max_cover(grid), acc_dtype)
     chunks_in = getattr(vol.array, "chunks", None)  # Zarr: ints; Dask: tuples
     if isinstance(chunks_in, tuple):
         chunks_in = [c if isinstance(c, tuple) else (int(c),) for c in chunks_in]
@@ -511,19 +317,18 @@ def apply_patches(
         chunks_in = tuple(chunks_in)
     else:
         chunks_in = None
-    block = _block(grid, nb, block_shape, acc_dtype.itemsize, cout, chunks_in, batch_size)
-    plan = grid.block_plan(block)
-    slab = int(get_bytes("slab-bytes"))  # the order of float sums: part of the name
-    weights = make_weights(grid, window, slab)
-    numbers = Numbers(acc_dtype, out_dtype, copy, grid.shape, block, cout, layout.channel_axis)
-    spilled = parse_spill(spill)  # last: a temporary directory only for a valid call
+    b = prepare("apply_patches", grid, layout, window, fill_value=fill_value,
+                out_dtype=out_dtype, channels=cout, block_shape=block_shape,
+                input_chunks=chunks_in, batch_size=batch_size, spill=spill,
+                record=dict(pad_mode=pad_mode, pad_value=pad_value, batch_size=batch_size,
+                            input_shape=vol.shape, channels=vol.channels, out_channels=cout,
+                            input_dtype=vol.dtype, dtype=out_dtype))
+    plan = b.plan
     # the model is ONE key of the graph, which every block task reads: a cluster ships it to
     # each worker once (and keeps it there), not once per block task
     model = "model-" + tokenize(fn)
-    name = "apply-patches-" + tokenize(vol.name, model, grid, block, window.blend,
-                                       window.sigma_scale, window.array, pad_mode, pad_value,
-                                       batch_size, cout, out_dtype, fill_value, layout, spilled,
-                                       slab)
+    name = "apply-patches-" + tokenize(vol.name, model, b.token(), pad_mode, pad_value,
+                                       batch_size, cout, out_dtype)
     axis_starts = tuple(grid.axis_starts(a) for a in range(grid.ndim))
     batches = BatchPool()  # this engine's: emptied when none of its blocks holds a batch
 
@@ -534,31 +339,11 @@ def apply_patches(
         hi = tuple(int(s[-1]) + z for s, z in zip(starts, grid.size))
         read, deps = vol.read_task(lo, hi, pad_mode, pad_value, lazy=True)
         spec = ApplyBlock(bidx, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
-                          tuple(range(*o) for o in owned), axis_starts, weights, batch_size,
-                          layout, nb, cout, numbers, grid.size)
+                          tuple(range(*o) for o in owned), axis_starts, b.weights, batch_size,
+                          layout, nb, cout, b.numbers, grid.size)
         return (apply_block, spec, read, batches, model), deps | {model}
 
-    params = _params("apply_patches", grid, nb, window, block, fill_value, layout.channel_axis,
-                     pad_mode=pad_mode, pad_value=pad_value, batch_size=batch_size,
-                     input_shape=vol.shape,
-                     channels=vol.channels, out_channels=cout, input_dtype=vol.dtype,
-                     dtype=out_dtype)
-    engine = Engine(plan, name, accumulate, cout, acc_dtype, out_dtype, fill_value, layout,
-                    spilled, window, params=params)
     collections, extra = vol.source_layer()
-    return engine_array(engine, collections, {**extra, model: fn})
+    return engine_array(Engine(b, name, accumulate), collections, {**extra, model: fn})
 
 
-def _params(kind: str, grid: PatchGrid, n_batch: int, window: Window, block: tuple[int, ...],
-            fill_value: Any, channel_axis: int | None, **more: Any) -> dict:
-    """An engine's :attr:`Engine.params`: its parameters as JSON-ready values."""
-    return {
-        "kind": kind, "size": list(grid.size[n_batch:]), "stride": list(grid.stride[n_batch:]),
-        "border": grid.border, "blend": window.blend, "window": window_digest(window.array),
-        "sigma_scale": (list(window.sigma_scale) if isinstance(window.sigma_scale, tuple)
-                        else float(window.sigma_scale)), "channel_axis": channel_axis,
-        "fill_value": fill_value.item() if isinstance(fill_value, np.generic) else fill_value,
-        "block_shape": list(block[n_batch:]),
-        **{k: (str(np.dtype(v)) if k.endswith("dtype") else
-               list(v) if isinstance(v, tuple) else v) for k, v in more.items()},
-    }

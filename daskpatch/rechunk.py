@@ -1,195 +1,42 @@
-"""Chunk shapes on the patch-stride grid, and the one chunk-size policy daskpatch uses.
-
-:func:`stride_multiples` picks, per axis, a multiple of the stride that keeps a block near a byte
-budget, growing the smallest side first (roughly isotropic). It is the one policy behind
-:func:`aligned_chunks` (Zarr chunks near :data:`DEFAULT_TARGET_BYTES`) and the engine's automatic
-blocks; :func:`write_chunks` is :func:`daskpatch.to_zarr`'s default chunk shape.
-:func:`is_stride_aligned` and :func:`rechunk_to_stride` check and fix the chunks of an existing
-array.
+"""Chunk shapes on the patch-stride grid: :func:`aligned_chunks` (Zarr chunks near
+:data:`~daskpatch.graph.inputs.DEFAULT_TARGET_BYTES`, by the one chunk-size policy
+:func:`~daskpatch.geometry.blocks.stride_multiples`), and :func:`is_stride_aligned` and
+:func:`rechunk_to_stride`, which check and fix the chunks of an existing array.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
-from typing import Any, Literal, cast
+from typing import Any, cast
 
-import dask.array as da
 import numpy as np
 import zarr
-from dask.array.core import normalize_chunks
 
-from daskpatch.graph import layers as _graph
+from daskpatch.geometry.blocks import _isotropic_start, stride_multiples
+from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES
+from daskpatch.graph.layers import from_zarr
 from daskpatch.storage import stores as _store
 from daskpatch.storage.stores import StoreLike
 from daskpatch.geometry.layout import split_axes
+from daskpatch.io import to_zarr
 from daskpatch.geometry.parse import _describe, parse_bool, parse_int, parse_per_axis, parse_shape
 
 
 __all__ = [
-    "DEFAULT_TARGET_BYTES",
     "aligned_chunks",
-    "as_dask",
     "is_stride_aligned",
     "rechunk_to_stride",
-    "stride_multiples",
-    "write_chunks",
 ]
 
 logger = logging.getLogger("daskpatch.io")  # the logger rechunk_to_stride documents
 
-#: Default chunk size target for :func:`aligned_chunks` (zarr advises 1-16 MB per chunk).
-DEFAULT_TARGET_BYTES: int = 8 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
 # the chunk-size policy
 # --------------------------------------------------------------------------------------------
 
-
-def stride_multiples(
-    lengths: Sequence[int],
-    strides: Sequence[int],
-    budget: float,
-    *,
-    start: Sequence[int] | None = None,
-    clamp: bool = True,
-    ties: Literal["first", "last"] = "last",
-) -> tuple[int, ...]:
-    """How many strides a block spans per axis, so that it stays near ``budget`` elements.
-
-    From ``start`` (one stride per axis by default) the smallest side grows by one stride while
-    the block stays within ``budget`` elements; an axis stops growing once it covers its
-    length. One stride per axis is the minimum even when it exceeds the budget.
-
-    Parameters
-    ----------
-    lengths, strides : sequence of int
-        Length and stride of each axis the block spans.
-    budget : float
-        Elements per block.
-    start : sequence of int, optional
-        Multiples to grow from (each at least 1 and at most ``ceil(length / stride)``).
-    clamp : bool, default True
-        Count a side that covers its whole axis at the axis length (a Zarr chunk, cut at the
-        array's end); ``False`` counts the whole multiple of the stride (the engine's blocks).
-    ties : {"last", "first"}, default "last"
-        Which axis grows when several sides are equally small.
-
-    Returns
-    -------
-    tuple of int
-        The multiple of the stride per axis; the block side is ``multiple * stride`` (at most
-        the length with ``clamp``).
-
-    Examples
-    --------
-    >>> stride_multiples((512, 512, 512), (64, 64, 64), 2**21)
-    (2, 2, 2)
-    >>> stride_multiples((100, 40), (64, 64), 7000)  # a 100 x 40 chunk
-    (2, 1)
-    >>> stride_multiples((100, 40), (64, 64), 7000, clamp=False)  # 128 x 64 would exceed it
-    (1, 1)
-    """
-    m = len(strides)
-    kmax = [-(-n // s) for n, s in zip(lengths, strides)]
-    k = [1] * m if start is None else list(start)
-
-    def side(i: int, ki: int) -> int:
-        return min(ki * strides[i], lengths[i]) if clamp else ki * strides[i]
-
-    sign = -1 if ties == "last" else 1
-    while True:
-        total = math.prod(side(i, k[i]) for i in range(m))
-        grow = [
-            i for i in range(m)
-            if k[i] < kmax[i] and total // side(i, k[i]) * side(i, k[i] + 1) <= budget
-        ]
-        if not grow:
-            return tuple(k)
-        i = min(grow, key=lambda i: (side(i, k[i]), sign * i))
-        k[i] += 1
-
-
-def _isotropic_start(lengths: Sequence[int], strides: Sequence[int], budget: float
-                     ) -> list[int]:
-    """A closed-form start for :func:`stride_multiples`: an isotropic cube of side L, with axes
-    that hit a bound fixed there and the budget redistributed over the others. Axes whose single
-    stride exceeds L are fixed first (that shrinks L); only then axes shorter than L are taken
-    whole (that grows L, so it never forces another axis below one stride and the chunk stays
-    within the budget)."""
-    m = len(strides)
-    kmax = [-(-n // s) for n, s in zip(lengths, strides)]
-    k = [1] * m
-    fixed: dict[int, int] = {}
-    while len(fixed) < m:
-        free = [i for i in range(m) if i not in fixed]
-        side = (budget / math.prod(min(fixed[i] * strides[i], lengths[i]) for i in fixed)
-                ) ** (1 / len(free))
-        hit = {i: 1 for i in free if side <= strides[i]}
-        if not hit:
-            hit = {i: kmax[i] for i in free if side >= lengths[i]}
-        if not hit:
-            for i in free:
-                k[i] = min(kmax[i], max(1, int(side // strides[i])))
-            break
-        fixed.update(hit)
-    for i, ki in fixed.items():
-        k[i] = ki
-    return k
-
-
-def write_chunks(x: da.Array, chunks: Any) -> tuple[da.Array, tuple[int, ...]]:
-    """The Zarr chunk shape, and ``x`` rechunked so its blocks are exactly the Zarr chunks.
-
-    ``chunks=None`` keeps regular Dask chunks (all equal but a smaller last one, per axis), else
-    takes the largest chunk per axis.
-    """
-    if chunks is None:
-        if all(_is_regular(c) for c in x.chunks):
-            return x, tuple(max(c[0], 1) for c in x.chunks)
-        target = tuple(max(max(c), 1) for c in x.chunks)
-    else:
-        target = parse_per_axis(chunks, x.ndim, "chunks")
-    return x.rechunk(target), target
-
-
-def as_dask(array: Any) -> da.Array:
-    """What :func:`daskpatch.to_zarr` writes, as a Dask array: a NumPy array is split into
-    chunks of about :data:`DEFAULT_TARGET_BYTES` (dask's ``"auto"``), a Zarr array keeps its
-    chunks."""
-    if isinstance(array, da.Array):
-        x = array
-    elif isinstance(array, zarr.Array):
-        x = _graph.from_zarr(array)
-    elif isinstance(array, np.ndarray):
-        chunks = normalize_chunks(
-            "auto", array.shape, limit=DEFAULT_TARGET_BYTES, dtype=array.dtype
-        )
-        x = da.from_array(array, chunks=chunks)
-    else:
-        raise TypeError(
-            f"array must be a dask array, a NumPy array or a zarr.Array; got {type(array).__name__}"
-        )
-    if x.ndim == 0:
-        raise ValueError("array must have at least one axis; got a 0-d array")
-    if any(math.isnan(s) for s in x.shape):
-        raise ValueError(
-            f"array must have known chunk sizes to be written to Zarr; got shape {x.shape} "
-            "(call array.compute_chunk_sizes() first)"
-        )
-    return x
-
-
-def _is_regular(c: tuple[int, ...]) -> bool:
-    """Zarr-compatible: all chunks equal but the last, which is not larger."""
-    return len(c) <= 1 or (all(v == c[0] for v in c[:-1]) and c[-1] <= c[0])
-
-
-# --------------------------------------------------------------------------------------------
-# stride alignment
-# --------------------------------------------------------------------------------------------
 
 def _spatial_layout(
     ndim: int, stride: Any, channel_axis: Any
@@ -435,10 +282,9 @@ def rechunk_to_stride(
         raise ValueError(
             f"target/target_path must differ from the source array; both are {src_where}"
         )
-    from daskpatch.io import to_zarr
 
     out = cast(zarr.Array, to_zarr(
-        _graph.from_zarr(src), base, full, chunks=chunks, compressors=compressors,
+        from_zarr(src), base, full, chunks=chunks, compressors=compressors,
         overwrite=overwrite, resume=resume, progress=progress,
     ))
     logger.info(

@@ -1,4 +1,4 @@
-"""The one chunk-size policy (daskpatch.rechunk.stride_multiples) behind aligned_chunks."""
+"""The one chunk-size policy (daskpatch.geometry.blocks.stride_multiples) behind aligned_chunks."""
 
 import math
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import daskpatch as dp
-from daskpatch.rechunk import stride_multiples
+from daskpatch.geometry.blocks import stride_multiples
 
 axes = st.lists(st.tuples(st.integers(1, 600), st.sampled_from([1, 2, 3, 16, 48, 64, 100])),
                 min_size=1, max_size=4)

@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 import daskpatch as dp
-import daskpatch.graph.layers
+import daskpatch.graph.engine
 
 from .conftest import write_zarr
 
@@ -178,7 +178,7 @@ def test_the_biggest_blocks_start_first(client, volume, tmp_path, job):
     out = dp.apply_patches(volume, Model(6, delay=0.05), (16, 16, 12), (8, 8, 6),
                            batch_size=4, block_shape=(24, 24, 18))
     counts = [(3, 2), (3, 1), (3, 2)]
-    (engine,) = daskpatch.graph.layers.find_engines(out).values()  # its block tasks, not an earlier test's
+    (engine,) = daskpatch.graph.engine.find_engines(out).values()  # its block tasks, not an earlier test's
     expected = out.compute(scheduler="threads")
     # dask's array optimisation fuses an array's graph and drops its annotations unless fusion
     # is off (the scheduler optimises it: off until the tasks are there)

@@ -196,7 +196,7 @@ def test_spilled_engine_over_a_spilled_engine(tmp_path):
 
 
 def test_to_numpy_jobs_have_keys_of_their_own_and_leave_the_array_as_it_is():
-    from daskpatch.patches import engine_into
+    from daskpatch.graph.lowering import engine_into
 
     res = _res()
     layers = dict(_graph.layers(res))

@@ -19,13 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daskpatch.storage.spill import Spill
-from daskpatch.io import (
-    aligned_chunks,
-    is_stride_aligned,
-    open_volume,
-    rechunk_to_stride,
-    to_zarr,
-)
+from daskpatch.io import open_volume, to_zarr
+from daskpatch.rechunk import aligned_chunks, is_stride_aligned, rechunk_to_stride
 
 # --------------------------------------------------------------------------------------------
 # helpers

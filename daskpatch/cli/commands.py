@@ -55,13 +55,9 @@ from daskpatch.storage.stores import where as _where
 from daskpatch.geometry.parse import BORDERS, PAD_MODES
 from daskpatch.patches import apply_patches
 from daskpatch.geometry.layout import parse_layout
-from daskpatch.io import (
-    DEFAULT_TARGET_BYTES,
-    is_stride_aligned,
-    open_volume,
-    rechunk_to_stride,
-    to_zarr,
-)
+from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES
+from daskpatch.io import open_volume, to_zarr
+from daskpatch.rechunk import is_stride_aligned, rechunk_to_stride
 from daskpatch.geometry.windows import BLENDS
 
 __all__ = ["main"]

@@ -21,6 +21,7 @@ import zarr
 from dask.utils import format_bytes
 
 from daskpatch.storage import stores as _store
+from daskpatch.storage.fingerprint import jsonable
 from daskpatch.cli.errors import UsageError as _UsageError
 from daskpatch.engine.numbers import acc_dtype
 from daskpatch.patches import apply_patches
@@ -29,7 +30,8 @@ from daskpatch.storage.stores import parse_path as _parse_path
 from daskpatch.storage.stores import probe as _probe
 from daskpatch.storage.stores import resolve_store as _resolve_store
 from daskpatch.storage.stores import where as _where
-from daskpatch.io import aligned_chunks, is_stride_aligned, open_volume
+from daskpatch.io import open_volume
+from daskpatch.rechunk import aligned_chunks, is_stride_aligned
 
 __all__ = ["cmd_info", "shape_text"]
 
@@ -60,20 +62,6 @@ def _write_status(z: zarr.Array) -> dict[str, Any]:
 
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def _codecs(z: zarr.Array) -> list[dict[str, Any]]:
     out = []
     for c in (*z.filters, z.serializer, *z.compressors):
@@ -87,14 +75,14 @@ def _codecs(z: zarr.Array) -> list[dict[str, Any]]:
             out.append({"name": conf.pop("id", type(c).__name__), "configuration": conf})
         else:
             out.append({"name": type(c).__name__, "configuration": {}})
-    return _jsonable(out)
+    return jsonable(out)
 
 
 def _array_report(z: zarr.Array) -> dict[str, Any]:
     dtype = np.dtype(z.dtype)
     chunk_bytes = math.prod(z.chunks) * dtype.itemsize
     dims = getattr(z.metadata, "dimension_names", None)
-    return _jsonable({
+    return jsonable({
         "shape": list(z.shape), "dtype": str(dtype), "chunks": list(z.chunks),
         "shards": None if z.shards is None else list(z.shards),
         "zarr_format": z.metadata.zarr_format, "codecs": _codecs(z),
@@ -124,7 +112,7 @@ def _ome(group: zarr.Group) -> dict[str, Any] | None:
             level.update(shape=list(node.shape), dtype=str(np.dtype(node.dtype)),
                          chunks=list(node.chunks))
         levels.append(level)
-    return _jsonable({"version": meta.get("version", ms.get("version")), "name": ms.get("name"),
+    return jsonable({"version": meta.get("version", ms.get("version")), "name": ms.get("name"),
                       "axes": axes, "levels": levels})
 
 
@@ -176,7 +164,7 @@ def _plan_report(z: zarr.Array, args: argparse.Namespace) -> dict[str, Any]:
     }
     threads = _threads(args.workers)
     n_chunks = math.prod(nblocks)
-    return _jsonable({
+    return jsonable({
         "size": list(grid.size[layout.n_batch:]), "stride": list(grid.stride[layout.n_batch:]),
         "border": args.border, "patches": len(grid), "patch_grid": list(grid.grid_shape),
         "uncovered_voxels": grid.uncovered, "block_shape": list(block), "blocks": n_chunks,

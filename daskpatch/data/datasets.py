@@ -53,9 +53,8 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from daskpatch.geometry.layout import Layout, parse_layout
 from daskpatch.data.sampling import INDEX_ATTR, _ChunkIndex, _parse_fraction, _SharedEpoch, _takes_rng, draw
-from daskpatch.storage.sources import Source
+from daskpatch.data.volumes import VolumeSet
 from daskpatch.geometry.parse import (
     BORDERS,
     PAD_MODES,
@@ -65,7 +64,6 @@ from daskpatch.geometry.parse import (
     parse_choice,
     parse_int,
     parse_pad_value,
-    parse_per_axis,
 )
 from daskpatch.geometry.grid import PatchGrid
 
@@ -85,120 +83,6 @@ CACHE_MODES: tuple[str, ...] = ("auto", "refresh", "off")
 _TRANSFORM_STREAM = 1
 
 
-# ----------------------------------------------------------------------------------------------
-# Layouts of the images and of their labels/weights
-# ----------------------------------------------------------------------------------------------
-def _layout(shape: tuple[int, ...], size: Any, channel_axis: Any, name: str) -> Layout:
-    return parse_layout(len(shape), size, channel_axis, name, shape=shape)
-
-
-def _companion_layout(shape: tuple[int, ...], image: Layout, size: Any, channel_axis: Any,
-                      name: str, image_name: str) -> Layout:
-    """Layout of a label or weight array that goes with an image of layout ``image``."""
-    if len(shape) == image.ndim:
-        layout = _layout(shape, size, channel_axis, name)
-    elif channel_axis is not None and len(shape) == image.ndim - 1:
-        layout = _layout(shape, size, None, name)
-    else:
-        allowed = f"{image.ndim}" if channel_axis is None else f"{image.ndim} or {image.ndim - 1}"
-        raise ValueError(
-            f"{name} must have {allowed} axes to match the {image.ndim}-D {image_name} "
-            f"(channel_axis={channel_axis}); got shape {shape}"
-        )
-    if (layout.batch_shape, layout.spatial_shape) != (image.batch_shape, image.spatial_shape):
-        raise ValueError(
-            f"{name} must have the same batch and spatial shape as {image_name}: "
-            f"{image.batch_shape + image.spatial_shape}; got "
-            f"{layout.batch_shape + layout.spatial_shape} (shape {shape})"
-        )
-    return layout
-
-
-def _as_list(value: Any, name: str) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        if len(value) == 0:
-            raise ValueError(f"{name} must be a volume or a non-empty list of volumes; got "
-                             f"an empty {type(value).__name__}")
-        return list(value)
-    return [value]
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared base: volumes, layouts, reading patches
-# ----------------------------------------------------------------------------------------------
-class _VolumeSet:
-    """Images (and optional labels/weights) as a flat list of volumes."""
-
-    def __init__(self, images: Any, size: Any, labels: Any, channel_axis: Any,
-                 weights: Any = None) -> None:
-        items = _as_list(images, "images")
-        self.images = [Source(obj, f"images[{i}]") for i, obj in enumerate(items)]
-        self.image_layouts = [
-            _layout(s.shape, size, channel_axis, s.param) for s in self.images
-        ]
-        ndims = {len(lay.spatial_shape) for lay in self.image_layouts}
-        if len(ndims) > 1:
-            raise ValueError(
-                f"all images must have the same number of spatial axes; got {sorted(ndims)}"
-            )
-        self.ndim = ndims.pop()
-        self.size = parse_per_axis(size, self.ndim, "size")
-        self.channel_axis = channel_axis
-
-        self.labels = self._companions(labels, "labels", channel_axis)
-        self.label_layouts = self._companion_layouts(self.labels, size, channel_axis)
-        self.weights = self._companions(weights, "weights", channel_axis)
-        self.weight_layouts = self._companion_layouts(self.weights, size, channel_axis)
-        for src, lay in zip(self.weights or [], self.weight_layouts or []):
-            if lay.channels != 1:
-                raise ValueError(
-                    f"{src.param} must have one channel (a weight per voxel); got "
-                    f"{lay.channels} channels on axis {lay.channel_axis}"
-                )
-
-        vols: list[tuple[int, tuple[int, ...]]] = []
-        for item, lay in enumerate(self.image_layouts):
-            vols.extend((item, tuple(int(b) for b in idx)) for idx in np.ndindex(lay.batch_shape))
-        #: per volume: (position in the ``images`` list, batch index within that array)
-        self.volumes: tuple[tuple[int, tuple[int, ...]], ...] = tuple(vols)
-        self._vol_item = np.array([v[0] for v in vols], dtype=np.int64)
-
-    def _companions(self, value: Any, name: str, channel_axis: Any) -> list[Source] | None:
-        if value is None:
-            return None
-        items = _as_list(value, name)
-        if len(items) != len(self.images):
-            raise ValueError(
-                f"{name} must be one volume per image: {len(self.images)} images but "
-                f"{len(items)} {name}"
-            )
-        return [Source(obj, f"{name}[{i}]") for i, obj in enumerate(items)]
-
-    def _companion_layouts(self, sources: list[Source] | None, size: Any,
-                           channel_axis: Any) -> list[Layout] | None:
-        if sources is None:
-            return None
-        return [
-            _companion_layout(s.shape, lay, size, channel_axis, s.param, img.param)
-            for s, lay, img in zip(sources, self.image_layouts, self.images)
-        ]
-
-    def spatial_shape(self, v: int) -> tuple[int, ...]:
-        return self.image_layouts[self.volumes[v][0]].spatial_shape
-
-    def sample(self, v: int, start: Sequence[int], pad_mode: str = "constant",
-               pad_value: Any = 0) -> dict[str, Any]:
-        item, batch = self.volumes[v]
-        out = {"image": self.images[item].read_patch(self.image_layouts[item], batch, start,
-                                                     self.size, pad_mode, pad_value)}
-        if self.labels is not None and self.label_layouts is not None:
-            out["label"] = self.labels[item].read_patch(self.label_layouts[item], batch, start,
-                                                        self.size, pad_mode)
-        out["location"] = np.asarray(start, dtype=np.int64)
-        out["volume"] = np.asarray(v, dtype=np.int64)
-        return out
-
-
 def _check_item(index: Any, n: int) -> int:
     i = parse_int(index, "index")
     if not -n <= i < n:
@@ -209,7 +93,7 @@ def _check_item(index: Any, n: int) -> int:
 class _Dataset:
     """What both datasets share: a set of volumes, a seed and an epoch, the item's finish."""
 
-    _set: _VolumeSet
+    _set: VolumeSet
 
     def _setup(self, seed: Any, transform: Any, label_dtype: Any) -> None:
         self.seed = parse_int(seed, "seed", minimum=0)
@@ -364,7 +248,7 @@ class PatchDataset(_Dataset):
         self.border: BorderMode = parse_choice(  # type: ignore[assignment]
             border, "border", BORDERS)
         self.pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)
-        self._set = _VolumeSet(images, size, labels, channel_axis)
+        self._set = VolumeSet(images, size, labels, channel_axis)
         for src in self._set.images:
             pad_value = parse_pad_value(pad_value, self.pad_mode, src.dtype)
         self.pad_value = pad_value
@@ -521,7 +405,7 @@ class RandomPatchDataset(_Dataset):
         if self.pos_fraction is not None and weights is not None:
             raise ValueError("pass either pos_fraction (label-balanced sampling) or weights "
                              "(weight-map sampling), not both")
-        self._set = _VolumeSet(images, size, labels, channel_axis, weights)
+        self._set = VolumeSet(images, size, labels, channel_axis, weights)
         for v in range(len(self._set.volumes)):
             shape = self._set.spatial_shape(v)
             item = self._set.volumes[v][0]

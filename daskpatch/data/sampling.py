@@ -23,11 +23,12 @@ import dask.array as da
 import numpy as np
 
 from daskpatch.geometry.layout import Layout
-from daskpatch.storage.sources import Source, _open_zarr
+from daskpatch.data.volumes import Source
+from daskpatch.storage.sources import open_zarr
 from daskpatch.geometry.parse import _describe
 
 if TYPE_CHECKING:
-    from daskpatch.data.datasets import _VolumeSet
+    from daskpatch.data.volumes import VolumeSet
 
 #: Name of the Zarr attribute that caches the per-chunk counts of a label or weight array.
 INDEX_ATTR = "daskpatch_index"
@@ -184,7 +185,7 @@ def _write_cache(source: Source, spec: dict[str, Any], counts: np.ndarray) -> bo
     value = dict(spec, counts=counts.ravel().tolist())
     try:
         if source.path is not None:
-            target = _open_zarr(source.path, source.param, mode="r+")
+            target = open_zarr(source.path, source.param, mode="r+")
         else:
             target = source.array
             if getattr(target.store, "read_only", False):
@@ -282,7 +283,7 @@ class _ChunkIndex:
 # ----------------------------------------------------------------------------------------------
 # Draws
 # ----------------------------------------------------------------------------------------------
-def draw(rng: np.random.Generator, volumes: _VolumeSet, mode: str, index: _ChunkIndex | None,
+def draw(rng: np.random.Generator, volumes: VolumeSet, mode: str, index: _ChunkIndex | None,
          pos_fraction: float | None, voxel_cdf: np.ndarray) -> tuple[int, list[int]]:
     """One voxel ``(volume, spatial position)``: uniform over all volumes (``index`` None), by
     weight (``mode="weights"``) or label-balanced (``mode="label"``) through the chunk index."""

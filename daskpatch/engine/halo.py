@@ -4,17 +4,30 @@ blocks' chunks, and the sum (and cast) of each output chunk from its parts."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from daskpatch.engine import memory as _memory
 from daskpatch.engine.numbers import cast, doubled, nan_error, wide_dtype
 from daskpatch.engine.spec import ChunkSum
-from daskpatch.storage.spill import Spill
 
 
-def halo(buf: np.ndarray, pieces: list, spill: Spill | None = None, name: str = "",
+
+class PartStore(Protocol):
+    """Where spilled halo parts go (:class:`daskpatch.storage.spill.Spill`): the engine is handed
+    one and never opens a store itself."""
+
+    def key(self, name: str, block: tuple[int, ...], target: tuple[int, ...]) -> str: ...
+
+    def put(self, key: str, part: np.ndarray) -> None: ...
+
+    def get(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+def halo(buf: np.ndarray, pieces: list, spill: PartStore | None = None, name: str = "",
          bidx: tuple[int, ...] = ()) -> dict:
     """Copy the parts of a block buffer that belong to other chunks, keyed by chunk index.
 

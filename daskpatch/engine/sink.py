@@ -1,5 +1,5 @@
-"""The in-memory sink of :func:`daskpatch.to_numpy`: block tasks add straight into the result;
-and the write-through of :func:`daskpatch.to_zarr`'s chained engines."""
+"""The in-memory sink of :func:`daskpatch.to_numpy` (block tasks add straight into the result) and
+the write-through of :func:`daskpatch.to_zarr`'s chained engines."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from daskpatch.engine.block import BatchPool
+from daskpatch.engine.batches import BatchPool
 
 
 class Sink:
@@ -34,11 +34,6 @@ class Sink:
 
     def view(self, lo: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
         return self.canon[(slice(None),) + tuple(slice(l, l + n) for l, n in zip(lo, shape))]
-
-
-def then(previous: Any, result: Any) -> Any:
-    """``result``, computed after ``previous`` (a task that orders blocks)."""
-    return result
 
 
 def write_through(writer: Any, location: tuple[int, ...], region: tuple[slice, ...],

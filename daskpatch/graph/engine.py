@@ -11,18 +11,18 @@ import copy
 import itertools
 import math
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import dask.array as da
 import numpy as np
 
-from daskpatch.graph.layers import rename_task
-from daskpatch.geometry.layout import Layout
-from daskpatch.geometry.grid import BlockPlan
-from daskpatch.geometry.windows import Window
+from daskpatch.graph.layers import LazyLayer, layers, new_array, rename_task
+from daskpatch.graph.order import BiggestFirst, then
 from daskpatch.engine.halo import add, halo, spilled_keys
-from daskpatch.engine.sink import Sink, finish_into, then, write_through
+from daskpatch.engine.sink import Sink, finish_into, write_through
 from daskpatch.engine.spec import ChunkSum
+from daskpatch.graph.plan import Blending
 from daskpatch.storage.spill import Spill
 
 
@@ -33,14 +33,13 @@ class Engine:
     block; it is what differs between :func:`reconstruct` and :func:`apply_patches`.
     """
 
-    def __init__(self, plan: BlockPlan, name: str, accumulate: Callable, channels: int,
-                 acc_dtype: np.dtype, out_dtype: np.dtype, fill_value: Any, layout: Layout,
-                 spill: Spill | bool | None, window: Window, params: dict | None = None
-                 ) -> None:
+    def __init__(self, blending: Blending, name: str, accumulate: Callable) -> None:
+        plan, window = blending.plan, blending.window
         self.plan, self.name, self.accumulate = plan, name, accumulate
         #: what determines the result besides the model and the input data (JSON-ready): the
         #: fingerprint :func:`daskpatch.to_zarr` stores and ``resume=True`` checks
-        self.params = dict(params or {})
+        self.params = dict(blending.params)
+        spill = blending.spill
         #: ``None``: halos in memory, but :func:`spill_into` may still send them to a store
         self.auto = spill is None
         self.spill: Spill | None = spill if isinstance(spill, Spill) else None
@@ -50,10 +49,11 @@ class Engine:
         #: what ``writer`` returns (see :meth:`written`); ``None``: chunk tasks return chunks
         self.writer: Callable | None = None
         self.chain: dict[tuple[int, ...], tuple] = {}  # block -> the chunk key it waits for
+        channels, acc_dtype = blending.channels, blending.acc_dtype
         self.args = (channels, 0 if window.separable else 1)
         self.copy = window.blend == "crop"  # crop: voxels are copied, not summed
-        self.dtypes = (fill_value, acc_dtype, out_dtype)
-        self.ch = layout.channel_axis
+        self.dtypes = (blending.fill_value, acc_dtype, blending.out_dtype)
+        self.ch = blending.layout.channel_axis
         ndim = plan.grid.ndim
         self.halo_ax: list = []  # [a][b] -> [(c, buffer slice)]
         self.src_ax: list = []  # [a][c] -> [(b, buffer slice, chunk slice)]
@@ -273,3 +273,34 @@ class Engine:
         if self.ch is not None:
             chunks.insert(self.ch, (self.args[0],))
         return tuple(chunks)
+
+
+# -- the engine's layer ------------------------------------------------------------------------
+class EngineLayer(LazyLayer):
+    """The layer of an overlap-add engine's tasks; ``engine`` is kept, so that the engine is
+    found again in a graph (:func:`find_engines`; :func:`daskpatch.to_zarr`'s fingerprint reads
+    its ``params``). Its blocks start biggest first on a cluster (a ``priority`` annotation,
+    :class:`~daskpatch._engine.order.BiggestFirst`, the one of a layer it replaces dropped) unless
+    ``annotations`` has a priority of its own (``dask.annotate``)."""
+
+    def __init__(self, engine: Engine, annotations: Mapping[str, Any] | None = None) -> None:
+        theirs = {k: v for k, v in (annotations or {}).items() if not isinstance(v, BiggestFirst)}
+        annotations = {"priority": BiggestFirst([engine]), **theirs}
+        super().__init__(engine.keys, engine.count, engine.contains, engine.task,
+                         annotations=annotations)
+        self.engine = engine
+
+
+def engine_array(engine: Engine, collections: list, extra: dict | None) -> da.Array:
+    """The result of ``engine`` as a Dask array over its inputs ``collections`` (and a
+    materialised layer of ``extra`` values its tasks read)."""
+    meta = np.empty((0,) * (engine.plan.grid.ndim + (engine.ch is not None)),
+                    dtype=engine.dtypes[2])
+    return new_array(engine.name, EngineLayer(engine), engine.chunks(), meta, collections,
+                     extra)
+
+
+def find_engines(x: da.Array) -> dict[str, Engine]:
+    """The engines of ``x``'s graph, by layer name."""
+    return {n: layer.engine for n, layer in layers(x).items()
+            if isinstance(layer, EngineLayer)}

@@ -28,7 +28,8 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from daskpatch.graph.order import BiggestFirst
-from daskpatch.graph.layers import EXPR, _expr_of, find_engines
+from daskpatch.graph.engine import find_engines
+from daskpatch.graph.layers import EXPR, _expr_of
 
 #: The local schedulers by the names ``dask.config.set(scheduler=...)`` accepts.
 _LOCAL = {"threads": dask.threaded.get, "threading": dask.threaded.get,

@@ -3,7 +3,7 @@
 Blocks differ in size (the blocks at the volume's far sides own fewer patch starts), and
 ``dask.order`` ranks tasks by the graph's shape only, so the biggest block may start last and
 leave one worker waiting at the end. :class:`BiggestFirst` is the ``priority`` annotation of the
-engines' layers (:class:`daskpatch._graph.EngineLayer`) and of the jobs
+engines' layers (:class:`daskpatch.graph.engine.EngineLayer`) and of the jobs
 :func:`daskpatch._sched.to_delayed` makes: the longest-processing-time-first rule.
 """
 
@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from daskpatch.graph.engine import Engine
+from typing import Any
 
 
 class BiggestFirst:
@@ -30,10 +27,10 @@ class BiggestFirst:
 
     Examples
     --------
-    >>> import numpy as np, daskpatch as dp, daskpatch.graph.layers
+    >>> import numpy as np, daskpatch as dp, daskpatch.graph.engine
     >>> r = dp.apply_patches(np.zeros((14, 14), np.float32), lambda b: b, 4, 2,
     ...                      block_shape=8)
-    >>> (engine,) = daskpatch.graph.layers.find_engines(r).values()
+    >>> (engine,) = daskpatch.graph.engine.find_engines(r).values()
     >>> engine.block_patches()
     ((4, 2), (4, 2))
     >>> order = BiggestFirst([engine])
@@ -43,7 +40,7 @@ class BiggestFirst:
     True
     """
 
-    def __init__(self, engines: Iterable[Engine]) -> None:
+    def __init__(self, engines: Iterable[Any]) -> None:
         self.sizes: dict[str, tuple[tuple[tuple[int, ...], ...], int]] = {}
         for e in engines:
             counts = e.block_patches()
@@ -54,3 +51,8 @@ class BiggestFirst:
             return None
         counts, biggest = self.sizes[key[0]]
         return math.prod(c[i] for c, i in zip(counts, key[1:])) - biggest
+
+
+def then(previous: Any, result: Any) -> Any:
+    """``result``, computed after ``previous`` (a task that orders blocks)."""
+    return result

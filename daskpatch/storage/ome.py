@@ -20,24 +20,20 @@ tie) for integers and booleans, which keeps label ids; an odd axis end repeats i
 
 from __future__ import annotations
 
-import functools
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import zarr
 
-from daskpatch.storage import fingerprint as _fingerprint
-from daskpatch.graph import layers as _graph
 from daskpatch.storage import stores as _store
-from daskpatch.rechunk import as_dask, write_chunks
-from daskpatch.geometry.parse import _describe, parse_bool, parse_choice, parse_int
+from daskpatch.geometry.parse import _describe
 from daskpatch.adapters.xarray import import_xarray, is_dataarray, wrap
 
-__all__ = ["DOWNSAMPLE", "open_volume", "write"]
+__all__ = ["DOWNSAMPLE", "as_dataarray", "check_target", "create_group", "finish", "level_shapes",
+           "locate", "metadata", "write_geometry"]
 
 #: Downsampling methods of ``to_zarr(..., ome=True, levels=N, downsample=...)``.
 DOWNSAMPLE: tuple[str, ...] = ("auto", "mean", "mode")
@@ -122,10 +118,10 @@ def _incomplete_error(where: str) -> ValueError:
     )
 
 
-def open_volume(store: Any, path: Any = None, *, level: Any = 0, xarray: Any = False) -> Any:
-    """Implementation of :func:`daskpatch.open_volume` (see there)."""
-    level = parse_int(level, "level", minimum=0)
-    xarray = parse_bool(xarray, "xarray")
+def locate(store: Any, path: Any, level: int) -> tuple[zarr.Array, Any]:
+    """The Zarr array :func:`daskpatch.open_volume` opens at ``store``/``path`` (``level`` of an
+    OME-Zarr image), and the image's ``(group, multiscale)`` (``None`` for a plain array);
+    warns when daskpatch has not finished writing it."""
     image = None
     if isinstance(store, zarr.Array):
         z = _store.open_array(store, path)
@@ -158,9 +154,13 @@ def open_volume(store: Any, path: Any = None, *, level: Any = 0, xarray: Any = F
             f"got {level}"
         )
     _store.warn_if_incomplete(z, _store.where(z.store, z.path or None))
-    data = _graph.from_zarr(z)
-    if not xarray:
-        return data
+    return z, image
+
+
+def as_dataarray(z: zarr.Array, data: Any, image: Any, level: int) -> Any:
+    """``data`` (the Dask array over ``z``) as an xarray DataArray: dims from the Zarr v3
+    ``dimension_names`` (or ``_ARRAY_DIMENSIONS``), or, for an OME-Zarr image, the axes with
+    coordinates from its scale and translation."""
     import_xarray("open_volume(..., xarray=True)")
     if image is None:
         return _plain_dataarray(z, data)
@@ -334,7 +334,7 @@ def _coords_geometry(array: Any, names: list[str], given: list[Any]
     return scale, shift, units
 
 
-def _geometry(array: Any, ndim: int, axes: Any, scale: Any, units: Any
+def write_geometry(array: Any, ndim: int, axes: Any, scale: Any, units: Any
               ) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
     """Validated (axes, scale, translation) of level 0, from the keywords and/or a DataArray."""
     xa = array if is_dataarray(array) else None
@@ -391,7 +391,7 @@ def _mode(v: np.ndarray) -> np.ndarray:
     return np.take_along_axis(s, best, axis=-1)[..., 0]
 
 
-def _downsample_block(block: np.ndarray, factors: tuple[int, ...], method: str) -> np.ndarray:
+def downsample_block(block: np.ndarray, factors: tuple[int, ...], method: str) -> np.ndarray:
     """Reduce each ``factors``-sized box of one block to one voxel (an odd end repeats its last
     voxel)."""
     pad = [(0, -n % f) for n, f in zip(block.shape, factors)]
@@ -413,7 +413,7 @@ def _downsample_block(block: np.ndarray, factors: tuple[int, ...], method: str) 
     return mean.astype(dtype, copy=False)
 
 
-def _level_shapes(shape: tuple[int, ...], space: list[int], levels: int
+def level_shapes(shape: tuple[int, ...], space: list[int], levels: int
                   ) -> list[tuple[int, ...]]:
     shapes = [tuple(shape)]
     for k in range(1, levels):
@@ -426,19 +426,6 @@ def _level_shapes(shape: tuple[int, ...], space: list[int], levels: int
         shapes.append(tuple(-(-n // 2) if a in space and n >= 2 else n
                             for a, n in enumerate(prev)))
     return shapes
-
-
-def _downsampled(z: zarr.Array, factors: tuple[int, ...], chunks: tuple[int, ...], method: str
-                 ) -> da.Array:
-    """Level ``k`` from the written level ``k - 1`` (lazy): each task reads the ``factors``
-    boxes of one output chunk and reduces them."""
-    src: Any = _graph.from_zarr(z, chunks=tuple(c * f for c, f in zip(chunks, factors)))
-    out_chunks = tuple(tuple(-(-b // f) for b in bs) for bs, f in zip(src.chunks, factors))
-    return src.map_blocks(
-        functools.partial(_downsample_block, factors=factors, method=method),
-        chunks=out_chunks, dtype=src.dtype, meta=np.empty((0,) * src.ndim, dtype=src.dtype),
-        name=f"ome-downsample-{method}-" + dask.base.tokenize(src.name, factors),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,67 +453,18 @@ def _multiscale(axes: list[dict[str, Any]], shapes: list[tuple[int, ...]], scale
     return out
 
 
-def write(
-    to_zarr: Any,
-    array: Any,
-    store: Any,
-    path: Any,
-    *,
-    chunks: Any,
-    compressors: Any,
-    overwrite: bool,
-    resume: bool,
-    progress: bool,
-    compute: bool,
-    ome: Any,
-    levels: Any,
-    axes: Any,
-    scale: Any,
-    units: Any,
-    downsample: Any,
-    run_id: Any = None,
-) -> Any:
-    """Implementation of ``to_zarr`` for DataArrays and OME-Zarr output (see there)."""
+def finish(group: zarr.Group, meta: dict[str, Any], _job: Any) -> zarr.Group:
+    """Write the OME metadata: the last step, after every level is complete."""
+    group.attrs.update(meta)
+    return group
 
-    ome = parse_bool(ome, "ome")
-    levels = parse_int(levels, "levels", minimum=1)
-    downsample = parse_choice(downsample, "downsample", DOWNSAMPLE)
-    plain = dict(chunks=chunks, compressors=compressors, overwrite=overwrite, resume=resume,
-                 progress=progress, compute=compute, run_id=run_id)
-    data = array.data if is_dataarray(array) else array
-    if not ome:
-        extra = [k for k, v in (("levels", levels != 1), ("axes", axes is not None),
-                                ("scale", scale is not None), ("units", units is not None),
-                                ("downsample", downsample != "auto")) if v]
-        if extra:
-            raise ValueError(f"{', '.join(extra)} need ome=True (an OME-Zarr image); got "
-                             "ome=False")
-        names = [str(d) for d in array.dims] if is_dataarray(array) else None
-        return to_zarr(data, store, path, _dimension_names=names, **plain)
 
-    for name, value in (("overwrite", overwrite), ("resume", resume), ("progress", progress),
-                        ("compute", compute)):
-        parse_bool(value, name)
-    if overwrite and resume:
-        raise ValueError("overwrite=True and resume=True exclude each other (overwrite starts "
-                         "again, resume keeps the levels already written); got both")
-    if not compute and levels > 1:
-        raise ValueError(
-            f"compute=False needs levels=1 with ome=True (each level is computed from the level "
-            f"above once it is written); got levels={levels}"
-        )
-    x = as_dask(data)
-    _store.parse_compressors(compressors, x.dtype)  # before the group is made
-    ax, scale0, shift0 = _geometry(array, x.ndim, axes, scale, units)
-    names = [a["name"] for a in ax]
-    space = [i for i, a in enumerate(ax) if a["type"] == "space"]
-    shapes = _level_shapes(x.shape, space, levels)
-    method = downsample if downsample != "auto" else ("mean" if x.dtype.kind in "fc" else "mode")
-    x, zchunks = write_chunks(x, chunks)
 
-    path = _store.parse_path(path)
-    base, full = _store.resolve_store(store, path)
-    where = _store.where(base, full)
+def check_target(base: Any, full: str | None, where: str, *, overwrite: bool, resume: bool,
+                 levels: int) -> Any:
+    """The node at an image's target (``None``: nothing there) after checking that this write
+    may go there: a group only if daskpatch wrote it, an existing image only with ``overwrite``
+    or ``resume`` (and then with the same number of levels)."""
     node = _store.probe(base, full)
     marker: Any = node.attrs.get(_MARKER) if isinstance(node, zarr.Group) else None
     ours = isinstance(marker, Mapping)
@@ -551,40 +489,26 @@ def write(
                 "Pass overwrite=True to start again"
             )
     _store.check_parents(base, full, where, "an image", name_parent=True)
-    target, prefix = _store.as_store(base)
-    _fingerprint.check_not_read(x, target, _store.node_path(prefix, full), where)
-    if node is not None and overwrite:
-        _store.check_deletable(target, _store.node_path(prefix, full), where)
+    return node
 
-    # Everything is checked: create the group (marked incomplete), the levels, then the metadata.
+
+def create_group(base: Any, full: str | None, node: Any, overwrite: bool, levels: int,
+                 method: str) -> tuple[zarr.Group, dict[str, Any]]:
+    """The image's group, created (marked incomplete) or reopened, and the marker that
+    :func:`finish` writes once every level is complete."""
     info = {"complete": False, "levels": levels, "downsample": method}
     if node is None or overwrite:
         group = zarr.create_group(store=base, path=full or "", zarr_format=3, overwrite=overwrite,
                                   attributes={_MARKER: info})
     else:
         group = zarr.open_group(store=base, path=full or "", mode="r+")
-    meta = {"ome": {"version": NGFF_VERSION,
-                    "multiscales": [_multiscale(ax, shapes, scale0, shift0, method,
-                                                getattr(array, "name", None)
-                                                if is_dataarray(array) else None)]},
-            _MARKER: {**info, "complete": True}}
-    level_paths = [_store.node_path(full, str(k)) for k in range(levels)]
-    job = to_zarr(x, base, level_paths[0], _dimension_names=names, **plain)
-    if not compute:
-        return dask.delayed(_finish, pure=False)(group, meta, job)
-    written = job
-    for k in range(1, levels):
-        factors = tuple(2 if p != n else 1 for p, n in zip(shapes[k - 1], shapes[k]))
-        level_chunks = tuple(min(c, n) for c, n in zip(zchunks, shapes[k]))
-        y = _downsampled(written, factors, level_chunks, method)
-        written = to_zarr(y, base, level_paths[k], chunks=level_chunks,
-                          compressors=compressors, overwrite=overwrite, resume=resume,
-                          progress=progress, run_id=run_id, _dimension_names=names)
-    return _finish(group, meta, None)
+    return group, {**info, "complete": True}
 
 
-def _finish(group: zarr.Group, meta: dict[str, Any], _job: Any) -> zarr.Group:
-    """Write the OME metadata: the last step, after every level is complete."""
-    group.attrs.update(meta)
-    return group
-
+def metadata(axes: list[dict[str, Any]], shapes: list[tuple[int, ...]], scale: np.ndarray,
+             shift: np.ndarray, method: str, name: Any, marker: dict[str, Any]
+             ) -> dict[str, Any]:
+    """The group attributes of a finished image: its ``ome`` metadata and daskpatch's marker."""
+    return {"ome": {"version": NGFF_VERSION,
+                    "multiscales": [_multiscale(axes, shapes, scale, shift, method, name)]},
+            _MARKER: marker}

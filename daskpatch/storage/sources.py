@@ -1,67 +1,26 @@
-"""The one way in: user arrays (NumPy, Dask, Zarr) and the reads of their regions.
+"""Reading regions of stored arrays: padding past the end, slab-by-slab regions, chunk pieces.
 
-- :class:`Volume`: a volume for the graph builders (``extract_patches``, ``apply_patches``);
-- :class:`Source`: one array of the training loaders, kept by path (reopened in each process)
-  or as the array itself;
 - :func:`pad_axis` and :func:`_apply_maps`: the one padding (``numpy.pad`` modes, or a constant
-  ``pad_value``) of a region that runs past the end of a volume, shared by both.
-
-Patch extraction and the blending engine both build one task per group of patches that reads a
-region (a group's bounding box, or a work block plus its halo). This module turns a user volume
-into a :class:`Volume` in a canonical layout — channel axis first, then batch and spatial axes —
-and builds the task that reads a region of it, padded past the end where a ``border="pad"`` grid
-needs it.
-
-Two ways to read:
-
-- *direct*: the volume is an array-like (NumPy, Zarr, or a Dask array that is a bare
-  ``from_array``/``from_zarr`` over one) and the task slices it itself, so a Zarr-backed task reads
-  exactly the chunks its region touches, and no chunk stays in memory between tasks;
-- *chunks*: any other Dask array; the task depends on the chunks its region overlaps and copies
-  the overlapping parts into place.
+  ``pad_value``) of a region that runs past the end of a volume, shared by the engine's reads
+  and the training loaders;
+- :func:`_read_direct`, :class:`Region` (read slab by slab as a block's accumulation reaches
+  it) and :func:`_read_chunks` (a region assembled from Dask chunks): what the read tasks of
+  :class:`daskpatch.graph.inputs.Volume` run;
+- :func:`open_zarr`: a Zarr array opened by path, with errors naming the parameter.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import os
-import uuid
-from dataclasses import dataclass
-from collections.abc import Sequence
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import zarr
 from zarr.buffer import default_buffer_prototype
-from dask.base import tokenize
 
-from daskpatch.graph import layers as _graph
 from daskpatch.engine import memory as _memory
-from daskpatch.geometry.layout import Layout
 from daskpatch.config import get_bytes
-from daskpatch.geometry.parse import _describe
-
-
-def _direct_source(x: da.Array) -> Any | None:
-    """The array-like under a Dask array built by ``from_array``/``from_zarr``, else ``None``."""
-    return _graph.direct_source(x)
-
-
-def _unwrap(obj: Any, param: str) -> tuple[Any, bool]:
-    """``(array, is_dask)``: the array-like under a bare ``from_array``/``from_zarr`` Dask array
-    (read directly), any other Dask array as it is (its shape must be known), else ``obj``."""
-    if not isinstance(obj, da.Array):
-        return obj, False
-    if any(math.isnan(c) for c in obj.shape):
-        raise ValueError(f"{param} must have a known shape; got {obj.shape}")
-    src = _direct_source(obj)
-    return (obj, True) if src is None else (src, False)
-
-
-def _is_array_like(obj: Any) -> bool:
-    return hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__")
 
 
 def _pad_map(n: int, total: int, mode: str) -> np.ndarray:
@@ -93,112 +52,6 @@ def pad_axis(n: int, lo: int, hi: int, mode: str) -> tuple[np.ndarray | None, in
     valid = full[full >= 0]
     s0, s1 = (int(valid.min()), int(valid.max()) + 1) if valid.size else (0, 0)
     return np.where(full >= 0, full - s0, -1), s0, s1
-
-
-@dataclass
-class Volume:
-    """A user volume seen in the canonical layout ``(C, *grid_axes)``.
-
-    ``grid_axes`` are the batch axes followed by the spatial axes (the non-channel axes in their
-    order). ``channels`` is 1 when the volume has no channel axis.
-    """
-
-    array: Any  # array-like (direct) or dask array (chunks), in the user's layout
-    direct: bool
-    channel_axis: int | None  # in the user's array (direct reads)
-    shape: tuple[int, ...]  # grid axes only
-    channels: int
-    dtype: np.dtype
-    name: str
-
-    @classmethod
-    def from_user(cls, volume: Any, channel_axis: int | None, *, param: str = "volume") -> Volume:
-        volume, is_dask = _unwrap(volume, param)
-        if is_dask:
-            x = volume
-            if channel_axis is None:
-                grid_shape, channels = x.shape, 1
-            else:
-                if len(x.chunks[channel_axis]) > 1:
-                    x = x.rechunk({channel_axis: -1})
-                grid_shape = x.shape[:channel_axis] + x.shape[channel_axis + 1:]
-                channels = x.shape[channel_axis]
-            return cls(x, False, channel_axis, tuple(grid_shape), channels, x.dtype, x.name)
-        if not _is_array_like(volume):
-            raise TypeError(
-                f"{param} must be a NumPy, Dask or Zarr array; got {_describe(volume)}"
-            )
-        if isinstance(volume, np.ndarray) or not hasattr(volume, "ndim"):
-            volume = np.asarray(volume)
-        shape = tuple(int(s) for s in volume.shape)
-        if channel_axis is None:
-            grid_shape, channels = shape, 1
-        else:
-            grid_shape = shape[:channel_axis] + shape[channel_axis + 1:]
-            channels = shape[channel_axis]
-        if isinstance(volume, np.ndarray):
-            # a random name, as dask's from_array(name=False): hashing the data costs ~0.7 s/GiB
-            name = "source-" + uuid.uuid4().hex
-        else:
-            name = "source-" + tokenize(volume)
-        return cls(volume, True, channel_axis, grid_shape, channels, np.dtype(volume.dtype), name)
-
-    # -- graph pieces --------------------------------------------------------------------------
-    def source_layer(self) -> tuple[list, dict]:
-        """Collections the read tasks depend on, and graph entries they read."""
-        if self.direct:
-            return [], {self.name: self.array}
-        return [self.array], {}
-
-    def _axis_read(self, a: int, lo: int, hi: int, pad_mode: str) -> tuple:
-        """Per-axis part of a read: (pad map, source lo, source hi, chunk pieces)."""
-        key = (a, lo, hi, pad_mode)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        m, s0, s1 = pad_axis(self.shape[a], lo, hi, pad_mode)
-        pieces = []
-        if not self.direct:
-            bounds = self._bounds[a]
-            i0 = int(np.searchsorted(bounds, s0, "right")) - 1
-            i1 = int(np.searchsorted(bounds, s1, "left"))
-            for i in range(i0, max(i1, i0 + 1)):
-                p0, p1 = max(s0, int(bounds[i])), min(s1, int(bounds[i + 1]))
-                if p0 < p1:
-                    pieces.append((i, slice(p0 - s0, p1 - s0), slice(p0 - bounds[i], p1 - bounds[i])))
-        out = self._cache[key] = (m, s0, s1, pieces)
-        return out
-
-    def read_task(self, lo: tuple[int, ...], hi: tuple[int, ...], pad_mode: str,
-                  pad_value: Any = 0, lazy: bool = False) -> tuple:
-        """A task reading ``[lo, hi)`` (padded coordinates) as ``(C, *region)``, and its inputs;
-        ``pad_mode="constant"`` fills with ``pad_value``. ``lazy``: from a Zarr array, a
-        :class:`Region` read slab by slab as the consumer asks (else the array itself)."""
-        axes = [self._axis_read(a, l, h, pad_mode) for a, (l, h) in enumerate(zip(lo, hi))]
-        maps = [ax[0] for ax in axes]
-        src_lo = tuple(ax[1] for ax in axes)
-        src_hi = tuple(ax[2] for ax in axes)
-        if self.direct:
-            return (_open_region if lazy else _read_direct, self.name, src_lo, src_hi,
-                    self.channel_axis, maps, pad_value), {self.name}
-        keys, spec = [], []
-        ch = self.channel_axis
-        for combo in itertools.product(*[ax[3] for ax in axes]):
-            idx = [p[0] for p in combo]
-            if ch is not None:
-                idx.insert(ch, 0)
-            keys.append((self.array.name, *idx))
-            spec.append((tuple(p[1] for p in combo), tuple(p[2] for p in combo)))
-        shape = (self.channels,) + tuple(h - l for l, h in zip(src_lo, src_hi))
-        return (_read_chunks, shape, self.dtype, spec, maps, ch, keys, pad_value), set(keys)
-
-    def __post_init__(self) -> None:
-        self._cache: dict = {}
-        if not self.direct:
-            chunks = list(self.array.chunks)
-            if self.channel_axis is not None:
-                del chunks[self.channel_axis]
-            self._bounds = [np.cumsum((0,) + c) for c in chunks]
 
 
 def _apply_maps(a: np.ndarray, maps: list, pad_value: Any = 0) -> np.ndarray:
@@ -389,7 +242,7 @@ def _read_chunks(shape: tuple, dtype: np.dtype, spec: list, maps: list,
 # ----------------------------------------------------------------------------------------------
 # The loaders' arrays: one user array, opened lazily in each process
 # ----------------------------------------------------------------------------------------------
-def _open_zarr(path: str, param: str, mode: str = "r") -> zarr.Array:
+def open_zarr(path: str, param: str, mode: str = "r") -> zarr.Array:
     try:
         return zarr.open_array(path, mode=mode)
     except FileNotFoundError as e:
@@ -401,74 +254,3 @@ def _open_zarr(path: str, param: str, mode: str = "r") -> zarr.Array:
         ) from e
 
 
-class Source:
-    """One user array of a loader: keeps a path (reopened per process) or the array itself."""
-
-    def __init__(self, obj: Any, param: str) -> None:
-        self.param = param
-        self.path: str | None = None
-        self._obj: Any = None
-        self._handle: zarr.Array | None = None
-        self._pid: int | None = None
-        self.is_dask = False
-        if isinstance(obj, (str, os.PathLike)):
-            self.path = os.fspath(obj)
-            arr: Any = _open_zarr(self.path, param)
-            self._handle, self._pid = arr, os.getpid()
-        else:
-            obj, self.is_dask = _unwrap(obj, param)
-            if not self.is_dask and not _is_array_like(obj):
-                raise TypeError(
-                    f"{param} must be a Zarr store path, or a Zarr, Dask or NumPy array; "
-                    f"got {_describe(obj)}"
-                )
-            self._obj = arr = obj
-        self.shape: tuple[int, ...] = tuple(int(s) for s in arr.shape)
-        self.dtype = np.dtype(arr.dtype)
-        if len(self.shape) == 0:
-            raise ValueError(f"{param} must have at least one axis; got a 0-d array")
-        self.zarr_backed = isinstance(arr, zarr.Array)
-        if self.zarr_backed:
-            self.chunks: tuple[Any, ...] | None = tuple(int(c) for c in arr.chunks)
-        elif self.is_dask:
-            self.chunks = tuple(tuple(int(c) for c in cs) for cs in arr.chunks)
-        else:
-            self.chunks = None
-
-    # -- lazy, fork-safe access ----------------------------------------------------------------
-    @property
-    def array(self) -> Any:
-        """The array to read from, (re)opened in this process if it was given by path."""
-        if self.path is None:
-            return self._obj
-        if self._handle is None or self._pid != os.getpid():
-            self._handle, self._pid = _open_zarr(self.path, self.param), os.getpid()
-        return self._handle
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self.path is not None:  # never ship an open handle: the worker reopens the path
-            state["_handle"] = None
-            state["_pid"] = None
-        return state
-
-    def read(self, index: tuple[Any, ...]) -> np.ndarray:
-        part = self.array[index]
-        if self.is_dask:
-            # local, single-threaded: a loader worker must not start thread pools or use a client
-            part = part.compute(scheduler="synchronous")
-        return np.asarray(part)
-
-    def read_patch(self, layout: Layout, batch: tuple[int, ...], start: Sequence[int],
-                   size: Sequence[int], pad_mode: str = "constant",
-                   pad_value: Any = 0) -> np.ndarray:
-        """Patch ``[start, start + size)`` of the volume at ``batch`` as a contiguous
-        ``(C, *size)`` array, padded past the end like the engine's reads (:func:`pad_axis`)."""
-        axes = [pad_axis(n, int(s), int(s) + z, pad_mode)
-                for n, s, z in zip(layout.spatial_shape, start, size)]
-        index = layout.index(batch, [slice(s0, s1) for _, s0, s1 in axes])
-        a = layout.channel_first(self.read(index))
-        return np.ascontiguousarray(_apply_maps(a, [m for m, _, _ in axes], pad_value))
-
-    def describe(self) -> str:
-        return f"{self.param} ({self.path!r})" if self.path else self.param

@@ -1,0 +1,129 @@
+"""What a graph reads: the Zarr and NumPy arrays under a Dask array, and the fingerprint made of
+them and of its engines' parameters. The scan also keeps a write from overwriting what it reads
+(:func:`check_not_read`) and :func:`daskpatch.to_numpy` from writing into its own input
+(:func:`check_not_aliased`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from dask.highlevelgraph import MaterializedLayer
+from zarr.abc.store import Store
+
+from daskpatch.graph.layers import layers
+from daskpatch.storage.fingerprint import jsonable
+from daskpatch.storage.stores import FORMAT, location, overlaps
+
+
+def _scan(value: Any, found: dict[int, Any], depth: int = 0) -> None:
+    if isinstance(value, (np.ndarray, zarr.Array)):
+        found.setdefault(id(value), value)
+    elif isinstance(value, (tuple, list)) and depth < 2:
+        for v in value:
+            _scan(v, found, depth + 1)
+    elif type(value).__name__ == "DataNode":  # dask's task spec wrapper of a literal
+        _scan(getattr(value, "value", None), found, depth + 1)
+
+
+def graph_arrays(x: da.Array, *, sources_only: bool = False) -> list[Any]:
+    """The NumPy and Zarr arrays a Dask array's graph holds (not the ones it computes).
+
+    That is what ``from_array``/``from_zarr`` (``original-`` layers, or the arrays of an inline
+    ``from_zarr``), daskpatch's readers (``source-of-`` layers of :func:`~daskpatch.apply_patches`,
+    :func:`~daskpatch.extract_patches` and :func:`~daskpatch.reconstruct`) and any other
+    materialised layer hold; the on-demand layers of daskpatch hold no data. With
+    ``sources_only`` the NumPy chunks that small ``from_array`` calls copy into the graph are
+    left out (they are data, not an input that could be named).
+    """
+    found: dict[int, Any] = {}
+    for name, layer in layers(x).items():
+        source = name.startswith(("original-", "source-of-"))
+        if isinstance(layer, MaterializedLayer):
+            if sources_only and not source:
+                part: dict[int, Any] = {}
+                for value in layer.mapping.values():
+                    _scan(value, part)
+                found.update((k, v) for k, v in part.items() if isinstance(v, zarr.Array))
+            else:
+                for value in layer.mapping.values():
+                    _scan(value, found)
+        else:
+            for value, index in getattr(layer, "indices", ()) or ():
+                if index is None:
+                    _scan(value, found)
+    return list(found.values())
+
+
+def check_not_read(x: da.Array, store: Store, path: str | None, where: str) -> None:
+    """Refuse a target that contains, or lies inside, a Zarr array the graph reads."""
+    target = location(store, path)
+    for source in graph_arrays(x, sources_only=True):
+        if not isinstance(source, zarr.Array):
+            continue
+        loc = location(source.store, source.path or None)
+        if not overlaps(loc, target):
+            continue
+        if loc == target:
+            what = where
+        else:
+            inside = loc[1].startswith(target[1].rstrip("/") + "/")
+            what = f"the Zarr array {loc[0]}://{loc[1]}, {'inside' if inside else 'which holds'}"
+            what += f" {where}"
+        raise ValueError(
+            f"to_zarr: the input array reads from {what}, which this call would write (and "
+            "overwrite or delete what it reads); write to a location that neither contains "
+            "that array nor lies inside it (rechunk_to_stride copies an array to new chunks)"
+        )
+
+
+def check_not_aliased(x: da.Array, out: np.ndarray) -> None:
+    """Refuse an ``out`` sharing memory with a NumPy array the graph reads."""
+    for source in graph_arrays(x):
+        if isinstance(source, np.ndarray) and np.may_share_memory(out, source):
+            raise ValueError(
+                "out shares memory with a NumPy array the computation reads (shape "
+                f"{source.shape}, dtype {source.dtype}): writing the result there would change "
+                "the input while it is read; pass out=None or a separate array"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# fingerprints
+# --------------------------------------------------------------------------------------------
+
+
+def _input(source: Any) -> str:
+    if isinstance(source, zarr.Array):
+        kind, where = location(source.store, None)
+        return f"zarr {kind}://{where}" + (f" path {source.path!r}" if source.path else "")
+    return (f"numpy (content not fingerprinted) shape {tuple(source.shape)} dtype "
+            f"{source.dtype}")
+
+
+def fingerprint(x: da.Array, chunks: tuple[int, ...], run_id: str | None) -> dict[str, Any]:
+    """Everything that determines ``x`` written with Zarr ``chunks``, except the model.
+
+    The overlap-add parameters come from the ``params`` of the engines in the graph; the inputs
+    are the Zarr arrays the graph reads (by location) and the NumPy arrays it was given (by
+    shape and dtype only: their content is not hashed). A model cannot be fingerprinted
+    reliably (a closure's token differs in every process); ``run_id`` names its version.
+    """
+    engines = []
+    for layer in layers(x).values():
+        params = getattr(getattr(layer, "engine", None), "params", None)
+        if isinstance(params, dict) and params:
+            engines.append(params)
+    inputs = sorted({_input(s) for s in graph_arrays(x, sources_only=True)})
+    return jsonable({
+        "format": FORMAT,
+        "shape": x.shape,
+        "dtype": str(x.dtype),
+        "chunks": chunks,
+        "pipeline": [e.get("kind", "?") for e in engines],
+        "engines": engines,
+        "inputs": inputs,
+        "run_id": run_id,
+    })

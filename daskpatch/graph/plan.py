@@ -1,0 +1,132 @@
+"""The one preparation of an overlap-add, shared by :func:`daskpatch.reconstruct` and
+:func:`daskpatch.apply_patches`: from a patch grid, a window and the result's dtype to a frozen
+:class:`Blending` (pure data: geometry, window weights, numerics, the work blocks) that the
+engine's tasks are made from."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from daskpatch.config import get_bytes, get_int
+from daskpatch.engine.kernel import make_weights
+from daskpatch.engine.numbers import Numbers, check_fill
+from daskpatch.engine.numbers import acc_dtype as _acc_dtype
+from daskpatch.engine.spec import Weights
+from daskpatch.geometry.blocks import work_block
+from daskpatch.geometry.grid import BlockPlan, PatchGrid
+from daskpatch.geometry.layout import Layout
+from daskpatch.geometry.parse import _describe
+from daskpatch.geometry.windows import Window, parse_blend
+from daskpatch.storage.spill import Spill, parse_spill
+from daskpatch.storage.stores import window_digest
+
+
+@dataclass(frozen=True, eq=False)
+class Blending:
+    """Everything an overlap-add's tasks are made from, except what they read and the model."""
+
+    kind: str  #: ``"apply_patches"`` or ``"reconstruct"``
+    grid: PatchGrid
+    layout: Layout
+    window: Window  #: scaled to the accumulator dtype
+    block: tuple[int, ...]  #: the work-block shape (batch axes 1)
+    plan: BlockPlan
+    weights: Weights
+    numbers: Numbers
+    channels: int  #: channels of the result
+    acc_dtype: np.dtype
+    out_dtype: np.dtype
+    fill_value: Any
+    spill: Spill | bool | None
+    slab: int  #: the ``daskpatch.slab-bytes`` setting: the order of float sums
+    params: dict  #: the parameters that determine the result, JSON-ready (the fingerprint's)
+
+    @property
+    def n_batch(self) -> int:
+        return self.layout.n_batch
+
+    def token(self) -> tuple:
+        """What names the engine's tasks, besides its input and model."""
+        w = self.window
+        return (self.grid, self.block, w.blend, w.sigma_scale, w.array, self.fill_value,
+                self.layout, self.spill, self.slab)
+
+
+def parse_window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Window:
+    """Parse ``blend`` against the spatial patch shape; a user window gets size-1 batch axes."""
+    window = parse_blend(blend, grid.size[n_batch:], sigma_scale)
+    if n_batch and isinstance(window.sigma_scale, tuple):  # batch axes: patches of size 1
+        window = Window(window.blend, (1.0,) * n_batch + window.sigma_scale, window.array,
+                        window.source)
+    if n_batch and not window.separable:
+        assert window.array is not None  # a user window
+        window = Window("user", window.sigma_scale, window.array.reshape(grid.size),
+                        window.source)
+    return window
+
+
+def check_coverage(grid: PatchGrid, fill_value: Any) -> None:
+    """Refuse a grid that leaves voxels uncovered unless ``fill_value`` says what they hold."""
+    if grid.uncovered and fill_value is None:
+        sparse = [a for a in range(grid.ndim) if grid.stride[a] > grid.size[a]]
+        fixes = []
+        if grid.border == "drop":
+            fixes.append("border='shift' or 'pad'")
+        if sparse:
+            fixes.append(f"a stride <= size (the stride is larger on axis {sparse[0]})")
+        raise ValueError(
+            f"the patch grid leaves {grid.uncovered} of {math.prod(grid.shape)} voxels uncovered "
+            f"(size={grid.size}, stride={grid.stride}, border={grid.border!r}); pass "
+            f"fill_value=... to fill them explicitly, or use {' with '.join(fixes)}"
+        )
+    if fill_value is not None and not isinstance(fill_value, (int, float, np.number)):
+        raise TypeError(f"fill_value must be a number or None; got {_describe(fill_value)}")
+
+
+def _max_cover(grid: PatchGrid) -> int:
+    """The most patches that overlap one voxel (a bound: the product of the per-axis counts)."""
+    cover = 1
+    for a in range(grid.ndim):
+        diff = np.zeros(grid.padded_shape[a] + 1, dtype=np.int64)
+        starts = grid.axis_starts(a)
+        np.add.at(diff, starts, 1)
+        np.add.at(diff, starts + grid.size[a], -1)
+        cover *= int(np.cumsum(diff).max())
+    return cover
+
+
+def prepare(kind: str, grid: PatchGrid, layout: Layout, window: Window, *, fill_value: Any,
+            out_dtype: np.dtype, channels: int, block_shape: Any, input_chunks: tuple | None,
+            batch_size: int, spill: Any, record: dict[str, Any]) -> Blending:
+    """The frozen plan of one overlap-add: ``window`` (from :func:`parse_window`) weighting
+    ``channels``-channel results of dtype ``out_dtype`` over ``grid``, in work blocks of
+    ``block_shape`` (``None``: automatic, from the ``daskpatch.block-bytes`` and
+    ``daskpatch.min-blocks`` settings and the input's chunks). ``record`` holds further
+    parameters that determine the result (recorded in the fingerprint)."""
+    check_fill(fill_value, out_dtype)
+    copy = window.blend == "crop"
+    acc_dtype = _acc_dtype(out_dtype, copy)
+    window = window.scaled(_max_cover(grid), acc_dtype)
+    nb = layout.n_batch
+    block = work_block(grid, nb, block_shape, acc_dtype.itemsize, channels, input_chunks,
+                       batch_size, get_bytes("block-bytes"), get_int("min-blocks"))
+    slab = int(get_bytes("slab-bytes"))
+    numbers = Numbers(acc_dtype, out_dtype, copy, grid.shape, block, channels,
+                      layout.channel_axis)
+    record = {
+        "kind": kind, "size": list(grid.size[nb:]), "stride": list(grid.stride[nb:]),
+        "border": grid.border, "blend": window.blend, "window": window_digest(window.array),
+        "sigma_scale": (list(window.sigma_scale) if isinstance(window.sigma_scale, tuple)
+                        else float(window.sigma_scale)), "channel_axis": layout.channel_axis,
+        "fill_value": fill_value.item() if isinstance(fill_value, np.generic) else fill_value,
+        "block_shape": list(block[nb:]),
+        **{k: (str(np.dtype(v)) if k.endswith("dtype") else
+               list(v) if isinstance(v, tuple) else v) for k, v in record.items()},
+    }
+    return Blending(kind, grid, layout, window, block, grid.block_plan(block),
+                    make_weights(grid, window, slab), numbers, channels, acc_dtype,
+                    np.dtype(out_dtype), fill_value, parse_spill(spill), slab, record)
