@@ -573,7 +573,7 @@ def _write_image(array: Any, store: Any, path: Any, *, chunks: Any, compressors:
     job = _write_array(x, base, level_paths[0], dimension_names=names, **plain)
     if not compute:
         return dask.delayed(_ome.finish, pure=False)(group, meta, job)
-    written = job
+    written: Any = job  # a zarr.Array: compute=True here
     for k in range(1, levels):
         factors = tuple(2 if p != n else 1 for p, n in zip(shapes[k - 1], shapes[k]))
         level_chunks = tuple(min(c, n) for c, n in zip(zchunks, shapes[k]))
