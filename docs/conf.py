@@ -29,10 +29,13 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "numpydoc",
+    "myst_parser",  # the narrative pages are Markdown (they began as README sections)
     "results",  # docs/_ext/results.py: tables from benchmarks/results/*.json
 ]
 
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+myst_heading_anchors = 3
 templates_path: list[str] = []
 html_static_path: list[str] = []
 

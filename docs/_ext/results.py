@@ -38,8 +38,8 @@ REQUIRED = ("case", "date", "title", "tables")
 
 def load_all() -> dict[str, dict[str, Any]]:
     """Every result file by stem, checked against its name; problems are Sphinx warnings."""
-    out = {}
-    for fn in sorted(os.listdir(RESULTS)):
+    out: dict[str, dict[str, Any]] = {}
+    for fn in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
         if not fn.endswith(".json"):
             continue
         stem = fn[:-5]
