@@ -4,7 +4,7 @@ Each result is a JSON file named ``<case>-<YYYY-MM-DD>.json`` (one per case and 
 
     {"case": "busy-accelerator", "date": "2026-11-28", "title": "...",
      "machine": "...", "command": "python benchmarks/busy.py", "trees": {"before": "0666d6d"},
-     "raw": "busy-accelerator-2026-11-28.txt",          # optional raw output beside it
+     "raw": "busy-accelerator-2026-11-28.txt",          # optional raw output(s) beside it
      "goals": [{"goal": "...", "script": "busy.py", "target": ">= 0.90",
                 "before": "0.80 (0.79-0.82)", "result": "0.92 (0.90-0.93)"}],   # optional
      "tables": [{"title": "...", "columns": ["...", ...], "rows": [[...], ...]}],
@@ -56,10 +56,17 @@ def load_all() -> dict[str, dict[str, Any]]:
                 if len(row) != len(t["columns"]):
                     logger.warning("%s: table %r has a row of %d cells for %d columns",
                                    path, t.get("title"), len(row), len(t["columns"]))
-        if data.get("raw") and not os.path.exists(os.path.join(RESULTS, data["raw"])):
-            logger.warning("%s: raw file %s does not exist", path, data["raw"])
+        for raw in raw_files(data):
+            if not os.path.exists(os.path.join(RESULTS, raw)):
+                logger.warning("%s: raw file %s does not exist", path, raw)
         out[stem] = data
     return out
+
+
+def raw_files(data: dict[str, Any]) -> list[str]:
+    """``raw`` is one file name or a list of them (a session's output may serve several cases)."""
+    raw = data.get("raw") or []
+    return [raw] if isinstance(raw, str) else list(raw)
 
 
 def cell(value: Any) -> nodes.entry:
@@ -97,6 +104,8 @@ class ResultsDirective(Directive):
 
     def run(self) -> list[nodes.Node]:
         stem = self.arguments[0]
+        env = self.state.document.settings.env
+        env.note_dependency(os.path.abspath(os.path.join(RESULTS, stem + ".json")))
         data = load_all().get(stem)
         if data is None:
             return [self.state.document.reporter.warning(
@@ -107,7 +116,8 @@ class ResultsDirective(Directive):
                 setting.append(f"{label}: {data[key]}.")
         if data.get("trees"):
             setting.append("Trees: " + ", ".join(f"{k} = {v}" for k, v in data["trees"].items()) + ".")
-        raw = f" Raw output: benchmarks/results/{data['raw']}." if data.get("raw") else ""
+        raws = raw_files(data)
+        raw = (" Raw output: " + ", ".join(f"benchmarks/results/{r}" for r in raws) + ".") if raws else ""
         out: list[nodes.Node] = [nodes.paragraph(
             text=" ".join(setting) + f" Data: benchmarks/results/{stem}.json." + raw)]
         for t in data["tables"]:
@@ -121,7 +131,9 @@ class GoalsDirective(Directive):
     def run(self) -> list[nodes.Node]:
         goals: dict[str, dict[str, Any]] = {}
         dates: list[str] = []
+        env = self.state.document.settings.env
         for stem, data in load_all().items():
+            env.note_dependency(os.path.abspath(os.path.join(RESULTS, stem + ".json")))
             for g in data.get("goals", []):
                 row = goals.setdefault(g["goal"], {"script": g.get("script", ""),
                                                    "target": g.get("target", ""),
