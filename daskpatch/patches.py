@@ -1,6 +1,6 @@
 """The overlap-add engine: blend patches (or a model's predictions) back into a volume, by blocks.
 
-``reconstruct`` and ``apply_patches`` share one mechanism (see DESIGN.md)::
+``reconstruct`` and ``apply_patches`` share one mechanism (see the design page of the docs)::
 
     out(x) = sum_i w_i(x - start_i) * f(patch_i)(x - start_i)  /  W(x)
 

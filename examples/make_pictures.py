@@ -1,4 +1,4 @@
-"""Write the README's pictures: a patch grid and the blend weights along one axis.
+"""Write the pictures of the README and the docs: a patch grid and the blend weights along one axis.
 
 Usage::
 

@@ -509,7 +509,7 @@ def test_non_uniform_coordinate_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# recipes (README "Formats"): TIFF, HDF5, NIfTI
+# recipes (docs/user-guide.md "Formats"): TIFF, HDF5, NIfTI
 # --------------------------------------------------------------------------------------------
 
 
