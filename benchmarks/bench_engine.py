@@ -314,6 +314,7 @@ def worker_zarr(p: dict) -> dict:
 
     import daskpatch as dp
     from daskpatch.graph import lowering
+    from daskpatch.storage.spill import spill_bytes
 
     dask.config.set(scheduler="threads")
     if p.get("workers"):
@@ -374,8 +375,8 @@ def worker_zarr(p: dict) -> dict:
     ntasks = len(dict(out.__dask_graph__())) if p.get("count_tasks") else None
     files = [f for f in Path(spill_dir).rglob("*") if f.is_file()]
     spill_files, spill_bytes = len(files), sum(f.stat().st_size for f in files)
-    # did the halos go to a store? (spill_into only rebuilds the graph; nothing runs)
-    would_spill = bool(lowering.spill_into(out, None, "probe")[1])
+    # did the halos go to a store? (lowering only builds a graph; nothing runs)
+    would_spill = bool(lowering._spilled(out, None, "probe", spill_bytes())[1])
     spilled = would_spill and (mode == "on" or writer == "daskpatch.io.to_zarr")
     return {
         "n": p["n"], "chunk": p["chunk"], "block": chunks, "numblocks": list(out.numblocks),

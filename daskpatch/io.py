@@ -47,7 +47,7 @@ from daskpatch.graph.layers import from_zarr
 from daskpatch.storage.stores import IncompleteWarning, StoreLike
 from daskpatch.geometry.parse import _describe, parse_bool, parse_choice, parse_int
 from daskpatch.adapters.xarray import is_dataarray as _is_dataarray
-from daskpatch.graph.lowering import engine_into, spill_into, written_engine
+from daskpatch.graph.lowering import IntoArray, IntoStore, lower
 from daskpatch.storage.spill import spill_bytes
 
 __all__ = [
@@ -264,23 +264,26 @@ def _plan(w: _Write, z: zarr.Array, fingerprint: dict[str, Any],
     # Engines built with spill=None send large halos (what blocks hand to neighbouring chunks)
     # into the output store: memory stays bounded, and the parts are deleted once all is written.
     # Not into a store in RAM, where the parts would stay until the end instead of being freed.
-    if not isinstance(z.store, zarr.storage.MemoryStore):
-        x, spills = spill_into(w.x, z.store, _store.spill_dir(z), threshold=w.threshold)
-    else:
-        x, spills = spill_into(w.x, None, "", threshold=math.inf)
-    token = tokenize(x.name, str(z.store), z.path, w.chunks)
-    todo = []
-    if done is not None and len(done) < math.prod(x.numblocks):
+    in_ram = isinstance(z.store, zarr.storage.MemoryStore)
+    todo: list = []
+    writer = None
+    if done is not None and len(done) < math.prod(w.x.numblocks):
         # a spilled result written as it is: its chunk tasks write, blocks in C order
-        locs = [loc for loc in np.ndindex(*x.numblocks) if loc not in done]
+        todo = [loc for loc in np.ndindex(*w.x.numblocks) if loc not in done]
         writer = functools.partial(_writes.write_task, z=z, fingerprint=fingerprint,
                                    where=w.where)
-        made = written_engine(x, writer, locs, f"to-zarr-written-{token}")
-        if made is not None:
-            graph, keys, spill = made
-            spills = [(s, n) for s, n in spills if n != x.name] + [(spill, f"to-zarr-written-{token}")]
-            return _sched.then(graph, f"to-zarr-finalize-{tokenize(token, sorted(done))}",
-                               (_writes.finalize, z, fingerprint, w.where, spills, keys))
+    low = lower(w.x, IntoStore(None if in_ram else z.store, "" if in_ram else _store.spill_dir(z),
+                               w.threshold, writer, tuple(todo),
+                               (str(z.store), z.path, w.chunks)))
+    assert low is not None  # a store target always lowers
+    token, spills = low.token, low.spills
+    if low.job is not None:
+        return _sched.then(low.job, f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}",
+                           (_writes.finalize, z, fingerprint, w.where, spills, low.keys))
+    x = low.array
+    assert x is not None
+    parts_todo = []
+    if done is not None and len(done) < math.prod(x.numblocks):
         written = da.map_blocks(
             functools.partial(_writes.write_block, z=z, fingerprint=fingerprint,
                               where=w.where), x,
@@ -290,10 +293,10 @@ def _plan(w: _Write, z: zarr.Array, fingerprint: dict[str, Any],
             name=f"to-zarr-write-{token}",
         )
         parts = _sched.to_delayed(written)
-        todo = [d for loc, d in np.ndenumerate(parts) if loc not in done]
+        parts_todo = [d for loc, d in np.ndenumerate(parts) if loc not in done]
     finalize = functools.partial(_writes.finalize, z, fingerprint, w.where, spills)
     return dask.delayed(finalize, pure=False)(
-        todo, dask_key_name=f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}"
+        parts_todo, dask_key_name=f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}"
     )
 
 
@@ -651,15 +654,14 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
     if get is None:  # no shared memory with the workers
         _sched.gather_into(array, out, progress)
         return out
-    direct = engine_into(array, out, workers)
+    direct = lower(array, IntoArray(out, workers))
     if direct is not None:
-        job, close = direct
         if not fresh:
             out[...] = 0
         try:
-            _sched.compute(job, progress, scheduler=get)
+            _sched.compute(direct.job, progress, scheduler=get)
         finally:
-            close()
+            direct.close()
         return out
     _sched.compute(_sched.store_job(array, out), progress, scheduler=get)
     return out

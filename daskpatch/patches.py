@@ -19,15 +19,15 @@ holding its start. Three tasks per block:
 
 Each output chunk is produced by exactly one task, so writing the result to Zarr needs no locks.
 
-This module parses the arguments, plans (the block shape; the block plan is
-:meth:`daskpatch.grid.PatchGrid.block_plan`'s) and builds; the tasks are in
-:mod:`daskpatch._engine` (spec, kernel, block, halo, spill, sink, engine) and their graphs in
-:mod:`daskpatch._graph`.
+This module parses the arguments and builds the frozen plan
+(:class:`~daskpatch.graph.plan.OverlapAdd`, prepared by :func:`daskpatch.graph.plan.prepare`) that
+the returned array's layer holds; the per-block work is in :mod:`daskpatch.engine`, the tasks and
+graphs in :mod:`daskpatch.graph`, and each output lowers the plan for itself
+(:mod:`daskpatch.graph.lowering`).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from collections.abc import Callable
@@ -39,10 +39,16 @@ import numpy as np
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
-from daskpatch.engine.block import BatchPool, apply_block, reconstruct_block
-from daskpatch.engine.spec import ApplyBlock, ReconstructBlock
-from daskpatch.graph.engine import Engine, engine_array
-from daskpatch.graph.plan import check_coverage, parse_window, prepare
+from daskpatch.engine.batches import BatchPool
+from daskpatch.graph.engine import engine_array
+from daskpatch.graph.plan import (
+    ApplyReader,
+    OverlapAdd,
+    ReconstructReader,
+    check_coverage,
+    parse_window,
+    prepare,
+)
 from daskpatch.graph.inputs import Volume
 from daskpatch.adapters.torch import wrap_fn
 from daskpatch.geometry.parse import (
@@ -179,27 +185,10 @@ def reconstruct(
                   // max(1, math.prod(expected[1:]) * in_dtype.itemsize))
         patches = da.from_array(patches, chunks=(per,) + expected[1:])
     patches = patches.rechunk({i: -1 for i in range(1, patches.ndim)})
-    nbounds = np.cumsum((0,) + patches.chunks[0])
     name = "reconstruct-" + tokenize(patches.name, shape, b.token())
-    plan = b.plan
-    axis_starts = [grid.axis_starts(a) for a in range(grid.ndim)]
-
-    def accumulate(bidx, ext_lo, ext_hi):
-        owned = [range(*plan.owned[a][b]) for a, b in enumerate(bidx)]
-        gidxs = list(itertools.product(*owned))
-        flat = np.ravel_multi_index(tuple(np.array(gidxs).T), grid.grid_shape)
-        cid = np.searchsorted(nbounds, flat, "right") - 1
-        used = sorted(set(cid.tolist()))
-        pos = {c: k for k, c in enumerate(used)}
-        where = [(pos[c], int(f - nbounds[c])) for c, f in zip(cid.tolist(), flat.tolist())]
-        keys = [(patches.name, c) + (0,) * (patches.ndim - 1) for c in used]
-        starts = [tuple(int(axis_starts[a][i]) for a, i in enumerate(g)) for g in gidxs]
-        spec = ReconstructBlock(tuple(where), ext_lo,
-                                tuple(h - lo for lo, h in zip(ext_lo, ext_hi)), tuple(gidxs),
-                                tuple(starts), b.weights, layout, channels, b.numbers, grid.size)
-        return (reconstruct_block, spec, keys), set(keys)
-
-    return engine_array(Engine(b, name, accumulate), [patches], None)
+    reader = ReconstructReader(patches.name, patches.ndim, np.cumsum((0,) + patches.chunks[0]),
+                               channels, tuple(grid.axis_starts(a) for a in range(grid.ndim)))
+    return engine_array(OverlapAdd(name, b, reader), [patches], None)
 
 
 @accepts_dataarray
@@ -323,27 +312,14 @@ def apply_patches(
                 record=dict(pad_mode=pad_mode, pad_value=pad_value, batch_size=batch_size,
                             input_shape=vol.shape, channels=vol.channels, out_channels=cout,
                             input_dtype=vol.dtype, dtype=out_dtype))
-    plan = b.plan
     # the model is ONE key of the graph, which every block task reads: a cluster ships it to
     # each worker once (and keeps it there), not once per block task
     model = "model-" + tokenize(fn)
     name = "apply-patches-" + tokenize(vol.name, model, b.token(), pad_mode, pad_value,
                                        batch_size, cout, out_dtype)
-    axis_starts = tuple(grid.axis_starts(a) for a in range(grid.ndim))
-    batches = BatchPool()  # this engine's: emptied when none of its blocks holds a batch
-
-    def accumulate(bidx, ext_lo, ext_hi):
-        owned = [plan.owned[a][b] for a, b in enumerate(bidx)]
-        starts = [axis_starts[a][i0:i1] for a, (i0, i1) in enumerate(owned)]
-        lo = tuple(int(s[0]) for s in starts)
-        hi = tuple(int(s[-1]) + z for s, z in zip(starts, grid.size))
-        read, deps = vol.read_task(lo, hi, pad_mode, pad_value, lazy=True)
-        spec = ApplyBlock(bidx, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
-                          tuple(range(*o) for o in owned), axis_starts, b.weights, batch_size,
-                          layout, nb, cout, b.numbers, grid.size)
-        return (apply_block, spec, read, batches, model), deps | {model}
-
+    reader = ApplyReader(vol, pad_mode, pad_value, batch_size, model,
+                         tuple(grid.axis_starts(a) for a in range(grid.ndim)), BatchPool())
     collections, extra = vol.source_layer()
-    return engine_array(Engine(b, name, accumulate), collections, {**extra, model: fn})
+    return engine_array(OverlapAdd(name, b, reader), collections, {**extra, model: fn})
 
 

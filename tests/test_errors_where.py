@@ -196,12 +196,13 @@ def test_spilled_engine_over_a_spilled_engine(tmp_path):
 
 
 def test_to_numpy_jobs_have_keys_of_their_own_and_leave_the_array_as_it_is():
-    from daskpatch.graph.lowering import engine_into
+    from daskpatch.graph.lowering import IntoArray, lower
 
     res = _res()
     layers = dict(_graph.layers(res))
     a, b = np.zeros(res.shape, res.dtype), np.zeros(res.shape, res.dtype)
-    (job_a, close_a), (job_b, close_b) = engine_into(res, a), engine_into(res, b)
+    low_a, low_b = lower(res, IntoArray(a)), lower(res, IntoArray(b))
+    (job_a, close_a), (job_b, close_b) = (low_a.job, low_a.close), (low_b.job, low_b.close)
     into_a = {k for k in job_a.dask if str(k[0]).startswith("into-")}
     into_b = {k for k in job_b.dask if str(k[0]).startswith("into-")}
     assert into_a and not into_a & into_b  # two jobs into two arrays: no key in common

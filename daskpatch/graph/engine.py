@@ -1,17 +1,20 @@
-"""The overlap-add engine's tasks: the accumulate, halo and chunk tasks of every block, made on
-demand (see :class:`daskpatch._graph.LazyLayer`), and the tasks adding into an in-memory result.
+"""The overlap-add engine's tasks: the accumulate, halo and chunk tasks of every block of a
+frozen plan (:class:`~daskpatch.graph.plan.OverlapAdd`) executed as a :class:`Target`, made on
+demand (see :class:`~daskpatch.graph.layers.LazyLayer`), and the tasks adding into an in-memory
+result.
 
-Which block owns which patches comes from :meth:`daskpatch.grid.PatchGrid.block_plan`; how its
-graph is built, renamed and found again is :mod:`daskpatch._graph`'s job.
+Which block owns which patches comes from :meth:`daskpatch.geometry.grid.PatchGrid.block_plan`;
+what a block reads and runs, from the plan's reader; lowering a plan for a target is
+:mod:`daskpatch.graph.lowering`'s job.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
@@ -22,38 +25,60 @@ from daskpatch.graph.order import BiggestFirst, then
 from daskpatch.engine.halo import add, halo, spilled_keys
 from daskpatch.engine.sink import Sink, finish_into, write_through
 from daskpatch.engine.spec import ChunkSum
-from daskpatch.graph.plan import Blending
+from daskpatch.graph.plan import OverlapAdd
 from daskpatch.storage.spill import Spill
 
 
-class Engine:
-    """The accumulate/halo/add tasks of one overlap-add, made on demand (see :class:`LazyLayer`).
+@dataclass(frozen=True)
+class Target:
+    """One execution of an :class:`~daskpatch.graph.plan.OverlapAdd`: the name its tasks go by,
+    where its halos go and what its chunk tasks do. The same plan lowered for another target
+    (:mod:`daskpatch.graph.lowering`) is another graph, with names of its own.
 
-    ``accumulate(bidx, ext_lo, ext_hi) -> (task, dependencies)`` makes the accumulate task of a
-    block; it is what differs between :func:`reconstruct` and :func:`apply_patches`.
+    ``spill``: the store its halo faces go to (``None``: in memory); ``names``: input key names
+    its blocks read under other names (old, new), when an input was itself lowered anew;
+    ``writer(chunk, location, region)``: chunk tasks write their chunk and return what it
+    returns (``None``: chunk tasks return chunks); ``chain``: (block, chunk key) pairs, the
+    block's accumulate task waiting for that chunk to be written.
     """
 
-    def __init__(self, blending: Blending, name: str, accumulate: Callable) -> None:
-        plan, window = blending.plan, blending.window
-        self.plan, self.name, self.accumulate = plan, name, accumulate
+    name: str
+    spill: Spill | None = None
+    names: tuple[tuple[str, str], ...] = ()
+    writer: Callable | None = None
+    chain: tuple[tuple[tuple[int, ...], tuple], ...] = ()
+
+
+class Engine:
+    """The accumulate/halo/add tasks of one overlap-add ``plan`` executed as ``target``, made on
+    demand (see :class:`~daskpatch.graph.layers.LazyLayer`). Both are values: an engine is never
+    changed, and another execution is another engine."""
+
+    def __init__(self, plan: OverlapAdd, target: Target | None = None) -> None:
+        blending = plan.blending
+        spill = blending.spill
+        if target is None:  # the plan as built: its own name, its own spill choice
+            target = Target(plan.name, spill if isinstance(spill, Spill) else None)
+        self.overlap, self.target = plan, target
+        self.plan, window = blending.plan, blending.window
+        self.name = target.name
         #: what determines the result besides the model and the input data (JSON-ready): the
         #: fingerprint :func:`daskpatch.to_zarr` stores and ``resume=True`` checks
         self.params = dict(blending.params)
-        spill = blending.spill
-        #: ``None``: halos in memory, but :func:`spill_into` may still send them to a store
-        self.auto = spill is None
-        self.spill: Spill | None = spill if isinstance(spill, Spill) else None
-        self.acc_name, self.halo_name = "acc-" + name, "halo-" + name
-        self.names: dict[str, str] = {}  # input key names -> new names (see renamed)
-        #: ``writer(chunk, location, region)``: each chunk task writes its chunk and returns
-        #: what ``writer`` returns (see :meth:`written`); ``None``: chunk tasks return chunks
-        self.writer: Callable | None = None
-        self.chain: dict[tuple[int, ...], tuple] = {}  # block -> the chunk key it waits for
+        #: the plan as built, with ``spill=None``: :func:`~daskpatch.graph.lowering.lower` may
+        #: send its halos to the output store
+        self.auto = spill is None and target.name == plan.name
+        self.spill = target.spill
+        self.acc_name, self.halo_name = "acc-" + self.name, "halo-" + self.name
+        self.names = dict(target.names)
+        self.writer = target.writer
+        self.chain = dict(target.chain)
         channels, acc_dtype = blending.channels, blending.acc_dtype
         self.args = (channels, 0 if window.separable else 1)
         self.copy = window.blend == "crop"  # crop: voxels are copied, not summed
         self.dtypes = (blending.fill_value, acc_dtype, blending.out_dtype)
         self.ch = blending.layout.channel_axis
+        plan = self.plan
         ndim = plan.grid.ndim
         self.halo_ax: list = []  # [a][b] -> [(c, buffer slice)]
         self.src_ax: list = []  # [a][c] -> [(b, buffer slice, chunk slice)]
@@ -83,7 +108,7 @@ class Engine:
     def _accumulate(self, bidx: tuple[int, ...], ext_lo: tuple[int, ...],
                     ext_hi: tuple[int, ...]) -> tuple[Any, set]:
         """The accumulate task of a block (inputs under their current names) and its inputs."""
-        task, deps = self.accumulate(bidx, ext_lo, ext_hi)
+        task, deps = self.overlap.reader.accumulate(self.overlap.blending, bidx, ext_lo, ext_hi)
         if self.names:
             task = rename_task(task, self.names)
             deps = {rename_task(d, self.names) for d in deps}
@@ -99,41 +124,6 @@ class Engine:
         """Per axis, per block: how many patch starts the block owns along the axis (a
         block's patch count is their product)."""
         return tuple(tuple(i1 - i0 for i0, i1 in owned) for owned in self.plan.owned)
-
-    def renamed(self, name: str, spill: Spill | None, names: dict[str, str]) -> Engine:
-        """A new engine computing the same result under the new output name ``name`` (its block
-        and halo tasks renamed with it), with its parts sent to ``spill`` (``None``: in memory),
-        and reading its inputs under the key names ``names`` maps them to (old -> new).
-
-        ``self`` is left as it is: keys of the two engines never meet, so both can be computed
-        at once, on one scheduler (see :func:`spill_into`).
-        """
-        engine = copy.copy(self)
-        engine.name, engine.acc_name, engine.halo_name = name, "acc-" + name, "halo-" + name
-        engine.spill, engine.auto = spill, False
-        engine.names = dict(names)
-        return engine
-
-    def written(self, name: str, writer: Callable, todo: list[tuple[int, ...]], lag: int = 2
-                ) -> Engine:
-        """A new engine (named ``name``) whose chunk tasks write their chunk with
-        ``writer(chunk, location, region)`` and return what it returns, and whose blocks run
-        in the C order of the chunks ``todo``: the accumulate task of ``todo[k]``'s block waits
-        for chunk ``todo[k - lag]`` to be written.
-
-        A chunk's sources are its own block and blocks before it in C order, so each chunk can
-        be summed, written and its halo parts deleted as soon as its own block is done: at most
-        about ``lag`` blocks' own parts wait in memory and the halo parts on disk are those of a
-        wave of blocks, whatever order the scheduler would otherwise pick (dask's order can run
-        most blocks before any chunk). Used by :func:`daskpatch.to_zarr` for a spilled result
-        written as it is; only the chunks ``todo`` are chained (the others are not written).
-        """
-        engine = self.renamed(name, self.spill, self.names)
-        engine.writer = writer
-        todo = sorted(todo)
-        engine.chain = {todo[k]: engine._out_key(todo[k - lag])
-                        for k in range(lag, len(todo)) if self.plan.has_patches(todo[k])}
-        return engine
 
     # -- keys ------------------------------------------------------------------------------------
     def keys(self) -> Iterator[tuple]:
@@ -291,9 +281,10 @@ class EngineLayer(LazyLayer):
         self.engine = engine
 
 
-def engine_array(engine: Engine, collections: list, extra: dict | None) -> da.Array:
-    """The result of ``engine`` as a Dask array over its inputs ``collections`` (and a
+def engine_array(plan: OverlapAdd, collections: list, extra: dict | None) -> da.Array:
+    """The result of ``plan`` as a Dask array over its inputs ``collections`` (and a
     materialised layer of ``extra`` values its tasks read)."""
+    engine = Engine(plan)
     meta = np.empty((0,) * (engine.plan.grid.ndim + (engine.ch is not None)),
                     dtype=engine.dtypes[2])
     return new_array(engine.name, EngineLayer(engine), engine.chunks(), meta, collections,

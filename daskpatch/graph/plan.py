@@ -1,10 +1,11 @@
-"""The one preparation of an overlap-add, shared by :func:`daskpatch.reconstruct` and
-:func:`daskpatch.apply_patches`: from a patch grid, a window and the result's dtype to a frozen
-:class:`Blending` (pure data: geometry, window weights, numerics, the work blocks) that the
-engine's tasks are made from."""
+"""The immutable plan of an overlap-add (:class:`OverlapAdd`), and the one preparation shared by
+:func:`daskpatch.reconstruct` and :func:`daskpatch.apply_patches` (:func:`prepare`): from a patch
+grid, a window and the result's dtype to a frozen :class:`Blending` (geometry, window weights,
+numerics, the work blocks), plus a reader that says how a block gets its patches."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -12,15 +13,18 @@ from typing import Any
 import numpy as np
 
 from daskpatch.config import get_bytes, get_int
+from daskpatch.engine.batches import BatchPool
+from daskpatch.engine.block import apply_block, reconstruct_block
 from daskpatch.engine.kernel import make_weights
 from daskpatch.engine.numbers import Numbers, check_fill
 from daskpatch.engine.numbers import acc_dtype as _acc_dtype
-from daskpatch.engine.spec import Weights
+from daskpatch.engine.spec import ApplyBlock, ReconstructBlock, Weights
 from daskpatch.geometry.blocks import work_block
 from daskpatch.geometry.grid import BlockPlan, PatchGrid
 from daskpatch.geometry.layout import Layout
 from daskpatch.geometry.parse import _describe
 from daskpatch.geometry.windows import Window, parse_blend
+from daskpatch.graph.inputs import Volume
 from daskpatch.storage.spill import Spill, parse_spill
 from daskpatch.storage.stores import window_digest
 
@@ -130,3 +134,74 @@ def prepare(kind: str, grid: PatchGrid, layout: Layout, window: Window, *, fill_
     return Blending(kind, grid, layout, window, block, grid.block_plan(block),
                     make_weights(grid, window, slab), numbers, channels, acc_dtype,
                     np.dtype(out_dtype), fill_value, parse_spill(spill), slab, record)
+
+
+@dataclass(frozen=True, eq=False)
+class ApplyReader:
+    """How an ``apply_patches`` block gets its predictions: it reads its region of ``volume``
+    (padded with ``pad_mode``) and runs the model (the graph's one key ``model``) on its own
+    patches in batches of ``batch_size``."""
+
+    volume: Volume
+    pad_mode: str
+    pad_value: Any
+    batch_size: int
+    model: str
+    axis_starts: tuple[np.ndarray, ...]
+    batches: BatchPool  #: the plan's: emptied when none of its blocks holds a batch
+
+    def accumulate(self, b: Blending, bidx: tuple[int, ...], ext_lo: tuple[int, ...],
+                   ext_hi: tuple[int, ...]) -> tuple[Any, set[Any]]:
+        """The accumulate task of block ``bidx`` (buffer ``[ext_lo, ext_hi)``) and its inputs."""
+        owned = [b.plan.owned[a][i] for a, i in enumerate(bidx)]
+        starts = [self.axis_starts[a][i0:i1] for a, (i0, i1) in enumerate(owned)]
+        lo = tuple(int(s[0]) for s in starts)
+        hi = tuple(int(s[-1]) + z for s, z in zip(starts, b.grid.size))
+        read, deps = self.volume.read_task(lo, hi, self.pad_mode, self.pad_value, lazy=True)
+        spec = ApplyBlock(bidx, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
+                          tuple(range(*o) for o in owned), self.axis_starts, b.weights,
+                          self.batch_size, b.layout, b.n_batch, b.channels, b.numbers,
+                          b.grid.size)
+        return (apply_block, spec, read, self.batches, self.model), deps | {self.model}
+
+
+@dataclass(frozen=True, eq=False)
+class ReconstructReader:
+    """How a ``reconstruct`` block gets its patches: rows of the patch array ``name`` (chunked
+    along the patch axis at ``bounds``, whole on the others)."""
+
+    name: str
+    ndim: int
+    bounds: np.ndarray
+    channels: int
+    axis_starts: tuple[np.ndarray, ...]
+
+    def accumulate(self, b: Blending, bidx: tuple[int, ...], ext_lo: tuple[int, ...],
+                   ext_hi: tuple[int, ...]) -> tuple[Any, set[Any]]:
+        """The accumulate task of block ``bidx`` (buffer ``[ext_lo, ext_hi)``) and its inputs."""
+        owned = [range(*b.plan.owned[a][i]) for a, i in enumerate(bidx)]
+        gidxs = list(itertools.product(*owned))
+        flat = np.ravel_multi_index(tuple(np.array(gidxs).T), b.grid.grid_shape)
+        cid = np.searchsorted(self.bounds, flat, "right") - 1
+        used = sorted(set(cid.tolist()))
+        pos = {c: k for k, c in enumerate(used)}
+        where = [(pos[c], int(f - self.bounds[c])) for c, f in zip(cid.tolist(), flat.tolist())]
+        keys = [(self.name, c) + (0,) * (self.ndim - 1) for c in used]
+        starts = [tuple(int(self.axis_starts[a][i]) for a, i in enumerate(g)) for g in gidxs]
+        spec = ReconstructBlock(tuple(where), ext_lo,
+                                tuple(h - lo for lo, h in zip(ext_lo, ext_hi)), tuple(gidxs),
+                                tuple(starts), b.weights, b.layout, self.channels, b.numbers,
+                                b.grid.size)
+        return (reconstruct_block, spec, keys), set(keys)
+
+
+@dataclass(frozen=True, eq=False)
+class OverlapAdd:
+    """The immutable plan of one overlap-add, what :func:`daskpatch.apply_patches` and
+    :func:`daskpatch.reconstruct` build: its name (a token of everything that determines the
+    result), its :class:`Blending` and its reader. Every output lowers it into a graph of its
+    own (:class:`~daskpatch.graph.engine.Engine`, :mod:`daskpatch.graph.lowering`)."""
+
+    name: str
+    blending: Blending
+    reader: ApplyReader | ReconstructReader
