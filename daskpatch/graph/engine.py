@@ -54,12 +54,12 @@ class Engine:
     demand (see :class:`~daskpatch.graph.layers.LazyLayer`). Both are values: an engine is never
     changed, and another execution is another engine."""
 
-    def __init__(self, plan: OverlapAdd, target: Target | None = None) -> None:
-        blending = plan.blending
+    def __init__(self, overlap: OverlapAdd, target: Target | None = None) -> None:
+        blending = overlap.blending
         spill = blending.spill
         if target is None:  # the plan as built: its own name, its own spill choice
-            target = Target(plan.name, spill if isinstance(spill, Spill) else None)
-        self.overlap, self.target = plan, target
+            target = Target(overlap.name, spill if isinstance(spill, Spill) else None)
+        self.overlap, self.target = overlap, target
         self.plan, window = blending.plan, blending.window
         self.name = target.name
         #: what determines the result besides the model and the input data (JSON-ready): the
@@ -67,7 +67,7 @@ class Engine:
         self.params = dict(blending.params)
         #: the plan as built, with ``spill=None``: :func:`~daskpatch.graph.lowering.lower` may
         #: send its halos to the output store
-        self.auto = spill is None and target.name == plan.name
+        self.auto = spill is None and target.name == overlap.name
         self.spill = target.spill
         self.acc_name, self.halo_name = "acc-" + self.name, "halo-" + self.name
         self.names = dict(target.names)
@@ -78,7 +78,7 @@ class Engine:
         self.copy = window.blend == "crop"  # crop: voxels are copied, not summed
         self.dtypes = (blending.fill_value, acc_dtype, blending.out_dtype)
         self.ch = blending.layout.channel_axis
-        plan = self.plan
+        plan = blending.plan
         ndim = plan.grid.ndim
         self.halo_ax: list = []  # [a][b] -> [(c, buffer slice)]
         self.src_ax: list = []  # [a][c] -> [(b, buffer slice, chunk slice)]
