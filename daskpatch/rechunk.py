@@ -263,6 +263,12 @@ def rechunk_to_stride(
     resume = parse_bool(resume, "resume")
     progress = parse_bool(progress, "progress")
     src = _store.open_array(source, path, name="source")
+    if _store.stored_fingerprint(src) is not None and not _store.is_complete(src):
+        raise ValueError(
+            f"source is an incomplete daskpatch output ({_store.where(src.store, src.path or None)}"
+            "): its missing chunks would be copied as the fill value into an array marked "
+            "complete. Finish it first with daskpatch.to_zarr(..., resume=True)"
+        )
     target_path = _store.parse_path(target_path, "target_path")
     base, full = _store.resolve_store(target, target_path, "target")
     chunks = aligned_chunks(

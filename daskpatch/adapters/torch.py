@@ -15,6 +15,7 @@ made the module).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import sys
@@ -205,9 +206,12 @@ class TorchModel:
 
     Each call runs under ``torch.inference_mode()`` (no autograd, whichever thread, process or
     cluster worker calls it), moves the batch to the module's device and dtype, runs the module
-    (under ``torch.autocast`` with ``amp``) and returns a NumPy array on the CPU. The module is
-    switched to evaluation mode (``module.eval()``, in place) when wrapped. A bare module passed
-    to :func:`~daskpatch.apply_patches` is wrapped in a ``TorchModel()`` with the defaults.
+    (under ``torch.autocast`` with ``amp``) and returns a NumPy array on the CPU. The module runs
+    in evaluation mode: one in training mode is copied when wrapped and the copy switched to
+    ``eval()``, so the caller's module keeps its mode (a training loop that validates through
+    daskpatch goes on training with its BatchNorm and Dropout as they were) and the copy keeps
+    the weights it had when wrapped. A bare module passed to :func:`~daskpatch.apply_patches` is
+    wrapped in a ``TorchModel()`` with the defaults.
 
     Parameters
     ----------
@@ -267,6 +271,8 @@ class TorchModel:
         torch = _import_torch()
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module; got {_describe(module)}")
+        if module.training:  # never change the caller's module: a copy in eval mode
+            module = copy.deepcopy(module)
         self.module = module.eval()
         self.device = _parse_device(device)
         self.dtype = _parse_dtype(dtype)

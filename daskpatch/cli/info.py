@@ -194,6 +194,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             report["node"] = "group"
             report["members"] = _members(node)
+            marker = node.attrs.get("daskpatch")
+            if isinstance(marker, dict) and marker.get("complete") is False:
+                report["node"] = "incomplete ome-zarr image"
+                report["write"] = {"complete": False, "levels": marker.get("levels")}
     if array is None:
         if args.size is not None or args.stride is not None:
             names = [m["name"] for m in report.get("members", []) if m["kind"] == "array"]
@@ -270,6 +274,11 @@ def _format_info(r: dict[str, Any], args: argparse.Namespace) -> str:
                 lines.append(row(m["name"], "group"))
         if not r["members"]:
             lines.append("  (empty)")
+        if r.get("write", {}).get("complete") is False:
+            lines.append(row("write", f"INCOMPLETE: an OME-Zarr image of {r['write']['levels']} "
+                                      "levels whose write stopped before its metadata was "
+                                      "written; finish it with --resume (or "
+                                      "to_zarr(..., ome=True, resume=True))"))
         lines.append("  pass --path NAME to describe an array")
         return "\n".join(lines)
     if r["shape"] is None:

@@ -90,6 +90,26 @@ def _check_item(index: Any, n: int) -> int:
     return i % n
 
 
+#: The largest epoch :meth:`_Dataset.set_epoch` takes: the epoch is a shared 64-bit integer.
+MAX_EPOCH = 2**63 - 1
+
+
+def _labels_as(label: np.ndarray, dtype: np.dtype, index: int) -> np.ndarray:
+    """``label`` as ``dtype``, refusing a value the dtype cannot hold (a class id that would
+    wrap, as 300 -> 44 in uint8, or NaN in an integer dtype) rather than changing it."""
+    if dtype.kind in "iub" and label.size and label.dtype != dtype:
+        if label.dtype.kind == "f" and np.isnan(label).any():
+            raise ValueError(f"label_dtype={dtype} cannot hold NaN, found in the label of "
+                             f"sample {index}")
+        lo, hi = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        found = (label.min(), label.max())
+        bad = [v for v in found if not lo <= v <= hi]
+        if bad:
+            raise ValueError(f"label_dtype={dtype} holds {lo} to {hi}, but the label of sample "
+                             f"{index} has {bad[0].item()}: pass a wider label_dtype (or none)")
+    return label.astype(dtype, copy=False)
+
+
 class _Dataset:
     """What both datasets share: a set of volumes, a seed and an epoch, the item's finish."""
 
@@ -114,6 +134,9 @@ class _Dataset:
             except TypeError as err:
                 raise TypeError(f"label_dtype must be a NumPy dtype; got "
                                 f"{_describe(label_dtype)}") from err
+            if self.label_dtype.kind not in "biuf":
+                raise TypeError(f"label_dtype must be a boolean, integer or floating dtype; "
+                                f"got {self.label_dtype}")
 
     @property
     def epoch(self) -> int:
@@ -121,14 +144,18 @@ class _Dataset:
         return self._epoch.get()
 
     def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch`` (an int >= 0) from now on, in this process and in the DataLoader
-        workers that hold copies of the dataset (persistent ones too)."""
-        self._epoch.set(parse_int(epoch, "epoch", minimum=0))
+        """Use ``epoch`` (an int from 0 to ``2**63 - 1``) from now on, in this process and in the
+        DataLoader workers that hold copies of the dataset (persistent ones too)."""
+        value = parse_int(epoch, "epoch", minimum=0)
+        if value > MAX_EPOCH:
+            raise ValueError(f"epoch must be an int from 0 to 2**63 - 1 (it is kept as a 64-bit "
+                             f"integer shared with the DataLoader workers); got {value}")
+        self._epoch.set(value)
 
     def _finish(self, item: dict[str, Any], index: int, epoch: int) -> dict[str, Any]:
         """Convert the label dtype, then apply the transform."""
         if self.label_dtype is not None and "label" in item:
-            item["label"] = item["label"].astype(self.label_dtype, copy=False)
+            item["label"] = _labels_as(item["label"], self.label_dtype, index)
         if self.transform is None:
             return item
         if self._transform_rng:
@@ -197,7 +224,9 @@ class PatchDataset(_Dataset):
         object, not a lambda).
     label_dtype : dtype, optional
         Convert labels to this dtype when read (e.g. ``np.int64`` for
-        ``torch.nn.CrossEntropyLoss``); a plain cast, so float labels are truncated.
+        ``torch.nn.CrossEntropyLoss``); a plain cast, so float labels are truncated. A label
+        the dtype cannot hold (300 or -1 in ``uint8``, NaN in an integer dtype) is an error
+        naming the sample, never a wrapped class id.
 
     Notes
     -----
@@ -348,7 +377,9 @@ class RandomPatchDataset(_Dataset):
         object, not a lambda).
     label_dtype : dtype, optional
         Convert labels to this dtype when read (e.g. ``np.int64`` for
-        ``torch.nn.CrossEntropyLoss``); a plain cast, so float labels are truncated.
+        ``torch.nn.CrossEntropyLoss``); a plain cast, so float labels are truncated. A label
+        the dtype cannot hold (300 or -1 in ``uint8``, NaN in an integer dtype) is an error
+        naming the sample, never a wrapped class id.
 
     Notes
     -----

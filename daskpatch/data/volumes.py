@@ -16,6 +16,8 @@ import zarr
 from daskpatch.geometry.parse import _describe
 from daskpatch.graph.inputs import _is_array_like, _unwrap
 from daskpatch.storage.sources import _apply_maps, open_zarr, pad_axis
+from daskpatch.storage.stores import warn_if_incomplete
+from daskpatch.storage.stores import where as describe_array_at
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +161,8 @@ class Source:
         if len(self.shape) == 0:
             raise ValueError(f"{param} must have at least one axis; got a 0-d array")
         self.zarr_backed = isinstance(arr, zarr.Array)
+        if self.zarr_backed:  # an interrupted daskpatch output reads its missing chunks as fill
+            warn_if_incomplete(arr, f"{param} ({describe_array_at(arr.store, arr.path or None)})")
         if self.zarr_backed:
             self.chunks: tuple[Any, ...] | None = tuple(int(c) for c in arr.chunks)
         elif self.is_dask:
