@@ -39,7 +39,8 @@ import numpy as np
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
-from daskpatch.engine.block import BatchPool, apply_block, reconstruct_block
+from daskpatch.engine.batches import BatchPool
+from daskpatch.engine.block import apply_block, reconstruct_block
 from daskpatch.engine.spec import ApplyBlock, ReconstructBlock
 from daskpatch.graph.engine import Engine, engine_array
 from daskpatch.graph.plan import check_coverage, parse_window, prepare
