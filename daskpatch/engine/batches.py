@@ -23,10 +23,11 @@ class BatchPool:
     def __init__(self, keep: bool = False) -> None:
         self.lock = threading.Lock()
         self.active = 0
-        self.free: dict = {}
+        self.free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
         self.keep = keep
 
-    def __reduce__(self) -> tuple:  # a lock does not pickle: a copy starts empty
+    # a lock does not pickle: a copy starts empty
+    def __reduce__(self) -> tuple[type[BatchPool], tuple[bool]]:
         return (type(self), (self.keep,))
 
     def clear(self) -> None:

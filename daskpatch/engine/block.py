@@ -40,7 +40,8 @@ def _describe_output(out: Any) -> str:
     return f"a {kind} of length {n}"
 
 
-def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
+def _check_output(out: Any, batch_shape: tuple[int, ...], expected: tuple[int, ...]
+                  ) -> np.ndarray:
     """Check a model's output against the shape the engine expects back."""
     if not (hasattr(out, "shape") and hasattr(out, "dtype")):
         hint = " (stack it with numpy.stack)" if isinstance(out, (list, tuple)) else ""
@@ -48,23 +49,24 @@ def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
             f"fn must return an array of shape {expected} for a batch of shape {batch_shape}; "
             f"got {_describe_output(out)}{hint}"
         )
-    out = np.asarray(out)
-    if out.dtype.kind not in "biufc":
+    arr = np.asarray(out)
+    if arr.dtype.kind not in "biufc":
         raise TypeError(
             f"fn must return numbers (a numeric dtype) for a batch of shape {batch_shape}; "
-            f"got an array of dtype {out.dtype} ({out.dtype.name}) and shape {out.shape}"
+            f"got an array of dtype {arr.dtype} ({arr.dtype.name}) and shape {arr.shape}"
         )
-    if out.shape != expected:
+    if arr.shape != expected:
         raise ValueError(
-            f"fn returned shape {out.shape} for a batch of shape {batch_shape}; expected "
+            f"fn returned shape {arr.shape} for a batch of shape {batch_shape}; expected "
             f"{expected} (the batch's patch shape, with out_channels channels where the volume "
             "has a channel axis)"
         )
-    return out
+    return arr
 
 
-def _batch_note(block: tuple[int, ...], gidxs: list, starts: list, grid_shape: tuple[int, ...],
-                region_lo: np.ndarray, region_shape: tuple[int, ...]) -> str:
+def _batch_note(block: tuple[int, ...], gidxs: list[tuple[int, ...]], starts: list[np.ndarray],
+                grid_shape: tuple[int, ...], region_lo: np.ndarray,
+                region_shape: tuple[int, ...]) -> str:
     """Where a failing batch of ``fn`` was: its work block, its patches, the region read."""
     flat = [int(np.ravel_multi_index(g, grid_shape)) for g in gidxs]
     shown = 8
@@ -176,7 +178,7 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
         if len(groups) > 2 and took.seconds >= OVERLAP * own:
             held.append(batches.take(shape, region.dtype))
             helper = _Helper(fn)
-            pending: tuple | None = None
+            pending: tuple[int, np.ndarray, Callable[[], Any]] | None = None
             for k in range(1, len(groups)):
                 user_batch = gather(k)  # while fn runs on batch k - 1
                 result = helper.submit(user_batch)
@@ -206,7 +208,7 @@ OVERLAP = 0.25
 class _timed:
     """``fn(batch)`` as a thunk that records how long the call took."""
 
-    def __init__(self, fn: Callable, batch: np.ndarray) -> None:
+    def __init__(self, fn: Callable[[np.ndarray], Any], batch: np.ndarray) -> None:
         self.fn, self.batch, self.seconds = fn, batch, 0.0
 
     def __call__(self) -> Any:
@@ -225,7 +227,7 @@ class _Helper:
     skips the queued ones and joins the thread (after the call in progress, if any).
     """
 
-    def __init__(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable[[np.ndarray], Any]) -> None:
         self.fn = fn
         self.stop = threading.Event()
         self.context = contextvars.copy_context()
@@ -249,7 +251,7 @@ class _Helper:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def reconstruct_block(spec: ReconstructBlock, chunks: list, sink: Sink | None = None
+def reconstruct_block(spec: ReconstructBlock, chunks: list[Any], sink: Sink | None = None
                       ) -> np.ndarray | None:
     """Accumulate task of ``reconstruct``: the block's patches come from the patch array."""
     channels, size = spec.channels, spec.patch_shape

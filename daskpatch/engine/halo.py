@@ -4,7 +4,7 @@ blocks' chunks, and the sum (and cast) of each output chunk from its parts."""
 from __future__ import annotations
 
 import sys
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
 import numpy as np
 
@@ -27,8 +27,16 @@ class PartStore(Protocol):
     def delete(self, key: str) -> None: ...
 
 
-def halo(buf: np.ndarray, pieces: list, spill: PartStore | None = None, name: str = "",
-         bidx: tuple[int, ...] = ()) -> dict:
+#: A halo piece: the part itself, or where it was spilled ``(store, key)``.
+HaloPiece = Union[np.ndarray, tuple[PartStore, str]]
+#: A block's halo task result: its pieces keyed by the index of the chunk they belong to.
+Halo = dict[tuple[int, ...], HaloPiece]
+#: What a chunk sums: block buffers, or halo dicts holding its piece.
+Part = Union[np.ndarray, Halo]
+
+
+def halo(buf: np.ndarray, pieces: list[tuple[tuple[int, ...], tuple[slice, ...]]],
+         spill: PartStore | None = None, name: str = "", bidx: tuple[int, ...] = ()) -> Halo:
     """Copy the parts of a block buffer that belong to other chunks, keyed by chunk index.
 
     With ``spill`` the parts that belong to other chunks (the halo faces) are written there and
@@ -38,7 +46,7 @@ def halo(buf: np.ndarray, pieces: list, spill: PartStore | None = None, name: st
     """
     if spill is None:
         return {target: buf[(slice(None),) + sl].copy() for target, sl in pieces}
-    out = {}
+    out: Halo = {}
     for target, sl in pieces:
         if target == bidx:
             out[target] = buf[(slice(None),) + sl].copy()
@@ -49,7 +57,7 @@ def halo(buf: np.ndarray, pieces: list, spill: PartStore | None = None, name: st
     return out
 
 
-def spilled_keys(parts: dict) -> dict:
+def spilled_keys(parts: Halo) -> Halo:
     """The halo task of a spilled block: the keys of its spilled parts, without its own part
     (so that the block's own part is freed as soon as its own chunk is summed)."""
     return {target: part for target, part in parts.items() if isinstance(part, tuple)}
@@ -68,13 +76,13 @@ def _on_cluster() -> bool:
     return True
 
 
-def _consumed(parts: list, sels: Any) -> list:
+def _consumed(parts: list[Part], sels: Any) -> list[tuple[PartStore, str]]:
     """The spilled ``(spill, key)`` pieces a chunk reads (each is read by that chunk only)."""
     return [piece for part, sel in zip(parts, sels) if isinstance(part, dict)
             for piece in [part[sel]] if isinstance(piece, tuple)]
 
 
-def add(spec: ChunkSum, parts: list, after: Any = None) -> np.ndarray:
+def add(spec: ChunkSum, parts: list[Part], after: Any = None) -> np.ndarray:
     """Sum one output chunk from its own block buffer and its neighbours' halo pieces, and cast.
 
     ``parts[k]`` is a block buffer or a halo dict (see :class:`ChunkSum`); ``after`` (unused) is
@@ -115,11 +123,12 @@ def add(spec: ChunkSum, parts: list, after: Any = None) -> np.ndarray:
         for where, key in spilled:
             where.delete(key)
     if channel_axis is None:
-        return out[0]
+        single: np.ndarray = out[0]
+        return single
     return np.moveaxis(out, 0, channel_axis)
 
 
-def chunk_sum(parts: list, sels: Any, dsts: Any, shape: tuple[int, ...], user: int,
+def chunk_sum(parts: list[Part], sels: Any, dsts: Any, shape: tuple[int, ...], user: int,
               acc_dtype: np.dtype, dtype: np.dtype, copy: bool, scale: float | None = None
               ) -> np.ndarray:
     """The parts of a chunk summed in ``dtype`` (and divided by the user window's weights),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     from daskpatch.geometry.grid import PatchGrid
     from daskpatch.geometry.windows import Window
     from daskpatch.engine.sink import Sink
+
+#: A patch of a group in :meth:`Accumulator.add_batch`: its index in the batch, its start
+#: relative to the buffer, its grid index.
+_Member = tuple[int, tuple[int, ...], tuple[int, ...]]
+#: The key of a scratch array: its use, and the thread part using it.
+_ScratchKey = tuple[Union[str, int], ...]
 
 
 class Accumulator:
@@ -53,9 +59,9 @@ class Accumulator:
         self.slab_bytes = weights.slab_bytes
         self.acc_dtype = acc_dtype
         self.own = _owned_boxes(weights.q) if numbers.copy and weights.q is not None else None
-        self._w: dict = {}
-        self._planes: dict = {}
-        self._scratch: dict = {}
+        self._w: dict[int, np.ndarray] = {}  # by weight row id
+        self._planes: dict[tuple[int | str, ...], np.ndarray] = {}  # by row ids and dtype
+        self._scratch: dict[_ScratchKey, np.ndarray] = {}
 
     def weight(self, gidx: tuple[int, ...]) -> np.ndarray:
         """A patch's whole weight in :meth:`add`: the user window, or on one axis its row
@@ -68,7 +74,8 @@ class Accumulator:
             w = self._w[key] = self.q[0][gidx[0]].astype(self.acc_dtype)
         return w
 
-    def add_batch(self, gidxs: list, starts: list, ys: list) -> None:
+    def add_batch(self, gidxs: list[tuple[int, ...]], starts: list[np.ndarray],
+                  ys: list[np.ndarray]) -> None:
         """Add patches ``ys[m]`` ``(C, *size)`` placed at absolute ``starts[m]``, weighted.
 
         Separable weights are applied row by row: patches with the same start (and weight row) on
@@ -92,14 +99,14 @@ class Accumulator:
             for g, st, y in zip(gidxs, starts, ys):
                 self.add(g, st, y)
             return
-        groups: dict = {}
+        groups: dict[tuple[int, int], list[_Member]] = {}
         for m, (g, st) in enumerate(zip(gidxs, starts)):
             rel = tuple(int(v) for v in np.asarray(st) - self.lo)
             groups.setdefault((rel[0], int(self.q_ids[0][g[0]])), []).append((m, rel, g))
         for (r0, _), members in groups.items():
             self._add_group(r0, members, ys)
 
-    def _add_group(self, r0: int, members: list, ys: list) -> None:
+    def _add_group(self, r0: int, members: list[_Member], ys: list[np.ndarray]) -> None:
         dt, rest = self.acc_dtype, len(self.shape) - 1
         channels = ys[members[0][0]].shape[0]
         ext = [tuple(min(y, b - r) for y, b, r in zip(ys[m].shape[1:], self.shape, rel))
@@ -114,7 +121,7 @@ class Accumulator:
         tmp_shape = tuple(max(e[a + 1] for e in ext) for a in range(rest))
         whole = slice(None)
 
-        def weights(dtype: np.dtype) -> tuple[np.ndarray, list]:
+        def weights(dtype: np.dtype) -> tuple[np.ndarray, list[np.ndarray]]:
             col = self.q[0][members[0][2][0]].astype(dtype)
             return col.reshape(col.shape + (1,) * rest), [self._plane(g, dtype)
                                                           for _, _, g in members]
@@ -122,7 +129,7 @@ class Accumulator:
         col, planes = weights(dt)
 
         def fill(slab: np.ndarray, tmp: np.ndarray, i: int, n: int, col: np.ndarray,
-                 planes: list) -> None:
+                 planes: list[np.ndarray]) -> None:
             """``slab`` = rows ``i:i + n`` of the group's weighted patches. The first patch
             is multiplied straight into the slab, which is zeroed only around it."""
             first = True
@@ -208,7 +215,7 @@ class Accumulator:
             w = self._planes[key] = w.astype(dtype)
         return w
 
-    def _scratch_array(self, key: tuple, shape: tuple[int, ...]) -> np.ndarray:
+    def _scratch_array(self, key: _ScratchKey, shape: tuple[int, ...]) -> np.ndarray:
         """A scratch array of ``shape``: one buffer per ``key``, grown when too small."""
         n = math.prod(shape)
         flat = self._scratch.get(key)

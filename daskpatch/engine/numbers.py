@@ -66,12 +66,12 @@ def acc_dtype(out: Any, copy: bool = False) -> np.dtype:
     Otherwise float64 for float64 (or wider) and wide integer results, complex for complex ones,
     float32 for the rest.
     """
-    out = np.dtype(out)
+    dt: np.dtype[Any] = np.dtype(out)
     if copy:
-        return out
-    if out.kind == "c":
-        return np.dtype(np.complex128 if out.itemsize > 8 else np.complex64)
-    if (out.kind == "f" and out.itemsize >= 8) or (out.kind in "iu" and out.itemsize > 2):
+        return dt
+    if dt.kind == "c":
+        return np.dtype(np.complex128 if dt.itemsize > 8 else np.complex64)
+    if (dt.kind == "f" and dt.itemsize >= 8) or (dt.kind in "iu" and dt.itemsize > 2):
         return np.dtype(np.float64)
     return np.dtype(np.float32)
 
@@ -113,7 +113,7 @@ def _float_to_int(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     info = np.iinfo(dtype)
     if x.dtype.kind == "f" and info.max <= float(np.finfo(x.dtype).max) and \
             float(x.dtype.type(info.max)) == info.max:  # the limits are exact in x's dtype
-        y = np.rint(x)
+        y: np.ndarray = np.rint(x)
         np.clip(y, info.min, info.max, out=y)
         with np.errstate(invalid="raise"):
             return y.astype(dtype)
@@ -150,7 +150,8 @@ def cast(x: np.ndarray, dtype: Any, nan_at: Callable[[tuple[int, ...]], Exceptio
         if x.dtype.kind in "iu":
             src = np.iinfo(x.dtype)
             info = np.iinfo(dtype)
-            return np.clip(x, max(info.min, src.min), min(info.max, src.max)).astype(dtype)
+            clipped: np.ndarray = np.clip(x, max(info.min, src.min), min(info.max, src.max))
+            return clipped.astype(dtype)
         if x.dtype.kind in "fc":
             x = x.real
             try:
@@ -192,7 +193,7 @@ def check_fill(fill_value: Any, dtype: Any) -> None:
         return
     dtype = np.dtype(dtype)
     if isinstance(fill_value, (int, np.integer)):  # exact, however large
-        parts: tuple = (int(fill_value), 0)
+        parts: tuple[int | float, int | float] = (int(fill_value), 0)
     else:
         value = complex(fill_value)
         parts = (value.real, value.imag)

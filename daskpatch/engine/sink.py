@@ -43,7 +43,8 @@ def write_through(writer: Any, location: tuple[int, ...], region: tuple[slice, .
     return writer(chunk, location, region)
 
 
-def finish_into(out: np.ndarray, cov: list | None, fill_value: Any, done: list) -> None:
+def finish_into(out: np.ndarray, cov: list[np.ndarray] | None, fill_value: Any,
+                done: list[Any]) -> None:
     """Fill the voxels no patch covers once every block is in (``done``: their results)."""
     if cov is not None:
         mask = np.ones((), dtype=bool)

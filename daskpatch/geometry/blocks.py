@@ -134,7 +134,8 @@ def _batch_fill(starts: list[np.ndarray], block: list[int], batch_size: int
 
 
 def _auto_block(
-    grid: PatchGrid, n_batch: int, itemsize: int, channels: int, input_chunks: tuple | None,
+    grid: PatchGrid, n_batch: int, itemsize: int, channels: int,
+    input_chunks: tuple[tuple[int, ...], ...] | None,
     batch_size: int, block_bytes: float, min_blocks: int,
 ) -> tuple[int, ...]:
     """A stride-aligned spatial block near ``block_bytes`` (the input's chunks if aligned), in
@@ -223,7 +224,8 @@ def _auto_block(
 
 
 def work_block(grid: PatchGrid, n_batch: int, block_shape: Any, itemsize: int, channels: int,
-               input_chunks: tuple | None, batch_size: int, block_bytes: float, min_blocks: int
+               input_chunks: tuple[tuple[int, ...], ...] | None, batch_size: int,
+               block_bytes: float, min_blocks: int
                ) -> tuple[int, ...]:
     """The work-block shape (batch axes 1): ``block_shape`` checked against the grid, or with
     ``None`` the automatic block (:func:`_auto_block`) for ``itemsize``-byte accumulators of

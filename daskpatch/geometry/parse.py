@@ -45,10 +45,10 @@ def parse_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     """Return ``value`` as a plain ``int``, rejecting bools, floats and strings."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer; got {_describe(value)}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return value
+    number = int(value)
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {number}")
+    return number
 
 
 def parse_bool(value: Any, name: str) -> bool:

@@ -32,13 +32,15 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from daskpatch.geometry.parse import _describe
 
 __all__ = ["BLENDS", "Blend", "profile", "window"]
 
 BLENDS: tuple[str, ...] = ("constant", "gaussian", "hann", "triangular", "crop")
-Blend = Union[Literal["constant", "gaussian", "hann", "triangular", "crop"], np.ndarray, Callable]
+Blend = Union[Literal["constant", "gaussian", "hann", "triangular", "crop"], np.ndarray,
+              Callable[[tuple[int, ...]], npt.ArrayLike]]
 
 
 def profile(blend: str, n: int, sigma_scale: float = 0.125) -> np.ndarray:
@@ -65,7 +67,8 @@ def profile(blend: str, n: int, sigma_scale: float = 0.125) -> np.ndarray:
         p = 1.0 - np.abs(2.0 * (k + 0.5) / n - 1.0)
     else:  # pragma: no cover - parse_blend rejects it first
         raise ValueError(f"blend must be one of {BLENDS}; got {blend!r}")
-    return p / p.max()
+    peak: np.float64 = p.max()
+    return p / peak
 
 
 def window(blend: str, size: tuple[int, ...],
@@ -169,7 +172,8 @@ class Window:
             left = np.clip(j - 1, 0, len(centres) - 1)
             right = np.clip(j, 0, len(centres) - 1)
             nearest = np.where(np.abs(t - centres[left]) <= np.abs(t - centres[right]), left, right)
-            return (nearest[pos] == np.arange(len(starts))[:, None]).astype(np.float64)
+            owner: npt.NDArray[np.bool_] = nearest[pos] == np.arange(len(starts))[:, None]
+            return owner.astype(np.float64)
         if self.blend == "gaussian":
             return _log_normalised(_gaussian_log(size, self.sigma(axis)), pos, extent)
         p = profile(self.blend, size, self.sigma(axis)) if self.array is None else np.ones(size)
@@ -198,7 +202,8 @@ def _log_normalised(log_p: np.ndarray, pos: np.ndarray, extent: int) -> np.ndarr
     rel = np.exp(logs - peak[pos])
     total = np.zeros(extent, dtype=np.float64)
     np.add.at(total, pos, rel)
-    return rel / total[pos]
+    weights: np.ndarray = rel / total[pos]
+    return weights
 
 
 def _parse_sigma(value: Any, name: str) -> float:
