@@ -687,7 +687,7 @@ def test_to_zarr_spills_large_halos_into_the_output_and_deletes_them(
     spilled = [k for k in WritesStore.written if k.startswith("pred/.daskpatch-spill/")]
     assert bool(spilled) == spills  # the default threshold (128 MiB) is far above this volume
     if spills:
-        assert len(spilled) == 32 - 4  # the parts of the 4 blocks but their own (test_apply)
+        assert len(spilled) == 32 - 4  # the parts of the 4 blocks but their own (test_apply_patches)
     assert not (tmp_path / "o.zarr" / "pred" / ".daskpatch-spill").exists() or not any(
         (tmp_path / "o.zarr" / "pred" / ".daskpatch-spill").rglob("*.*"))
     np.testing.assert_array_equal(z[...], expected)

@@ -12,7 +12,7 @@ from dask.callbacks import Callback
 
 import daskpatch as dp
 
-from .test_apply import Recorder
+from ..test_apply_patches import Recorder
 
 RNG = np.random.default_rng(11)
 VOL = RNG.random((40, 36, 28)).astype(np.float32)

@@ -17,7 +17,7 @@ from daskpatch import extract_patches
 from daskpatch.data import INDEX_ATTR, PatchDataset, RandomPatchDataset
 from daskpatch.geometry.grid import PatchGrid
 
-from .conftest import write_zarr as to_zarr
+from ..conftest import write_zarr as to_zarr
 
 TORCH_REASON = "PyTorch is not installed (pip install torch==2.13.0 for the DataLoader tests)"
 

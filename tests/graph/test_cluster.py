@@ -15,7 +15,7 @@ import zarr
 import daskpatch as dp
 import daskpatch.graph.layers
 
-from .conftest import write_zarr
+from ..conftest import write_zarr
 
 distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
 

@@ -13,7 +13,7 @@ import zarr
 import daskpatch as dp
 from daskpatch.graph import layers as _graph
 
-from .conftest import write_zarr
+from ..conftest import write_zarr
 
 VOL = np.random.default_rng(7).random((40, 36, 28)).astype(np.float32)
 

@@ -24,10 +24,10 @@ import zarr.storage
 
 import daskpatch as dp
 
-from ._child_write import build, model
-from .conftest import write_zarr
+from .._child_write import build, model
+from ..conftest import write_zarr
 
-CHILD = Path(__file__).with_name("_child_write.py")
+CHILD = Path(__file__).resolve().parents[1] / "_child_write.py"
 V = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)
 
 

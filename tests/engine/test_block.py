@@ -223,7 +223,7 @@ def test_to_zarr_on_the_local_scheduler_does_not_import_distributed(tmp_path):
         "dp.to_numpy(dp.apply_patches(x, lambda b: b, 8, 4))\n"
         "print('distributed' in sys.modules)\n"
     )
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)

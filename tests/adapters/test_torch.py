@@ -15,7 +15,7 @@ from dask.base import tokenize
 
 import daskpatch as dp
 
-from .conftest import write_zarr
+from ..conftest import write_zarr
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch==2.13.0)")
 

@@ -10,7 +10,7 @@ import daskpatch as dp
 from daskpatch import PatchGrid
 from daskpatch.geometry.windows import profile
 
-from .conftest import naive_blend
+from ..conftest import naive_blend
 
 
 def patch_mean(batch: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import zarr
 import daskpatch as dp
 from daskpatch.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MODELS = '''\
 """Models of the command-line tests (imported by SPEC, in the CLI and on workers)."""
