@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import threading
 
-import dask.array as da
 import numpy as np
 import pytest
-import zarr
 
 import daskpatch as dp
 from daskpatch import PatchGrid
-from daskpatch.graph import layers as _graph
 
-from .conftest import naive_blend, write_zarr
+from .conftest import naive_blend
 
 
 class Recorder:
@@ -126,133 +122,3 @@ def test_wrong_channel_count_is_reported():
         out.compute()
 
 
-def test_zarr_input_is_read_inside_the_tasks(counting_zarr):
-    data = np.random.default_rng(3).random((32, 32, 32)).astype(np.float32)
-    z, store = counting_zarr(data, (16, 16, 16))
-    out = dp.apply_patches(z, lambda b: b, 16, 8, block_shape=16)
-    assert store.chunk_reads == 0
-    # the accumulate tasks read the store themselves: no per-chunk input tasks in the graph
-    assert not any(isinstance(k, tuple) and str(k[0]).startswith("from-zarr")
-                   for k in dict(out.dask))
-    np.testing.assert_allclose(out.compute(), data, atol=1e-6)
-    assert store.chunk_reads > 0
-
-
-@pytest.mark.needs_dask("dask.array.from_zarr")
-def test_dask_over_zarr_is_unwrapped(counting_zarr):
-    data = np.random.default_rng(4).random((32, 32)).astype(np.float32)
-    z, _ = counting_zarr(data, (16, 16))
-    x = da.from_zarr(z)
-    out = dp.apply_patches(x, lambda b: b, 16, 8)
-    assert x.name not in _graph.layers(out)  # read directly, not through the chunk tasks
-    np.testing.assert_allclose(out.compute(), data, atol=1e-6)
-
-
-def test_tasks_per_output_chunk():
-    vol = da.zeros((64, 64, 64), chunks=16, dtype=np.float32)
-    out = dp.apply_patches(vol, lambda b: b, 16, 8, block_shape=16)
-    keys = list(dict(_graph.layers(out)[out.name]))
-    per_chunk = len(keys) / math.prod(out.numblocks)
-    assert per_chunk <= 3
-
-
-def test_spilled_halos_give_the_same_result(tmp_path):
-    vol = np.random.default_rng(5).random((40, 36, 28)).astype(np.float32)
-    in_memory = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16).compute()
-    spill = tmp_path / "halos"
-    out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16, spill=spill)
-    assert not spill.exists()  # nothing written while building
-    np.testing.assert_array_equal(out.compute(), in_memory)
-    (engine_dir,) = spill.iterdir()
-    assert not list(engine_dir.iterdir())  # each halo part deleted once its chunk read it
-    p = dp.extract_patches(vol, 16, 8)
-    back = dp.reconstruct(p, vol.shape, 16, 8, block_shape=16, spill=True)
-    np.testing.assert_allclose(back.compute(), vol, atol=1e-6)
-
-
-def test_large_zarr_region_reads_decode_one_chunk_at_a_time(counting_zarr, monkeypatch,
-                                                             setting):
-    import zarr
-
-    data = np.random.default_rng(8).random((40, 36, 28)).astype(np.float32)
-    z, store = counting_zarr(data, (8, 12, 7))
-    expected = dp.apply_patches(data, np.sqrt, 16, 8, block_shape=16).compute()
-    before = store.chunk_reads
-    np.testing.assert_array_equal(dp.apply_patches(z, np.sqrt, 16, 8, block_shape=16).compute(),
-                                  expected)
-    reads_whole = store.chunk_reads - before  # one read per block region
-
-    touched: list[int] = []
-    get = zarr.Array.get_basic_selection  # what arr[...] and reads into a region call
-
-    def recording(self, index, *args, **kwargs):
-        if isinstance(index, tuple) and all(isinstance(s, slice) for s in index):
-            touched.append(int(np.prod([-(-s.stop // c) - s.start // c
-                                        for s, c in zip(index, self.chunks)])))
-        return get(self, index, *args, **kwargs)
-
-    monkeypatch.setattr(zarr.Array, "get_basic_selection", recording)
-    setting("daskpatch.read-bytes", 0)
-    before = store.chunk_reads
-    out = dp.apply_patches(z, np.sqrt, 16, 8, block_shape=16).compute()
-    np.testing.assert_array_equal(out, expected)
-    assert touched and set(touched) == {1}  # every read is one chunk
-    assert store.chunk_reads - before == reads_whole  # and no chunk is read twice more
-
-    # a budget of 6 chunks: boxes of whole chunks within it, not one read per chunk
-    touched.clear()
-    setting("daskpatch.read-bytes", 6 * 8 * 12 * 7 * 4)
-    before = store.chunk_reads
-    out = dp.apply_patches(z, np.sqrt, 16, 8, block_shape=16).compute()
-    np.testing.assert_array_equal(out, expected)
-    assert max(touched) <= 6 and max(touched) > 1
-    assert store.chunk_reads - before == reads_whole
-
-
-@pytest.mark.parametrize("channel_axis", [None, 0, -1])
-@pytest.mark.parametrize("border", ["shift", "pad"])
-def test_zarr_regions_read_straight_into_the_block_match_numpy(tmp_path, channel_axis, border):
-    """Block regions spanning several chunks are decoded into the region itself, for every
-    channel layout; a region padded on another axis is read and padded as before."""
-    shape = (37, 30, 26)
-    if channel_axis is not None:
-        shape = (2, *shape) if channel_axis == 0 else (*shape, 2)
-    data = np.random.default_rng(3).random(shape).astype(np.float32)
-    chunks = tuple(2 if n == 2 else 8 for n in shape)
-    z = zarr.open_array(write_zarr(tmp_path / "v.zarr", data, chunks), mode="r")
-
-    def model(b):
-        return np.sqrt(b) + 1
-
-    kw = dict(border=border, block_shape=16, channel_axis=channel_axis, batch_size=3)
-    expected = dp.apply_patches(data, model, 12, 8, **kw).compute()
-    np.testing.assert_array_equal(dp.apply_patches(z, model, 12, 8, **kw).compute(), expected)
-
-
-class _MarkedModel:
-    """A model whose pickle carries a marker: the graph keys that ship it can be counted."""
-
-    marker = b"daskpatch-test-model-weights-0xC0FFEE"
-
-    def __init__(self) -> None:
-        self.weights = self.marker
-
-    def __call__(self, batch):
-        return batch * 2
-
-
-def test_the_model_is_one_graph_key_that_every_block_task_reads(tmp_path):
-    import pickle
-
-    data = np.random.default_rng(3).random((48, 40), dtype=np.float32)
-    z = zarr.create_array(tmp_path / "in.zarr", shape=data.shape, chunks=(16, 16), dtype="f4")
-    z[...] = data
-    model = _MarkedModel()
-    out = dp.apply_patches(dp.open_volume(tmp_path / "in.zarr"), model, 16, 8, block_shape=16,
-                           batch_size=3)
-    graph = dict(out.__dask_graph__())
-    holding = [k for k, task in graph.items() if _MarkedModel.marker in pickle.dumps(task)]
-    assert len(holding) == 1, holding  # once, not once per block (6 blocks here)
-    assert sum(1 for k in graph if isinstance(k, tuple) and str(k[0]).startswith("acc-")) == 6
-    np.testing.assert_allclose(out.compute(), 2 * data, rtol=1e-6)
-    np.testing.assert_allclose(dp.to_numpy(out), 2 * data, rtol=1e-6)

@@ -478,7 +478,7 @@ def test_apply_with_the_processes_scheduler(models, src, tmp_path, on_path):
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)
 
 
-# -- issue 9: the estimate of crop, errors in flags, rechunk into its source ---------------------
+# -- the estimate of crop, errors in flags, rechunk into its source ----------------------------
 def test_info_estimates_crop_in_the_result_dtype(tmp_path, capsys):
     src = _volume(tmp_path / "v.zarr")
     assert main(["info", src, "--size", "16", "--stride", "8", "--blend", "crop", "--dtype",

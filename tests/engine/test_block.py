@@ -1,4 +1,4 @@
-"""Issue 12: fn gets full batches however the volume is split, and a slow fn (an accelerator)
+"""Batches: fn gets full batches however the volume is split, and a slow fn (an accelerator)
 overlaps with copying batches in and blending them (a helper thread per block task)."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ import threading
 import time
 
 import dask
-import dask.array as da
 import numpy as np
 import pytest
 import zarr
@@ -208,24 +207,3 @@ def test_a_zarr_region_is_read_in_slabs_each_chunk_once(counting_zarr, channel_a
     assert any(t.startswith("daskpatch-fn") for t in slow.threads)
 
 
-def test_to_zarr_on_the_local_scheduler_does_not_import_distributed(tmp_path):
-    """dask's scheduler lookup imports distributed (0.3 s before the first task of a cold run)
-    unless it is handed the local scheduler itself."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = (
-        "import sys, numpy as np, daskpatch as dp\n"
-        "x = np.ones((16, 16), np.float32)\n"
-        f"dp.to_zarr(dp.apply_patches(x, lambda b: b, 8, 4), {str(tmp_path / 'o.zarr')!r})\n"
-        "dp.to_numpy(dp.apply_patches(x, lambda b: b, 8, 4))\n"
-        "print('distributed' in sys.modules)\n"
-    )
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "False"

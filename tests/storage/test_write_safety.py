@@ -1,6 +1,6 @@
-"""No lost data, no silent mix of results: to_zarr's and to_numpy's safety checks (issue 8, 1-8).
+"""No lost data, no silent mix of results: to_zarr's and to_numpy's safety checks (what overwrite
+deletes, what resume checks, incomplete outputs, concurrent writers, killed writers).
 
-Each test is the user-level reproducer of one item: it fails on the code before the fix.
 Subprocess tests run ``tests/_child_write.py`` (a ``to_zarr`` of an ``apply_patches`` result).
 """
 
@@ -62,7 +62,7 @@ def _crashed_write(target: Path, source: Path, at: int = 20, **kwargs) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 1. overwrite only ever replaces a Zarr array
+# overwrite only ever replaces a Zarr array
 # --------------------------------------------------------------------------------------------
 
 
@@ -100,7 +100,7 @@ def test_overwrite_refuses_an_array_holding_other_files(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 2. never write over a store the graph reads
+# never write over a store the graph reads
 # --------------------------------------------------------------------------------------------
 
 
@@ -147,7 +147,7 @@ def test_refuses_to_write_over_what_the_graph_reads(tmp_path, case):
 
 
 # --------------------------------------------------------------------------------------------
-# 3. a refused overwrite deletes nothing
+# a refused overwrite deletes nothing
 # --------------------------------------------------------------------------------------------
 
 
@@ -203,7 +203,7 @@ def test_overwrite_into_a_read_only_store_is_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. to_numpy's out must not be the input
+# to_numpy's out must not be the input
 # --------------------------------------------------------------------------------------------
 
 
@@ -224,7 +224,7 @@ def test_to_numpy_refuses_out_sharing_memory_with_the_input(how):
 
 
 # --------------------------------------------------------------------------------------------
-# 5. resume checks a fingerprint of the parameters
+# resume checks a fingerprint of the parameters
 # --------------------------------------------------------------------------------------------
 
 
@@ -314,7 +314,7 @@ def test_resume_of_a_complete_array_with_other_parameters_is_refused(tmp_path, s
 
 
 # --------------------------------------------------------------------------------------------
-# 6. an incomplete output says so when opened; unreadable metadata names its file
+# an incomplete output says so when opened; unreadable metadata names its file
 # --------------------------------------------------------------------------------------------
 
 
@@ -351,7 +351,7 @@ def test_corrupt_metadata_names_the_file(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 7. two writers of one array with other parameters
+# two writers of one array with other parameters
 # --------------------------------------------------------------------------------------------
 
 
@@ -405,7 +405,7 @@ def test_a_writer_whose_array_was_replaced_stops(tmp_path, source):
 
 
 # --------------------------------------------------------------------------------------------
-# 8. every spilled part is deleted on completion
+# every spilled part is deleted on completion
 # --------------------------------------------------------------------------------------------
 
 
