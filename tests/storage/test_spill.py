@@ -18,6 +18,8 @@ from daskpatch import PatchGrid
 from daskpatch.io import to_zarr
 from daskpatch.storage.spill import Spill
 
+from ..conftest import same_task
+
 SPILL = ".daskpatch-spill/"
 SMALL = np.random.default_rng(3).random((16, 16, 16)).astype(np.float32)
 
@@ -158,16 +160,21 @@ def test_to_zarr_spills_large_halos_into_the_output_and_deletes_them(
     WritesStore.written = []
     store = WritesStore(zarr.storage.LocalStore(str(tmp_path / "o.zarr")))
     out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16)
+    graph = dict(out.dask)
     z = to_zarr(out, store, "pred")
     spilled = [k for k in WritesStore.written if k.startswith("pred/.daskpatch-spill/")]
     assert bool(spilled) == spills  # the default threshold (128 MiB) is far above this volume
     if spills:
-        assert len(spilled) == 32 - 4  # the parts of the 4 blocks but their own (test_apply_patches)
+        assert len(spilled) == 32 - 4  # the parts of the 4 blocks but their own
     assert not (tmp_path / "o.zarr" / "pred" / ".daskpatch-spill").exists() or not any(
         (tmp_path / "o.zarr" / "pred" / ".daskpatch-spill").rglob("*.*"))
     np.testing.assert_array_equal(z[...], expected)
-    # the user's array is untouched: computing it still keeps halos in memory
-    assert any(k[0].startswith("halo-") for k in dict(out.dask))
+    # the user's array is untouched: the same tasks, and computing it keeps halos in memory
+    after = dict(out.dask)
+    assert after.keys() == graph.keys() and all(same_task(after[k], graph[k]) for k in graph)
+    WritesStore.written = []
+    np.testing.assert_array_equal(out.compute(), expected)
+    assert WritesStore.written == []
 
 
 @pytest.mark.needs_dask("NumPy scalar promotion (float32 + 1 stays float32)")
