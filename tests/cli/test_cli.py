@@ -30,18 +30,20 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS = '''\
 """Models of the command-line tests (imported by SPEC, in the CLI and on workers)."""
 import os
-import time
+import threading
 
 import numpy as np
 
 CALLS = [0]
+_LOCK = threading.Lock()
 
 
 def affine(batch):
-    CALLS[0] += 1
-    delay = float(os.environ.get("DASKPATCH_TEST_DELAY", "0"))
-    if delay:
-        time.sleep(delay)
+    with _LOCK:
+        CALLS[0] += 1
+        n = CALLS[0]
+    if n == int(os.environ.get("DASKPATCH_TEST_HANG_AT", "0")):
+        threading.Event().wait()  # never set: the run cannot finish (the test kills it)
     return 2 * batch + np.sqrt(np.abs(batch))
 
 
@@ -300,7 +302,10 @@ def test_resume_after_a_killed_run_is_bit_identical(models, tmp_path, on_path, c
     dst = tmp_path / "out.zarr"
     argv = ["apply", src, str(dst), "--model", "cli_models:affine", "--size", "16", "--stride",
             "8", "--block-shape", "16", "--workers", "2"]
-    proc = _cli(models, *argv, env={"DASKPATCH_TEST_DELAY": "0.02"}, wait=False)
+    # its last model call never returns (batch size 1: one call per patch), so the run cannot
+    # finish; the chunks the other blocks complete are written and marked meanwhile
+    last = str(len(dp.PatchGrid((64, 64, 64), 16, 8)))
+    proc = _cli(models, *argv, env={"DASKPATCH_TEST_HANG_AT": last}, wait=False)
     markers = dst / ".daskpatch-done" / "chunks"
     deadline = time.monotonic() + 300  # a guard against a hung child, not a timing check
     try:
