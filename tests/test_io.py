@@ -536,6 +536,7 @@ def test_to_zarr_on_local_cluster(tmp_path, capsys):
     np.testing.assert_array_equal(twice.compute(), x.compute() * 2)
 
 
+@pytest.mark.processes
 def test_to_zarr_on_the_local_scheduler_does_not_import_distributed(tmp_path):
     """dask's scheduler lookup imports distributed (0.3 s before the first task of a cold run)
     unless it is handed the local scheduler itself."""

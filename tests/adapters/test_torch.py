@@ -239,6 +239,7 @@ def test_bad_arguments():
         dp.TorchModel(conv(), amp=1)
 
 
+@pytest.mark.processes
 def test_import_daskpatch_does_not_import_torch():
     code = ("import sys, numpy as np, daskpatch as dp; "
             "dp.apply_patches(np.ones((8, 8)), lambda b: b, 4, 2).compute(); "

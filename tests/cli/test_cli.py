@@ -149,6 +149,7 @@ def _assert_one_error_line(stderr: str) -> None:
 
 
 # -- help and entry points -----------------------------------------------------------------------
+@pytest.mark.processes
 def test_help_and_the_console_script_entry(models, capsys):
     done = _cli(models, "--help")
     assert done.returncode == 0, done.stderr
@@ -163,6 +164,7 @@ def test_help_and_the_console_script_entry(models, capsys):
 
 
 # -- info ----------------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_info_json_of_a_daskpatch_output(models, src, tmp_path, on_path):
     dst = tmp_path / "out.zarr"
     result = dp.apply_patches(dp.open_volume(src), on_path.affine, SIZE, STRIDE)
@@ -232,6 +234,7 @@ def test_info_of_ome_zarr_images_and_groups(tmp_path, capsys):
 
 
 # -- apply ---------------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_apply_module_callable_equals_the_python_api(models, src, tmp_path, on_path):
     expected = _reference(src, on_path.affine, tmp_path / "ref.zarr", batch_size=4)
     dst = tmp_path / "out.zarr"
@@ -278,6 +281,7 @@ def test_apply_factories_and_classes(tmp_path, src, on_path, spec, fn):
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr"))[...], expected)
 
 
+@pytest.mark.processes
 @pytest.mark.cluster
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.filterwarnings("ignore:.*:UserWarning:distributed")
@@ -297,6 +301,7 @@ def test_apply_on_a_local_cluster_address(models, src, tmp_path, on_path):
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)
 
 
+@pytest.mark.processes
 def test_resume_after_a_killed_run_is_bit_identical(models, tmp_path, on_path, capsys):
     src = _volume(tmp_path / "big.zarr", shape=(64, 64, 64))
     dst = tmp_path / "out.zarr"
@@ -353,6 +358,7 @@ def _conv_reference(src: str, out: Path) -> np.ndarray:
     return _reference(src, manual, out, batch_size=4)
 
 
+@pytest.mark.processes
 @pytest.mark.torch
 def test_apply_a_torch_module(models, src, tmp_path, on_path):
     pytest.importorskip("torch")
@@ -395,6 +401,7 @@ BAD = {
 }
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_gives_one_line_and_writes_nothing(models, src, tmp_path, case):
     args, match = BAD[case]
@@ -473,6 +480,7 @@ def test_rechunk_to_the_stride(tmp_path, capsys):
     assert not (tmp_path / "unused.zarr").exists()
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 def test_apply_with_the_processes_scheduler(models, src, tmp_path, on_path):
     expected = _reference(src, on_path.affine, tmp_path / "ref.zarr")

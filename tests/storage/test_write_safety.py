@@ -370,6 +370,7 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.processes
 def test_a_concurrent_resume_with_other_parameters_is_refused(tmp_path, source):
     target, ready, hold = tmp_path / "o.zarr", tmp_path / "ready", tmp_path / "go"
     first = _child(str(source), str(target), "--resume", "--ready", str(ready),
@@ -458,11 +459,13 @@ def _kill_and_resume(tmp_path, uninterrupted, seed):
     assert not [p for p in (target / ".daskpatch-spill").rglob("*") if p.is_file()]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("seed", range(5))
 def test_killed_writes_resume_bit_for_bit(tmp_path, uninterrupted, seed):
     _kill_and_resume(tmp_path, uninterrupted, seed)
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5, 25))
 def test_killed_writes_resume_bit_for_bit_more_seeds(tmp_path, uninterrupted, seed):
