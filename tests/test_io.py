@@ -1,4 +1,5 @@
-"""Tests for daskpatch.io: Zarr reading, resumable chunk-aligned writes, stride alignment."""
+"""daskpatch.io: open_volume reads Zarr, to_zarr writes resumable chunk-aligned arrays (overwrite,
+resume, compressors, errors) on the local scheduler and on a cluster."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Large zeroed arrays (``daskpatch._memory``): mapped in at once, or row by row as a block's
+"""Large zeroed arrays (``daskpatch.engine.memory``): mapped in at once, or row by row as a block's
 accumulation reaches them, so that running block tasks do not each hold a whole buffer."""
 
 from __future__ import annotations

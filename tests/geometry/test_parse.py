@@ -1,4 +1,4 @@
-"""What a new user trips over: wrong axes caught early and explained, friendlier helpers."""
+"""What a new user trips over: wrong axes caught early and explained, and the docs they read."""
 
 from __future__ import annotations
 
