@@ -44,7 +44,7 @@ def main(n: int = 192, size: int = 64, stride: int = 32) -> None:
         elapsed = time.perf_counter() - t0
         on_cluster = dp.open_volume(dst).compute()
         local = logits.compute(scheduler="threads")
-    # daskpatch's own arithmetic is deterministic (tests/test_cluster.py checks bit equality with
+    # daskpatch's own arithmetic is deterministic (tests/graph/test_cluster.py checks bit equality with
     # a NumPy model), but torch's CPU kernels round differently with other thread counts
     diff = float(np.abs(on_cluster - local).max())
     same = diff <= 1e-5

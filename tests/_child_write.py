@@ -1,4 +1,4 @@
-"""A ``to_zarr`` of an ``apply_patches`` result, run as a separate process by test_safety.py.
+"""A ``to_zarr`` of an ``apply_patches`` result, run as a separate process by storage/test_write_safety.py.
 
     python tests/_child_write.py INPUT TARGET [--stride S] [--kill-at K] [--hold FILE] ...
 

@@ -190,7 +190,7 @@ CASES: list[Case] = [
      ValueError, r"reads from .* which this call would write"),
     ("to_zarr a store an int", lambda t: dp.to_zarr(V, 7), TypeError,
      r"store must be a path or URL string, .*; got 7 of type int"),
-    # -- data loss, resume, half-written stores (issue 8) ---------------------------------------
+    # -- data loss, resume, half-written stores ----------------------------------------------
     ("overwrite a directory of other files", lambda t: dp.to_zarr(
         V, _dir_with_files(t), overwrite=True), FileExistsError, r"keep\.txt|sub|not a Zarr"),
     ("write into a non-empty non-Zarr directory", lambda t: dp.to_zarr(V, _dir_with_files(t)),
@@ -219,7 +219,7 @@ CASES: list[Case] = [
      r"zarr\.json"),
     ("spill into an unwritable path", lambda t: dp.apply_patches(
         V, ident, 8, 4, spill="/proc/daskpatch-spill"), ValueError, r"spill"),
-    # -- numbers (issue 8) ---------------------------------------------------------------------
+    # -- numbers ----------------------------------------------------------------------------
     ("NaN into an integer result", lambda t: _apply_compute(
         lambda b: np.full_like(b, np.nan), dtype="uint8"), ValueError, r"NaN.*chunk"),
     ("fill_value out of the dtype's range", lambda t: dp.apply_patches(

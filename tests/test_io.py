@@ -1,9 +1,8 @@
-"""Tests for daskpatch.io: Zarr reading, resumable chunk-aligned writes, stride alignment."""
+"""daskpatch.io: open_volume reads Zarr, to_zarr writes resumable chunk-aligned arrays (overwrite,
+resume, compressors, errors) on the local scheduler and on a cluster."""
 
 from __future__ import annotations
 
-import logging
-import math
 import threading
 from collections import Counter
 from pathlib import Path
@@ -15,12 +14,8 @@ import pytest
 import zarr
 import zarr.storage
 from dask.delayed import Delayed
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from daskpatch.storage.spill import Spill
 from daskpatch.io import open_volume, to_zarr
-from daskpatch.rechunk import aligned_chunks, is_stride_aligned, rechunk_to_stride
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -44,6 +39,16 @@ class CountingStore(zarr.storage.WrapperStore):
         key_ranges = list(key_ranges)
         CountingStore.reads.extend(k for k, _ in key_ranges)
         return await self._store.get_partial_values(prototype, key_ranges)
+
+
+class WritesStore(zarr.storage.WrapperStore):
+    """Records every key written through it (class-level list: zarr re-wraps stores)."""
+
+    written: list[str] = []
+
+    async def set(self, key, value, *args, **kwargs):
+        WritesStore.written.append(key)
+        return await self._store.set(key, value, *args, **kwargs)
 
 
 def _chunk_reads() -> list[str]:
@@ -219,8 +224,12 @@ def test_irregular_dask_chunks_use_largest_chunk_one_task_each(tmp_path):
     job = to_zarr(x, tmp_path / "i.zarr", compute=False)
     z = zarr.open_array(tmp_path / "i.zarr", mode="r")
     assert z.chunks == (7, 4)
-    writes = [k for k in job.dask if isinstance(k, tuple) and k[0].startswith("to-zarr-write")]
-    assert len(writes) == z.nchunks == 9
+    assert z.nchunks == 9
+    WritesStore.written = []
+    to_zarr(x, WritesStore(zarr.storage.LocalStore(str(tmp_path / "counted.zarr"))))
+    chunk_writes = Counter(k for k in WritesStore.written if k.startswith("c/"))
+    assert sorted(chunk_writes) == [f"c/{i}/{j}" for i in range(3) for j in range(3)]
+    assert set(chunk_writes.values()) == {1}  # each chunk written whole, once
     job.compute()
     np.testing.assert_array_equal(z[:], x.compute())
 
@@ -507,125 +516,7 @@ def test_open_volume_errors(tmp_path, store, path, exc, match):
 
 
 # --------------------------------------------------------------------------------------------
-# stride alignment
-# --------------------------------------------------------------------------------------------
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    shape=st.lists(st.integers(1, 600), min_size=1, max_size=4),
-    data=st.data(),
-    itemsize=st.sampled_from([1, 2, 4, 8]),
-    target=st.integers(1, 2**22),
-)
-def test_aligned_chunks_properties(shape, data, itemsize, target):
-    n = len(shape)
-    stride = tuple(data.draw(st.lists(st.integers(1, 80), min_size=n, max_size=n)))
-    chunks = aligned_chunks(shape, stride, itemsize, target_bytes=target)
-    assert len(chunks) == len(shape)
-    for c, n, s in zip(chunks, shape, stride):
-        assert 1 <= c <= n
-        assert c == n or c % s == 0  # a stride multiple, or the whole axis
-    assert is_stride_aligned(chunks, stride, shape=shape)
-    nbytes = math.prod(chunks) * itemsize
-    minimal = all(c == min(s, n) for c, n, s in zip(chunks, shape, stride))
-    assert nbytes <= target or minimal
-    # near the target: no axis can grow by one stride without exceeding it
-    for i, (c, n, s) in enumerate(zip(chunks, shape, stride)):
-        if c < n:
-            grown = min(c + s, n)
-            assert nbytes // c * grown > target
-
-
-def test_aligned_chunks_isotropic_and_channels():
-    assert aligned_chunks((1024, 1024, 1024), 32, 4) == (128, 128, 128)
-    c = aligned_chunks((2000, 2000, 2000), 16, 1, target_bytes=2**21)
-    assert max(c) - min(c) <= 16 and all(v % 16 == 0 for v in c)
-    # a short axis is taken whole and its budget goes to the others
-    assert aligned_chunks((8, 4096, 4096), 64, 2, target_bytes=2**20) == (8, 256, 256)
-    # channel axis kept whole, first or last; batch axes get 1
-    budget = 3 * 4 * 128 * 128
-    chunks = aligned_chunks((3, 512, 512), 64, 4, channel_axis=0, target_bytes=budget)
-    assert chunks == (3, 128, 128)
-    budget = 5 * 64 * 64
-    assert aligned_chunks((512, 512, 5), 64, 1, channel_axis=-1, target_bytes=budget) == (64, 64, 5)
-    assert aligned_chunks((4, 300, 300), (32, 32), 1, target_bytes=2**30) == (1, 300, 300)
-    # one stride is the floor even over budget
-    assert aligned_chunks((1000, 1000), 100, 8, target_bytes=10) == (100, 100)
-
-
-@pytest.mark.parametrize(
-    "args, kwargs, exc, match",
-    [
-        (((10, 10), 0, 1), {}, ValueError, r"stride must be >= 1 on every axis"),
-        (((10, 10), 2.0, 1), {}, TypeError, "stride must be an integer or a sequence"),
-        (((10, 10), (2, 2, 2), 1), {}, ValueError, r"stride has 3 entries but the 2-D array has 2 non-channel axes"),
-        (((10, 0), 2, 1), {}, ValueError, r"shape must be >= 1 on every axis"),
-        (("ab", 2, 1), {}, TypeError, "shape must be a sequence of integers; got 'ab'"),
-        (((10, 10), 2, 0), {}, ValueError, "itemsize must be >= 1; got 0"),
-        (((10, 10), 2, np.dtype("f4")), {}, TypeError, "itemsize must be an integer"),
-        (((10, 10), 2, 1), {"target_bytes": 0}, ValueError, "target_bytes must be >= 1; got 0"),
-        (((10, 10), 2, 1), {"channel_axis": 2}, ValueError, r"channel_axis must be None or.*got 2"),
-        (((10, 10), 2, 1), {"channel_axis": "last"}, TypeError, "channel_axis must be an integer"),
-        (((10,), 2, 1), {"channel_axis": 0}, ValueError, "no spatial axes"),
-    ],
-)
-def test_aligned_chunks_errors(args, kwargs, exc, match):
-    with pytest.raises(exc, match=match):
-        aligned_chunks(*args, **kwargs)
-
-
-def test_is_stride_aligned():
-    assert is_stride_aligned((64, 64, 64), 32)
-    assert not is_stride_aligned((64, 48, 64), 32)
-    assert is_stride_aligned((64, 48, 64), (32, 16, 32))
-    assert is_stride_aligned((3, 64), 32, channel_axis=0)  # channel chunk ignored
-    assert is_stride_aligned((1, 64, 64), (32, 32))  # leading batch axis ignored
-    assert is_stride_aligned((50, 64), 32, shape=(50, 1000))  # whole axis in one chunk
-    assert not is_stride_aligned((50, 64), 32, shape=(51, 1000))
-    assert is_stride_aligned(da.ones((100, 70), chunks=((32, 64, 4), (70,))).chunks, 32)
-    assert not is_stride_aligned(((30, 70),), 32)
-    with pytest.raises(TypeError, match="chunks must be a sequence"):
-        is_stride_aligned(64, 32)
-    with pytest.raises(ValueError, match=r"shape must have one entry per axis of chunks \(2\)"):
-        is_stride_aligned((64, 64), 32, shape=(64,))
-    with pytest.raises(ValueError, match=r"chunks\[1\] must be >= 1; got 0"):
-        is_stride_aligned((64, 0), 32)
-
-
-def test_rechunk_to_stride(tmp_path, caplog):
-    data = np.random.default_rng(1).random((3, 90, 70)).astype("float32")
-    src = zarr.create_array(tmp_path / "s.zarr", name="raw", shape=data.shape, chunks=(1, 25, 25),
-                            dtype="float32", zarr_format=2)
-    src[:] = data
-    with caplog.at_level(logging.INFO, logger="daskpatch.io"):
-        new = rechunk_to_stride(tmp_path / "s.zarr", 16, tmp_path / "t.zarr", path="raw",
-                                target_path="aligned", channel_axis=0, target_bytes=3 * 4 * 32 * 32)
-    assert new.chunks == (3, 32, 32)
-    assert is_stride_aligned(new.chunks, 16, shape=new.shape, channel_axis=0)
-    np.testing.assert_array_equal(open_volume(tmp_path / "t.zarr", "aligned").compute(), data)
-    assert "from chunks (1, 25, 25) to stride-aligned chunks (3, 32, 32)" in caplog.text
-
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="daskpatch.io"):
-        same = rechunk_to_stride(tmp_path / "t.zarr", 16, tmp_path / "u.zarr", path="aligned",
-                                 channel_axis=0)
-    assert same.path == "aligned" and "already has stride-aligned chunks" in caplog.text
-    assert not (tmp_path / "u.zarr").exists()
-
-    with pytest.raises(ValueError, match="must differ from the source array"):
-        rechunk_to_stride(tmp_path / "s.zarr", 32, str(tmp_path / "s.zarr"), path="raw",
-                          target_path="raw", overwrite=True)
-    with pytest.raises(TypeError, match="overwrite must be True or False; got 'yes'"):
-        rechunk_to_stride(tmp_path / "t.zarr", 16, tmp_path / "u.zarr", path="aligned",
-                          overwrite="yes")
-    with pytest.raises(FileExistsError, match="overwrite=True"):
-        rechunk_to_stride(tmp_path / "s.zarr", 16, tmp_path / "t.zarr", path="raw",
-                          target_path="aligned", channel_axis=0)
-
-
-# --------------------------------------------------------------------------------------------
-# distributed
+# schedulers: a LocalCluster, and the local scheduler without importing distributed
 # --------------------------------------------------------------------------------------------
 
 
@@ -646,107 +537,25 @@ def test_to_zarr_on_local_cluster(tmp_path, capsys):
     np.testing.assert_array_equal(twice.compute(), x.compute() * 2)
 
 
-# --------------------------------------------------------------------------------------------
-# overlap-add results: halos spilled into the output store
-# --------------------------------------------------------------------------------------------
+@pytest.mark.processes
+def test_to_zarr_on_the_local_scheduler_does_not_import_distributed(tmp_path):
+    """dask's scheduler lookup imports distributed (0.3 s before the first task of a cold run)
+    unless it is handed the local scheduler itself."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-
-class WritesStore(zarr.storage.WrapperStore):
-    """Records every key written through it (class-level list: zarr re-wraps stores)."""
-
-    written: list[str] = []
-
-    async def set(self, key, value, *args, **kwargs):
-        WritesStore.written.append(key)
-        return await self._store.set(key, value, *args, **kwargs)
-
-
-def _engine_case():
-    import daskpatch as dp
-
-    vol = np.random.default_rng(7).random((40, 36, 28)).astype(np.float32)
-    expected = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16, spill=False).compute()
-    return dp, vol, expected
-
-
-@pytest.mark.parametrize("threshold, spills", [(0, True), (None, False)])
-def test_to_zarr_spills_large_halos_into_the_output_and_deletes_them(
-        tmp_path, threshold, spills, setting):
-    dp, vol, expected = _engine_case()
-    if threshold is not None:
-        setting("daskpatch.spill-bytes", threshold)
-    WritesStore.written = []
-    store = WritesStore(zarr.storage.LocalStore(str(tmp_path / "o.zarr")))
-    out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16)
-    z = to_zarr(out, store, "pred")
-    spilled = [k for k in WritesStore.written if k.startswith("pred/.daskpatch-spill/")]
-    assert bool(spilled) == spills  # the default threshold (128 MiB) is far above this volume
-    if spills:
-        assert len(spilled) == 32 - 4  # the parts of the 4 blocks but their own (test_apply)
-    assert not (tmp_path / "o.zarr" / "pred" / ".daskpatch-spill").exists() or not any(
-        (tmp_path / "o.zarr" / "pred" / ".daskpatch-spill").rglob("*.*"))
-    np.testing.assert_array_equal(z[...], expected)
-    # the user's array is untouched: computing it still keeps halos in memory
-    assert any(k[0].startswith("halo-") for k in dict(out.dask))
-
-
-@pytest.mark.needs_dask("NumPy scalar promotion (float32 + 1 stays float32)")
-def test_to_zarr_never_spills_with_spill_false_and_deletes_explicit_parts(tmp_path, setting):
-    dp, vol, expected = _engine_case()
-    setting("daskpatch.spill-bytes", 0)
-    WritesStore.written = []
-    store = WritesStore(zarr.storage.LocalStore(str(tmp_path / "o.zarr")))
-    z = to_zarr(dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16, spill=False), store)
-    assert not [k for k in WritesStore.written if ".daskpatch-spill" in k]
-    np.testing.assert_array_equal(z[...], expected)
-    # an explicit spill directory: used, then emptied by to_zarr (compute alone leaves it)
-    halos = tmp_path / "halos"
-    out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16, spill=halos) + 1
-    z = to_zarr(out, tmp_path / "e.zarr", compute=False).compute()
-    np.testing.assert_array_equal(z[...], expected + 1)
-    assert halos.exists() and not [p for p in halos.rglob("*") if p.is_file()]
-
-
-def test_to_zarr_resumes_a_spilled_engine(tmp_path, setting):
-    dp, vol, expected = _engine_case()
-    setting("daskpatch.spill-bytes", 0)
-    target = tmp_path / "r.zarr"
-    calls = Counter()
-
-    def flaky(batch):
-        calls["n"] += 1
-        if calls["n"] == 30:  # 48 patches, 12 per block: mid-run
-            raise RuntimeError("simulated crash")
-        return np.sqrt(batch)
-
-    out = dp.apply_patches(vol, flaky, 16, 8, block_shape=16)
-    with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError, match="simulated"):
-        to_zarr(out, target)
-    assert any((target / ".daskpatch-spill").rglob("*"))  # parts of the interrupted run
-    with dask.config.set(scheduler="synchronous"):
-        z = to_zarr(out, target, resume=True)
-    np.testing.assert_array_equal(z[...], expected)
-    assert not [p for p in (target / ".daskpatch-spill").rglob("*") if p.is_file()]
-
-
-def test_to_zarr_does_not_spill_into_a_store_in_memory(monkeypatch, setting):
-    dp, vol, expected = _engine_case()
-    setting("daskpatch.spill-bytes", 0)
-    puts = []
-    monkeypatch.setattr(Spill, "put", lambda self, key, data: puts.append(key))
-    z = to_zarr(dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16), zarr.storage.MemoryStore())
-    np.testing.assert_array_equal(z[...], expected)
-    assert puts == []  # parts in RAM would wait there until the end, instead of being freed
-
-
-def test_spilled_engine_under_a_rechunk(tmp_path, monkeypatch, setting):
-    dp, vol, expected = _engine_case()
-    setting("daskpatch.spill-bytes", 0)
-    puts = []
-    put = Spill.put
-    monkeypatch.setattr(Spill, "put",
-                        lambda self, key, data: (puts.append(key), put(self, key, data)))
-    out = dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16) * 2
-    z = to_zarr(out, tmp_path / "r.zarr", chunks=(10, 12, 7))  # not the engine's chunks
-    assert z.chunks == (10, 12, 7) and puts  # the engine under the rechunk still spilled
-    np.testing.assert_array_equal(z[...], expected * 2)
+    code = (
+        "import sys, numpy as np, daskpatch as dp\n"
+        "x = np.ones((16, 16), np.float32)\n"
+        f"dp.to_zarr(dp.apply_patches(x, lambda b: b, 8, 4), {str(tmp_path / 'o.zarr')!r})\n"
+        "dp.to_numpy(dp.apply_patches(x, lambda b: b, 8, 4))\n"
+        "print('distributed' in sys.modules)\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"

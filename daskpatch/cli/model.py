@@ -218,6 +218,7 @@ def _kept_mode(module: Any) -> Any:
         def __init__(self, inner: Any) -> None:
             super().__init__()
             self.inner = inner
+            self.training = False  # runs as exported; nothing for TorchModel to copy
 
         def train(self, mode: bool = True) -> Any:
             return self

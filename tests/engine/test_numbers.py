@@ -1,4 +1,4 @@
-"""Numbers (issue 8, items 10-14): integer casts, tiny gaussians, crop copies, complex data, and
+"""Numbers: integer casts, tiny gaussians, crop copies, complex data, and
 accumulation that never leaves the range of its inputs — on every way a result is computed.
 
 Each test is a user-level reproducer that gave a silent wrong answer (or a warning only) before.
@@ -33,7 +33,7 @@ def spread_nan(b):
     return b + 0 * b.sum(axis=axes, keepdims=True)
 
 
-# -- 10. integer results round to nearest and saturate; NaN is an error --------------------------
+# -- integer results round to nearest and saturate; NaN is an error --------------------------
 VALUES = np.array([255.6, -0.6, 1000.0, -1000.0, 100.4, 100.6, 3.0, -3.4, 1e30, -1e30],
                   dtype=np.float32)
 
@@ -61,7 +61,7 @@ def test_integer_dtype_rounds_to_nearest_and_saturates(path, dtype, tmp_path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_integer_cast_examples_from_the_issue(path, tmp_path):
+def test_integer_casts_saturate_after_rounding(path, tmp_path):
     vol = np.full((8, 8), 255.6, np.float32)
     vol[:, 4:] = -0.6
     out = run(dp.apply_patches(vol, identity, 4, 2, dtype="uint8"), path, tmp_path)
@@ -146,7 +146,7 @@ def test_fill_value_is_exact_in_integer_results(path, tmp_path):
     assert (u8[16:] == 255).all() and (u8[:16, :16] == 0).all()
 
 
-# -- 11. small sigma_scale: exact, strictly positive normalisation -------------------------------
+# -- small sigma_scale: exact, strictly positive normalisation -------------------------------
 @pytest.mark.parametrize("sigma_scale", [0.02, 0.01, 3e-3, 1e-3])
 @pytest.mark.parametrize("border", ["shift", "pad"])
 @pytest.mark.parametrize(("size", "stride"), [(8, 4), (8, 3), (8, 7), (8, 1), (9, 5), (6, 6)])
@@ -189,7 +189,7 @@ def test_tiny_sigma_weights_are_a_partition_of_one():
         np.testing.assert_allclose(total, 1.0, rtol=1e-15)
 
 
-# -- 12. crop copies ------------------------------------------------------------------------------
+# -- crop copies ------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", PATHS)
 def test_crop_nan_patch_stays_in_the_voxels_it_owns(path, tmp_path):
     vol = np.zeros((96, 96, 96), np.float32)
@@ -249,7 +249,7 @@ def test_crop_rounds_a_float_model_into_an_integer_dtype(path, tmp_path):
     np.testing.assert_array_equal(out, _oracle_cast(vol, "int8"))
 
 
-# -- 13. complex data -----------------------------------------------------------------------------
+# -- complex data -----------------------------------------------------------------------------
 def _complex(shape, dtype):
     rng = np.random.default_rng(5)
     return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(dtype)
@@ -290,7 +290,7 @@ def test_complex_model_output_into_a_real_dtype_is_refused(path, blend, tmp_path
         run(arr, path, tmp_path)
 
 
-# -- 14. accumulation never leaves the range of its inputs ---------------------------------------
+# -- accumulation never leaves the range of its inputs ---------------------------------------
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("blend", ["gaussian", "hann", "triangular", "constant"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

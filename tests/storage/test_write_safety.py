@@ -1,6 +1,6 @@
-"""No lost data, no silent mix of results: to_zarr's and to_numpy's safety checks (issue 8, 1-8).
+"""No lost data, no silent mix of results: to_zarr's and to_numpy's safety checks (what overwrite
+deletes, what resume checks, incomplete outputs, concurrent writers, killed writers).
 
-Each test is the user-level reproducer of one item: it fails on the code before the fix.
 Subprocess tests run ``tests/_child_write.py`` (a ``to_zarr`` of an ``apply_patches`` result).
 """
 
@@ -24,10 +24,10 @@ import zarr.storage
 
 import daskpatch as dp
 
-from ._child_write import build, model
-from .conftest import write_zarr
+from .._child_write import build, model
+from ..conftest import write_zarr
 
-CHILD = Path(__file__).with_name("_child_write.py")
+CHILD = Path(__file__).resolve().parents[1] / "_child_write.py"
 V = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)
 
 
@@ -62,7 +62,7 @@ def _crashed_write(target: Path, source: Path, at: int = 20, **kwargs) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 1. overwrite only ever replaces a Zarr array
+# overwrite only ever replaces a Zarr array
 # --------------------------------------------------------------------------------------------
 
 
@@ -100,7 +100,7 @@ def test_overwrite_refuses_an_array_holding_other_files(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 2. never write over a store the graph reads
+# never write over a store the graph reads
 # --------------------------------------------------------------------------------------------
 
 
@@ -147,7 +147,7 @@ def test_refuses_to_write_over_what_the_graph_reads(tmp_path, case):
 
 
 # --------------------------------------------------------------------------------------------
-# 3. a refused overwrite deletes nothing
+# a refused overwrite deletes nothing
 # --------------------------------------------------------------------------------------------
 
 
@@ -203,7 +203,7 @@ def test_overwrite_into_a_read_only_store_is_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. to_numpy's out must not be the input
+# to_numpy's out must not be the input
 # --------------------------------------------------------------------------------------------
 
 
@@ -224,7 +224,7 @@ def test_to_numpy_refuses_out_sharing_memory_with_the_input(how):
 
 
 # --------------------------------------------------------------------------------------------
-# 5. resume checks a fingerprint of the parameters
+# resume checks a fingerprint of the parameters
 # --------------------------------------------------------------------------------------------
 
 
@@ -314,7 +314,7 @@ def test_resume_of_a_complete_array_with_other_parameters_is_refused(tmp_path, s
 
 
 # --------------------------------------------------------------------------------------------
-# 6. an incomplete output says so when opened; unreadable metadata names its file
+# an incomplete output says so when opened; unreadable metadata names its file
 # --------------------------------------------------------------------------------------------
 
 
@@ -351,7 +351,7 @@ def test_corrupt_metadata_names_the_file(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 7. two writers of one array with other parameters
+# two writers of one array with other parameters
 # --------------------------------------------------------------------------------------------
 
 
@@ -370,6 +370,7 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.processes
 def test_a_concurrent_resume_with_other_parameters_is_refused(tmp_path, source):
     target, ready, hold = tmp_path / "o.zarr", tmp_path / "ready", tmp_path / "go"
     first = _child(str(source), str(target), "--resume", "--ready", str(ready),
@@ -405,7 +406,7 @@ def test_a_writer_whose_array_was_replaced_stops(tmp_path, source):
 
 
 # --------------------------------------------------------------------------------------------
-# 8. every spilled part is deleted on completion
+# every spilled part is deleted on completion
 # --------------------------------------------------------------------------------------------
 
 
@@ -458,11 +459,13 @@ def _kill_and_resume(tmp_path, uninterrupted, seed):
     assert not [p for p in (target / ".daskpatch-spill").rglob("*") if p.is_file()]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("seed", range(5))
 def test_killed_writes_resume_bit_for_bit(tmp_path, uninterrupted, seed):
     _kill_and_resume(tmp_path, uninterrupted, seed)
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5, 25))
 def test_killed_writes_resume_bit_for_bit_more_seeds(tmp_path, uninterrupted, seed):

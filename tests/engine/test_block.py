@@ -1,37 +1,44 @@
-"""Issue 12: fn gets full batches however the volume is split, and a slow fn (an accelerator)
-overlaps with copying batches in and blending them (a helper thread per block task)."""
+"""Batches: fn gets full batches however the volume is split, and a slow fn (an accelerator)
+overlaps with copying batches in and blending them (a helper thread per block task).
+
+Whether fn counts as slow is the engine's measurement (``block.OVERLAP``): the tests set it, to 0
+(every fn goes to the helper thread) or to infinity (none does), instead of timing a sleeping fn.
+"""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import dask
-import dask.array as da
 import numpy as np
 import pytest
 import zarr
 
 import daskpatch as dp
 from daskpatch import PatchGrid
+from daskpatch.engine import block
 
 
 class Sizes:
     """A model recording the size of each batch and the thread that ran it."""
 
-    def __init__(self, fn=lambda b: b, sleep=0.0):
-        self.fn, self.sleep = fn, sleep
+    def __init__(self, fn=lambda b: b):
+        self.fn = fn
         self.sizes: list[int] = []
         self.threads: list[str] = []
         self.lock = threading.Lock()
 
     def __call__(self, batch):
-        if self.sleep:
-            time.sleep(self.sleep)  # a device: the GIL released
         with self.lock:
             self.sizes.append(len(batch))
             self.threads.append(threading.current_thread().name)
         return self.fn(batch)
+
+
+@pytest.fixture
+def slow_fn(monkeypatch):
+    """Every fn counts as slow: the block tasks run it in their helper thread."""
+    monkeypatch.setattr(block, "OVERLAP", 0.0)
 
 
 def _helpers() -> list[threading.Thread]:
@@ -109,36 +116,39 @@ def _volume(shape=(24, 24, 24)):
 
 
 @pytest.mark.parametrize("run", ["compute", "to_numpy", "zarr"])
-def test_a_slow_model_runs_in_a_helper_thread_with_the_same_result(run, tmp_path):
+def test_a_slow_model_runs_in_a_helper_thread_with_the_same_result(run, tmp_path, monkeypatch):
     vol = _volume()
 
     def model(b):
         return np.sin(b) * 3 + 1
 
-    slow = Sizes(model, sleep=0.02)
+    slow = Sizes(model)
     fast = Sizes(model)
     kw = dict(batch_size=4, blend="gaussian", block_shape=16)
-    a = dp.apply_patches(vol, slow, 8, 4, **kw)
-    b = dp.apply_patches(vol, fast, 8, 4, **kw)
-    if run == "compute":
-        got, want = a.compute(), b.compute()
-    elif run == "to_numpy":
-        got, want = dp.to_numpy(a), dp.to_numpy(b)
-    else:
-        got = dp.to_zarr(a, tmp_path / "a.zarr")[:]
-        want = dp.to_zarr(b, tmp_path / "b.zarr")[:]
+
+    def result(fn, overlap, name):
+        monkeypatch.setattr(block, "OVERLAP", overlap)
+        x = dp.apply_patches(vol, fn, 8, 4, **kw)
+        if run == "compute":
+            return x.compute()
+        if run == "to_numpy":
+            return dp.to_numpy(x)
+        return dp.to_zarr(x, tmp_path / name)[:]
+
+    got = result(slow, 0.0, "a.zarr")  # slow: fn in the helper thread
+    want = result(fast, float("inf"), "b.zarr")  # fast: fn in the task's own thread
     np.testing.assert_array_equal(got, want)  # bit for bit: blended in the same order
     assert any(t.startswith("daskpatch-fn") for t in slow.threads)  # overlapped
+    assert not any(t.startswith("daskpatch-fn") for t in fast.threads)
     assert sorted(slow.sizes) == sorted(fast.sizes)
     assert _helpers() == []  # joined before the task returned
 
 
-def test_a_slow_model_failing_in_the_helper_keeps_its_note_and_stops_the_block():
+def test_a_slow_model_failing_in_the_helper_keeps_its_note_and_stops_the_block(slow_fn):
     vol = _volume((16, 16, 16))
     calls = []
 
     def model(b):
-        time.sleep(0.01)
         calls.append(threading.current_thread().name)
         if len(calls) == 4:
             raise ZeroDivisionError("the model divided by zero")
@@ -157,14 +167,13 @@ def test_a_slow_model_failing_in_the_helper_keeps_its_note_and_stops_the_block()
     assert _helpers() == []
 
 
-def test_an_error_blending_stops_the_helper_too():
+def test_an_error_blending_stops_the_helper_too(slow_fn):
     """An error in the task's own thread (here a complex output into a real result) joins the
     helper thread before it propagates."""
     vol = _volume((16, 16, 16))
     calls = []
 
     def model(b):
-        time.sleep(0.01)
         calls.append(1)
         return b.astype(np.complex64) if len(calls) >= 3 else b
 
@@ -176,7 +185,8 @@ def test_an_error_blending_stops_the_helper_too():
 
 
 @pytest.mark.parametrize("channel_axis, border", [(None, "shift"), (0, "pad"), (-1, "shift")])
-def test_a_zarr_region_is_read_in_slabs_each_chunk_once(counting_zarr, channel_axis, border):
+def test_a_zarr_region_is_read_in_slabs_each_chunk_once(counting_zarr, channel_axis, border,
+                                                        slow_fn):
     """A block's region is read slab by slab as its batches reach it (while the model runs on
     the batch before), every chunk once per block; the result is the eager read's."""
     shape = (40, 36, 28)
@@ -187,7 +197,7 @@ def test_a_zarr_region_is_read_in_slabs_each_chunk_once(counting_zarr, channel_a
         chunks = (2, *chunks) if channel_axis == 0 else (*chunks, 2)
     z, store = counting_zarr(data, chunks)
     kw = dict(batch_size=3, block_shape=16, border=border, channel_axis=channel_axis)
-    slow = Sizes(np.sqrt, sleep=0.002)
+    slow = Sizes(np.sqrt)
     got = dp.apply_patches(z, slow, 8, 4, **kw).compute()
     np.testing.assert_array_equal(got, dp.apply_patches(data, np.sqrt, 8, 4, **kw).compute())
     grid = PatchGrid(shape, 8, 4, border=border)
@@ -208,24 +218,3 @@ def test_a_zarr_region_is_read_in_slabs_each_chunk_once(counting_zarr, channel_a
     assert any(t.startswith("daskpatch-fn") for t in slow.threads)
 
 
-def test_to_zarr_on_the_local_scheduler_does_not_import_distributed(tmp_path):
-    """dask's scheduler lookup imports distributed (0.3 s before the first task of a cold run)
-    unless it is handed the local scheduler itself."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = (
-        "import sys, numpy as np, daskpatch as dp\n"
-        "x = np.ones((16, 16), np.float32)\n"
-        f"dp.to_zarr(dp.apply_patches(x, lambda b: b, 8, 4), {str(tmp_path / 'o.zarr')!r})\n"
-        "dp.to_numpy(dp.apply_patches(x, lambda b: b, 8, 4))\n"
-        "print('distributed' in sys.modules)\n"
-    )
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "False"

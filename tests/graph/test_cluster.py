@@ -1,11 +1,19 @@
-"""The same graphs on a real dask.distributed LocalCluster (worker processes): same output."""
+"""The same graphs on a real dask.distributed LocalCluster (worker processes): same output.
+
+Nothing here waits on the clock: a model that must still be running when the test acts waits at
+a gate (a ``distributed.Event``) that the test opens; the loops that watch the cluster meanwhile
+are bounds against a hang, not timed checks.
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
 import os
+import threading
 import time
+import uuid
+from collections import Counter
 
 import dask
 import numpy as np
@@ -15,7 +23,7 @@ import zarr
 import daskpatch as dp
 import daskpatch.graph.engine
 
-from .conftest import write_zarr
+from ..conftest import write_zarr
 
 distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
 
@@ -27,16 +35,52 @@ pytestmark = [
 ]
 
 
-class Model:
-    """A callable with state (weights) that must travel to the workers."""
+#: model calls per gate in this process (a worker's), and their lock
+_CALLS: Counter[str] = Counter()
+_CALLS_LOCK = threading.Lock()
 
-    def __init__(self, seed: int, delay: float = 0.0) -> None:
+
+def _through(gate: tuple[str, int]) -> None:
+    """Let the first ``free`` calls of this process through; later ones wait for the gate's
+    Event to be set."""
+    name, free = gate
+    with _CALLS_LOCK:
+        _CALLS[name] += 1
+        n = _CALLS[name]
+    if n > free:
+        distributed.Event(name).wait()
+
+
+def _calls(name: str) -> int:
+    return _CALLS[name]
+
+
+def _new_gate(free: int = 0) -> tuple[str, int]:
+    return f"daskpatch-test-gate-{uuid.uuid4().hex}", free
+
+
+def _open(client, gate: tuple[str, int]) -> None:
+    distributed.Event(gate[0], client=client).set()
+
+
+def _until(condition, bound: float = 120.0) -> None:
+    """Poll ``condition`` until it holds (``bound`` seconds: against a hang, not a timing check)."""
+    end = time.monotonic() + bound
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.02)
+
+
+class Model:
+    """A callable with state (weights) that must travel to the workers; with a ``gate``, its
+    calls beyond the gate's free ones wait until the test opens it."""
+
+    def __init__(self, seed: int, gate: tuple[str, int] | None = None) -> None:
         self.weights = np.random.default_rng(seed).random(3).astype(np.float32)
-        self.delay = delay
+        self.gate = gate
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if self.delay:
-            time.sleep(self.delay)
+        if self.gate:
+            _through(self.gate)
         w = self.weights
         return w[0] * batch + w[1] * batch.mean(axis=(1, 2, 3), keepdims=True) + w[2]
 
@@ -75,25 +119,45 @@ def test_closure_and_reconstruct_on_the_cluster(client, volume):
     np.testing.assert_array_equal(client.compute(back).result(), volume[...])
 
 
-def _kill_a_worker_mid_run(client, future):
-    deadline = time.time() + 30
-    while not any(ts for ts in client.processing().values()) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.1)  # some tasks done, some running (the models sleep 0.05 s per batch)
-    victim = next(iter(client.scheduler_info()["workers"]))
-    assert not future.done()  # really mid-run
+def _mid_run_gate(volume) -> tuple[str, int]:
+    """A gate whose free calls are those of the largest block: once a worker makes one more,
+    it has finished a block and is inside another."""
+    out = _graph(volume, Model(0))
+    plan = dp.PatchGrid(volume.shape, (16, 16, 12), (8, 8, 6)).block_plan(
+        tuple(c[0] for c in out.chunks))
+    largest = max(math.prod(i1 - i0 for i0, i1 in owned)
+                  for owned in itertools.product(*plan.owned))
+    return _new_gate(free=-(-largest // 4))  # batch_size=4
+
+
+def _kill_a_worker_mid_run(client, future, gate):
+    """Wait until a worker has finished a block and waits at the gate inside another, kill it,
+    open the gate."""
     try:
-        client.run(os._exit, 1, workers=[victim])
-    except Exception:  # the worker dies before it can answer
-        pass
+        waiting: list = []
+
+        def some_worker_waits() -> bool:
+            waiting[:] = [w for w, n in client.run(_calls, gate[0]).items() if n > gate[1]]
+            return bool(waiting)
+
+        _until(some_worker_waits)
+        assert waiting, "no worker reached the gate"
+        assert not future.done()  # really mid-run: the job waits at the gate
+        victim = waiting[0]
+        try:
+            client.run(os._exit, 1, workers=[victim])
+        except Exception:  # the worker dies before it can answer
+            pass
+    finally:
+        _open(client, gate)
     return victim
 
 
 def test_worker_killed_mid_run_gives_the_identical_result(client, volume):
-    model = Model(2, delay=0.05)
+    gate = _mid_run_gate(volume)
     expected = _graph(volume, Model(2)).compute(scheduler="threads")
-    future = client.compute(_graph(volume, model))
-    victim = _kill_a_worker_mid_run(client, future)
+    future = client.compute(_graph(volume, Model(2, gate)))
+    victim = _kill_a_worker_mid_run(client, future, gate)
     result = future.result(timeout=120)
     np.testing.assert_array_equal(result, expected)
     assert victim not in client.scheduler_info()["workers"]  # it did die (the nanny restarts it)
@@ -102,10 +166,11 @@ def test_worker_killed_mid_run_gives_the_identical_result(client, volume):
 def test_to_zarr_with_spilled_halos_survives_a_worker_loss(client, volume, tmp_path,
                                                            setting):
     setting("daskpatch.spill-bytes", 0)  # spill into the output store
+    gate = _mid_run_gate(volume)
     expected = _graph(volume, Model(3)).compute(scheduler="threads")
-    job = dp.to_zarr(_graph(volume, Model(3, delay=0.05)), tmp_path / "o.zarr", compute=False)
+    job = dp.to_zarr(_graph(volume, Model(3, gate)), tmp_path / "o.zarr", compute=False)
     future = client.compute(job)
-    _kill_a_worker_mid_run(client, future)
+    _kill_a_worker_mid_run(client, future, gate)
     z = future.result(timeout=120)
     np.testing.assert_array_equal(z[...], expected)
     spill = tmp_path / "o.zarr" / ".daskpatch-spill"
@@ -118,18 +183,39 @@ def test_to_numpy_under_a_client_gathers_the_chunks(client, volume):
     np.testing.assert_array_equal(out, local)
 
 
+_THREADS: list[str] = []  # the threads WorkerModel ran in, in this process
+
+
 class WorkerModel:
-    """A slow model (so it runs in its block task's helper thread) that asks for its worker."""
+    """A model that asks for its worker and records its thread."""
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        time.sleep(0.02)
         distributed.get_worker()  # raises ValueError outside a worker's task context
+        _THREADS.append(threading.current_thread().name)
         return batch * 2
 
 
+def _set_overlap(value: float) -> float:
+    """Set the engine's slow-fn threshold in this process; the old value."""
+    from daskpatch.engine import block
+
+    old, block.OVERLAP = block.OVERLAP, value
+    return old
+
+
+def _threads() -> list[str]:
+    return list(_THREADS)
+
+
 def test_a_slow_model_in_the_helper_thread_sees_its_worker(client, volume):
-    got = dp.apply_patches(volume, WorkerModel(), 16, 8, batch_size=2).compute()
+    old = client.run(_set_overlap, 0.0)  # every fn counts as slow: it runs in the helper thread
+    try:
+        got = dp.apply_patches(volume, WorkerModel(), 16, 8, batch_size=2).compute()
+    finally:
+        client.run(_set_overlap, next(iter(old.values())))
     np.testing.assert_allclose(got, volume[:] * 2, rtol=1e-5)
+    threads = [t for ts in client.run(_threads).values() for t in ts]
+    assert any(t.startswith("daskpatch-fn") for t in threads)
 
 
 class CountingModel(Model):
@@ -175,11 +261,13 @@ def _block_priorities(name: str, dask_scheduler=None) -> dict:
 def test_the_biggest_blocks_start_first(client, volume, tmp_path, job):
     # blocks of (3 or 2) x (3 or 1) x (3 or 2) patch starts: 27 patches down to 4. By graph
     # shape alone dask.order may rank the biggest last, and one worker then waits at the end.
-    out = dp.apply_patches(volume, Model(6, delay=0.05), (16, 16, 12), (8, 8, 6),
+    gate = _new_gate()  # no block can finish before the priorities are read
+    out = dp.apply_patches(volume, Model(6, gate), (16, 16, 12), (8, 8, 6),
                            batch_size=4, block_shape=(24, 24, 18))
     counts = [(3, 2), (3, 1), (3, 2)]
     (engine,) = daskpatch.graph.engine.find_engines(out).values()  # its block tasks, not an earlier test's
-    expected = out.compute(scheduler="threads")
+    expected = dp.apply_patches(volume, Model(6), (16, 16, 12), (8, 8, 6), batch_size=4,
+                                block_shape=(24, 24, 18)).compute(scheduler="threads")
     # dask's array optimisation fuses an array's graph and drops its annotations unless fusion
     # is off (the scheduler optimises it: off until the tasks are there)
     with dask.config.set({"optimization.fuse.active": job != "array"}):
@@ -187,10 +275,16 @@ def test_the_biggest_blocks_start_first(client, volume, tmp_path, job):
             future = client.compute(out)
         else:
             future = client.compute(dp.to_zarr(out, tmp_path / "o.zarr", compute=False))
-        deadline, prio = time.time() + 30, {}
-        while len(prio) < 8 and time.time() < deadline:
-            prio = client.run_on_scheduler(_block_priorities, engine.acc_name)
-            time.sleep(0.01)
+        prio: dict = {}
+
+        def read() -> bool:
+            prio.update(client.run_on_scheduler(_block_priorities, engine.acc_name))
+            return len(prio) == 8
+
+        try:
+            _until(read)
+        finally:
+            _open(client, gate)
     result = future.result(timeout=120)
     np.testing.assert_array_equal(result if job == "array" else result[...], expected)
     # the scheduler's priority: -(patches - biggest); smaller first elements run first

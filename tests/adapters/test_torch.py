@@ -15,7 +15,7 @@ from dask.base import tokenize
 
 import daskpatch as dp
 
-from .conftest import write_zarr
+from ..conftest import write_zarr
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch==2.13.0)")
 
@@ -72,7 +72,7 @@ def test_a_bare_conv3d_equals_the_manual_wrapper_bit_for_bit(volume):
     direct = logits(volume, net).compute(scheduler="threads")  # the hook raises if grads are on
     assert direct.shape == (2, 24, 20, 16) and direct.dtype == np.float32
     np.testing.assert_array_equal(direct, manual)
-    assert not net.training
+    assert net.training  # the caller's module keeps its mode: a copy ran in eval mode
 
 
 def test_without_inference_mode_the_hook_fails(volume):
@@ -149,12 +149,18 @@ def test_dtype_follows_the_module_parameters(volume):
     assert set(seen) == {torch.float64} and out.dtype == np.float64
     ref = logits(volume, conv(hook=False)).compute(scheduler="sync")
     np.testing.assert_allclose(out, ref, atol=1e-5)
-    # an explicit dtype converts the module on its first call
-    net = conv(hook=False)
+    # an explicit dtype converts the module on its first call (a copy of a module in training
+    # mode: the caller's keeps its mode and dtype)
+    net = conv(hook=False).eval()
     model = dp.TorchModel(net, dtype="float64")
     assert net.weight.dtype == torch.float32  # nothing moves when the graph is built
     got = logits(volume, model, dtype=np.float64).compute(scheduler="sync")
     assert net.weight.dtype == torch.float64
+    np.testing.assert_array_equal(got, out)
+    trained = conv(hook=False)
+    got = logits(volume, dp.TorchModel(trained, dtype="float64"), dtype=np.float64).compute(
+        scheduler="sync")
+    assert trained.training and trained.weight.dtype == torch.float32
     np.testing.assert_array_equal(got, out)
 
 
@@ -209,7 +215,7 @@ def test_pickles_and_tokenizes_by_content(volume):
     assert logits(volume, net).name == logits(volume, copy.deepcopy(net)).name
     before = tokenize(model)
     with torch.no_grad():
-        net.weight[0, 0, 0, 0, 0] += 1
+        model.module.weight[0, 0, 0, 0, 0] += 1
     assert tokenize(model) != before
     assert tokenize(model) != tokenize(dp.TorchModel(net, amp=True))
 
@@ -239,6 +245,7 @@ def test_bad_arguments():
         dp.TorchModel(conv(), amp=1)
 
 
+@pytest.mark.processes
 def test_import_daskpatch_does_not_import_torch():
     code = ("import sys, numpy as np, daskpatch as dp; "
             "dp.apply_patches(np.ones((8, 8)), lambda b: b, 4, 2).compute(); "

@@ -10,7 +10,7 @@ import pytest
 import daskpatch as dp
 from daskpatch.graph import layers as _graph
 
-from .conftest import ComputeForbidden
+from ..conftest import ComputeForbidden
 
 
 def test_building_computes_nothing(no_compute):

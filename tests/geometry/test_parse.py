@@ -1,11 +1,9 @@
-"""What a new user trips over: wrong axes caught early and explained, friendlier helpers."""
+"""What a new user trips over: wrong axes caught early and explained, and the docs they read."""
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import pytest
-import zarr
 
 import daskpatch as dp
 
@@ -47,17 +45,6 @@ def test_a_failing_fn_gets_a_note_with_the_axes():
         out.compute(scheduler="sync")
     (note,) = [n for n in info.value.__notes__ if n.startswith("daskpatch:")]
     assert "batch axis 0 (4) and spatial axes 1, 2 (16, 16) (no channel axis)" in note
-
-
-def test_is_stride_aligned_takes_an_array(tmp_path):
-    assert dp.is_stride_aligned(da.zeros((200, 200), chunks=96), 48)
-    assert not dp.is_stride_aligned(da.zeros((200, 200), chunks=100), 48)
-    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=(100, 96), chunks=(48, 40),
-                          dtype="f4")
-    assert not dp.is_stride_aligned(z, 48)
-    assert dp.is_stride_aligned(z, (48, 40))
-    assert dp.is_stride_aligned(np.zeros((100, 100)), 48)  # one chunk
-    assert dp.is_stride_aligned(da.zeros((4, 96, 96), chunks=(4, 48, 48)), 48, channel_axis=0)
 
 
 def test_stride_larger_than_size_does_not_suggest_the_border_in_use():

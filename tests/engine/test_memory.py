@@ -1,9 +1,13 @@
-"""Large zeroed arrays (``daskpatch._memory``): mapped in at once, or row by row as a block's
+"""Large zeroed arrays (``daskpatch.engine.memory``): mapped in at once, or row by row as a block's
 accumulation reaches them, so that running block tasks do not each hold a whole buffer."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
+import select
+import struct
 import sys
 import threading
 
@@ -50,27 +54,45 @@ def test_zeros_mapped_in_at_once_or_row_by_row():
 
 
 @linux
-def test_mapping_in_leaves_the_gil_to_other_threads():
+def test_mapping_in_leaves_the_gil_to_other_threads(monkeypatch):
     # mmap.madvise holds the GIL through the whole system call (the kernel zeroing every page):
-    # the other threads' Python stood still meanwhile; through ctypes it does not
-    buf = mmap.mmap(-1, 256 * MiB)
-    inside, done, steps = threading.Event(), threading.Event(), [0]
-
-    def populate():
-        inside.set()
-        _memory._populate(buf, 0, len(buf))
-        done.set()
-
-    t = threading.Thread(target=populate)
-    t.start()
-    inside.wait()
-    while not done.is_set():
-        steps[0] += 1
-    t.join()
-    assert steps[0] > 100_000, steps  # holding the GIL it gave one switch interval (~20,000)
+    # the other threads' Python stood still meanwhile; the call through ctypes releases it. With
+    # libc's poll() in madvise's place (the same C signature), the call waits on a pipe that only
+    # this thread's Python writes to: it returns 1 (woken) if the GIL was left, else it times out
+    buf = mmap.mmap(-1, 16 * MiB)
+    _memory._populate(buf, 0, len(buf))
     assert np.frombuffer(buf, np.uint8)[::4096].max() == 0
     with pytest.raises(OSError, match="madvise: Invalid argument"):
         _memory._madvise(buf, 12345, 0, len(buf))
+
+    poll = ctypes.CDLL(None, use_errno=True).poll
+    poll.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    poll.restype = ctypes.c_int
+    monkeypatch.setattr(_memory, "_c_madvise", poll)
+    read_end, write_end = os.pipe()
+    fds = mmap.mmap(-1, 4096)
+    struct.pack_into("ihh", fds, 0, read_end, select.POLLIN, 0)  # one struct pollfd
+    inside, woken = threading.Event(), []
+
+    def wait_in_c():
+        inside.set()
+        try:
+            _memory._madvise(fds, 60_000, 0, 1)  # "advice": poll's timeout in ms (a guard)
+        except OSError:  # poll returned 1, not madvise's 0: woken by the write
+            woken.append(True)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)  # no forced switch: the GIL changes hands only when left
+    try:
+        t = threading.Thread(target=wait_in_c)
+        t.start()
+        inside.wait()  # runs again once the thread leaves the GIL: in the C call, if ever
+        os.write(write_end, b"x")
+        t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        os.close(read_end), os.close(write_end)
+    assert woken == [True]
 
 
 @linux

@@ -25,23 +25,25 @@ import zarr
 import daskpatch as dp
 from daskpatch.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MODELS = '''\
 """Models of the command-line tests (imported by SPEC, in the CLI and on workers)."""
 import os
-import time
+import threading
 
 import numpy as np
 
 CALLS = [0]
+_LOCK = threading.Lock()
 
 
 def affine(batch):
-    CALLS[0] += 1
-    delay = float(os.environ.get("DASKPATCH_TEST_DELAY", "0"))
-    if delay:
-        time.sleep(delay)
+    with _LOCK:
+        CALLS[0] += 1
+        n = CALLS[0]
+    if n == int(os.environ.get("DASKPATCH_TEST_HANG_AT", "0")):
+        threading.Event().wait()  # never set: the run cannot finish (the test kills it)
     return 2 * batch + np.sqrt(np.abs(batch))
 
 
@@ -147,6 +149,7 @@ def _assert_one_error_line(stderr: str) -> None:
 
 
 # -- help and entry points -----------------------------------------------------------------------
+@pytest.mark.processes
 def test_help_and_the_console_script_entry(models, capsys):
     done = _cli(models, "--help")
     assert done.returncode == 0, done.stderr
@@ -161,6 +164,7 @@ def test_help_and_the_console_script_entry(models, capsys):
 
 
 # -- info ----------------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_info_json_of_a_daskpatch_output(models, src, tmp_path, on_path):
     dst = tmp_path / "out.zarr"
     result = dp.apply_patches(dp.open_volume(src), on_path.affine, SIZE, STRIDE)
@@ -230,6 +234,7 @@ def test_info_of_ome_zarr_images_and_groups(tmp_path, capsys):
 
 
 # -- apply ---------------------------------------------------------------------------------------
+@pytest.mark.processes
 def test_apply_module_callable_equals_the_python_api(models, src, tmp_path, on_path):
     expected = _reference(src, on_path.affine, tmp_path / "ref.zarr", batch_size=4)
     dst = tmp_path / "out.zarr"
@@ -276,6 +281,7 @@ def test_apply_factories_and_classes(tmp_path, src, on_path, spec, fn):
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "o.zarr"))[...], expected)
 
 
+@pytest.mark.processes
 @pytest.mark.cluster
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.filterwarnings("ignore:.*:UserWarning:distributed")
@@ -295,12 +301,16 @@ def test_apply_on_a_local_cluster_address(models, src, tmp_path, on_path):
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)
 
 
+@pytest.mark.processes
 def test_resume_after_a_killed_run_is_bit_identical(models, tmp_path, on_path, capsys):
     src = _volume(tmp_path / "big.zarr", shape=(64, 64, 64))
     dst = tmp_path / "out.zarr"
     argv = ["apply", src, str(dst), "--model", "cli_models:affine", "--size", "16", "--stride",
             "8", "--block-shape", "16", "--workers", "2"]
-    proc = _cli(models, *argv, env={"DASKPATCH_TEST_DELAY": "0.02"}, wait=False)
+    # its last model call never returns (batch size 1: one call per patch), so the run cannot
+    # finish; the chunks the other blocks complete are written and marked meanwhile
+    last = str(len(dp.PatchGrid((64, 64, 64), 16, 8)))
+    proc = _cli(models, *argv, env={"DASKPATCH_TEST_HANG_AT": last}, wait=False)
     markers = dst / ".daskpatch-done" / "chunks"
     deadline = time.monotonic() + 300  # a guard against a hung child, not a timing check
     try:
@@ -348,6 +358,7 @@ def _conv_reference(src: str, out: Path) -> np.ndarray:
     return _reference(src, manual, out, batch_size=4)
 
 
+@pytest.mark.processes
 @pytest.mark.torch
 def test_apply_a_torch_module(models, src, tmp_path, on_path):
     pytest.importorskip("torch")
@@ -390,6 +401,7 @@ BAD = {
 }
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_gives_one_line_and_writes_nothing(models, src, tmp_path, case):
     args, match = BAD[case]
@@ -468,6 +480,7 @@ def test_rechunk_to_the_stride(tmp_path, capsys):
     assert not (tmp_path / "unused.zarr").exists()
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 def test_apply_with_the_processes_scheduler(models, src, tmp_path, on_path):
     expected = _reference(src, on_path.affine, tmp_path / "ref.zarr")
@@ -478,7 +491,7 @@ def test_apply_with_the_processes_scheduler(models, src, tmp_path, on_path):
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)
 
 
-# -- issue 9: the estimate of crop, errors in flags, rechunk into its source ---------------------
+# -- the estimate of crop, errors in flags, rechunk into its source ----------------------------
 def test_info_estimates_crop_in_the_result_dtype(tmp_path, capsys):
     src = _volume(tmp_path / "v.zarr")
     assert main(["info", src, "--size", "16", "--stride", "8", "--blend", "crop", "--dtype",

@@ -17,7 +17,7 @@ from daskpatch import extract_patches
 from daskpatch.data import INDEX_ATTR, PatchDataset, RandomPatchDataset
 from daskpatch.geometry.grid import PatchGrid
 
-from .conftest import write_zarr as to_zarr
+from ..conftest import write_zarr as to_zarr
 
 TORCH_REASON = "PyTorch is not installed (pip install torch==2.13.0 for the DataLoader tests)"
 
@@ -370,6 +370,7 @@ def batches(ds, torch, num_workers, **kw):
     return [{k: v.numpy() for k, v in b.items()} for b in loader]
 
 
+@pytest.mark.processes
 @pytest.mark.torch
 def test_dataloader_workers_give_the_same_aligned_patches(zpair):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
@@ -391,6 +392,7 @@ def test_dataloader_workers_give_the_same_aligned_patches(zpair):
     assert not all((a["center"] == b["center"]).all() for a, b in zip(parallel, epoch1))
 
 
+@pytest.mark.processes
 @pytest.mark.torch
 def test_dataloader_spawned_workers_with_grid_patches(zpair):
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
@@ -514,6 +516,7 @@ def draws(ds, torch, num_workers, epochs=(0, 1), **kw):
     return out
 
 
+@pytest.mark.processes
 @pytest.mark.torch
 @pytest.mark.parametrize("context", [None, "spawn"], ids=["fork", "spawn"])
 def test_set_epoch_reaches_persistent_workers(zpair, context):
@@ -532,6 +535,7 @@ def test_set_epoch_reaches_persistent_workers(zpair, context):
     assert not all((a["image"] == b["image"]).all() for a, b in zip(*parallel))
 
 
+@pytest.mark.processes
 @pytest.mark.torch
 def test_grid_patches_with_a_seeded_transform_in_persistent_workers():
     torch = pytest.importorskip("torch", reason=TORCH_REASON)
