@@ -13,6 +13,7 @@ from typing import Any, cast
 import numpy as np
 import zarr
 
+from daskpatch.errors import UnsafeTargetError
 from daskpatch.geometry.blocks import _isotropic_start, stride_multiples
 from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES
 from daskpatch.graph.layers import from_zarr
@@ -279,8 +280,9 @@ def rechunk_to_stride(
     written, prefix = _store.as_store(base, read_only=True)
     if _store.overlaps(_store.location(written, _store.node_path(prefix, full)),
                        _store.location(src.store, src.path or None)):
-        raise ValueError(
-            f"target/target_path must differ from the source array; both are {src_where}"
+        raise UnsafeTargetError(
+            f"target/target_path must differ from the source array; both are {src_where}",
+            param="target_path", value=src_where, mentions=("target/target_path",)
         )
 
     out = cast(zarr.Array, to_zarr(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from daskpatch.errors import ModelOutputError, ModelOutputTypeError
 from daskpatch.engine.batches import BatchPool
 from daskpatch.engine.kernel import Accumulator
 from daskpatch.engine.spec import ApplyBlock, ReconstructBlock
@@ -44,21 +45,22 @@ def _check_output(out: Any, batch_shape: tuple, expected: tuple) -> np.ndarray:
     """Check a model's output against the shape the engine expects back."""
     if not (hasattr(out, "shape") and hasattr(out, "dtype")):
         hint = " (stack it with numpy.stack)" if isinstance(out, (list, tuple)) else ""
-        raise TypeError(
+        raise ModelOutputTypeError(
             f"fn must return an array of shape {expected} for a batch of shape {batch_shape}; "
-            f"got {_describe_output(out)}{hint}"
+            f"got {_describe_output(out)}{hint}", expected=expected, got=type(out).__name__
         )
     out = np.asarray(out)
     if out.dtype.kind not in "biufc":
-        raise TypeError(
+        raise ModelOutputTypeError(
             f"fn must return numbers (a numeric dtype) for a batch of shape {batch_shape}; "
-            f"got an array of dtype {out.dtype} ({out.dtype.name}) and shape {out.shape}"
+            f"got an array of dtype {out.dtype} ({out.dtype.name}) and shape {out.shape}",
+            expected="a numeric dtype", got=out.dtype
         )
     if out.shape != expected:
-        raise ValueError(
+        raise ModelOutputError(
             f"fn returned shape {out.shape} for a batch of shape {batch_shape}; expected "
             f"{expected} (the batch's patch shape, with out_channels channels where the volume "
-            "has a channel axis)"
+            "has a channel axis)", expected=expected, got=out.shape
         )
     return out
 
