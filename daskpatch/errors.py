@@ -90,8 +90,9 @@ class DaskpatchError(Exception):
         ``mentions``) respelled as ``names`` maps them, e.g. in a command line's flags.
 
         Only those parameters are respelled, each where it stands as a word of its own (not
-        inside another name or a quoted value); ``name= `` (a blank to fill in) becomes
-        ``flag `` and ``name=value`` becomes ``flag=value``.
+        inside another name or a quoted value, nor a noun before a quoted name as in
+        ``path 'a/b' of store ...``); ``name= `` (a blank to fill in) becomes ``flag `` and
+        ``name=value`` becomes ``flag=value``.
 
         Examples
         --------
@@ -105,7 +106,8 @@ class DaskpatchError(Exception):
         known = sorted({n for n in wanted if n in names}, key=len, reverse=True)
         if not known:
             return self.message
-        token = re.compile(r"(?<![\w/'-])(" + "|".join(map(re.escape, known)) + r")(?![\w/'])(= )?")
+        token = re.compile(r"(?<![\w/'-])(" + "|".join(map(re.escape, known))
+                           + r")(?![\w/']| ')(= )?")
         return token.sub(lambda m: names[m[1]] + (" " if m[2] else ""), self.message)
 
 

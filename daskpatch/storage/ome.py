@@ -116,7 +116,7 @@ def _incomplete_error(where: str) -> IncompleteOutputError:
         f"{where} is an incomplete OME-Zarr image written by daskpatch (interrupted before its "
         "last level was written; it has no OME metadata yet): finish it with "
         "to_zarr(..., ome=True, resume=True) and the same arguments, or open one written "
-        "level with path=<path>/0", value=where
+        "level with path=<path>/0", value=where, mentions=("path",)
     )
 
 
