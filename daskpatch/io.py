@@ -136,7 +136,8 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None, *, level
     >>> open_volume(f"{tmp.name}/vol.zarr")
     Traceback (most recent call last):
     ...
-    ValueError: store/path must name a Zarr array, but ... holds a group; pass path= one of ['raw']
+    daskpatch.errors.ParameterError: store/path must name a Zarr array, but ... holds a group;
+    pass path= one of ['raw']
     >>> tmp.cleanup()
     """
     level = parse_int(level, "level", minimum=0)
@@ -476,7 +477,8 @@ def to_zarr(
     >>> to_zarr(x, f"{tmp.name}/out.zarr", path="pred")
     Traceback (most recent call last):
     ...
-    FileExistsError: to_zarr: an array already exists at path 'pred' of store ...; pass
+    daskpatch.errors.TargetExistsError: to_zarr: an array already exists at path 'pred' of
+    store ...; pass
     overwrite=True to replace it, or resume=True to finish an interrupted write
     >>> job = to_zarr(x + 1, f"{tmp.name}/out.zarr", path="pred", overwrite=True, compute=False)
     >>> int(job.compute()[5, 9])
