@@ -4,6 +4,7 @@ Lazy Dask graphs cut a volume into patches, run a model on every patch exactly o
 predictions back into a seamless volume with exact normalisation; volumes live in Zarr stores.
 """
 
+from daskpatch import errors
 from daskpatch.viz import plot_window
 from daskpatch.adapters.torch import TorchModel
 from daskpatch.patches import apply_patches, reconstruct
@@ -23,6 +24,7 @@ __all__ = [
     "RandomPatchDataset",
     "TorchModel",
     "aligned_chunks",
+    "errors",
     "apply_patches",
     "extract_patches",
     "get_patches",

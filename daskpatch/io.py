@@ -33,6 +33,8 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 from zarr.abc.store import Store
 
+from daskpatch.errors import (ParameterError, ParameterTypeError, TargetExistsError,
+                              UnsafeTargetError)
 from daskpatch.storage import fingerprint as _fingerprint
 from daskpatch.engine import memory as _memory
 from daskpatch.storage import ome as _ome
@@ -134,7 +136,8 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None, *, level
     >>> open_volume(f"{tmp.name}/vol.zarr")
     Traceback (most recent call last):
     ...
-    ValueError: store/path must name a Zarr array, but ... holds a group; pass path= one of ['raw']
+    daskpatch.errors.ParameterError: store/path must name a Zarr array, but ... holds a group;
+    pass path= one of ['raw']
     >>> tmp.cleanup()
     """
     level = parse_int(level, "level", minimum=0)
@@ -178,20 +181,22 @@ def _parse(array: Any, store: Any, path: Any, chunks: Any, compressors: Any, ove
     progress = parse_bool(progress, "progress")
     compute = parse_bool(compute, "compute")
     if overwrite and resume:
-        raise ValueError(
+        raise ParameterError(
             "overwrite=True and resume=True exclude each other (overwrite starts again, resume "
-            "keeps the chunks already written); got both"
+            "keeps the chunks already written); got both", param="resume", value=True,
+            mentions=("overwrite",)
         )
     if progress and not compute:
-        raise ValueError(
+        raise ParameterError(
             "progress=True needs compute=True; with compute=False wrap your own compute in "
-            "dask.diagnostics.ProgressBar or distributed.progress"
+            "dask.diagnostics.ProgressBar or distributed.progress", param="progress", value=True,
+            mentions=("compute",)
         )
     path = _store.parse_path(path)
     threshold = spill_bytes()  # the setting is checked before anything is written
     if run_id is not None and not isinstance(run_id, str):
-        raise TypeError(f"run_id must be None or a string naming the model version; got "
-                        f"{_describe(run_id)}")
+        raise ParameterTypeError(f"run_id must be None or a string naming the model version; "
+                                 f"got {_describe(run_id)}", param="run_id", value=run_id)
     x, zchunks = write_chunks(as_dask(array), chunks)
     codecs = _store.parse_compressors(compressors, x.dtype)
     base, full = _store.resolve_store(store, path)
@@ -209,14 +214,15 @@ def _check_target(w: _Write) -> tuple[zarr.Array | None, dict[str, Any]]:
     check_not_read(w.x, w.target, w.path, w.where)
     node = _store.probe(w.reader, w.path, w.where)
     if isinstance(node, zarr.Group):
-        raise ValueError(
+        raise UnsafeTargetError(
             f"to_zarr: {w.where} is a group; to_zarr never replaces a group (with its children). "
-            "Pass path= naming an array inside it"
+            "Pass path= naming an array inside it", param="path", value=w.where
         )
     if node is not None and not (w.overwrite or w.resume):
-        raise FileExistsError(
+        raise TargetExistsError(
             f"to_zarr: an array already exists at {w.where}; pass overwrite=True to replace it, "
-            "or resume=True to finish an interrupted write"
+            "or resume=True to finish an interrupted write", param="overwrite", value=w.where,
+            mentions=("resume",)
         )
     _store.check_parents(w.reader, w.path, w.where)
     fingerprint = fingerprint_of(w.x, w.chunks, w.run_id)
@@ -474,7 +480,8 @@ def to_zarr(
     >>> to_zarr(x, f"{tmp.name}/out.zarr", path="pred")
     Traceback (most recent call last):
     ...
-    FileExistsError: to_zarr: an array already exists at path 'pred' of store ...; pass
+    daskpatch.errors.TargetExistsError: to_zarr: an array already exists at path 'pred' of
+    store ...; pass
     overwrite=True to replace it, or resume=True to finish an interrupted write
     >>> job = to_zarr(x + 1, f"{tmp.name}/out.zarr", path="pred", overwrite=True, compute=False)
     >>> int(job.compute()[5, 9])
@@ -533,8 +540,8 @@ def _write_image(array: Any, store: Any, path: Any, *, chunks: Any, compressors:
                                 ("scale", scale is not None), ("units", units is not None),
                                 ("downsample", downsample != "auto")) if v]
         if extra:
-            raise ValueError(f"{', '.join(extra)} need ome=True (an OME-Zarr image); got "
-                             "ome=False")
+            raise ParameterError(f"{', '.join(extra)} need ome=True (an OME-Zarr image); got "
+                                 "ome=False", param="ome", value=False, mentions=tuple(extra))
         names = [str(d) for d in array.dims] if _is_dataarray(array) else None
         return _write_array(data, store, path, dimension_names=names, **plain)
 
@@ -542,12 +549,14 @@ def _write_image(array: Any, store: Any, path: Any, *, chunks: Any, compressors:
                         ("compute", compute)):
         parse_bool(value, name)
     if overwrite and resume:
-        raise ValueError("overwrite=True and resume=True exclude each other (overwrite starts "
-                         "again, resume keeps the levels already written); got both")
+        raise ParameterError("overwrite=True and resume=True exclude each other (overwrite "
+                             "starts again, resume keeps the levels already written); got both",
+                             param="resume", value=True, mentions=("overwrite",))
     if not compute and levels > 1:
-        raise ValueError(
+        raise ParameterError(
             f"compute=False needs levels=1 with ome=True (each level is computed from the level "
-            f"above once it is written); got levels={levels}"
+            f"above once it is written); got levels={levels}", param="levels", value=levels,
+            expected=1, mentions=("compute",)
         )
     x = as_dask(data)
     _store.parse_compressors(compressors, x.dtype)  # before the group is made
@@ -631,11 +640,13 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
     True
     """
     if not isinstance(array, da.Array):
-        raise TypeError(f"array must be a dask.array.Array; got {_describe(array)}")
+        raise ParameterTypeError(f"array must be a dask.array.Array; got {_describe(array)}",
+                                 param="array", value=array, expected="a dask.array.Array")
     progress = parse_bool(progress, "progress")
     if any(math.isnan(n) for n in array.shape):
-        raise ValueError(f"array must have known chunk sizes; got shape {array.shape} (call "
-                         "compute_chunk_sizes() first)")
+        raise ParameterError(f"array must have known chunk sizes; got shape {array.shape} "
+                             "(call compute_chunk_sizes() first)", param="array",
+                             value=array.shape)
     fresh = out is None
     get = _sched.local_get()
     workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
@@ -647,8 +658,9 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
             or not out.flags.writeable:
         got = (f"a numpy.ndarray of shape {out.shape}, dtype {out.dtype}, writeable="
                f"{out.flags.writeable}" if isinstance(out, np.ndarray) else _describe(out))
-        raise ValueError(f"out must be a writable numpy.ndarray of shape {array.shape} and dtype "
-                         f"{array.dtype}; got {got}")
+        raise ParameterError(f"out must be a writable numpy.ndarray of shape {array.shape} and "
+                             f"dtype {array.dtype}; got {got}", param="out", value=out,
+                             expected=(array.shape, array.dtype))
     else:
         check_not_aliased(array, out)
     if get is None:  # no shared memory with the workers

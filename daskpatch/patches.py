@@ -49,6 +49,7 @@ from daskpatch.graph.plan import (
     parse_window,
     prepare,
 )
+from daskpatch.errors import ParameterError, ParameterTypeError
 from daskpatch.graph.inputs import Volume
 from daskpatch.adapters.torch import wrap_fn
 from daskpatch.geometry.parse import (
@@ -164,12 +165,15 @@ def reconstruct(
     check_coverage(grid, fill_value)
     expected = (len(grid),) + layout.patch_shape(spatial, channels)
     if not (hasattr(patches, "shape") and hasattr(patches, "dtype")):
-        raise TypeError(f"patches must be a NumPy, Dask or Zarr array; got {_describe(patches)}")
+        raise ParameterTypeError(
+            f"patches must be a NumPy, Dask or Zarr array; got {_describe(patches)}",
+            param="patches", value=patches, expected="a NumPy, Dask or Zarr array")
     if tuple(patches.shape) != expected:
-        raise ValueError(
+        raise ParameterError(
             f"patches must have shape {expected} for shape={shape}, size={spatial}, "
             f"stride={grid.stride[nb:]}, border={border!r}, channel_axis={channel_axis}; "
-            f"got {tuple(patches.shape)}"
+            f"got {tuple(patches.shape)}", param="patches", value=tuple(patches.shape),
+            expected=expected, mentions=("shape", "size", "stride", "border", "channel_axis")
         )
     in_dtype = np.dtype(patches.dtype)
     if window.blend == "crop" and in_dtype.kind in "biu":
@@ -286,9 +290,10 @@ def apply_patches(
     else:
         cout = parse_int(out_channels, "out_channels", minimum=1)
         if layout.channel_axis is None and cout != 1:
-            raise ValueError(
+            raise ParameterError(
                 f"out_channels={cout} needs a channel axis: the volume has channel_axis=None "
-                "(add one, e.g. volume[None] with channel_axis=0)"
+                "(add one, e.g. volume[None] with channel_axis=0)", param="out_channels",
+                value=cout, mentions=("channel_axis",)
             )
     fn = wrap_fn(fn, layout, tuple(volume.shape), grid.size[nb:], vol.channels, cout)
     if dtype is None:

@@ -13,6 +13,7 @@ from typing import Any, cast
 import numpy as np
 import zarr
 
+from daskpatch.errors import IncompleteOutputError, UnsafeTargetError
 from daskpatch.geometry.blocks import _isotropic_start, stride_multiples
 from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES
 from daskpatch.graph.layers import from_zarr
@@ -264,11 +265,11 @@ def rechunk_to_stride(
     progress = parse_bool(progress, "progress")
     src = _store.open_array(source, path, name="source")
     if _store.stored_fingerprint(src) is not None and not _store.is_complete(src):
-        raise ValueError(
-            f"source is an incomplete daskpatch output ({_store.where(src.store, src.path or None)}"
-            "): its missing chunks would be copied as the fill value into an array marked "
-            "complete. Finish it first with daskpatch.to_zarr(..., resume=True)"
-        )
+        src_at = _store.where(src.store, src.path or None)
+        raise IncompleteOutputError(
+            f"source is an incomplete daskpatch output ({src_at}): its missing chunks would be "
+            "copied as the fill value into an array marked complete. Finish it first with "
+            "daskpatch.to_zarr(..., resume=True)", param="source", value=src_at)
     target_path = _store.parse_path(target_path, "target_path")
     base, full = _store.resolve_store(target, target_path, "target")
     chunks = aligned_chunks(
@@ -285,8 +286,9 @@ def rechunk_to_stride(
     written, prefix = _store.as_store(base, read_only=True)
     if _store.overlaps(_store.location(written, _store.node_path(prefix, full)),
                        _store.location(src.store, src.path or None)):
-        raise ValueError(
-            f"target/target_path must differ from the source array; both are {src_where}"
+        raise UnsafeTargetError(
+            f"target/target_path must differ from the source array; both are {src_where}",
+            param="target_path", value=src_where, mentions=("target/target_path",)
         )
 
     out = cast(zarr.Array, to_zarr(

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from daskpatch.errors import ModelOutputError
 from daskpatch.geometry.layout import describe_axes
 from daskpatch.geometry.parse import _describe
 
@@ -79,9 +80,9 @@ class BatchFn:
         shape = getattr(out, "shape", None)
         expected = (batch.shape[0],) + self.out_shape
         if shape is not None and tuple(shape) != expected:
-            raise ValueError(
+            raise ModelOutputError(
                 f"fn returned shape {tuple(shape)} for a batch of shape {batch.shape}; expected "
-                f"{expected}: {self.axes}"
+                f"{expected}: {self.axes}", expected=expected, got=tuple(shape)
             )
         return out
 

@@ -438,8 +438,8 @@ def _cmd_rechunk(args: argparse.Namespace) -> int:
 
 
 # -- main ----------------------------------------------------------------------------------------
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
+def _one_line(err: BaseException, message: str | None = None) -> str:
+    text = " ".join((str(err) if message is None else message).split()) or type(err).__name__
     notes = " ".join(" ".join(str(n).split()) for n in getattr(err, "__notes__", ()))
     return f"{text} ({notes})" if notes else text
 
@@ -500,9 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                            "traceback") + ")",
                   file=sys.stderr)
             return 1
-        text = _one_line(err)
-        if not isinstance(err, UsageError):  # the library's words: its parameters as flags
-            text = in_flags(text, getattr(args, "command", None))
+        # the library's words, with the parameters its error names (by attribute) as flags
+        text = _one_line(err, in_flags(err, getattr(args, "command", None)))
         print(f"{PROG}: error: {text}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from daskpatch.errors import ModelOutputError, ModelOutputTypeError
 from daskpatch.engine.batches import BatchPool
 from daskpatch.engine.kernel import Accumulator
 from daskpatch.engine.spec import ApplyBlock, ReconstructBlock
@@ -45,21 +46,22 @@ def _check_output(out: Any, batch_shape: tuple[int, ...], expected: tuple[int, .
     """Check a model's output against the shape the engine expects back."""
     if not (hasattr(out, "shape") and hasattr(out, "dtype")):
         hint = " (stack it with numpy.stack)" if isinstance(out, (list, tuple)) else ""
-        raise TypeError(
+        raise ModelOutputTypeError(
             f"fn must return an array of shape {expected} for a batch of shape {batch_shape}; "
-            f"got {_describe_output(out)}{hint}"
+            f"got {_describe_output(out)}{hint}", expected=expected, got=type(out).__name__
         )
     arr = np.asarray(out)
     if arr.dtype.kind not in "biufc":
-        raise TypeError(
+        raise ModelOutputTypeError(
             f"fn must return numbers (a numeric dtype) for a batch of shape {batch_shape}; "
-            f"got an array of dtype {arr.dtype} ({arr.dtype.name}) and shape {arr.shape}"
+            f"got an array of dtype {arr.dtype} ({arr.dtype.name}) and shape {arr.shape}",
+            expected="a numeric dtype", got=arr.dtype
         )
     if arr.shape != expected:
-        raise ValueError(
+        raise ModelOutputError(
             f"fn returned shape {arr.shape} for a batch of shape {batch_shape}; expected "
             f"{expected} (the batch's patch shape, with out_channels channels where the volume "
-            "has a channel axis)"
+            "has a channel axis)", expected=expected, got=arr.shape
         )
     return arr
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from daskpatch.errors import ParameterError
+
 __all__ = ["Numbers", "acc_dtype", "cast", "check_fill", "doubled", "nan_error", "saturate",
            "wide_dtype"]
 
@@ -200,23 +202,26 @@ def check_fill(fill_value: Any, dtype: Any) -> None:
     finite = [isinstance(p, int) or math.isfinite(p) for p in parts]
     if dtype.kind == "b":
         if not (parts[0] in (0, 1) and parts[1] == 0):
-            raise ValueError(
-                f"fill_value={fill_value} does not fit the result dtype bool (False, True, 0 or 1)"
+            raise ParameterError(
+                f"fill_value={fill_value} does not fit the result dtype bool (False, True, 0 or 1)",
+                param="fill_value", value=fill_value, expected=dtype
             )
     elif dtype.kind in "iu":
         info = np.iinfo(dtype)
         whole = isinstance(parts[0], int) or (finite[0] and float(parts[0]).is_integer())
         if not (whole and parts[1] == 0 and info.min <= int(parts[0]) <= info.max):
-            raise ValueError(
+            raise ParameterError(
                 f"fill_value={fill_value} does not fit the result dtype {dtype} (whole numbers "
-                f"from {info.min} to {info.max})"
+                f"from {info.min} to {info.max})", param="fill_value", value=fill_value,
+                expected=dtype
             )
     elif dtype.kind in "fc":
         top = float(np.finfo(dtype).max)
         if any(f and abs(p) > top for p, f in zip(parts, finite)) or (
                 dtype.kind == "f" and parts[1] != 0):
             kind = "complex numbers with parts" if dtype.kind == "c" else "finite values"
-            raise ValueError(
+            raise ParameterError(
                 f"fill_value={fill_value} does not fit the result dtype {dtype} ({kind} from "
-                f"{-top:.6g} to {top:.6g}, inf or nan)"
+                f"{-top:.6g} to {top:.6g}, inf or nan)", param="fill_value", value=fill_value,
+                expected=dtype
             )

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from daskpatch.errors import ParameterError
 from daskpatch.geometry.parse import BORDERS, BorderMode, parse_choice, parse_int, parse_per_axis, parse_shape
 
 __all__ = ["BlockPlan", "PatchGrid", "axis_starts"]
@@ -222,9 +223,10 @@ class PatchGrid:
         block = parse_per_axis(block_shape, self.ndim, "block_shape")
         bad = [a for a in range(self.ndim) if block[a] % self.stride[a]]
         if bad:
-            raise ValueError(
+            raise ParameterError(
                 f"block_shape must be a multiple of the stride {self.stride} on every axis; "
-                f"got {block} (axis {bad[0]})"
+                f"got {block} (axis {bad[0]})", param="block_shape", value=block,
+                expected=f"multiples of {self.stride}"
             )
         return block
 

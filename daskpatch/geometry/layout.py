@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from daskpatch.errors import ParameterError
 from daskpatch.geometry.parse import parse_int, parse_per_axis
 from daskpatch.geometry.grid import PatchGrid
 
@@ -84,15 +85,17 @@ def split_axes(
     else:
         ch = parse_int(channel_axis, "channel_axis")
         if not -ndim <= ch < ndim:
-            raise ValueError(
+            raise ParameterError(
                 f"channel_axis must be None or an axis of the {ndim}-D {name} "
-                f"(from {-ndim} to {ndim - 1}); got {channel_axis}"
+                f"(from {-ndim} to {ndim - 1}); got {channel_axis}", param="channel_axis",
+                value=channel_axis, expected=(-ndim, ndim - 1)
             )
         ch %= ndim
     n_nonchannel = ndim - (ch is not None)
     if n_nonchannel == 0:
-        raise ValueError(
-            f"the {ndim}-D {name} has no spatial axes besides channel_axis={channel_axis}"
+        raise ParameterError(
+            f"the {ndim}-D {name} has no spatial axes besides channel_axis={channel_axis}",
+            param="channel_axis", value=channel_axis
         )
     k = spatial_ndim(size)
     if k is None:
@@ -105,17 +108,19 @@ def split_axes(
             length = "" if shape is None else f" (length {int(shape[ch])})"
             meant = (f"channel_axis={channel_axis} takes axis {ch}{length} as the channel axis, "
                      f"leaving {_axis_list(rest, shape)} for the spatial (and batch) axes")
-        raise ValueError(
+        raise ParameterError(
             f"{param} has {k} entries but the {ndim}-D {name} has {n_nonchannel} non-channel axes "
             f"(channel_axis={channel_axis}); {param} must name between 1 and {n_nonchannel} "
-            f"spatial axes: {meant}"
+            f"spatial axes: {meant}", param=param, value=k, expected=(1, n_nonchannel),
+            mentions=("channel_axis",)
         )
     n_batch = n_nonchannel - k
     if ch is not None and ch != ndim - 1 and ch > n_batch:
-        raise ValueError(
+        raise ParameterError(
             f"channel_axis must come before the spatial axes or be the last axis of the {ndim}-D "
             f"{name}; got channel_axis={channel_axis} between spatial axes ({param} names {k} "
-            f"spatial axes: {_axis_list([a for a in range(ndim) if a != ch][n_batch:], shape)})"
+            f"spatial axes: {_axis_list([a for a in range(ndim) if a != ch][n_batch:], shape)})",
+            param="channel_axis", value=channel_axis, mentions=(param,)
         )
     return ch, n_batch, k
 

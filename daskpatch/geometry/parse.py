@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from daskpatch.errors import ParameterError, ParameterTypeError
+
 BorderMode = Literal["shift", "pad", "drop"]
 BORDERS: tuple[str, ...] = ("shift", "pad", "drop")
 
@@ -44,10 +46,12 @@ def _describe(value: Any) -> str:
 def parse_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     """Return ``value`` as a plain ``int``, rejecting bools, floats and strings."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer; got {_describe(value)}")
+        raise ParameterTypeError(f"{name} must be an integer; got {_describe(value)}",
+                                 param=name, value=value, expected="an integer")
     number = int(value)
     if minimum is not None and number < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {number}")
+        raise ParameterError(f"{name} must be >= {minimum}; got {number}", param=name,
+                             value=number, expected=f">= {minimum}")
     return number
 
 
@@ -55,20 +59,25 @@ def parse_bool(value: Any, name: str) -> bool:
     """Return ``value`` as a plain ``bool``, rejecting anything but ``True``, ``False`` (and
     NumPy booleans)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False; got {_describe(value)}")
+        raise ParameterTypeError(f"{name} must be True or False; got {_describe(value)}",
+                                 param=name, value=value, expected="True or False")
     return bool(value)
 
 
 def parse_shape(value: Any, name: str = "shape", *, minimum: int = 1) -> tuple[int, ...]:
     """Return a shape as a tuple of ints >= ``minimum``."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be a sequence of integers; got {_describe(value)}")
+        raise ParameterTypeError(f"{name} must be a sequence of integers; got {_describe(value)}",
+                                 param=name, value=value, expected="a sequence of integers")
     if len(value) == 0:
-        raise ValueError(f"{name} must have at least one axis; got {tuple(value)!r}")
+        raise ParameterError(f"{name} must have at least one axis; got {tuple(value)!r}",
+                             param=name, value=value)
     out = tuple(parse_int(v, f"{name}[{i}]") for i, v in enumerate(value))
     bad = [i for i, v in enumerate(out) if v < minimum]
     if bad:
-        raise ValueError(f"{name} must be >= {minimum} on every axis; got {out} (axis {bad[0]})")
+        raise ParameterError(
+            f"{name} must be >= {minimum} on every axis; got {out} (axis {bad[0]})",
+            param=name, value=out, expected=f">= {minimum}")
     return out
 
 
@@ -86,19 +95,22 @@ def parse_per_axis(value: Any, ndim: int, name: str, *, minimum: int = 1) -> tup
         out = (int(value),) * ndim
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) != ndim:
-            raise ValueError(
+            raise ParameterError(
                 f"{name} must be an integer or a sequence of {ndim} integers (one per spatial "
-                f"axis); got {tuple(value)!r} with {len(value)} entries"
+                f"axis); got {tuple(value)!r} with {len(value)} entries",
+                param=name, value=value, expected=f"{ndim} entries",
             )
         out = tuple(parse_int(v, f"{name}[{i}]") for i, v in enumerate(value))
     else:
-        raise TypeError(
-            f"{name} must be an integer or a sequence of integers; got {_describe(value)}"
+        raise ParameterTypeError(
+            f"{name} must be an integer or a sequence of integers; got {_describe(value)}",
+            param=name, value=value, expected="an integer or a sequence of integers",
         )
     bad = [i for i, v in enumerate(out) if v < minimum]
     if bad:
-        raise ValueError(
-            f"{name} must be >= {minimum} on every axis; got {out} (axis {bad[0]} is {out[bad[0]]})"
+        raise ParameterError(
+            f"{name} must be >= {minimum} on every axis; got {out} (axis {bad[0]} is {out[bad[0]]})",
+            param=name, value=value, expected=f">= {minimum}",
         )
     return out
 
@@ -106,9 +118,11 @@ def parse_per_axis(value: Any, ndim: int, name: str, *, minimum: int = 1) -> tup
 def parse_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     """Check that ``value`` is one of the accepted mode names."""
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {choices}; got {_describe(value)}")
+        raise ParameterTypeError(f"{name} must be one of {choices}; got {_describe(value)}",
+                                 param=name, value=value, expected=choices)
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+        raise ParameterError(f"{name} must be one of {choices}; got {value!r}", param=name,
+                             value=value, expected=choices)
     return value
 
 
@@ -122,11 +136,13 @@ def parse_pad_value(value: Any, pad_mode: str, dtype: Any, name: str = "pad_valu
     -1024
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number; got {_describe(value)}")
+        raise ParameterTypeError(f"{name} must be a number; got {_describe(value)}", param=name,
+                                 value=value, expected="a number")
     if value != 0 and pad_mode != "constant":
-        raise ValueError(
+        raise ParameterError(
             f"{name}={value} is the fill of pad_mode='constant'; got pad_mode={pad_mode!r} "
-            "(pass pad_mode='constant', or drop pad_value)"
+            "(pass pad_mode='constant', or drop pad_value)",
+            param=name, value=value, mentions=("pad_mode", "pad_value"),
         )
     dtype = np.dtype(dtype)
     v = float(value)
@@ -134,12 +150,13 @@ def parse_pad_value(value: Any, pad_mode: str, dtype: Any, name: str = "pad_valu
         info = np.iinfo(dtype) if dtype.kind != "b" else None
         lo, hi = (0, 1) if info is None else (int(info.min), int(info.max))
         if not (np.isfinite(v) and v.is_integer() and lo <= v <= hi):
-            raise ValueError(
+            raise ParameterError(
                 f"{name}={value} does not fit the volume's dtype {dtype} (an integer from {lo} "
-                f"to {hi})"
+                f"to {hi})", param=name, value=value, expected=(lo, hi),
             )
         return int(v)
     if dtype.kind == "f" and np.isfinite(v) and abs(v) > float(np.finfo(dtype).max):
-        raise ValueError(f"{name}={value} does not fit the volume's dtype {dtype}")
+        raise ParameterError(f"{name}={value} does not fit the volume's dtype {dtype}",
+                             param=name, value=value)
     return value if isinstance(value, int) else v
 

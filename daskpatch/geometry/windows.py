@@ -34,6 +34,7 @@ from typing import Any, Literal, Union
 import numpy as np
 import numpy.typing as npt
 
+from daskpatch.errors import ParameterError, ParameterTypeError
 from daskpatch.geometry.parse import _describe
 
 __all__ = ["BLENDS", "Blend", "profile", "window"]
@@ -208,10 +209,12 @@ def _log_normalised(log_p: np.ndarray, pos: np.ndarray, extent: int) -> np.ndarr
 
 def _parse_sigma(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number; got {_describe(value)}")
+        raise ParameterTypeError(f"{name} must be a positive number; got {_describe(value)}",
+                                 param=name, value=value, expected="a positive number")
     v = float(value)
     if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"{name} must be a positive finite number; got {value}")
+        raise ParameterError(f"{name} must be a positive finite number; got {value}",
+                             param=name, value=value, expected="a positive finite number")
     return v
 
 
@@ -219,14 +222,16 @@ def parse_sigma_scale(sigma_scale: Any, ndim: int) -> float | tuple[float, ...]:
     """A positive number, or a sequence of one per spatial axis (a tuple of floats)."""
     if isinstance(sigma_scale, Sequence) and not isinstance(sigma_scale, (str, bytes)):
         if len(sigma_scale) != ndim:
-            raise ValueError(
+            raise ParameterError(
                 f"sigma_scale must be a number or a sequence of {ndim} numbers (one per spatial "
-                f"axis); got {tuple(sigma_scale)!r} with {len(sigma_scale)} entries"
+                f"axis); got {tuple(sigma_scale)!r} with {len(sigma_scale)} entries",
+                param="sigma_scale", value=sigma_scale, expected=f"{ndim} entries"
             )
         return tuple(_parse_sigma(v, f"sigma_scale[{i}]") for i, v in enumerate(sigma_scale))
     if isinstance(sigma_scale, bool) or not isinstance(sigma_scale, numbers.Real):
-        raise TypeError(f"sigma_scale must be a positive number or a sequence of {ndim} "
-                        f"(one per spatial axis); got {_describe(sigma_scale)}")
+        raise ParameterTypeError(f"sigma_scale must be a positive number or a sequence of {ndim} "
+                                 f"(one per spatial axis); got {_describe(sigma_scale)}",
+                                 param="sigma_scale", value=sigma_scale)
     return _parse_sigma(sigma_scale, "sigma_scale")
 
 

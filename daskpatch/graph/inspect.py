@@ -13,6 +13,7 @@ import zarr
 from dask.highlevelgraph import MaterializedLayer
 from zarr.abc.store import Store
 
+from daskpatch.errors import UnsafeTargetError
 from daskpatch.graph.layers import layers
 from daskpatch.storage.fingerprint import jsonable
 from daskpatch.storage.stores import FORMAT, location, overlaps
@@ -72,10 +73,11 @@ def check_not_read(x: da.Array, store: Store, path: str | None, where: str) -> N
             inside = loc[1].startswith(target[1].rstrip("/") + "/")
             what = f"the Zarr array {loc[0]}://{loc[1]}, {'inside' if inside else 'which holds'}"
             what += f" {where}"
-        raise ValueError(
+        raise UnsafeTargetError(
             f"to_zarr: the input array reads from {what}, which this call would write (and "
             "overwrite or delete what it reads); write to a location that neither contains "
-            "that array nor lies inside it (rechunk_to_stride copies an array to new chunks)"
+            "that array nor lies inside it (rechunk_to_stride copies an array to new chunks)",
+            param="store", value=where
         )
 
 

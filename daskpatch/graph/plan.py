@@ -16,6 +16,7 @@ from daskpatch.config import get_bytes, get_int
 from daskpatch.engine.batches import BatchPool
 from daskpatch.engine.block import apply_block, reconstruct_block
 from daskpatch.engine.kernel import make_weights
+from daskpatch.errors import ParameterTypeError, UncoveredVoxelsError
 from daskpatch.engine.numbers import Numbers, check_fill
 from daskpatch.engine.numbers import acc_dtype as _acc_dtype
 from daskpatch.engine.spec import ApplyBlock, ReconstructBlock, Weights
@@ -82,13 +83,16 @@ def check_coverage(grid: PatchGrid, fill_value: Any) -> None:
             fixes.append("border='shift' or 'pad'")
         if sparse:
             fixes.append(f"a stride <= size (the stride is larger on axis {sparse[0]})")
-        raise ValueError(
+        raise UncoveredVoxelsError(
             f"the patch grid leaves {grid.uncovered} of {math.prod(grid.shape)} voxels uncovered "
             f"(size={grid.size}, stride={grid.stride}, border={grid.border!r}); pass "
-            f"fill_value=... to fill them explicitly, or use {' with '.join(fixes)}"
+            f"fill_value=... to fill them explicitly, or use {' with '.join(fixes)}",
+            uncovered=grid.uncovered, total=math.prod(grid.shape)
         )
     if fill_value is not None and not isinstance(fill_value, (int, float, np.number)):
-        raise TypeError(f"fill_value must be a number or None; got {_describe(fill_value)}")
+        raise ParameterTypeError(
+            f"fill_value must be a number or None; got {_describe(fill_value)}",
+            param="fill_value", value=fill_value, expected="a number or None")
 
 
 def _max_cover(grid: PatchGrid) -> int:

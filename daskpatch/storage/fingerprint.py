@@ -17,6 +17,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from daskpatch.errors import ResumeMismatchError
 from daskpatch.storage.stores import ATTR, _join, get, stored_fingerprint
 
 
@@ -83,20 +84,20 @@ def check_fingerprint(z: zarr.Array, fp: dict[str, Any], where: str) -> None:
     """Refuse to resume an array written with other parameters, naming the first difference."""
     old = stored_fingerprint(z)
     if old is None:
-        raise ValueError(
+        raise ResumeMismatchError(
             f"resume=True needs an array written by daskpatch.to_zarr, which records its "
             f"parameters in attrs[{ATTR!r}]; {where} has no such record (written by another "
             "tool, or by an older daskpatch), so its chunks cannot be trusted to match. Pass "
-            "overwrite=True to start again"
+            "overwrite=True to start again", param="resume", value=True
         )
     diff = first_difference(old, fp)
     if diff is not None:
         name, was, now = diff
-        raise ValueError(
+        raise ResumeMismatchError(
             f"resume=True: {where} was written with {name}={_show(was)}, but this call has "
             f"{name}={_show(now)} (the first parameter that differs); resuming would mix "
             "chunks of two different results. Resume with the same parameters (and run_id), or "
-            "pass overwrite=True to start again"
+            "pass overwrite=True to start again", param=name, stored=was, value=now
         )
 
 
@@ -139,20 +140,27 @@ def check_resumable(z: zarr.Array, x: da.Array, chunks: tuple[int, ...], compres
     """Refuse to resume an array whose shape, dtype, chunks, compressors or sharding differ
     from this write's."""
     problems = []
+    first: list[tuple[str, Any, Any]] = []  # (param, stored, given) of each problem
     if tuple(z.shape) != tuple(x.shape):
         problems.append(f"shape {tuple(z.shape)} (this write: {tuple(x.shape)})")
+        first.append(("shape", tuple(z.shape), tuple(x.shape)))
     if np.dtype(z.dtype) != x.dtype:
         problems.append(f"dtype {np.dtype(z.dtype)} (this write: {x.dtype})")
+        first.append(("dtype", np.dtype(z.dtype), x.dtype))
     if tuple(z.chunks) != chunks:
         problems.append(f"chunks {tuple(z.chunks)} (this write: {chunks}; pass chunks= to match)")
+        first.append(("chunks", tuple(z.chunks), chunks))
     if z.metadata.zarr_format == 3 and tuple(z.compressors) != tuple(compressors):
         problems.append(f"compressors {_codecs(z.compressors)} (this write: "
                         f"{_codecs(compressors)}; pass the same compressors=, or --compressor)")
+        first.append(("compressors", tuple(z.compressors), tuple(compressors)))
     if getattr(z, "shards", None) is not None:
         problems.append(f"shards {z.shards} (to_zarr writes unsharded arrays)")
+        first.append(("shards", z.shards, None))
     if problems:
-        raise ValueError(
+        param, stored, given = first[0]
+        raise ResumeMismatchError(
             f"resume=True needs the existing array at {where} to match this write, but it has "
             + "; ".join(problems)
-            + ". Pass overwrite=True to start again."
+            + ". Pass overwrite=True to start again.", param=param, stored=stored, value=given
         )

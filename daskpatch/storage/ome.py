@@ -28,6 +28,8 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from daskpatch.errors import (IncompleteOutputError, ResumeMismatchError, TargetExistsError,
+                              UnsafeTargetError)
 from daskpatch.storage import stores as _store
 from daskpatch.geometry.parse import _describe
 from daskpatch.adapters.xarray import import_xarray, is_dataarray, wrap
@@ -109,12 +111,12 @@ def _image(group: zarr.Group) -> tuple[zarr.Group, Mapping[str, Any]] | None:
     return group, multiscales[0]
 
 
-def _incomplete_error(where: str) -> ValueError:
-    return ValueError(
+def _incomplete_error(where: str) -> IncompleteOutputError:
+    return IncompleteOutputError(
         f"{where} is an incomplete OME-Zarr image written by daskpatch (interrupted before its "
         "last level was written; it has no OME metadata yet): finish it with "
         "to_zarr(..., ome=True, resume=True) and the same arguments, or open one written "
-        "level with path=<path>/0"
+        "level with path=<path>/0", value=where, mentions=("path",)
     )
 
 
@@ -469,24 +471,28 @@ def check_target(base: Any, full: str | None, where: str, *, overwrite: bool, re
     marker: Any = node.attrs.get(_MARKER) if isinstance(node, zarr.Group) else None
     ours = isinstance(marker, Mapping)
     if isinstance(node, zarr.Group) and not ours:
-        raise ValueError(
+        raise UnsafeTargetError(
             f"to_zarr: {where} is a group that daskpatch did not write; to_zarr never replaces "
-            "it (with its children). Pass path= naming a new image inside it, or delete it"
+            "it (with its children). Pass path= naming a new image inside it, or delete it",
+            param="path", value=where
         )
     if node is not None and not (overwrite or resume):
-        raise FileExistsError(
+        raise TargetExistsError(
             f"to_zarr: {'an OME-Zarr image' if ours else 'an array'} already exists at {where}; "
-            "pass overwrite=True to replace it, or resume=True to finish an interrupted write"
+            "pass overwrite=True to replace it, or resume=True to finish an interrupted write",
+            param="overwrite", value=where
         )
     if resume and node is not None:
         if not ours:
-            raise ValueError(f"resume=True with ome=True needs an OME-Zarr image at {where}; "
-                             "it holds an array. Pass overwrite=True to replace it")
+            raise ResumeMismatchError(
+                f"resume=True with ome=True needs an OME-Zarr image at {where}; it holds an "
+                "array. Pass overwrite=True to replace it", param="ome", stored=False, value=True)
         if marker.get("levels") != levels:
-            raise ValueError(
+            raise ResumeMismatchError(
                 f"resume=True needs the image at {where} to match this write, but it was "
                 f"started with levels={marker.get('levels')} (this write: levels={levels}). "
-                "Pass overwrite=True to start again"
+                "Pass overwrite=True to start again",
+                param="levels", stored=marker.get("levels"), value=levels
             )
     _store.check_parents(base, full, where, "an image", name_parent=True)
     return node

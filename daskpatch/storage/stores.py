@@ -50,6 +50,8 @@ import zarr.errors
 import zarr.storage
 from zarr.abc.store import Store
 
+from daskpatch.errors import (IncompleteWarning, ParameterError, ParameterTypeError,
+                              TargetExistsError, TargetNotDeletableError, UnsafeTargetError)
 from daskpatch.storage.storeio import collect, delete, delete_dir, exists, get, list_prefix, put, run
 from daskpatch.geometry.parse import _describe
 
@@ -61,14 +63,6 @@ SPILL_DIR = ".daskpatch-spill"
 ATTR = "daskpatch"
 #: Version of the fingerprint layout (a different version never matches).
 FORMAT = 1
-
-
-class IncompleteWarning(UserWarning):
-    """An output of :func:`daskpatch.to_zarr` was opened before its write finished.
-
-    Its missing chunks read as the fill value. Finish it with ``to_zarr(..., resume=True)`` and
-    the same array and parameters.
-    """
 
 
 def _join(*parts: str | None) -> str:
@@ -170,8 +164,8 @@ def parse_path(value: Any, name: str = "path") -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be None or a string naming a node in the store; got "
-                        f"{_describe(value)}")
+        raise ParameterTypeError(f"{name} must be None or a string naming a node in the store; "
+                                 f"got {_describe(value)}", param=name, value=value)
     value = value.strip("/")
     return value or None
 
@@ -184,9 +178,9 @@ def node_path(*parts: str | None) -> str | None:
 def resolve_store(store: Any, path: str | None, name: str = "store") -> tuple[Any, str | None]:
     """Split ``store`` into something :func:`zarr.open` accepts and a path from its root."""
     if isinstance(store, zarr.Array):
-        raise TypeError(
+        raise ParameterTypeError(
             f"{name} must be {STORE_TYPES}; got a zarr.Array ({store!r}); pass its store and "
-            "path instead"
+            "path instead", param=name, value=store, expected=STORE_TYPES
         )
     if isinstance(store, zarr.Group):
         return store.store, node_path(store.path, path)
@@ -194,7 +188,8 @@ def resolve_store(store: Any, path: str | None, name: str = "store") -> tuple[An
         return os.fspath(store), path
     if isinstance(store, (str, Store, zarr.storage.StorePath, MutableMapping)):
         return store, path
-    raise TypeError(f"{name} must be {STORE_TYPES}; got {_describe(store)}")
+    raise ParameterTypeError(f"{name} must be {STORE_TYPES}; got {_describe(store)}",
+                             param=name, value=store, expected=STORE_TYPES)
 
 
 def where(store: Any, path: str | None) -> str:
@@ -225,9 +220,9 @@ def open_array(store: Any, path: Any, name: str = "store") -> zarr.Array:
     path = parse_path(path)
     if isinstance(store, zarr.Array):
         if path is not None:
-            raise ValueError(
+            raise ParameterError(
                 f"path must be None when {name} is a zarr.Array (the array is already chosen); "
-                f"got path={path!r}"
+                f"got path={path!r}", param="path", value=path, expected=None
             )
         return store
     base, full = resolve_store(store, path, name)
@@ -237,9 +232,9 @@ def open_array(store: Any, path: Any, name: str = "store") -> zarr.Array:
     if isinstance(node, zarr.Group):
         arrays = sorted(name for name, _ in node.arrays())
         hint = f"path= one of {arrays}" if arrays else "path= naming an array (it has no arrays)"
-        raise ValueError(
+        raise ParameterError(
             f"{name}/path must name a Zarr array, but {where(base, full)} holds a group; pass "
-            f"{hint}"
+            f"{hint}", param="path", value=path, expected=arrays, mentions=(f"{name}/path",)
         )
     return node
 
@@ -254,9 +249,10 @@ def check_parents(store: Any, path: str | None, where_: str, what: str = "an arr
     for i in range(len(parts)):
         parent = "/".join(parts[:i]) or None
         if isinstance(probe(store, parent, None if name_parent else where_), zarr.Array):
-            raise ValueError(
+            raise UnsafeTargetError(
                 f"to_zarr: cannot create {what} at {where_}: its parent "
-                f"{parent or '(the root)'!r} is an array, and only groups have children"
+                f"{parent or '(the root)'!r} is an array, and only groups have children",
+                param="path", value=where_
             )
 
 
@@ -315,7 +311,8 @@ def check_contents(store: Store, path: str | None, is_array: bool, where: str) -
     except FileNotFoundError:
         return
     if entries is None:
-        raise FileExistsError(f"to_zarr: {where} is a file, not a directory; nothing was written")
+        raise TargetExistsError(f"to_zarr: {where} is a file, not a directory; nothing was "
+                                "written", value=where)
     keys, dirs = entries
     foreign = [k for k in keys if not _allowed_key(k, is_array)]
     foreign += [d + "/" for d in dirs if not _allowed_dir(d, is_array)
@@ -324,11 +321,12 @@ def check_contents(store: Store, path: str | None, is_array: bool, where: str) -
         shown = ", ".join(repr(f) for f in sorted(foreign)[:5])
         more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
         what = "a Zarr array, which also holds" if is_array else "no Zarr array but holds"
-        raise FileExistsError(
+        raise TargetExistsError(
             f"to_zarr: {where} is {what} {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}"
             f" that {'is' if len(foreign) == 1 else 'are'} not part of a Zarr array ({shown}"
             f"{more}); to_zarr only ever replaces a Zarr array and never deletes anything else, "
-            "so nothing was written. Choose another location, or move them away yourself"
+            "so nothing was written. Choose another location, or move them away yourself",
+            value=where, expected=sorted(foreign)
         )
 
 
@@ -344,29 +342,33 @@ def _probe_dir(directory: str, rel: str, where: str) -> None:
     try:
         probe_writable(directory)
     except OSError as err:
-        raise PermissionError(
+        raise TargetNotDeletableError(
             f"to_zarr: cannot overwrite {where}: its directory {rel or '(the array itself)'!r} "
             f"({directory}) is not writable ({err.strerror}), so its old files could not be "
-            "deleted; nothing was deleted or written. Make it writable, or write elsewhere"
+            "deleted; nothing was deleted or written. Make it writable, or write elsewhere",
+            param="overwrite", value=where
         ) from err
 
 
 def check_deletable(store: Store, path: str | None, where: str) -> None:
     """Check that every part of the target can be written and deleted, before deleting any."""
     if store.read_only:
-        raise PermissionError(f"to_zarr: cannot overwrite {where}: the store is read-only; "
-                              "nothing was deleted or written")
+        raise TargetNotDeletableError(f"to_zarr: cannot overwrite {where}: the store is "
+                                      "read-only; nothing was deleted or written",
+                                      param="overwrite", value=where)
     if not store.supports_deletes:
-        raise ValueError(f"to_zarr: cannot overwrite {where}: the store does not support "
-                         "deletes; nothing was deleted or written. Write to a new location")
+        raise UnsafeTargetError(f"to_zarr: cannot overwrite {where}: the store does not "
+                                "support deletes; nothing was deleted or written. Write to a new "
+                                "location", param="overwrite", value=where)
     root = _local_root(store) if isinstance(store, zarr.storage.LocalStore) else None
     if root is not None:
         base = os.path.join(root, path or "")
 
         def fail(err: OSError) -> None:
-            raise PermissionError(
+            raise TargetNotDeletableError(
                 f"to_zarr: cannot overwrite {where}: {err.filename} cannot be listed "
-                f"({err.strerror}); nothing was deleted or written"
+                f"({err.strerror}); nothing was deleted or written", param="overwrite",
+                value=where
             ) from err
 
         for dirpath, _, _ in os.walk(base, onerror=fail):
@@ -378,9 +380,10 @@ def check_deletable(store: Store, path: str | None, where: str) -> None:
         put(store, key, b"")
         run(store.delete(key))
     except Exception as err:
-        raise PermissionError(
+        raise TargetNotDeletableError(
             f"to_zarr: cannot overwrite {where}: writing and deleting {key!r} there failed "
-            f"({type(err).__name__}: {err}); nothing was deleted or written"
+            f"({type(err).__name__}: {err}); nothing was deleted or written",
+            param="overwrite", value=where
         ) from err
 
 
