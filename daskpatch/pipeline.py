@@ -1,0 +1,291 @@
+"""The one write pipeline behind :func:`daskpatch.to_zarr`: parse every argument, check the
+target, create or reopen the array, lower the array's graph for the store, compute.
+
+:func:`write_array` writes one array (a bare one, or a level of an image); :func:`write_image`
+writes a DataArray (its dims as Zarr v3 ``dimension_names``) or an OME-Zarr image, each level
+through :func:`write_array`, level ``k`` computed from the written level ``k - 1``, the image's
+metadata last. Done-markers, fingerprints and the checks made before anything is written or
+deleted are :mod:`daskpatch.storage`'s; the graph of a write is
+:func:`daskpatch.graph.lowering.lower`'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+import zarr.storage
+from dask.base import tokenize
+from dask.delayed import Delayed
+from zarr.abc.store import Store
+
+from daskpatch.adapters.xarray import is_dataarray as _is_dataarray
+from daskpatch.errors import ParameterError, ParameterTypeError, TargetExistsError, UnsafeTargetError
+from daskpatch.geometry.parse import _describe, parse_bool, parse_choice, parse_int
+from daskpatch.graph import jobs as _sched
+from daskpatch.graph.inputs import as_dask, downsampled, write_chunks
+from daskpatch.graph.inspect import check_not_read
+from daskpatch.graph.inspect import fingerprint as fingerprint_of
+from daskpatch.graph.lowering import IntoStore, lower
+from daskpatch.storage import fingerprint as _fingerprint
+from daskpatch.storage import ome as _ome
+from daskpatch.storage import stores as _store
+from daskpatch.storage import storeio as _storeio
+from daskpatch.storage import writes as _writes
+from daskpatch.storage.spill import spill_bytes
+
+logger = logging.getLogger("daskpatch.io")  # the logger to_zarr documents
+
+
+@dataclass(frozen=True)
+class Write:
+    """One parsed :func:`to_zarr` call of a bare array."""
+
+    x: da.Array  #: what to write, its blocks exactly the Zarr chunks (``chunks``)
+    chunks: tuple[int, ...]
+    compressors: tuple  #: as zarr made them of the argument
+    target: Store  #: the store written, and ``reader``, the same read-only
+    reader: Store
+    path: str | None  #: the array's path from the store root (None: a root array)
+    where: str  #: how messages name the target
+    overwrite: bool
+    resume: bool
+    progress: bool
+    compute: bool
+    run_id: str | None
+    threshold: float  #: the halo size above which engines spill (``daskpatch.spill-bytes``)
+    dimension_names: Sequence[str] | None
+
+
+def parse(array: Any, store: Any, path: Any, chunks: Any, compressors: Any, overwrite: Any,
+           resume: Any, progress: Any, compute: Any, run_id: Any, dimension_names: Any
+           ) -> Write:
+    """Check every argument (nothing is read or written yet)."""
+    overwrite = parse_bool(overwrite, "overwrite")
+    resume = parse_bool(resume, "resume")
+    progress = parse_bool(progress, "progress")
+    compute = parse_bool(compute, "compute")
+    if overwrite and resume:
+        raise ParameterError(
+            "overwrite=True and resume=True exclude each other (overwrite starts again, resume "
+            "keeps the chunks already written); got both", param="resume", value=True,
+            mentions=("overwrite",)
+        )
+    if progress and not compute:
+        raise ParameterError(
+            "progress=True needs compute=True; with compute=False wrap your own compute in "
+            "dask.diagnostics.ProgressBar or distributed.progress", param="progress", value=True,
+            mentions=("compute",)
+        )
+    path = _store.parse_path(path)
+    threshold = spill_bytes()  # the setting is checked before anything is written
+    if run_id is not None and not isinstance(run_id, str):
+        raise ParameterTypeError(f"run_id must be None or a string naming the model version; "
+                                 f"got {_describe(run_id)}", param="run_id", value=run_id)
+    x, zchunks = write_chunks(as_dask(array), chunks)
+    codecs = _store.parse_compressors(compressors, x.dtype)
+    base, full = _store.resolve_store(store, path)
+    target, prefix = _store.as_store(base)
+    reader, _ = _store.as_store(base, read_only=True)
+    return Write(x, zchunks, codecs, target, reader, _store.node_path(prefix, full),
+                  _store.where(base, full), overwrite, resume, progress, compute, run_id,
+                  threshold, dimension_names)
+
+
+def check_target(w: Write) -> tuple[zarr.Array | None, dict[str, Any]]:
+    """The array at the target (``None``: nothing there) and this write's fingerprint, after
+    checking the inputs, the target itself, its parents, what it holds, and (to replace it)
+    that every part of it can be deleted -- before anything is created or deleted."""
+    check_not_read(w.x, w.target, w.path, w.where)
+    node = _store.probe(w.reader, w.path, w.where)
+    if isinstance(node, zarr.Group):
+        raise UnsafeTargetError(
+            f"to_zarr: {w.where} is a group; to_zarr never replaces a group (with its children). "
+            "Pass path= naming an array inside it", param="path", value=w.where
+        )
+    if node is not None and not (w.overwrite or w.resume):
+        raise TargetExistsError(
+            f"to_zarr: an array already exists at {w.where}; pass overwrite=True to replace it, "
+            "or resume=True to finish an interrupted write", param="overwrite", value=w.where,
+            mentions=("resume",)
+        )
+    _store.check_parents(w.reader, w.path, w.where)
+    fingerprint = fingerprint_of(w.x, w.chunks, w.run_id)
+    if w.resume and node is not None:
+        _fingerprint.check_resumable(node, w.x, w.chunks, w.compressors, w.where)
+        _fingerprint.check_fingerprint(node, fingerprint, w.where)
+    else:
+        _store.check_contents(w.target, w.path, node is not None, w.where)
+        if node is not None:
+            _store.check_deletable(w.target, w.path, w.where)
+    return node, fingerprint
+
+
+def create_or_reopen(w: Write, node: zarr.Array | None, fingerprint: dict[str, Any]
+                      ) -> tuple[zarr.Array, set[tuple[int, ...]] | None]:
+    """The array opened for writing, and the chunks already done (``None``: all of them)."""
+    if w.resume and node is not None:
+        z = zarr.open_array(store=w.target, path=w.path or "", mode="r+")
+        done = _store.done_chunks(z, w.x.numblocks)
+        if done is None:
+            logger.info("to_zarr: %s is already complete; nothing to compute", w.where)
+        else:
+            logger.info("to_zarr: resuming %s: %d of %d chunks already done", w.where, len(done),
+                        math.prod(w.x.numblocks))
+        return z, done
+    if node is not None:
+        _store.clear(w.target, w.path)  # the old array (checked above)
+    else:  # stale markers and spilled parts of a hand-deleted array
+        _storeio.delete_dir(w.target, _store.node_path(w.path, _store.MARKER_DIR) or "")
+        _storeio.delete_dir(w.target, _store.node_path(w.path, _store.SPILL_DIR) or "")
+    z = zarr.create_array(
+        store=w.target, name=w.path, shape=w.x.shape, dtype=w.x.dtype, chunks=w.chunks,
+        compressors=w.compressors, attributes={_store.ATTR: _fingerprint.record(fingerprint)},
+        zarr_format=3, dimension_names=w.dimension_names,
+    )
+    _fingerprint.check_still_ours(z, fingerprint, w.where)  # another writer created it meanwhile
+    return z, set()
+
+
+def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
+          done: set[tuple[int, ...]] | None) -> Delayed:
+    """The write graph: one task per chunk not done (compute the block, write it, mark it done;
+    computing only those keys culls the rest of the graph, their inputs included), then one that
+    marks the array complete and drops the spilled parts."""
+    # Engines built with spill=None send large halos (what blocks hand to neighbouring chunks)
+    # into the output store: memory stays bounded, and the parts are deleted once all is written.
+    # Not into a store in RAM, where the parts would stay until the end instead of being freed.
+    in_ram = isinstance(z.store, zarr.storage.MemoryStore)
+    todo: list = []
+    writer = None
+    if done is not None and len(done) < math.prod(w.x.numblocks):
+        # a spilled result written as it is: its chunk tasks write, blocks in C order
+        todo = [loc for loc in np.ndindex(*w.x.numblocks) if loc not in done]
+        writer = functools.partial(_writes.write_task, z=z, fingerprint=fingerprint,
+                                   where=w.where)
+    low = lower(w.x, IntoStore(None if in_ram else z.store, "" if in_ram else _store.spill_dir(z),
+                               w.threshold, writer, tuple(todo),
+                               (str(z.store), z.path, w.chunks)))
+    assert low is not None  # a store target always lowers
+    token, spills = low.token, low.spills
+    if low.job is not None:
+        return _sched.then(low.job, f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}",
+                           (_writes.finalize, z, fingerprint, w.where, spills, low.keys))
+    x = low.array
+    assert x is not None
+    parts_todo = []
+    if done is not None and len(done) < math.prod(x.numblocks):
+        written = da.map_blocks(
+            functools.partial(_writes.write_block, z=z, fingerprint=fingerprint,
+                              where=w.where), x,
+            chunks=tuple((1,) * n for n in x.numblocks),
+            dtype=np.uint8,
+            meta=np.empty((0,) * x.ndim, dtype=np.uint8),
+            name=f"to-zarr-write-{token}",
+        )
+        parts = _sched.to_delayed(written)
+        parts_todo = [d for loc, d in np.ndenumerate(parts) if loc not in done]
+    finalize = functools.partial(_writes.finalize, z, fingerprint, w.where, spills)
+    return dask.delayed(finalize, pure=False)(
+        parts_todo, dask_key_name=f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}"
+    )
+
+
+def write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: Any,
+                 overwrite: Any, resume: Any, progress: Any, compute: Any, run_id: Any,
+                 dimension_names: Sequence[str] | None = None) -> zarr.Array | Delayed:
+    """The one write pipeline of an array (a bare one, or a level of an image): parse, check
+    the target, create or reopen it, plan the writes, compute."""
+    w = parse(array, store, path, chunks, compressors, overwrite, resume, progress, compute,
+               run_id, dimension_names)
+    node, fingerprint = check_target(w)
+    if w.compute:  # a cluster's workers import daskpatch at once, before any store is made
+        _sched.warm_up()
+    z, done = create_or_reopen(w, node, fingerprint)
+    job = plan(w, z, fingerprint, done)
+    if not w.compute:
+        return job
+    _sched.compute(job, w.progress)
+    return z
+
+
+def write_image(array: Any, store: Any, path: Any, *, chunks: Any, compressors: Any,
+                 overwrite: Any, resume: Any, progress: Any, compute: Any, ome: Any, levels: Any,
+                 axes: Any, scale: Any, units: Any, downsample: Any, run_id: Any) -> Any:
+    """:func:`to_zarr` of a DataArray (its dims as ``dimension_names``) or of an OME-Zarr image:
+    each level goes through :func:`_write_array`, level ``k`` computed from the written level
+    ``k - 1``, and the image's metadata is written last."""
+    ome = parse_bool(ome, "ome")
+    levels = parse_int(levels, "levels", minimum=1)
+    downsample = parse_choice(downsample, "downsample", _ome.DOWNSAMPLE)
+    plain = dict(chunks=chunks, compressors=compressors, overwrite=overwrite, resume=resume,
+                 progress=progress, compute=compute, run_id=run_id)
+    data = array.data if _is_dataarray(array) else array
+    if not ome:
+        extra = [k for k, v in (("levels", levels != 1), ("axes", axes is not None),
+                                ("scale", scale is not None), ("units", units is not None),
+                                ("downsample", downsample != "auto")) if v]
+        if extra:
+            raise ParameterError(f"{', '.join(extra)} need ome=True (an OME-Zarr image); got "
+                                 "ome=False", param="ome", value=False, mentions=tuple(extra))
+        names = [str(d) for d in array.dims] if _is_dataarray(array) else None
+        return write_array(data, store, path, dimension_names=names, **plain)
+
+    for name, value in (("overwrite", overwrite), ("resume", resume), ("progress", progress),
+                        ("compute", compute)):
+        parse_bool(value, name)
+    if overwrite and resume:
+        raise ParameterError("overwrite=True and resume=True exclude each other (overwrite "
+                             "starts again, resume keeps the levels already written); got both",
+                             param="resume", value=True, mentions=("overwrite",))
+    if not compute and levels > 1:
+        raise ParameterError(
+            f"compute=False needs levels=1 with ome=True (each level is computed from the level "
+            f"above once it is written); got levels={levels}", param="levels", value=levels,
+            expected=1, mentions=("compute",)
+        )
+    x = as_dask(data)
+    _store.parse_compressors(compressors, x.dtype)  # before the group is made
+    ax, scale0, shift0 = _ome.write_geometry(array, x.ndim, axes, scale, units)
+    names = [a["name"] for a in ax]
+    space = [i for i, a in enumerate(ax) if a["type"] == "space"]
+    shapes = _ome.level_shapes(x.shape, space, levels)
+    method = downsample if downsample != "auto" else ("mean" if x.dtype.kind in "fc" else "mode")
+    x, zchunks = write_chunks(x, chunks)
+
+    path = _store.parse_path(path)
+    base, full = _store.resolve_store(store, path)
+    where = _store.where(base, full)
+    node = _ome.check_target(base, full, where, overwrite=overwrite, resume=resume,
+                             levels=levels)
+    target, prefix = _store.as_store(base)
+    check_not_read(x, target, _store.node_path(prefix, full), where)
+    if node is not None and overwrite:
+        _store.check_deletable(target, _store.node_path(prefix, full), where)
+
+    # Everything is checked: create the group (marked incomplete), the levels, then the metadata.
+    group, marker = _ome.create_group(base, full, node, overwrite, levels, method)
+    meta = _ome.metadata(ax, shapes, scale0, shift0, method,
+                         getattr(array, "name", None) if _is_dataarray(array) else None, marker)
+    level_paths = [_store.node_path(full, str(k)) for k in range(levels)]
+    job = write_array(x, base, level_paths[0], dimension_names=names, **plain)
+    if not compute:
+        return dask.delayed(_ome.finish, pure=False)(group, meta, job)
+    written: Any = job  # a zarr.Array: compute=True here
+    for k in range(1, levels):
+        factors = tuple(2 if p != n else 1 for p, n in zip(shapes[k - 1], shapes[k]))
+        level_chunks = tuple(min(c, n) for c, n in zip(zchunks, shapes[k]))
+        y = downsampled(written, factors, level_chunks, method)
+        written = write_array(y, base, level_paths[k], chunks=level_chunks,
+                               compressors=compressors, overwrite=overwrite, resume=resume,
+                               progress=progress, compute=True, run_id=run_id,
+                               dimension_names=names)
+    return _ome.finish(group, meta, None)
