@@ -456,10 +456,10 @@ def _unknown_shape() -> da.Array:
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(array=[1, 2, 3]), TypeError, "must be a dask array, a NumPy array or .*got list"),
-        (dict(array=np.float64(3.0)), TypeError, "got float64"),
+        (dict(array=[1, 2, 3]), TypeError, "array must be a NumPy, Dask or Zarr array; got .*list"),
+        (dict(array=np.float64(3.0)), ValueError, "at least one axis; got a 0-d array"),
         (dict(array=np.array(3.0)), ValueError, "at least one axis; got a 0-d array"),
-        pytest.param(dict(array=_unknown_shape), ValueError, r"known chunk sizes.*shape \(nan,\)",
+        pytest.param(dict(array=_unknown_shape), ValueError, r"known shape; got \(nan,\)",
                      marks=pytest.mark.needs_dask("boolean-mask indexing (unknown chunk sizes)")),
         (dict(store=3), TypeError, "store must be a path or URL string.*got 3 of type int"),
         (dict(path=5), TypeError, "path must be None or a string.*got 5 of type int"),

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from daskpatch.errors import ModelOutputError
 from daskpatch.geometry.layout import describe_axes
 from daskpatch.geometry.parse import _describe
 
@@ -68,23 +67,17 @@ def to_numpy(out: Any) -> Any:
 class BatchFn:
     """The ``fn`` that :func:`daskpatch.apply_patches` calls: the user's callable (or a
     :class:`TorchModel`), its torch tensor results turned into NumPy (see :func:`to_numpy`),
-    its output shape checked against what the engine expects. The engine notes its errors with
-    the block, the patches and how the volume's axes were read (:attr:`axes`).
+    ``axes`` (how the volume's axes were read, what ``fn`` gets and must return) explains the
+    engine's check of the output shape and its notes on errors.
     """
 
     def __init__(self, fn: Any, out_shape: tuple[int, ...], axes: str) -> None:
         self.fn, self.out_shape, self.axes = fn, tuple(out_shape), axes
 
     def __call__(self, batch: np.ndarray) -> Any:
-        out = to_numpy(self.fn(batch))  # errors get the engine's note (block, patches, axes)
-        shape = getattr(out, "shape", None)
-        expected = (batch.shape[0],) + self.out_shape
-        if shape is not None and tuple(shape) != expected:
-            raise ModelOutputError(
-                f"fn returned shape {tuple(shape)} for a batch of shape {batch.shape}; expected "
-                f"{expected}: {self.axes}", expected=expected, got=tuple(shape)
-            )
-        return out
+        # the engine checks the output's shape, and notes errors with the block, the patches
+        # and how the volume's axes were read (``axes``)
+        return to_numpy(self.fn(batch))
 
     def __dask_tokenize__(self) -> Any:
         from dask.base import normalize_token

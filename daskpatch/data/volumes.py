@@ -13,8 +13,7 @@ import os
 
 import zarr
 
-from daskpatch.geometry.parse import _describe
-from daskpatch.graph.inputs import _is_array_like, _unwrap
+from daskpatch.graph.inputs import take
 from daskpatch.storage.sources import _apply_maps, open_zarr, pad_axis
 from daskpatch.storage.stores import warn_if_incomplete
 from daskpatch.storage.stores import where as describe_array_at
@@ -149,12 +148,7 @@ class Source:
             arr: Any = open_zarr(self.path, param)
             self._handle, self._pid = arr, os.getpid()
         else:
-            obj, self.is_dask = _unwrap(obj, param)
-            if not self.is_dask and not _is_array_like(obj):
-                raise TypeError(
-                    f"{param} must be a Zarr store path, or a Zarr, Dask or NumPy array; "
-                    f"got {_describe(obj)}"
-                )
+            obj, self.is_dask = take(obj, param, paths=True)
             self._obj = arr = obj
         self.shape: tuple[int, ...] = tuple(int(s) for s in arr.shape)
         self.dtype = np.dtype(arr.dtype)

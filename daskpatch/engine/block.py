@@ -41,9 +41,10 @@ def _describe_output(out: Any) -> str:
     return f"a {kind} of length {n}"
 
 
-def _check_output(out: Any, batch_shape: tuple[int, ...], expected: tuple[int, ...]
-                  ) -> np.ndarray:
-    """Check a model's output against the shape the engine expects back."""
+def _check_output(out: Any, batch_shape: tuple[int, ...], expected: tuple[int, ...],
+                  why: str | None = None) -> np.ndarray:
+    """Check a model's output against the shape the engine expects back (``why``: how the
+    volume's axes were read, which explains ``expected``)."""
     if not (hasattr(out, "shape") and hasattr(out, "dtype")):
         hint = " (stack it with numpy.stack)" if isinstance(out, (list, tuple)) else ""
         raise ModelOutputTypeError(
@@ -60,8 +61,9 @@ def _check_output(out: Any, batch_shape: tuple[int, ...], expected: tuple[int, .
     if arr.shape != expected:
         raise ModelOutputError(
             f"fn returned shape {arr.shape} for a batch of shape {batch_shape}; expected "
-            f"{expected} (the batch's patch shape, with out_channels channels where the volume "
-            "has a channel axis)", expected=expected, got=arr.shape
+            f"{expected}" + (f": {why}" if why else " (the batch's patch shape, with "
+                             "out_channels channels where the volume has a channel axis)"),
+            expected=expected, got=arr.shape
         )
     return arr
 
@@ -155,7 +157,8 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
         """Check the output of batch ``k`` (``result()``) and blend it into the buffer."""
         chunk = groups[k]
         try:
-            out = _check_output(result(), user_batch.shape, (len(chunk),) + expected)
+            out = _check_output(result(), user_batch.shape, (len(chunk),) + expected,
+                                getattr(fn, "axes", None))
         except Exception as err:
             note = _batch_note(spec.block, [g for g, _ in chunk], [st for _, st in chunk],
                                tuple(len(s) for s in starts), region_lo, region.shape[1:])

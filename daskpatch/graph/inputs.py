@@ -1,6 +1,6 @@
 """The one way in: user arrays (NumPy, Dask, Zarr) as the graphs read them.
 
-:func:`_unwrap` checks a user array for every front door (the graph builders, the training
+:func:`take` checks a user array for every front door (the graph builders, the training
 loaders, :func:`daskpatch.to_zarr`), and says how it is read:
 
 - *directly*: an array-like (NumPy, Zarr, or a Dask array that is a bare ``from_array`` /
@@ -29,6 +29,7 @@ import zarr
 from dask.array.core import normalize_chunks
 from dask.base import tokenize
 
+from daskpatch.errors import ParameterError, ParameterTypeError
 from daskpatch.geometry.parse import _describe, parse_per_axis
 from daskpatch.graph.layers import direct_source, from_zarr
 from daskpatch.storage.ome import downsample_block
@@ -38,19 +39,30 @@ from daskpatch.storage.sources import _open_region, _read_chunks, _read_direct, 
 DEFAULT_TARGET_BYTES: int = 8 * 2**20
 
 
-def _unwrap(obj: Any, param: str) -> tuple[Any, bool]:
-    """``(array, is_dask)``: the array-like under a bare ``from_array``/``from_zarr`` Dask array
-    (read directly), any other Dask array as it is (its shape must be known), else ``obj``."""
-    if not isinstance(obj, da.Array):
-        return obj, False
-    if any(math.isnan(c) for c in obj.shape):
-        raise ValueError(f"{param} must have a known shape; got {obj.shape}")
-    src = direct_source(obj)
-    return (obj, True) if src is None else (src, False)
+def take(obj: Any, param: str, *, paths: bool = False) -> tuple[Any, bool]:
+    """The one way in: check a user array (``param`` names it in errors) and say how it is read.
 
-
-def _is_array_like(obj: Any) -> bool:
-    return hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__")
+    Returns ``(array, is_dask)``: the array-like under a bare ``from_array``/``from_zarr`` Dask
+    array (read directly), any other Dask array as it is, or the array-like ``obj``. A Dask
+    array must have a known shape; every array at least one axis. ``paths``: the caller also
+    takes a Zarr store path (the message says so; the caller opens it).
+    """
+    if isinstance(obj, da.Array):
+        if any(math.isnan(c) for c in obj.shape):
+            raise ParameterError(f"{param} must have a known shape; got {obj.shape} (call "
+                                 "compute_chunk_sizes() first)", param=param, value=obj.shape)
+        src = direct_source(obj)
+        out, is_dask = (obj, True) if src is None else (src, False)
+    elif hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__"):
+        out, is_dask = obj, False
+    else:
+        kinds = "a NumPy, Dask or Zarr array" + (" or a Zarr store path" if paths else "")
+        raise ParameterTypeError(f"{param} must be {kinds}; got {_describe(obj)}", param=param,
+                                 value=obj, expected=kinds)
+    if len(out.shape) == 0:
+        raise ParameterError(f"{param} must have at least one axis; got a 0-d array",
+                             param=param, value=out.shape)
+    return out, is_dask
 
 
 @dataclass
@@ -71,7 +83,7 @@ class Volume:
 
     @classmethod
     def from_user(cls, volume: Any, channel_axis: int | None, *, param: str = "volume") -> Volume:
-        volume, is_dask = _unwrap(volume, param)
+        volume, is_dask = take(volume, param)
         if is_dask:
             x = volume
             if channel_axis is None:
@@ -82,10 +94,6 @@ class Volume:
                 grid_shape = x.shape[:channel_axis] + x.shape[channel_axis + 1:]
                 channels = x.shape[channel_axis]
             return cls(x, False, channel_axis, tuple(grid_shape), channels, x.dtype, x.name)
-        if not _is_array_like(volume):
-            raise TypeError(
-                f"{param} must be a NumPy, Dask or Zarr array; got {_describe(volume)}"
-            )
         if isinstance(volume, np.ndarray) or not hasattr(volume, "ndim"):
             volume = np.asarray(volume)
         shape = tuple(int(s) for s in volume.shape)
@@ -175,30 +183,16 @@ def write_chunks(x: da.Array, chunks: Any) -> tuple[da.Array, tuple[int, ...]]:
 
 
 def as_dask(array: Any) -> da.Array:
-    """What :func:`daskpatch.to_zarr` writes, as a Dask array: a NumPy array is split into
-    chunks of about :data:`DEFAULT_TARGET_BYTES` (dask's ``"auto"``), a Zarr array keeps its
-    chunks."""
+    """What :func:`daskpatch.to_zarr` writes, as a Dask array (checked by :func:`take`): a Dask
+    array as it is, a Zarr array with its chunks, any other array split into chunks of about
+    :data:`DEFAULT_TARGET_BYTES` (dask's ``"auto"``)."""
+    arr, _ = take(array, "array")
     if isinstance(array, da.Array):
-        x = array
-    elif isinstance(array, zarr.Array):
-        x = from_zarr(array)
-    elif isinstance(array, np.ndarray):
-        chunks = normalize_chunks(
-            "auto", array.shape, limit=DEFAULT_TARGET_BYTES, dtype=array.dtype
-        )
-        x = da.from_array(array, chunks=chunks)
-    else:
-        raise TypeError(
-            f"array must be a dask array, a NumPy array or a zarr.Array; got {type(array).__name__}"
-        )
-    if x.ndim == 0:
-        raise ValueError("array must have at least one axis; got a 0-d array")
-    if any(math.isnan(s) for s in x.shape):
-        raise ValueError(
-            f"array must have known chunk sizes to be written to Zarr; got shape {x.shape} "
-            "(call array.compute_chunk_sizes() first)"
-        )
-    return x
+        return array
+    if isinstance(arr, zarr.Array):
+        return from_zarr(arr)
+    chunks = normalize_chunks("auto", arr.shape, limit=DEFAULT_TARGET_BYTES, dtype=arr.dtype)
+    return da.from_array(arr, chunks=chunks)
 
 
 def _is_regular(c: tuple[int, ...]) -> bool:

@@ -428,8 +428,8 @@ def _unknown_shape() -> da.Array:
 
 
 BAD_RANDOM = [
-    (dict(images=3), TypeError, r"images\[0\] must be a Zarr store path, or a Zarr, Dask or "
-                                r"NumPy array; got 3 of type int"),
+    (dict(images=3), TypeError, r"images\[0\] must be a NumPy, Dask or Zarr array or a Zarr "
+                                r"store path; got 3 of type int"),
     (dict(images=[]), ValueError, "images must be a volume or a non-empty list"),
     (dict(images=[IMG, IMG[None]]), ValueError, "same number of spatial axes"),
     (dict(size=2.5), TypeError, "size must be an integer or a sequence"),
