@@ -130,8 +130,9 @@ def check_target(w: Write) -> tuple[zarr.Array | None, dict[str, Any]]:
 
 
 def create_or_reopen(w: Write, node: zarr.Array | None, fingerprint: dict[str, Any]
-                      ) -> tuple[zarr.Array, set[tuple[int, ...]] | None]:
-    """The array opened for writing, and the chunks already done (``None``: all of them)."""
+                     ) -> tuple[zarr.Array, set[tuple[int, ...]] | None, str | None]:
+    """The array opened for writing, the chunks already done (``None``: all of them), and where
+    an array it replaces was set aside (``None``: nowhere)."""
     if w.resume and node is not None:
         z = zarr.open_array(store=w.target, path=w.path or "", mode="r+")
         done = _store.done_chunks(z, w.x.numblocks)
@@ -140,9 +141,10 @@ def create_or_reopen(w: Write, node: zarr.Array | None, fingerprint: dict[str, A
         else:
             logger.info("to_zarr: resuming %s: %d of %d chunks already done", w.where, len(done),
                         math.prod(w.x.numblocks))
-        return z, done
+        return z, done, None
+    aside = None
     if node is not None:
-        _store.clear(w.target, w.path)  # the old array (checked above)
+        aside = _store.clear(w.target, w.path, w.where)  # the old array (checked above)
     else:  # stale markers and spilled parts of a hand-deleted array
         _storeio.delete_dir(w.target, _store.node_path(w.path, _store.MARKER_DIR) or "")
         _storeio.delete_dir(w.target, _store.node_path(w.path, _store.SPILL_DIR) or "")
@@ -152,7 +154,7 @@ def create_or_reopen(w: Write, node: zarr.Array | None, fingerprint: dict[str, A
         zarr_format=3, dimension_names=w.dimension_names,
     )
     _fingerprint.check_still_ours(z, fingerprint, w.where)  # another writer created it meanwhile
-    return z, set()
+    return z, set(), aside
 
 
 def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
@@ -209,11 +211,16 @@ def write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: 
     node, fingerprint = check_target(w)
     if w.compute:  # a cluster's workers import daskpatch at once, before any store is made
         _sched.warm_up()
-    z, done = create_or_reopen(w, node, fingerprint)
-    job = plan(w, z, fingerprint, done)
-    if not w.compute:
-        return job
-    _sched.compute(job, w.progress)
+    z, done, aside = create_or_reopen(w, node, fingerprint)
+    try:
+        job = plan(w, z, fingerprint, done)
+        if not w.compute:
+            return job
+        _sched.compute(job, w.progress)
+    except BaseException:
+        if aside is not None:  # an overwrite that failed: the old array comes back
+            _store.restore(w.target, w.path, aside)
+        raise
     return z
 
 

@@ -176,3 +176,15 @@ def test_is_stride_aligned_takes_an_array(tmp_path):
     assert dp.is_stride_aligned(z, (48, 40))
     assert dp.is_stride_aligned(np.zeros((100, 100)), 48)  # one chunk
     assert dp.is_stride_aligned(da.zeros((4, 96, 96), chunks=(4, 48, 48)), 48, channel_axis=0)
+
+
+def test_rechunk_refuses_to_copy_an_interrupted_output(tmp_path):
+    import dask.array as da
+
+    from daskpatch.errors import IncompleteOutputError
+
+    dp.to_zarr(da.ones((16, 16), chunks=5), tmp_path / "o.zarr", compute=False)  # never run
+    with pytest.raises(IncompleteOutputError, match=r"source is an incomplete daskpatch output "
+                                                    r".*Finish it first"):
+        dp.rechunk_to_stride(str(tmp_path / "o.zarr"), 4, str(tmp_path / "r.zarr"))
+    assert not (tmp_path / "r.zarr").exists()

@@ -265,7 +265,7 @@ def _format_info(r: dict[str, Any], args: argparse.Namespace) -> str:
             lines.append(row("hint", f"axis {channel[0]} is a channel axis: pass "
                                      f"--channel-axis {channel[0]}"))
         lines.append(f"level {r['level']!r}:")
-    if r["node"] == "group":
+    if "members" in r:
         for m in r["members"]:
             if m["kind"] == "array":
                 lines.append(row(m["name"], f"array {_x(m['shape'])} {m['dtype']}, chunks "

@@ -52,13 +52,16 @@ from zarr.abc.store import Store
 
 from daskpatch.errors import (IncompleteWarning, ParameterError, ParameterTypeError,
                               TargetExistsError, TargetNotDeletableError, UnsafeTargetError)
-from daskpatch.storage.storeio import collect, delete, delete_dir, exists, get, list_prefix, put, run
+from daskpatch.storage.storeio import collect, delete_dir, exists, get, list_prefix, put, run
 from daskpatch.geometry.parse import _describe
 
 __all__ = ["IncompleteWarning"]
 
 MARKER_DIR = ".daskpatch-done"
 SPILL_DIR = ".daskpatch-spill"
+#: Where an overwritten local array waits until its replacement is complete (one folder per
+#: overwrite), so that no failure of an overwrite loses it (:func:`clear`).
+REPLACED_DIR = ".daskpatch-replaced"
 #: Key of the daskpatch record in an output array's attributes.
 ATTR = "daskpatch"
 #: Version of the fingerprint layout (a different version never matches).
@@ -262,7 +265,7 @@ def check_parents(store: Any, path: str | None, where_: str, what: str = "an arr
 
 _ARRAY_KEY = re.compile(r"^(zarr\.json|\.zarray|\.zattrs|(c|\d+)([./]\d+)*)$")
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # a LocalStore write in flight at a crash
-_OURS = (MARKER_DIR, SPILL_DIR)
+_OURS = (MARKER_DIR, SPILL_DIR, REPLACED_DIR)
 
 
 def _allowed_key(rel: str, is_array: bool) -> bool:
@@ -387,21 +390,82 @@ def check_deletable(store: Store, path: str | None, where: str) -> None:
         ) from err
 
 
-def clear(store: Store, path: str | None) -> None:
-    """Delete everything under ``path`` (checked first by :func:`check_contents` and
-    :func:`check_deletable`); a local directory itself stays."""
+def clear(store: Store, path: str | None, where: str = "the target") -> str | None:
+    """Clear ``path`` for a new array (checked first by :func:`check_contents` and
+    :func:`check_deletable`); a local directory itself stays.
+
+    In a local directory the old array is set aside, not deleted: its entries move (each an
+    atomic rename) into ``REPLACED_DIR/<generation>`` under it, and that folder is returned. It
+    is deleted once the new array is complete (:func:`drop_replaced`), or moved back if the
+    write fails (:func:`restore`); after a crash it stays (the next completed write of the
+    array deletes it). If a move fails, the entries moved so far go back and nothing is lost.
+    Other stores cannot move keys: the old array is deleted and ``None`` returned.
+    """
     root = _local_root(store) if isinstance(store, zarr.storage.LocalStore) else None
     if root is None:
         delete_dir(store, _join(path))
-        return
+        return None
     base = os.path.join(root, path or "")
     if not os.path.isdir(base):
-        return
+        return None
+    generation = os.path.join(base, REPLACED_DIR, uuid.uuid4().hex)
+    moved: list[str] = []
+    try:
+        os.makedirs(generation)
+        for entry in os.scandir(base):
+            if entry.name != REPLACED_DIR:
+                os.rename(entry.path, os.path.join(generation, entry.name))
+                moved.append(entry.name)
+    except OSError as err:
+        for name in moved:
+            os.rename(os.path.join(generation, name), os.path.join(base, name))
+        _remove_empty(generation)
+        raise TargetNotDeletableError(
+            f"to_zarr: cannot overwrite {where}: setting {err.filename!r} aside failed "
+            f"({err.strerror}); nothing was deleted or written", param="overwrite", value=where
+        ) from err
+    return generation
+
+
+def restore(store: Store, path: str | None, generation: str) -> None:
+    """Undo :func:`clear` after a failed write: delete what the write made under ``path`` and
+    move the old array's entries back from ``generation``."""
+    base = os.path.join(_local_root(store) or "", path or "")
     for entry in os.scandir(base):
+        if entry.name == REPLACED_DIR:
+            continue
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path)
         else:
             os.unlink(entry.path)
+    for entry in os.scandir(generation):
+        os.rename(entry.path, os.path.join(base, entry.name))
+    _remove_empty(generation)
+
+
+def drop_replaced(z: zarr.Array, where: str) -> None:
+    """Delete the arrays :func:`clear` set aside under ``z`` (its write is complete); what
+    cannot be deleted stays, with a warning naming it."""
+    root = _local_root(z.store) if isinstance(z.store, zarr.storage.LocalStore) else None
+    if root is None:
+        return
+    aside = os.path.join(root, z.path or "", REPLACED_DIR)
+    if not os.path.isdir(aside):
+        return
+    failed: list[str] = []
+    shutil.rmtree(aside, onerror=lambda _f, p, _e: failed.append(p))
+    if failed:
+        warnings.warn(f"to_zarr: {where} is complete, but {len(failed)} file(s) of the array it "
+                      f"replaced could not be deleted (first: {failed[0]!r}); delete "
+                      f"{aside!r} by hand", stacklevel=2)
+
+
+def _remove_empty(generation: str) -> None:
+    for folder in (generation, os.path.dirname(generation)):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ def finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, written
     _store.mark_complete(z)
     for spill, name in spills:
         spill.clear(name)
+    _store.drop_replaced(z, where)  # the array it replaced, kept until now
     return z
 
 

@@ -75,6 +75,23 @@ def test_a_bare_conv3d_equals_the_manual_wrapper_bit_for_bit(volume):
     assert net.training  # the caller's module keeps its mode: a copy ran in eval mode
 
 
+def test_the_callers_module_keeps_its_training_mode(volume):
+    """A training loop that validates through daskpatch goes on training with BatchNorm and
+    Dropout as they were: the module in training mode is copied, the copy runs in eval mode."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1), torch.nn.BatchNorm3d(2),
+                              torch.nn.Dropout(0.5))
+    stats = net[1].running_mean.clone()
+    first = logits(volume, net).compute(scheduler="threads")
+    again = logits(volume, net).compute(scheduler="threads")
+    np.testing.assert_array_equal(first, again)  # eval mode: no dropout, running statistics
+    assert net.training and all(m.training for m in net.modules())
+    assert torch.equal(net[1].running_mean, stats)  # inference did not update the statistics
+    net.eval()
+    np.testing.assert_allclose(logits(volume, net).compute(scheduler="threads"), first,
+                               rtol=1e-6)
+
+
 def test_without_inference_mode_the_hook_fails(volume):
     """The hook does catch a model run with autograd on (as a caller's no_grad cannot reach the
     worker threads): so the passing runs above really ran without it."""

@@ -492,6 +492,21 @@ def test_apply_with_the_processes_scheduler(models, src, tmp_path, on_path):
 
 
 # -- the estimate of crop, errors in flags, rechunk into its source ----------------------------
+def test_info_names_an_interrupted_pyramid_incomplete(tmp_path, capsys):
+    target = tmp_path / "img.zarr"
+    dp.to_zarr(np.ones((16, 32, 32), np.float32), target, ome=True, levels=2, chunks=8)
+    g = zarr.open_group(str(target), mode="r+")
+    attrs = dict(g.attrs)
+    attrs.pop("ome")  # as the write leaves it before its last step
+    attrs["daskpatch"] = {**attrs["daskpatch"], "complete": False}
+    g.attrs.put(attrs)
+    assert main(["info", str(target), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["node"] == "incomplete ome-zarr image" and r["write"]["complete"] is False
+    assert main(["info", str(target)]) == 0
+    assert "INCOMPLETE: an OME-Zarr image of 2 levels" in capsys.readouterr().out
+
+
 def test_info_estimates_crop_in_the_result_dtype(tmp_path, capsys):
     src = _volume(tmp_path / "v.zarr")
     assert main(["info", src, "--size", "16", "--stride", "8", "--blend", "crop", "--dtype",

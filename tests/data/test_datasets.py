@@ -615,3 +615,49 @@ def test_transform_must_return_the_item():
     ds = PatchDataset(IMG, 4, transform=lambda item: None)
     with pytest.raises(TypeError, match=r"transform must return the item dict; got None"):
         ds[0]
+
+
+# -- values a loader must not change silently ----------------------------------------------------
+@pytest.mark.parametrize("bad, dtype, shown", [(300, np.uint8, "300"), (-1, np.uint8, "-1"),
+                                               (2**40, np.int32, str(2**40))])
+def test_a_label_the_dtype_cannot_hold_is_refused_not_wrapped(bad, dtype, shown):
+    lab = np.zeros((16, 16), np.int64)
+    lab[2, 2] = bad
+    ds = PatchDataset(IMG, 8, labels=lab, label_dtype=dtype)
+    with pytest.raises(ValueError, match=rf"label_dtype={np.dtype(dtype)} holds .* but the label "
+                                         rf"of sample 0 has {shown}"):
+        ds[0]
+    assert ds[1]["label"].dtype == dtype  # patches without it convert as before
+
+
+def test_nan_labels_into_an_integer_dtype_are_refused():
+    lab = np.zeros((16, 16), np.float32)
+    lab[1, 1] = np.nan
+    with pytest.raises(ValueError, match="label_dtype=int64 cannot hold NaN"):
+        PatchDataset(IMG, 8, labels=lab, label_dtype=np.int64)[0]
+
+
+def test_a_non_numeric_label_dtype_is_refused():
+    with pytest.raises(TypeError, match="label_dtype must be a boolean, integer or floating"):
+        PatchDataset(IMG, 8, labels=LAB, label_dtype="U3")
+
+
+@pytest.mark.parametrize("epoch", [2**63, 2**64])
+def test_an_epoch_beyond_64_bits_is_refused(epoch):
+    ds = RandomPatchDataset(IMG, 8, samples_per_epoch=4, seed=1)
+    with pytest.raises(ValueError, match=r"epoch must be an int from 0 to 2\*\*63 - 1"):
+        ds.set_epoch(epoch)
+    assert ds.epoch == 0
+    ds.set_epoch(2**63 - 1)
+    assert ds.epoch == 2**63 - 1 and ds[0]["image"].shape == (1, 8, 8)
+
+
+def test_an_interrupted_output_warns_when_a_loader_opens_it(tmp_path):
+    import daskpatch as dp
+
+    dp.to_zarr(da.ones((16, 16), chunks=8), tmp_path / "o.zarr", compute=False)  # never run
+    with pytest.warns(dp.IncompleteWarning, match=r"images\[0\] .* is an incomplete daskpatch "
+                                                  r"output: 0 of 4 chunks"):
+        PatchDataset(str(tmp_path / "o.zarr"), 8)
+    with pytest.warns(dp.IncompleteWarning, match="incomplete daskpatch output"):
+        RandomPatchDataset(zarr.open_array(tmp_path / "o.zarr"), 8, samples_per_epoch=2)

@@ -193,6 +193,47 @@ def test_failed_overwrite_leaves_the_old_array_intact(tmp_path):
     np.testing.assert_array_equal(dp.open_volume(target).compute(), V)
 
 
+def test_an_undeletable_file_does_not_cost_the_old_array(tmp_path):
+    """An overwrite sets the old array aside and deletes it only once the new one is complete:
+    a file that cannot be deleted (immutable, in a writable directory) no longer destroys the
+    old array half-way; the new array is written and the leftover is named in a warning."""
+    target = tmp_path / "old.zarr"
+    dp.to_zarr(V, target, chunks=4)
+    stuck = target / "c" / "0" / "0" / "0"
+    if os.geteuid() != 0 or shutil.which("chattr") is None or subprocess.run(
+            ["chattr", "+i", str(stuck)], capture_output=True).returncode:
+        pytest.skip("needs root and chattr to make a file undeletable")
+    try:
+        with pytest.warns(UserWarning, match=r"is complete, but \d+ file\(s\) of the array it "
+                                             r"replaced could not be deleted"):
+            dp.to_zarr(V + 1, target, chunks=4, overwrite=True)
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(target)], capture_output=True)
+    np.testing.assert_array_equal(dp.open_volume(target).compute(), V + 1)
+
+
+def test_a_failed_overwrite_puts_the_old_array_back(tmp_path):
+    target = tmp_path / "old.zarr"
+    dp.to_zarr(V, target, chunks=4)
+    before = _files(target)
+
+    def broken(batch):
+        raise RuntimeError("the model broke")
+
+    with pytest.raises(RuntimeError, match="the model broke"):
+        dp.to_zarr(dp.apply_patches(V, broken, 8), target, chunks=4, overwrite=True)
+    assert _files(target) == before  # bit for bit, and nothing set aside is left
+    np.testing.assert_array_equal(dp.open_volume(target).compute(), V)
+
+
+def test_a_completed_overwrite_leaves_nothing_aside(tmp_path):
+    target = tmp_path / "old.zarr"
+    dp.to_zarr(V, target, chunks=4)
+    dp.to_zarr(V + 1, target, chunks=4, overwrite=True)
+    assert not (target / ".daskpatch-replaced").exists()
+    np.testing.assert_array_equal(dp.open_volume(target).compute(), V + 1)
+
+
 def test_overwrite_into_a_read_only_store_is_refused(tmp_path):
     dp.to_zarr(V, tmp_path / "ro.zarr")
     before = _files(tmp_path / "ro.zarr")
