@@ -302,7 +302,13 @@ def apply_patches(
         try:
             out_dtype = np.dtype(dtype)
         except TypeError as err:
-            raise TypeError(f"dtype must be a NumPy dtype; got {_describe(dtype)}") from err
+            raise ParameterTypeError(f"dtype must be a NumPy dtype; got {_describe(dtype)}",
+                                     param="dtype", value=dtype) from err
+        if out_dtype.kind not in "biufc":
+            raise ParameterTypeError(
+                f"dtype must be a numeric dtype (bool, integer, floating or complex): the result "
+                f"is a weighted mean of the model's numbers; got {out_dtype}", param="dtype",
+                value=out_dtype, expected="a numeric dtype")
     chunks_in = getattr(vol.array, "chunks", None)  # Zarr: ints; Dask: tuples
     if isinstance(chunks_in, tuple):
         chunks_in = [c if isinstance(c, tuple) else (int(c),) for c in chunks_in]

@@ -272,7 +272,7 @@ def write_image(array: Any, store: Any, path: Any, *, chunks: Any, compressors: 
     base, full = _store.resolve_store(store, path)
     where = _store.where(base, full)
     node = _ome.check_target(base, full, where, overwrite=overwrite, resume=resume,
-                             levels=levels)
+                             levels=levels, downsample=method)
     target, prefix = _store.as_store(base)
     check_not_read(x, target, _store.node_path(prefix, full), where)
     if node is not None and overwrite:

@@ -109,9 +109,35 @@ def saturate(x: np.ndarray, dtype: Any) -> np.ndarray:
         return y.astype(dtype)
 
 
+#: How far (in units of the accumulation dtype's epsilon, relative) a blended value may sit from
+#: a half-integer and still count as that half-integer: the blend of a constant 2.5 comes out
+#: a few ulps either side of it (the window weights sum to 1 only to float rounding).
+HALF_ULPS = 64
+
+
+def snap_halves(x: np.ndarray) -> np.ndarray:
+    """``x`` with values within :data:`HALF_ULPS` ulps of a half-integer set to it exactly, so
+    that rounding treats a constant prediction the same everywhere (2.5 blends to 2.4999998
+    here and 2.5000002 there; both become 2.5, which rounds half to even: 2).
+
+    Examples
+    --------
+    >>> snap_halves(np.array([2.4999998, 2.5000002, 2.4, 0.50000006], np.float32)).tolist()
+    [2.5, 2.5, 2.4000000953674316, 0.5]
+    """
+    twice = x * 2
+    nearest = np.rint(twice)
+    eps = float(np.finfo(x.dtype).eps)
+    near = np.abs(twice - nearest) <= HALF_ULPS * eps * np.maximum(np.abs(twice), 1)
+    snapped: np.ndarray = np.where(near & (nearest % 2 != 0), nearest / 2, x).astype(x.dtype)
+    return snapped
+
+
 def _float_to_int(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Round to nearest and saturate; NaN stays NaN until the last cast, which then sets the
-    floating-point "invalid" flag (IEEE 754 requires it of a NaN-to-integer conversion)."""
+    """Round to nearest (an exact half to even, after :func:`snap_halves`) and saturate; NaN
+    stays NaN until the last cast, which then sets the floating-point "invalid" flag (IEEE 754
+    requires it of a NaN-to-integer conversion)."""
+    x = snap_halves(x)
     info = np.iinfo(dtype)
     if x.dtype.kind == "f" and info.max <= float(np.finfo(x.dtype).max) and \
             float(x.dtype.type(info.max)) == info.max:  # the limits are exact in x's dtype
@@ -147,6 +173,8 @@ def cast(x: np.ndarray, dtype: Any, nan_at: Callable[[tuple[int, ...]], Exceptio
         x = x.real
         if x.dtype.kind == "f" and np.isnan(x).any():
             raise nan_at(tuple(int(i) for i in np.argwhere(np.isnan(x))[0]))
+        if x.dtype.kind == "f":
+            x = snap_halves(x)  # a blended constant 0.5 is False everywhere
         return x > 0.5
     if dtype.kind in "iu":
         if x.dtype.kind in "iu":

@@ -59,9 +59,9 @@ def profile(blend: str, n: int, sigma_scale: float = 0.125) -> np.ndarray:
     k = np.arange(n, dtype=np.float64)
     if blend in ("constant", "crop"):
         return np.ones(n)
+    p: np.ndarray
     if blend == "gaussian":
-        sigma = sigma_scale * n
-        p = np.exp(-0.5 * ((k - (n - 1) / 2) / sigma) ** 2)
+        p = np.exp(_gaussian_log(n, sigma_scale))
     elif blend == "hann":
         p = np.sin(np.pi * (k + 0.5) / n) ** 2
     elif blend == "triangular":
@@ -69,7 +69,8 @@ def profile(blend: str, n: int, sigma_scale: float = 0.125) -> np.ndarray:
     else:  # pragma: no cover - parse_blend rejects it first
         raise ValueError(f"blend must be one of {BLENDS}; got {blend!r}")
     peak: np.float64 = p.max()
-    return p / peak
+    out: np.ndarray = p / peak
+    return out
 
 
 def window(blend: str, size: tuple[int, ...],
@@ -183,10 +184,19 @@ class Window:
         return p[None, :] / total[pos]
 
 
+#: The narrowest gaussian (sigma in voxels) the windows compute with. Below it the blending
+#: weights no longer change in float64: two patch centres at different distances from a voxel
+#: differ by at least 0.25 / sigma^2 = 250000 in log weight, far past exp's underflow (745), so
+#: each voxel already goes to its nearest centre (ties shared). Any smaller positive sigma_scale
+#: gives these same weights instead of overflowing to ``-inf`` logs (0/0, NaN).
+MIN_SIGMA = 1e-3
+
+
 def _gaussian_log(n: int, sigma_scale: float) -> np.ndarray:
-    """The natural log of the gaussian profile over ``n`` voxels (peak 0; never ``-inf``)."""
+    """The natural log of the gaussian profile over ``n`` voxels (peak 0; finite)."""
     k = np.arange(n, dtype=np.float64)
-    return -0.5 * ((k - (n - 1) / 2) / (sigma_scale * n)) ** 2
+    sigma = max(sigma_scale * n, MIN_SIGMA)
+    return -0.5 * ((k - (n - 1) / 2) / sigma) ** 2
 
 
 def _log_normalised(log_p: np.ndarray, pos: np.ndarray, extent: int) -> np.ndarray:

@@ -463,10 +463,10 @@ def finish(group: zarr.Group, meta: dict[str, Any], _job: Any) -> zarr.Group:
 
 
 def check_target(base: Any, full: str | None, where: str, *, overwrite: bool, resume: bool,
-                 levels: int) -> Any:
+                 levels: int, downsample: str) -> Any:
     """The node at an image's target (``None``: nothing there) after checking that this write
     may go there: a group only if daskpatch wrote it, an existing image only with ``overwrite``
-    or ``resume`` (and then with the same number of levels)."""
+    or ``resume`` (and then with the same number of levels and the same ``downsample``)."""
     node = _store.probe(base, full)
     marker: Any = node.attrs.get(_MARKER) if isinstance(node, zarr.Group) else None
     ours = isinstance(marker, Mapping)
@@ -493,6 +493,14 @@ def check_target(base: Any, full: str | None, where: str, *, overwrite: bool, re
                 f"started with levels={marker.get('levels')} (this write: levels={levels}). "
                 "Pass overwrite=True to start again",
                 param="levels", stored=marker.get("levels"), value=levels
+            )
+        if marker.get("downsample", downsample) != downsample:
+            raise ResumeMismatchError(
+                f"resume=True needs the image at {where} to match this write, but it was "
+                f"started with downsample={marker.get('downsample')!r} (this write: "
+                f"downsample={downsample!r}); its levels would mix both. Pass the same "
+                "downsample=, or overwrite=True to start again",
+                param="downsample", stored=marker.get("downsample"), value=downsample
             )
     _store.check_parents(base, full, where, "an image", name_parent=True)
     return node

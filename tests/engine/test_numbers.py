@@ -181,12 +181,41 @@ def test_tiny_sigma_weights_are_a_partition_of_one():
     from daskpatch.geometry.windows import Window
 
     starts = np.array([0, 3, 6, 9, 12, 13])  # a shifted last patch
-    for sigma in (0.125, 0.01, 1e-3, 1e-6):
+    for sigma in (0.125, 0.01, 1e-3, 1e-6, 1e-160, 5e-324):  # any positive value
         q = Window("gaussian", sigma).axis_weights(starts, 8, 21)
         total = np.zeros(21)
         np.add.at(total, starts[:, None] + np.arange(8), q)
         assert np.isfinite(q).all() and (q >= 0).all()
         np.testing.assert_allclose(total, 1.0, rtol=1e-15)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_vanishing_sigma_gives_the_nearest_patch_not_nan(path, tmp_path):
+    vol = np.random.default_rng(3).random((40, 40), np.float32)
+    out = dp.apply_patches(vol, lambda b: b, 16, 8, sigma_scale=3e-155)
+    np.testing.assert_array_equal(run(out, path, tmp_path), vol)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("value, dtype, expected", [
+    (2.5, np.uint8, 2), (3.5, np.int16, 4), (-2.5, np.int32, -2), (254.5, np.uint8, 254),
+    (0.5, bool, False), (1.5, bool, True)])
+@pytest.mark.parametrize("blend", ["gaussian", "hann", "triangular", "constant"])
+def test_a_constant_prediction_gives_a_constant_result_in_every_dtype(path, tmp_path, value,
+                                                                       dtype, expected, blend):
+    """An exact half rounds to even, wherever the window weights' float rounding put it."""
+    vol = np.zeros((40, 36, 30), np.float32)
+    out = dp.apply_patches(vol, lambda b: np.full_like(b, value), 16, 6, dtype=dtype,
+                           blend=blend)
+    got = run(out, path, tmp_path)
+    assert got.dtype == np.dtype(dtype) and np.unique(got).tolist() == [expected]
+
+
+@pytest.mark.parametrize("dtype", ["U6", "datetime64[s]", "O", "S3", "m8[ns]"])
+def test_non_numeric_result_dtypes_are_refused(dtype):
+    with pytest.raises(TypeError, match=r"dtype must be a numeric dtype \(bool, integer, "
+                                        r"floating or complex\).* got "):
+        dp.apply_patches(np.zeros((8, 8), np.float32), lambda b: b, 4, dtype=dtype)
 
 
 # -- crop copies ------------------------------------------------------------------------------

@@ -345,6 +345,10 @@ def test_interrupted_pyramid_is_incomplete_and_resumes(tmp_path):
         dp.to_zarr(x, tmp_path / "img.zarr", ome=True, levels=3)
     with pytest.raises(ValueError, match="started with levels=3 \\(this write: levels=2\\)"):
         dp.to_zarr(x, tmp_path / "img.zarr", ome=True, levels=2, resume=True)
+    with pytest.raises(ValueError, match="started with downsample='mean' \\(this write: "
+                                         "downsample='mode'\\); its levels would mix both"):
+        dp.to_zarr(x, tmp_path / "img.zarr", ome=True, levels=3, downsample="mode",
+                   resume=True)
 
     level0_mtime = {p: p.stat().st_mtime_ns for p in (tmp_path / "img.zarr/0/c").rglob("*")
                     if p.is_file()}
