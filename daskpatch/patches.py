@@ -329,7 +329,7 @@ def apply_patches(
     name = "apply-patches-" + tokenize(vol.name, model, b.token(), pad_mode, pad_value,
                                        batch_size, cout, out_dtype)
     reader = ApplyReader(vol, pad_mode, pad_value, batch_size, model,
-                         tuple(grid.axis_starts(a) for a in range(grid.ndim)), BatchPool())
+                         tuple(grid.axis_starts(a) for a in range(grid.ndim)), BatchPool(), fn)
     collections, extra = vol.source_layer()
     return engine_array(OverlapAdd(name, b, reader), collections, {**extra, model: fn})
 

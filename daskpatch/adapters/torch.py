@@ -392,3 +392,14 @@ class TorchModel:
                  normalize_token(attrs), tensors, self.device, self.dtype, self.amp)
         self._token = (versions, token)
         return token
+
+    def __daskpatch_fingerprint__(self) -> dict[str, Any]:
+        """What :func:`daskpatch.to_zarr` records of this model: the module's class and a hash
+        of its parameters, buffers and plain attributes (the same weights give the same hash in
+        any process), the dtype and mixed precision it runs in; not the device."""
+        from dask.base import tokenize
+
+        token = self.__dask_tokenize__()
+        cls = type(self.module)
+        return {"by": "module class and parameters", "class": f"{cls.__module__}.{cls.__qualname__}",
+                "parameters": tokenize(token[3:6]), "dtype": self.dtype, "amp": self.amp}

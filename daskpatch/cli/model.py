@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from daskpatch.cli.errors import UsageError as _UsageError
+from daskpatch.adapters.models import file_digest
 from daskpatch.adapters.torch import TorchModel, is_module
 
 __all__ = ["TORCH_FILES", "SpecModel", "resolve_spec"]
@@ -45,6 +47,22 @@ class SpecModel:
 
     def __dask_tokenize__(self) -> tuple:
         return ("daskpatch-cli-model", self.spec, self.device, self.channels)
+
+    def __daskpatch_fingerprint__(self) -> dict[str, Any]:
+        """The spec, and a hash of what it names: a torch file's bytes, or the source file of
+        the module a ``module:callable`` comes from (weights such code loads from elsewhere are
+        not seen: name their version with ``--run-id``)."""
+        out: dict[str, Any] = {"by": "the --model spec and the file it names", "spec": self.spec,
+                               "channels": self.channels}
+        if self.spec.endswith(TORCH_FILES):
+            out["sha256"] = file_digest(self.spec)
+            return out
+        resolve_spec(self.spec)  # imports the module (a clear error where it cannot)
+        source = getattr(sys.modules.get(self.spec.rpartition(":")[0]), "__file__", None)
+        if source is not None and os.path.isfile(source):
+            out["source"] = os.path.basename(source)
+            out["sha256"] = file_digest(source)
+        return out
 
     def load(self) -> Callable[[np.ndarray], np.ndarray]:
         with self._lock:

@@ -14,6 +14,7 @@ from dask.highlevelgraph import MaterializedLayer
 from zarr.abc.store import Store
 
 from daskpatch.errors import UnsafeTargetError
+from daskpatch.adapters.models import model_fingerprint
 from daskpatch.graph.layers import layers
 from daskpatch.storage.fingerprint import jsonable
 from daskpatch.storage.stores import FORMAT, location, overlaps
@@ -106,18 +107,23 @@ def _input(source: Any) -> str:
 
 
 def fingerprint(x: da.Array, chunks: tuple[int, ...], run_id: str | None) -> dict[str, Any]:
-    """Everything that determines ``x`` written with Zarr ``chunks``, except the model.
+    """Everything that determines ``x`` written with Zarr ``chunks`` that can be known in any
+    process.
 
-    The overlap-add parameters come from the ``params`` of the engines in the graph; the inputs
-    are the Zarr arrays the graph reads (by location) and the NumPy arrays it was given (by
-    shape and dtype only: their content is not hashed). A model cannot be fingerprinted
-    reliably (a closure's token differs in every process); ``run_id`` names its version.
+    The overlap-add parameters come from the ``params`` of the engines in the graph, with the
+    fingerprint of each engine's model (:func:`~daskpatch.adapters.models.model_fingerprint`:
+    a torch module's class and parameters, a function's name and code; what cannot be
+    fingerprinted is recorded as such, and ``run_id`` names its version); the inputs are the
+    Zarr arrays the graph reads (by location) and the NumPy arrays it was given (by shape and
+    dtype only: their content is not hashed).
     """
     engines = []
     for layer in layers(x).values():
-        params = getattr(getattr(layer, "engine", None), "params", None)
-        if isinstance(params, dict) and params:
-            engines.append(params)
+        engine = getattr(layer, "engine", None)
+        params = getattr(engine, "params", None)
+        if engine is not None and isinstance(params, dict) and params:
+            fn = getattr(engine.overlap.reader, "fn", None)
+            engines.append(params if fn is None else {**params, "model": model_fingerprint(fn)})
     inputs = sorted({_input(s) for s in graph_arrays(x, sources_only=True)})
     return jsonable({
         "format": FORMAT,

@@ -153,6 +153,7 @@ class ApplyReader:
     model: str
     axis_starts: tuple[np.ndarray, ...]
     batches: BatchPool  #: the plan's: emptied when none of its blocks holds a batch
+    fn: Any = None  #: the model itself (the graph holds it under ``model``): fingerprinted
 
     def accumulate(self, b: Blending, bidx: tuple[int, ...], ext_lo: tuple[int, ...],
                    ext_hi: tuple[int, ...]) -> tuple[Any, set[Any]]:

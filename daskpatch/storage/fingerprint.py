@@ -93,9 +93,14 @@ def check_fingerprint(z: zarr.Array, fp: dict[str, Any], where: str) -> None:
     diff = first_difference(old, fp)
     if diff is not None:
         name, was, now = diff
+        hint = ""
+        if name == "model":
+            hint = (" (a model is fingerprinted by what is the same in every process: a torch "
+                    "module's class and parameters, a function's name and code, the command "
+                    "line's --model file; what cannot be, by run_id)")
         raise ResumeMismatchError(
             f"resume=True: {where} was written with {name}={_show(was)}, but this call has "
-            f"{name}={_show(now)} (the first parameter that differs); resuming would mix "
+            f"{name}={_show(now)} (the first parameter that differs){hint}; resuming would mix "
             "chunks of two different results. Resume with the same parameters (and run_id), or "
             "pass overwrite=True to start again", param=name, stored=was, value=now
         )

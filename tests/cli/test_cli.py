@@ -247,6 +247,18 @@ def test_apply_module_callable_equals_the_python_api(models, src, tmp_path, on_p
     np.testing.assert_array_equal(out[...], expected)
 
 
+def test_resume_with_another_model_is_refused_in_flags(models, src, tmp_path, on_path, capsys):
+    dst = str(tmp_path / "out.zarr")
+    args = ["apply", src, dst, "--size", str(SIZE), "--stride", str(STRIDE)]
+    assert main([*args, "--model", "cli_models:affine"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--model", "cli_models:three_channels", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was written with model=" in err and "cli_models:affine" in err
+    assert "cli_models:three_channels" in err and err.count("\n") == 1
+    assert main([*args, "--model", "cli_models:affine", "--resume"]) == 0  # the same model
+
+
 def test_apply_options_reach_the_python_api(tmp_path, on_path, capsys):
     src = str(tmp_path / "ch.zarr")
     data = np.random.default_rng(1).random((2, 24, 20, 18), dtype=np.float32)

@@ -55,6 +55,12 @@ class Crash:
             raise RuntimeError("simulated crash")
         return self.fn(batch)
 
+    def __daskpatch_fingerprint__(self) -> dict:
+        """The model it runs: the crash is the machine's, not another model."""
+        from daskpatch.adapters.models import model_fingerprint
+
+        return model_fingerprint(self.fn)
+
 
 def _crashed_write(target: Path, source: Path, at: int = 20, **kwargs) -> None:
     with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError, match="simulated"):
@@ -451,13 +457,61 @@ def test_a_writer_whose_array_was_replaced_stops(tmp_path, source):
 # --------------------------------------------------------------------------------------------
 
 
+def _scaled_by_3(batch):
+    return 3 * batch
+
+
+def test_resume_with_another_model_is_refused(tmp_path, source):
+    target = tmp_path / "o.zarr"
+    _crashed_write(target, source)
+    before = _files(target)
+    with pytest.raises(ValueError, match=r"was written with model=\{by: 'qualified name and "
+                       r"code', name: 'tests._child_write.model'.* but this call has model=.*"
+                       r"_scaled_by_3.*a model is fingerprinted by"):
+        dp.to_zarr(build(source, fn=_scaled_by_3), target, resume=True)
+    assert _files(target) == before
+    z = dp.to_zarr(build(source), target, resume=True)  # the same model finishes it
+    fp = z.attrs["daskpatch"]["fingerprint"]["engines"][0]["model"]
+    assert fp["by"] == "qualified name and code" and fp["name"] == "tests._child_write.model"
+
+
+def test_a_model_that_cannot_be_fingerprinted_is_recorded_as_such(tmp_path):
+    class Opaque:
+        def __call__(self, batch):
+            return batch
+
+    z = dp.to_zarr(dp.apply_patches(V, Opaque(), 8), tmp_path / "o.zarr")
+    model_fp = z.attrs["daskpatch"]["fingerprint"]["engines"][0]["model"]
+    assert model_fp["by"].startswith("nothing: pass run_id=") and model_fp["type"].endswith(
+        "Opaque")
+
+
+def test_a_torch_model_is_fingerprinted_by_its_parameters(tmp_path):
+    torch = pytest.importorskip("torch")
+    vol = np.random.default_rng(2).random((1, 16, 16, 16), dtype=np.float32)
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Conv3d(1, 1, 3, padding=1)
+
+    def write(module, **kw):
+        return dp.to_zarr(dp.apply_patches(vol, module, 8, 4, channel_axis=0),
+                          tmp_path / "o.zarr", **kw)
+
+    write(net(0))
+    write(net(0), resume=True)  # another object with the same weights: the same model
+    with pytest.raises(ValueError, match=r"model=\{by: 'module class and parameters'.*"
+                                         r"parameters: '\w+'.*the first parameter that differs"):
+        write(net(1), resume=True)
+
+
 def test_resume_with_another_graph_name_leaves_no_spilled_parts(tmp_path, source, setting):
     setting("daskpatch.spill-bytes", 0)  # spill into the output store
     target = tmp_path / "o.zarr"
     _crashed_write(target, source)  # its graph's name comes from the crashing model
     spill = target / ".daskpatch-spill"
     assert [p for p in spill.rglob("*") if p.is_file()]
-    again = build(source, fn=lambda b: model(b))  # the same math, another name
+    again = build(source, fn=Crash(10**9))  # the same model, another graph name
     z = dp.to_zarr(again, target, resume=True)
     assert not [p for p in spill.rglob("*") if p.is_file()]
     np.testing.assert_array_equal(z[...], dp.to_zarr(build(source), tmp_path / "c.zarr")[...])
