@@ -77,7 +77,12 @@ class BatchFn:
     def __call__(self, batch: np.ndarray) -> Any:
         # the engine checks the output's shape, and notes errors with the block, the patches
         # and how the volume's axes were read (``axes``)
-        return to_numpy(self.fn(batch))
+        try:
+            out = self.fn(batch)
+        except SystemExit as err:  # would end the process silently, from a worker thread
+            raise RuntimeError(f"fn called sys.exit({err.code!r}) on a batch; a model must "
+                               "return its predictions or raise an exception") from err
+        return to_numpy(out)
 
     def __dask_tokenize__(self) -> Any:
         from dask.base import normalize_token

@@ -351,7 +351,11 @@ def _node_location(store: str, path: str | None) -> tuple[str, str]:
 
 # -- apply and rechunk ---------------------------------------------------------------------------
 def _check_target(dst: str, path: str | None, args: argparse.Namespace) -> None:
-    """Refuse an existing DST before anything runs (unless --overwrite or --resume)."""
+    """Refuse an existing DST before anything runs (unless --overwrite or --resume), and a DST
+    whose result would vanish with this process."""
+    if dst.startswith("memory://"):
+        raise UsageError(f"DST {dst!r} is an in-memory store: the result would vanish when this "
+                         "command exits; write to a directory or an object store URL")
     base, full = _resolve_store(dst, _parse_path(path))
     node = _probe(base, full)
     if node is not None and not (args.overwrite or args.resume):

@@ -67,7 +67,11 @@ class SpecModel:
     def load(self) -> Callable[[np.ndarray], np.ndarray]:
         with self._lock:
             if self._fn is None:
-                self._fn = _load_model(self.spec, self.device, self.channels)
+                try:
+                    self._fn = _load_model(self.spec, self.device, self.channels)
+                except SystemExit as err:  # a factory's sys.exit()
+                    raise _UsageError(f"--model {self.spec!r}: building the model called "
+                                      f"sys.exit({err.code!r})") from err
             return self._fn
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -105,6 +109,10 @@ def _import_attr(spec: str) -> Any:
     except Exception as err:
         raise _UsageError(f"--model {spec!r}: importing {modname!r} failed: "
                           f"{type(err).__name__}: {err}") from err
+    except SystemExit as err:  # a script's sys.exit() run on import
+        raise _UsageError(f"--model {spec!r}: importing {modname!r} called sys.exit("
+                          f"{err.code!r}); a model's module must not exit when imported (put "
+                          "its script part under if __name__ == '__main__':)") from err
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):

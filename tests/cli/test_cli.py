@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS = '''\
 """Models of the command-line tests (imported by SPEC, in the CLI and on workers)."""
 import os
+import sys
 import threading
 
 import numpy as np
@@ -68,6 +69,10 @@ class NeedsArgs:
 
 def boom(batch):
     raise ZeroDivisionError("this model always fails")
+
+
+def exits(batch):
+    sys.exit(7)
 '''
 
 TORCH_MODELS = '''\
@@ -257,6 +262,25 @@ def test_resume_with_another_model_is_refused_in_flags(models, src, tmp_path, on
     assert "was written with model=" in err and "cli_models:affine" in err
     assert "cli_models:three_channels" in err and err.count("\n") == 1
     assert main([*args, "--model", "cli_models:affine", "--resume"]) == 0  # the same model
+
+
+def test_a_model_calling_sys_exit_is_an_error_not_a_silent_exit(models, src, tmp_path, on_path,
+                                                               capsys):
+    (models / "exits_on_import.py").write_text("import sys\nsys.exit(0)\n")
+    dst = str(tmp_path / "out.zarr")
+    args = ["apply", src, dst, "--size", str(SIZE), "--stride", str(STRIDE)]
+    assert main([*args, "--model", "exits_on_import:f"]) == 2
+    err = capsys.readouterr().err
+    assert "importing 'exits_on_import' called sys.exit(0)" in err and not os.path.exists(dst)
+    assert main([*args, "--model", "cli_models:exits"]) == 1
+    err = capsys.readouterr().err
+    assert "the run failed: RuntimeError: fn called sys.exit(7) on a batch" in err
+
+
+def test_an_in_memory_destination_is_refused(src, on_path, capsys):
+    assert main(["apply", src, "memory://out", "--model", "cli_models:affine", "--size",
+                 str(SIZE)]) == 2
+    assert "is an in-memory store: the result would vanish" in capsys.readouterr().err
 
 
 def test_apply_options_reach_the_python_api(tmp_path, on_path, capsys):
