@@ -28,8 +28,8 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from daskpatch.errors import (IncompleteOutputError, ResumeMismatchError, TargetExistsError,
-                              UnsafeTargetError)
+from daskpatch.errors import (IncompleteOutputError, ParameterError, ResumeMismatchError,
+                              TargetExistsError, UnsafeTargetError)
 from daskpatch.storage import stores as _store
 from daskpatch.geometry.parse import _describe
 from daskpatch.adapters.xarray import import_xarray, is_dataarray, wrap
@@ -191,6 +191,14 @@ def _ome_dataarray(data: da.Array, multiscale: Mapping[str, Any], level: int) ->
     s_d, t_d = _transform(dataset.get("coordinateTransformations"), ndim)
     s_m, t_m = _transform(multiscale.get("coordinateTransformations"), ndim)
     scale, shift = s_d * s_m, t_d * s_m + t_m
+    for a, ax in enumerate(axes):
+        if ax.get("type") != "channel" and not (np.isfinite(scale[a]) and scale[a] > 0
+                                                and np.isfinite(shift[a])):
+            raise ParameterError(
+                f"the OME-Zarr metadata gives axis {ax.get('name')!r} of level {level} scale "
+                f"{scale[a]} and translation {shift[a]}: coordinates need a positive finite "
+                "scale and a finite translation; fix the metadata, or open it with "
+                "xarray=False", param="xarray", value=(float(scale[a]), float(shift[a])))
     xr = import_xarray("open_volume(..., xarray=True)")
     coords = {}
     for a, (ax, n) in enumerate(zip(axes, data.shape)):
@@ -319,6 +327,12 @@ def _coords_geometry(array: Any, names: list[str], given: list[Any]
         c = array.coords[n]
         units[i] = c.attrs.get("units") or c.attrs.get("unit")
         values = np.asarray(c.values)
+        if values.ndim == 1 and values.dtype.kind in "mM":
+            raise ParameterError(
+                f"the coordinate {n!r} holds {values.dtype} values, which OME-Zarr cannot store "
+                "(one numeric scale and translation per axis): convert it to numbers (e.g. "
+                "seconds since its first value) and pass units=, or drop the coordinate",
+                param="array", value=str(values.dtype))
         if values.ndim != 1 or values.dtype.kind not in "iuf" or not len(values):
             continue
         shift[i] = float(values[0])

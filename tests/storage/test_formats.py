@@ -498,3 +498,28 @@ def test_open_volume_combines_dataset_and_multiscale_transformations(tmp_path):
     np.testing.assert_allclose(vol.coords["y"].values, 10.0 * (1.0 + 2.0 * np.arange(4)))
     np.testing.assert_allclose(vol.coords["x"].values, 5.0 + (-1.0 + 3.0 * np.arange(6)))
     assert vol.coords["y"].attrs["units"] == "nanometer"
+
+
+@pytest.mark.parametrize("scale", [[0.0, 1.0, 1.0], [1.0, float("nan"), 1.0], [1.0, 1.0, -2.0]])
+def test_ome_metadata_with_a_degenerate_scale_is_refused_as_coordinates(tmp_path, scale):
+    pytest.importorskip("xarray")
+    dp.to_zarr(np.ones((4, 8, 8), np.float32), tmp_path / "i.zarr", ome=True, chunks=4)
+    g = zarr.open_group(str(tmp_path / "i.zarr"), mode="r+")
+    attrs = dict(g.attrs)
+    attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] = scale
+    g.attrs.put(attrs)
+    with pytest.raises(ValueError, match=r"the OME-Zarr metadata gives axis '\w' of level 0 "
+                                         r"scale .* need a positive finite scale"):
+        dp.open_volume(tmp_path / "i.zarr", xarray=True)
+    assert dp.open_volume(tmp_path / "i.zarr").shape == (4, 8, 8)  # the data still opens
+
+
+def test_a_datetime_coordinate_is_refused_not_dropped_on_ome(tmp_path):
+    xr = pytest.importorskip("xarray")
+    arr = xr.DataArray(np.ones((3, 4, 4), np.float32), dims=("t", "y", "x"),
+                       coords={"t": np.array(["2024-01-01", "2024-01-02", "2024-01-03"],
+                                             dtype="datetime64[D]")})
+    with pytest.raises(ValueError, match=r"the coordinate 't' holds datetime64\[D\] values, "
+                                         r"which OME-Zarr cannot store"):
+        dp.to_zarr(arr, tmp_path / "t.zarr", ome=True)
+    assert not (tmp_path / "t.zarr").exists()
