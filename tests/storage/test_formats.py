@@ -519,7 +519,7 @@ def test_a_datetime_coordinate_is_refused_not_dropped_on_ome(tmp_path):
     arr = xr.DataArray(np.ones((3, 4, 4), np.float32), dims=("t", "y", "x"),
                        coords={"t": np.array(["2024-01-01", "2024-01-02", "2024-01-03"],
                                              dtype="datetime64[D]")})
-    with pytest.raises(ValueError, match=r"the coordinate 't' holds datetime64\[D\] values, "
+    with pytest.raises(ValueError, match=r"the coordinate 't' holds datetime64\[\w+\] values, "
                                          r"which OME-Zarr cannot store"):
         dp.to_zarr(arr, tmp_path / "t.zarr", ome=True)
     assert not (tmp_path / "t.zarr").exists()
