@@ -151,6 +151,17 @@ class TargetNotDeletableError(DaskpatchError, PermissionError):
     deleted."""
 
 
+class WriterConflictError(DaskpatchError, ValueError):
+    """Another writer holds the output's writer lease: a second writer is refused before it
+    writes anything, and a writer whose lease another took over stops before its next chunk;
+    ``holder`` describes the other writer (host, process, since when)."""
+
+    def __init__(self, message: str, *, holder: Any = None, param: str | None = None,
+                 value: Any = None, mentions: tuple[str, ...] = ()) -> None:
+        super().__init__(message, param=param, value=value, mentions=mentions)
+        self.holder = holder
+
+
 class IncompleteOutputError(DaskpatchError, ValueError):
     """An output whose write has not finished was refused where a complete one is needed;
     ``value`` names it."""

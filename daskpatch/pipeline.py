@@ -36,6 +36,7 @@ from daskpatch.graph.inspect import check_not_read
 from daskpatch.graph.inspect import fingerprint as fingerprint_of
 from daskpatch.graph.lowering import IntoStore, lower
 from daskpatch.storage import fingerprint as _fingerprint
+from daskpatch.storage import lease as _lease
 from daskpatch.storage import ome as _ome
 from daskpatch.storage import stores as _store
 from daskpatch.storage import storeio as _storeio
@@ -129,8 +130,9 @@ def check_target(w: Write) -> tuple[zarr.Array | None, dict[str, Any]]:
     return node, fingerprint
 
 
-def create_or_reopen(w: Write, node: zarr.Array | None, fingerprint: dict[str, Any]
-                     ) -> tuple[zarr.Array, set[tuple[int, ...]] | None, str | None]:
+def create_or_reopen(w: Write, node: zarr.Array | None, fingerprint: dict[str, Any],
+                     lease: _lease.Lease) -> tuple[zarr.Array, set[tuple[int, ...]] | None,
+                                                   str | None]:
     """The array opened for writing, the chunks already done (``None``: all of them), and where
     an array it replaces was set aside (``None``: nowhere)."""
     if w.resume and node is not None:
@@ -145,6 +147,8 @@ def create_or_reopen(w: Write, node: zarr.Array | None, fingerprint: dict[str, A
     aside = None
     if node is not None:
         aside = _store.clear(w.target, w.path, w.where)  # the old array (checked above)
+        if aside is None:  # deleted with the old array's keys
+            _lease.rewrite(lease)
     else:  # stale markers and spilled parts of a hand-deleted array
         _storeio.delete_dir(w.target, _store.node_path(w.path, _store.MARKER_DIR) or "")
         _storeio.delete_dir(w.target, _store.node_path(w.path, _store.SPILL_DIR) or "")
@@ -158,7 +162,7 @@ def create_or_reopen(w: Write, node: zarr.Array | None, fingerprint: dict[str, A
 
 
 def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
-          done: set[tuple[int, ...]] | None) -> Delayed:
+         done: set[tuple[int, ...]] | None, lease: _lease.Lease) -> Delayed:
     """The write graph: one task per chunk not done (compute the block, write it, mark it done;
     computing only those keys culls the rest of the graph, their inputs included), then one that
     marks the array complete and drops the spilled parts."""
@@ -172,7 +176,7 @@ def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
         # a spilled result written as it is: its chunk tasks write, blocks in C order
         todo = [loc for loc in np.ndindex(*w.x.numblocks) if loc not in done]
         writer = functools.partial(_writes.write_task, z=z, fingerprint=fingerprint,
-                                   where=w.where)
+                                   where=w.where, lease=lease)
     low = lower(w.x, IntoStore(None if in_ram else z.store, "" if in_ram else _store.spill_dir(z),
                                w.threshold, writer, tuple(todo),
                                (str(z.store), z.path, w.chunks)))
@@ -180,14 +184,15 @@ def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
     token, spills = low.token, low.spills
     if low.job is not None:
         return _sched.then(low.job, f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}",
-                           (_writes.finalize, z, fingerprint, w.where, spills, low.keys))
+                           (_writes.finalize, z, fingerprint, w.where, spills, low.keys,
+                            lease))
     x = low.array
     assert x is not None
     parts_todo = []
     if done is not None and len(done) < math.prod(x.numblocks):
         written = da.map_blocks(
             functools.partial(_writes.write_block, z=z, fingerprint=fingerprint,
-                              where=w.where), x,
+                              where=w.where, lease=lease), x,
             chunks=tuple((1,) * n for n in x.numblocks),
             dtype=np.uint8,
             meta=np.empty((0,) * x.ndim, dtype=np.uint8),
@@ -195,7 +200,8 @@ def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
         )
         parts = _sched.to_delayed(written)
         parts_todo = [d for loc, d in np.ndenumerate(parts) if loc not in done]
-    finalize = functools.partial(_writes.finalize, z, fingerprint, w.where, spills)
+    finalize = functools.partial(_writes.finalize, z, fingerprint, w.where, spills,
+                                 lease=lease)
     return dask.delayed(finalize, pure=False)(
         parts_todo, dask_key_name=f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}"
     )
@@ -211,15 +217,18 @@ def write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: 
     node, fingerprint = check_target(w)
     if w.compute:  # a cluster's workers import daskpatch at once, before any store is made
         _sched.warm_up()
-    z, done, aside = create_or_reopen(w, node, fingerprint)
+    lease = _lease.acquire(w.target, w.path, w.where)  # one writer at a time, or none
+    aside = None
     try:
-        job = plan(w, z, fingerprint, done)
+        z, done, aside = create_or_reopen(w, node, fingerprint, lease)
+        job = plan(w, z, fingerprint, done, lease)
         if not w.compute:
             return job
         _sched.compute(job, w.progress)
     except BaseException:
         if aside is not None:  # an overwrite that failed: the old array comes back
             _store.restore(w.target, w.path, aside)
+        _lease.release(lease)
         raise
     return z
 

@@ -62,6 +62,8 @@ SPILL_DIR = ".daskpatch-spill"
 #: Where an overwritten local array waits until its replacement is complete (one folder per
 #: overwrite), so that no failure of an overwrite loses it (:func:`clear`).
 REPLACED_DIR = ".daskpatch-replaced"
+#: The writer lease of an array (:mod:`daskpatch.storage.lease`).
+LEASE_KEY = ".daskpatch-lease"
 #: Key of the daskpatch record in an output array's attributes.
 ATTR = "daskpatch"
 #: Version of the fingerprint layout (a different version never matches).
@@ -265,7 +267,7 @@ def check_parents(store: Any, path: str | None, where_: str, what: str = "an arr
 
 _ARRAY_KEY = re.compile(r"^(zarr\.json|\.zarray|\.zattrs|(c|\d+)([./]\d+)*)$")
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # a LocalStore write in flight at a crash
-_OURS = (MARKER_DIR, SPILL_DIR, REPLACED_DIR)
+_OURS = (MARKER_DIR, SPILL_DIR, REPLACED_DIR, LEASE_KEY)
 
 
 def _allowed_key(rel: str, is_array: bool) -> bool:
@@ -413,7 +415,7 @@ def clear(store: Store, path: str | None, where: str = "the target") -> str | No
     try:
         os.makedirs(generation)
         for entry in os.scandir(base):
-            if entry.name != REPLACED_DIR:
+            if entry.name not in (REPLACED_DIR, LEASE_KEY):  # the writer's lease stays
                 os.rename(entry.path, os.path.join(generation, entry.name))
                 moved.append(entry.name)
     except OSError as err:
@@ -432,7 +434,7 @@ def restore(store: Store, path: str | None, generation: str) -> None:
     move the old array's entries back from ``generation``."""
     base = os.path.join(_local_root(store) or "", path or "")
     for entry in os.scandir(base):
-        if entry.name == REPLACED_DIR:
+        if entry.name in (REPLACED_DIR, LEASE_KEY):
             continue
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path)

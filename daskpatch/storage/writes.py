@@ -9,39 +9,48 @@ import numpy as np
 import zarr
 
 from daskpatch.storage import fingerprint as _fingerprint
+from daskpatch.storage import lease as _lease
 from daskpatch.storage import stores as _store
 from daskpatch.storage import storeio as _storeio
+from daskpatch.storage.lease import Lease
 
 
 def write_block(block: np.ndarray, z: zarr.Array, fingerprint: dict, where: str,
-                block_info: Any = None) -> np.ndarray:
+                lease: Lease | None = None, block_info: Any = None) -> np.ndarray:
     """Write one block (exactly one Zarr chunk) and then record it as done; first check that
     no other writer replaced the array since this write began."""
     info = block_info[0]
     region = tuple(slice(start, stop) for start, stop in info["array-location"])
-    write_task(block, info["chunk-location"], region, z, fingerprint, where)
+    write_task(block, info["chunk-location"], region, z, fingerprint, where, lease)
     return np.ones((1,) * block.ndim, dtype=np.uint8)
 
 
 def write_task(block: np.ndarray, location: tuple[int, ...], region: tuple[slice, ...],
-               z: zarr.Array, fingerprint: dict, where: str) -> None:
+               z: zarr.Array, fingerprint: dict, where: str, lease: Lease | None = None
+               ) -> None:
     """:func:`write_block` for the chunk tasks of a spilled engine that write their chunk
     themselves (:func:`daskpatch._graph.written_engine`)."""
     _fingerprint.check_still_ours(z, fingerprint, where)
     write_chunk(z, region, block)
+    if lease is not None:  # still this writer's: only then is the chunk recorded as done
+        _lease.check(lease)
     _storeio.put(z.store, _store.chunk_marker(z, location))
 
 
-def finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, written: list[Any]
-             ) -> zarr.Array:
+def finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, written: list[Any],
+             lease: Lease | None = None) -> zarr.Array:
     """Runs after every write task: check that no other writer replaced the array meanwhile,
     record it as complete, drop the per-chunk markers and every spilled part under it, and the
     parts of the engines that spilled elsewhere."""
     _fingerprint.check_still_ours(z, fingerprint, where)
+    if lease is not None:
+        _lease.check(lease, renew=False)
     _store.mark_complete(z)
     for spill, name in spills:
         spill.clear(name)
     _store.drop_replaced(z, where)  # the array it replaced, kept until now
+    if lease is not None:
+        _lease.release(lease)
     return z
 
 

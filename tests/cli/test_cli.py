@@ -353,6 +353,13 @@ def test_resume_after_a_killed_run_is_bit_identical(models, tmp_path, on_path, c
         while proc.poll() is None and not (markers.is_dir() and len(os.listdir(markers)) >= 3) \
                 and time.monotonic() < deadline:
             time.sleep(0.01)
+        # a second writer while the first runs is refused, whatever it asks, writing nothing
+        before = [(dst / name).read_bytes() for name in ("zarr.json", ".daskpatch-lease")]
+        for flag in ("--overwrite", "--resume"):
+            assert main([*argv, flag]) == 2
+            err = capsys.readouterr().err
+            assert "another writer is writing" in err and f"process {proc.pid} on" in err
+        assert [(dst / name).read_bytes() for name in ("zarr.json", ".daskpatch-lease")] == before
     finally:
         proc.send_signal(signal.SIGKILL)
         _, stderr = proc.communicate()

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -438,18 +439,53 @@ def test_a_concurrent_resume_with_other_parameters_is_refused(tmp_path, source):
     np.testing.assert_array_equal(dp.open_volume(target).compute(), expected[...])
 
 
-def test_a_writer_whose_array_was_replaced_stops(tmp_path, source):
+def test_a_second_writer_is_refused_while_the_first_holds_the_lease(tmp_path, source):
+    from daskpatch.errors import WriterConflictError
+
     target = tmp_path / "o.zarr"
-    stale = dp.to_zarr(build(source), target, compute=False)  # created, not computed yet
-    dp.to_zarr(build(source, blend="hann"), target, overwrite=True)  # someone else replaces it
+    first = dp.to_zarr(build(source), target, compute=False)  # created, holds the lease
     before = _files(target)
-    with pytest.raises(ValueError, match=r"was rewritten by another writer while this one ran "
-                       r"\(its blend is now 'hann', this call's is 'gaussian'\); this write stops"):
-        stale.compute()
-    assert _files(target) == before  # the other writer's complete result is untouched
-    np.testing.assert_array_equal(
-        dp.open_volume(target).compute(),
-        dp.to_zarr(build(source, blend="hann"), tmp_path / "hann.zarr")[...])
+    for blend, kwargs in (("hann", {"overwrite": True}), ("gaussian", {"resume": True})):
+        with pytest.raises(WriterConflictError, match=r"another writer is writing .* \(process "
+                           rf"{os.getpid()} on .*\); run one writer at a time") as info:
+            dp.to_zarr(build(source, blend=blend), target, **kwargs)
+        assert isinstance(info.value, ValueError) and str(os.getpid()) in info.value.holder
+    assert _files(target) == before  # the second writer wrote nothing
+    first.compute()  # the first finishes, and gives its lease up
+    assert not (target / ".daskpatch-lease").exists()
+    dp.to_zarr(build(source, blend="hann"), target, overwrite=True)
+
+
+def test_a_writer_whose_lease_was_taken_over_stops(tmp_path, source):
+    from daskpatch.errors import WriterConflictError
+
+    target = tmp_path / "o.zarr"
+    stale = dp.to_zarr(build(source), target, compute=False)
+    # another writer took the lease over (as it may once this one's lease expired)
+    (target / ".daskpatch-lease").write_text(json.dumps(
+        {"token": "theirs", "host": "elsewhere", "pid": 1, "since": 0, "expires": 4e9}))
+    with pytest.raises(WriterConflictError, match=r"was taken over by another writer \(process "
+                       r"1 on 'elsewhere'.*does not record its chunk"):
+        stale.compute(scheduler="sync")
+    assert not list((target / ".daskpatch-done").glob("chunks/*"))  # no chunk recorded done
+    with pytest.warns(dp.IncompleteWarning):
+        dp.open_volume(target)
+
+
+def test_a_lease_of_a_process_that_ended_is_taken_over(tmp_path, source):
+    target = tmp_path / "o.zarr"
+    _crashed_write(target, source)
+    (target / ".daskpatch-lease").write_text(json.dumps(  # as a killed writer leaves it
+        {"token": "dead", "host": socket.gethostname(), "pid": _ended_pid(), "since": 0,
+         "expires": 4e9}))
+    z = dp.to_zarr(build(source), target, resume=True)
+    np.testing.assert_array_equal(z[...], dp.to_zarr(build(source), tmp_path / "c.zarr")[...])
+
+
+def _ended_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
 
 
 # --------------------------------------------------------------------------------------------
