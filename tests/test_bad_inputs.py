@@ -262,7 +262,49 @@ CASES: list[Case] = [
      r"size must be >= 1"),
     ("loader labels of another shape", lambda t: dp.PatchDataset(
         V, 8, labels=np.zeros((8, 8, 8))), ValueError, r"label"),
+    # -- values that used to pass silently wrong --------------------------------------------------
+    ("loader label 300 as uint8", lambda t: dp.PatchDataset(
+        V, 8, labels=np.full(V.shape, 300), label_dtype=np.uint8)[0], ValueError,
+     r"label_dtype=uint8 holds 0 to 255, but the label of sample 0 has 300"),
+    ("loader label -1 as uint8", lambda t: dp.PatchDataset(
+        V, 8, labels=np.full(V.shape, -1), label_dtype=np.uint8)[0], ValueError,
+     r"label_dtype=uint8 holds 0 to 255, but the label of sample 0 has -1"),
+    ("loader epoch 2**64", lambda t: dp.RandomPatchDataset(
+        V, 8, samples_per_epoch=2).set_epoch(2**64), ValueError,
+     r"epoch must be an int from 0 to 2\*\*63 - 1"),
+    ("apply dtype U6", lambda t: dp.apply_patches(V, ident, 8, dtype="U6"), TypeError,
+     r"dtype must be a numeric dtype \(bool, integer, floating or complex\)"),
+    ("apply dtype datetime64", lambda t: dp.apply_patches(V, ident, 8, dtype="datetime64[s]"),
+     TypeError, r"dtype must be a numeric dtype"),
+    ("a model calling sys.exit", lambda t: _apply_compute(_exits), RuntimeError,
+     r"fn called sys.exit\(7\) on a batch"),
+    ("rechunk an interrupted output", lambda t: dp.rechunk_to_stride(
+        _interrupted(t), 3, str(t / "r.zarr")), ValueError,
+     r"source is an incomplete daskpatch output"),
+    ("resume another model", lambda t: _resume_with(t, lambda b: 3 * b), ValueError,
+     r"was written with model=.* but this call has model="),
+    ("second writer while one writes", lambda t: _second_writer(t), ValueError,
+     r"another writer is writing .*; run one writer at a time per array"),
 ]
+
+
+def _exits(batch: np.ndarray) -> np.ndarray:
+    raise SystemExit(7)
+
+
+def _interrupted(tmp: Path) -> str:
+    dp.to_zarr(da.ones((16, 16), chunks=8), str(tmp / "i.zarr"), compute=False)
+    return str(tmp / "i.zarr")
+
+
+def _resume_with(tmp: Path, fn: Callable) -> Any:
+    path = _written(tmp)
+    return dp.to_zarr(dp.apply_patches(V, fn, 8, 4), path, resume=True)
+
+
+def _second_writer(tmp: Path) -> Any:
+    dp.to_zarr(dp.apply_patches(V, ident, 8, 4), str(tmp / "w.zarr"), compute=False)
+    return dp.to_zarr(dp.apply_patches(V, ident, 8, 4), str(tmp / "w.zarr"), overwrite=True)
 
 
 #: cases that index with a boolean Dask array (a Dask array of unknown shape)
