@@ -121,6 +121,8 @@ def check_target(w: Write) -> tuple[zarr.Array | None, dict[str, Any]]:
     _store.check_parents(w.reader, w.path, w.where)
     fingerprint = fingerprint_of(w.x, w.chunks, w.run_id)
     if w.resume and node is not None:
+        if _store.stored_fingerprint(node) is not None:  # the cause first (a stride, a model)
+            _fingerprint.check_fingerprint(node, fingerprint, w.where, causes_only=True)
         _fingerprint.check_resumable(node, w.x, w.chunks, w.compressors, w.where)
         _fingerprint.check_fingerprint(node, fingerprint, w.where)
     else:

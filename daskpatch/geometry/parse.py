@@ -43,6 +43,21 @@ def _describe(value: Any) -> str:
     return f"{text} of type {type(value).__name__}"
 
 
+def _shown(value: tuple[Any, ...], limit: int = 8) -> str:
+    """``value``'s repr, its middle elided past ``limit`` entries (messages stay one line).
+
+    Examples
+    --------
+    >>> _shown(tuple(range(100)))
+    '(0, 1, 2, 3, ..., 96, 97, 98, 99)'
+    """
+    if len(value) <= limit:
+        return repr(value)
+    half = limit // 2
+    return "(" + ", ".join(map(repr, value[:half])) + ", ..., " + ", ".join(
+        map(repr, value[-half:])) + ")"
+
+
 def parse_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     """Return ``value`` as a plain ``int``, rejecting bools, floats and strings."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -76,7 +91,7 @@ def parse_shape(value: Any, name: str = "shape", *, minimum: int = 1) -> tuple[i
     bad = [i for i, v in enumerate(out) if v < minimum]
     if bad:
         raise ParameterError(
-            f"{name} must be >= {minimum} on every axis; got {out} (axis {bad[0]})",
+            f"{name} must be >= {minimum} on every axis; got {_shown(out)} (axis {bad[0]})",
             param=name, value=out, expected=f">= {minimum}")
     return out
 
@@ -97,7 +112,7 @@ def parse_per_axis(value: Any, ndim: int, name: str, *, minimum: int = 1) -> tup
         if len(value) != ndim:
             raise ParameterError(
                 f"{name} must be an integer or a sequence of {ndim} integers (one per spatial "
-                f"axis); got {tuple(value)!r} with {len(value)} entries",
+                f"axis); got {_shown(tuple(value))} with {len(value)} entries",
                 param=name, value=value, expected=f"{ndim} entries",
             )
         out = tuple(parse_int(v, f"{name}[{i}]") for i, v in enumerate(value))
@@ -109,7 +124,8 @@ def parse_per_axis(value: Any, ndim: int, name: str, *, minimum: int = 1) -> tup
     bad = [i for i, v in enumerate(out) if v < minimum]
     if bad:
         raise ParameterError(
-            f"{name} must be >= {minimum} on every axis; got {out} (axis {bad[0]} is {out[bad[0]]})",
+            f"{name} must be >= {minimum} on every axis; got {_shown(out)} (axis {bad[0]} "
+            f"is {out[bad[0]]})",
             param=name, value=value, expected=f">= {minimum}",
         )
     return out

@@ -39,7 +39,10 @@ def jsonable(value: Any) -> Any:
 
 
 def _flat(fp: dict[str, Any], other: dict[str, Any]) -> list[tuple[str, Any]]:
-    out = [(k, fp.get(k)) for k in ("format", "shape", "dtype", "chunks", "pipeline")]
+    """The fingerprint's parameters in the order a difference is named: the causes (the
+    pipeline, its parameters and model, its inputs) before what follows from them (the shape,
+    dtype and chunks of the result)."""
+    out = [(k, fp.get(k)) for k in ("format", "pipeline")]
     engines = fp.get("engines") or []
     if fp.get("pipeline") == other.get("pipeline"):
         for i, params in enumerate(engines):
@@ -48,6 +51,7 @@ def _flat(fp: dict[str, Any], other: dict[str, Any]) -> list[tuple[str, Any]]:
                                    if k not in params]
             out.extend((label + k, params.get(k)) for k in keys if k != "kind")
     out += [("input", fp.get("inputs")), ("run_id", fp.get("run_id"))]
+    out += [(k, fp.get(k)) for k in ("shape", "dtype", "chunks")]
     return out
 
 
@@ -80,8 +84,11 @@ def record(fp: dict[str, Any]) -> dict[str, Any]:
             "note": "written by daskpatch.to_zarr; resume=True checks this fingerprint"}
 
 
-def check_fingerprint(z: zarr.Array, fp: dict[str, Any], where: str) -> None:
-    """Refuse to resume an array written with other parameters, naming the first difference."""
+def check_fingerprint(z: zarr.Array, fp: dict[str, Any], where: str,
+                      causes_only: bool = False) -> None:
+    """Refuse to resume an array written with other parameters, naming the first difference
+    (``causes_only``: only a difference in what determines the result -- the pipeline, its
+    parameters, model and inputs, ``run_id`` -- not in the shape, dtype or chunks alone)."""
     old = stored_fingerprint(z)
     if old is None:
         raise ResumeMismatchError(
@@ -91,7 +98,7 @@ def check_fingerprint(z: zarr.Array, fp: dict[str, Any], where: str) -> None:
             "overwrite=True to start again", param="resume", value=True
         )
     diff = first_difference(old, fp)
-    if diff is not None:
+    if diff is not None and not (causes_only and diff[0] in ("shape", "dtype", "chunks")):
         name, was, now = diff
         hint = ""
         if name == "model":

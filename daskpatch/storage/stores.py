@@ -580,6 +580,14 @@ def parse_compressors(value: Any, dtype: Any) -> tuple:
     ValueError: compressors='lz5' is not something zarr compresses with ...
     """
     try:
+        zarr.create_array(store={}, shape=(1,), chunks=(1,), dtype=dtype, compressors=None,
+                          zarr_format=3)
+    except Exception as err:  # the dtype, not the codec
+        raise ParameterTypeError(
+            f"dtype {np.dtype(dtype)} cannot be stored in a Zarr array (zarr has no data type "
+            f"for it: {err}); pass a dtype zarr stores, e.g. float64 or complex128",
+            param="dtype", value=str(np.dtype(dtype))) from None
+    try:
         probe = zarr.create_array(store={}, shape=(1,), chunks=(1,), dtype=dtype,
                                   compressors=value, zarr_format=3)
     except Exception as err:
