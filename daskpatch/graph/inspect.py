@@ -5,19 +5,23 @@ them and of its engines' parameters. The scan also keeps a write from overwritin
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import dask.array as da
 import numpy as np
 import zarr
 from dask.highlevelgraph import MaterializedLayer
+from dask.utils import key_split
 from zarr.abc.store import Store
 
 from daskpatch.errors import UnsafeTargetError
 from daskpatch.adapters.models import model_fingerprint
-from daskpatch.graph.layers import layers
+from daskpatch.graph.engine import EngineLayer
+from daskpatch.graph.layers import EXPR, layers
 from daskpatch.storage.fingerprint import jsonable
-from daskpatch.storage.stores import FORMAT, location, overlaps
+from daskpatch.storage.storeio import get
+from daskpatch.storage.stores import FORMAT, _join, location, overlaps
 
 
 def _scan(value: Any, found: dict[int, Any], depth: int = 0) -> None:
@@ -101,9 +105,39 @@ def check_not_aliased(x: da.Array, out: np.ndarray) -> None:
 def _input(source: Any) -> str:
     if isinstance(source, zarr.Array):
         kind, where = location(source.store, None)
-        return f"zarr {kind}://{where}" + (f" path {source.path!r}" if source.path else "")
+        meta = get(source.store, _join(source.path or None, "zarr.json")) or get(
+            source.store, _join(source.path or None, ".zarray"))
+        digest = f" metadata sha256:{hashlib.sha256(meta).hexdigest()[:16]}" if meta else ""
+        return f"zarr {kind}://{where}" + (f" path {source.path!r}" if source.path else "") \
+            + digest
     return (f"numpy (content not fingerprinted) shape {tuple(source.shape)} dtype "
             f"{source.dtype}")
+
+
+#: Layers that hold inputs, models or daskpatch's own readers: fingerprinted apart.
+_SOURCES = ("original-", "source-", "from-zarr-", "model-", "array-")
+
+
+def _operations(x: da.Array, exact: bool) -> list[str]:
+    """The operations of ``x``'s graph besides daskpatch's engines and the inputs: the user's
+    own (``apply_patches(vol * 2, ...)``, a rechunk, ``result + 1``). Their dask names are
+    tokens of the operation and its inputs, the same in every process when the inputs are
+    Zarr arrays (``exact``), and they are recorded whole where they feed an engine; elsewhere
+    (above an engine, whose name holds its model's token, or over NumPy inputs, whose names are
+    random) only the operation's name is recorded."""
+    if EXPR:  # array expressions: names only (no layer dependencies to walk here)
+        return sorted(key_split(n) for n in layers(x) if not n.startswith(_SOURCES))
+    graph = x.dask  # a HighLevelGraph (legacy graphs)
+    engines = {n for n, layer in graph.layers.items() if isinstance(layer, EngineLayer)}
+    below: set[str] = set()
+    todo = [d for e in engines for d in graph.dependencies.get(e, ())]
+    while todo:
+        n = todo.pop()
+        if n not in below:
+            below.add(n)
+            todo.extend(graph.dependencies.get(n, ()))
+    return sorted(n if exact and n in below else key_split(n) for n in graph.layers
+                  if n not in engines and not n.startswith(_SOURCES))
 
 
 def fingerprint(x: da.Array, chunks: tuple[int, ...], run_id: str | None) -> dict[str, Any]:
@@ -124,7 +158,8 @@ def fingerprint(x: da.Array, chunks: tuple[int, ...], run_id: str | None) -> dic
         if engine is not None and isinstance(params, dict) and params:
             fn = getattr(engine.overlap.reader, "fn", None)
             engines.append(params if fn is None else {**params, "model": model_fingerprint(fn)})
-    inputs = sorted({_input(s) for s in graph_arrays(x, sources_only=True)})
+    sources = graph_arrays(x, sources_only=True)
+    inputs = sorted({_input(s) for s in sources})
     return jsonable({
         "format": FORMAT,
         "shape": x.shape,
@@ -133,5 +168,6 @@ def fingerprint(x: da.Array, chunks: tuple[int, ...], run_id: str | None) -> dic
         "pipeline": [e.get("kind", "?") for e in engines],
         "engines": engines,
         "inputs": inputs,
+        "operations": _operations(x, exact=all(isinstance(s, zarr.Array) for s in sources)),
         "run_id": run_id,
     })

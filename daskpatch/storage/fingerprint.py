@@ -50,7 +50,8 @@ def _flat(fp: dict[str, Any], other: dict[str, Any]) -> list[tuple[str, Any]]:
             keys = list(params) + [k for k in (other.get("engines") or [{}] * len(engines))[i]
                                    if k not in params]
             out.extend((label + k, params.get(k)) for k in keys if k != "kind")
-    out += [("input", fp.get("inputs")), ("run_id", fp.get("run_id"))]
+    out += [("input", fp.get("inputs")), ("operations", fp.get("operations") or []),
+            ("run_id", fp.get("run_id"))]
     out += [(k, fp.get(k)) for k in ("shape", "dtype", "chunks")]
     return out
 

@@ -288,7 +288,9 @@ def test_fingerprint_is_stored_in_the_attributes(tmp_path, source):
     assert fp["shape"] == [48, 48, 48] and fp["dtype"] == "float32" and fp["run_id"] == "unet-v1"
     assert engine["kind"] == "apply_patches" and engine["stride"] == [8, 8, 8]
     assert engine["blend"] == "gaussian" and engine["batch_size"] == 4
-    assert fp["inputs"] == [f"zarr file://{os.path.realpath(source)}"]
+    (only,) = fp["inputs"]  # where, and a hash of its metadata (cheap evidence of a swap)
+    assert only.startswith(f"zarr file://{os.path.realpath(source)} metadata sha256:")
+    assert fp["operations"] == []  # nothing of the user's on top of the engine
     json.dumps(fp, allow_nan=False)  # plain JSON
     y = dp.to_zarr(dp.apply_patches(V, _f, 8, 4, fill_value=np.nan), tmp_path / "n.zarr")
     fp = y.attrs["daskpatch"]["fingerprint"]
@@ -311,8 +313,8 @@ W2 = np.outer(np.hanning(18)[1:-1], np.ones(256)).reshape(16, 16, 16) + 0.1
      r"pad_mode='reflect', but this call has pad_mode='edge'"),
     ({}, {"batch_size": 2}, r"batch_size=4, but this call has batch_size=2"),
     ({}, {"run_id": "v2"}, r"run_id=None, but this call has run_id='v2'"),
-    ({}, {"input": "copy.zarr"}, r"input=\('zarr file://.*/in.zarr',\), but this call has "
-                                 r"input=\('zarr file://.*/copy.zarr',\)"),
+    ({}, {"input": "copy.zarr"}, r"input=\('zarr file://.*/in.zarr metadata sha256:\w+',\), "
+                                 r"but this call has input=\('zarr file://.*/copy.zarr metadata"),
 ])
 def test_resume_with_other_parameters_is_refused(tmp_path, source, first, then, match):
     target = tmp_path / "o.zarr"
@@ -509,6 +511,27 @@ def test_resume_with_another_model_is_refused(tmp_path, source):
     z = dp.to_zarr(build(source), target, resume=True)  # the same model finishes it
     fp = z.attrs["daskpatch"]["fingerprint"]["engines"][0]["model"]
     assert fp["by"] == "qualified name and code" and fp["name"] == "tests._child_write.model"
+
+
+@pytest.mark.needs_dask("array expressions: the user's operations by name only")
+def test_resume_with_other_operations_under_the_engine_is_refused(tmp_path, source):
+    """``apply_patches(vol * 2, ...)`` resumed as ``apply_patches(vol * 3, ...)`` mixed two
+    results; the user's own operations are in the fingerprint now."""
+    target = tmp_path / "o.zarr"
+    vol = dp.open_volume(source)
+    with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError, match="simul"):
+        dp.to_zarr(dp.apply_patches(vol * 2, Crash(20), 16, 8, block_shape=16, batch_size=4),
+                   target)
+    before = _files(target)
+    with pytest.raises(ValueError, match=r"was written with operations=\('mul-\w+',\), but "
+                                         r"this call has operations=\('mul-\w+',\)"):
+        dp.to_zarr(dp.apply_patches(vol * 3, model, 16, 8, block_shape=16, batch_size=4),
+                   target, resume=True)
+    assert _files(target) == before
+    z = dp.to_zarr(dp.apply_patches(vol * 2, model, 16, 8, block_shape=16, batch_size=4),
+                   target, resume=True)  # the same operations, in this process or another
+    expected = dp.apply_patches(vol * 2, model, 16, 8, block_shape=16, batch_size=4).compute()
+    np.testing.assert_array_equal(z[...], expected)
 
 
 def test_a_model_that_cannot_be_fingerprinted_is_recorded_as_such(tmp_path):
