@@ -28,7 +28,8 @@ from dask.delayed import Delayed
 from zarr.abc.store import Store
 
 from daskpatch.adapters.xarray import is_dataarray as _is_dataarray
-from daskpatch.errors import ParameterError, ParameterTypeError, TargetExistsError, UnsafeTargetError
+from daskpatch.errors import (ParameterError, ParameterTypeError, TargetExistsError,
+                              UnsafeTargetError)
 from daskpatch.geometry.parse import _describe, parse_bool, parse_choice, parse_int
 from daskpatch.graph import jobs as _sched
 from daskpatch.graph.inputs import as_dask, downsampled, write_chunks

@@ -406,5 +406,6 @@ class TorchModel:
 
         token = self.__dask_tokenize__()
         cls = type(self.module)
-        return {"by": "module class and parameters", "class": f"{cls.__module__}.{cls.__qualname__}",
+        return {"by": "module class and parameters",
+                "class": f"{cls.__module__}.{cls.__qualname__}",
                 "parameters": tokenize(token[3:6]), "dtype": self.dtype, "amp": self.amp}

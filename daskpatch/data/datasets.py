@@ -53,7 +53,8 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from daskpatch.data.sampling import INDEX_ATTR, _ChunkIndex, _parse_fraction, _SharedEpoch, _takes_rng, draw
+from daskpatch.data.sampling import (INDEX_ATTR, _ChunkIndex, _parse_fraction, _SharedEpoch,
+                                     _takes_rng, draw)
 from daskpatch.data.volumes import VolumeSet
 from daskpatch.geometry.parse import (
     BORDERS,

@@ -131,7 +131,8 @@ class Volume:
             for i in range(i0, max(i1, i0 + 1)):
                 p0, p1 = max(s0, int(bounds[i])), min(s1, int(bounds[i + 1]))
                 if p0 < p1:
-                    pieces.append((i, slice(p0 - s0, p1 - s0), slice(p0 - bounds[i], p1 - bounds[i])))
+                    pieces.append((i, slice(p0 - s0, p1 - s0),
+                                   slice(p0 - bounds[i], p1 - bounds[i])))
         out = self._cache[key] = (m, s0, s1, pieces)
         return out
 

@@ -85,13 +85,50 @@ def _axes(multiscale: Mapping[str, Any], ndim: int) -> list[dict[str, Any]]:
 def _transform(transforms: Any, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     """(scale, translation) of a list of NGFF coordinate transformations, applied in order."""
     scale, shift = np.ones(ndim), np.zeros(ndim)
+    if transforms is not None and not isinstance(transforms, list):
+        raise _malformed("coordinateTransformations must be a list", transforms)
     for t in transforms or ():
-        if t.get("type") == "scale" and "scale" in t:
-            s = np.asarray(t["scale"], dtype=float)
-            scale, shift = scale * s, shift * s
-        elif t.get("type") == "translation" and "translation" in t:
-            shift = shift + np.asarray(t["translation"], dtype=float)
+        if not isinstance(t, Mapping):
+            raise _malformed("each coordinate transformation must be an object", t)
+        for kind in ("scale", "translation"):
+            if t.get("type") == kind and kind in t:
+                try:
+                    v = np.asarray(t[kind], dtype=float)
+                except (TypeError, ValueError):
+                    v = None
+                if v is None or v.shape != (ndim,):
+                    raise _malformed(f"a {kind} needs {ndim} numbers, one per axis", t[kind])
+                if kind == "scale":
+                    scale, shift = scale * v, shift * v
+                else:
+                    shift = shift + v
     return scale, shift
+
+
+def _malformed(what: str, got: Any, where: str = "") -> ParameterError:
+    text = repr(got)
+    return ParameterError(
+        f"the OME-Zarr metadata{' of ' + where if where else ''} is malformed: {what}; got "
+        f"{text[:120]}"
+        + ("..." if len(text) > 120 else ""), param="store", value=got)
+
+
+def _check_multiscale(multiscales: Any, where: str) -> Mapping[str, Any]:
+    """The first multiscale, checked enough to be read: an object whose datasets are objects
+    with a path each."""
+    if not isinstance(multiscales, list):
+        raise _malformed("multiscales must be a list", multiscales, where)
+    first = multiscales[0]
+    if not isinstance(first, Mapping):
+        raise _malformed("each multiscale must be an object", first, where)
+    datasets = first.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise _malformed("a multiscale needs a non-empty list of datasets (its levels)",
+                         datasets, where)
+    for d in datasets:
+        if not isinstance(d, Mapping) or not isinstance(d.get("path"), str) or not d["path"]:
+            raise _malformed("each dataset must be an object with a path", d, where)
+    return first
 
 
 def _image(group: zarr.Group) -> tuple[zarr.Group, Mapping[str, Any]] | None:
@@ -108,7 +145,8 @@ def _image(group: zarr.Group) -> tuple[zarr.Group, Mapping[str, Any]] | None:
     multiscales = ome.get("multiscales")
     if not multiscales:
         return None
-    return group, multiscales[0]
+    where = _store.where(group.store, group.path or None)
+    return group, _check_multiscale(multiscales, where)
 
 
 def _incomplete_error(where: str) -> IncompleteOutputError:

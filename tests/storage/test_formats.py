@@ -523,3 +523,32 @@ def test_a_datetime_coordinate_is_refused_not_dropped_on_ome(tmp_path):
                                          r"which OME-Zarr cannot store"):
         dp.to_zarr(arr, tmp_path / "t.zarr", ome=True)
     assert not (tmp_path / "t.zarr").exists()
+
+
+@pytest.mark.parametrize("multiscales, match", [
+    ("abc", "multiscales must be a list; got 'abc'"),
+    (["abc"], "each multiscale must be an object; got 'abc'"),
+    ([{"axes": ["z", "y", "x"], "datasets": []}], r"a non-empty list of datasets .*; got \[\]"),
+    ([{"axes": ["z", "y", "x"], "datasets": ["0"]}], "each dataset must be an object with a "
+                                                     "path; got '0'"),
+    ([{"axes": ["z", "y", "x"], "datasets": [{"coordinateTransformations": []}]}],
+     "each dataset must be an object with a path"),
+])
+def test_malformed_ome_metadata_is_named_as_such(tmp_path, multiscales, match):
+    g = zarr.open_group(str(tmp_path / "i.zarr"), mode="w", zarr_format=3)
+    g.create_array("0", shape=(4, 8, 8), chunks=(4, 8, 8), dtype="f4")
+    g.attrs["ome"] = {"version": "0.5", "multiscales": multiscales}
+    with pytest.raises(ValueError, match=r"the OME-Zarr metadata of the root of store .* is "
+                                         r"malformed: " + match):
+        dp.open_volume(tmp_path / "i.zarr")
+
+
+def test_an_ome_scale_of_the_wrong_length_is_named(tmp_path):
+    pytest.importorskip("xarray")
+    g = zarr.open_group(str(tmp_path / "i.zarr"), mode="w", zarr_format=3)
+    g.create_array("0", shape=(4, 8, 8), chunks=(4, 8, 8), dtype="f4")
+    g.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": ["z", "y", "x"], "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 2]}]}]}]}
+    with pytest.raises(ValueError, match=r"malformed: a scale needs 3 numbers, one per axis; "
+                                         r"got \[1, 2\]"):
+        dp.open_volume(tmp_path / "i.zarr", xarray=True)
