@@ -528,7 +528,8 @@ def test_a_datetime_coordinate_is_refused_not_dropped_on_ome(tmp_path):
 @pytest.mark.parametrize("multiscales, match", [
     ("abc", "multiscales must be a list; got 'abc'"),
     (["abc"], "each multiscale must be an object; got 'abc'"),
-    ([{"axes": ["z", "y", "x"], "datasets": []}], r"a non-empty list of datasets .*; got \[\]"),
+    ([{"axes": ["z", "y", "x"], "datasets": []}], r"a multiscale needs a non-empty list of "
+                                                  r"datasets .*; got \[\]"),
     ([{"axes": ["z", "y", "x"], "datasets": ["0"]}], "each dataset must be an object with a "
                                                      "path; got '0'"),
     ([{"axes": ["z", "y", "x"], "datasets": [{"coordinateTransformations": []}]}],
