@@ -559,3 +559,12 @@ def test_to_zarr_on_the_local_scheduler_does_not_import_distributed(tmp_path):
                          timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_to_zarr_into_a_fresh_zip_store(tmp_path):
+    store = zarr.storage.ZipStore(str(tmp_path / "o.zip"), mode="w")
+    z = to_zarr(np.arange(64, dtype=np.float32).reshape(8, 8), store, chunks=4)
+    np.testing.assert_array_equal(z[...], np.arange(64).reshape(8, 8))
+    store.close()
+    back = open_volume(zarr.storage.ZipStore(str(tmp_path / "o.zip"), mode="r"))
+    np.testing.assert_array_equal(back.compute(), np.arange(64).reshape(8, 8))

@@ -210,10 +210,13 @@ def probe(store: Any, path: str | None, where_: str | None = None
           ) -> zarr.Array | zarr.Group | None:
     """The node at ``path`` (opened read-only, metadata only), or ``None`` if there is none;
     metadata zarr cannot parse is an error naming its file."""
+    # "r" needs a read-only store; a writable one that cannot make a read-only copy of itself
+    # (a ZipStore opened for writing) is opened "r+", which also creates nothing
+    mode = "r+" if isinstance(store, Store) and not store.read_only else "r"
     try:
         if path is None:
-            return zarr.open(store=store, mode="r")
-        return zarr.open(store=store, mode="r", path=path)
+            return zarr.open(store=store, mode=mode)
+        return zarr.open(store=store, mode=mode, path=path)
     except FileNotFoundError:  # zarr's NodeNotFoundError and a missing local directory
         return None
     except METADATA_ERRORS as err:
