@@ -561,6 +561,7 @@ def test_to_zarr_on_the_local_scheduler_does_not_import_distributed(tmp_path):
     assert res.stdout.strip() == "False"
 
 
+@pytest.mark.needs_dask("ZipStore writes from array-expression jobs")
 def test_to_zarr_into_a_fresh_zip_store(tmp_path):
     store = zarr.storage.ZipStore(str(tmp_path / "o.zip"), mode="w")
     z = to_zarr(np.arange(64, dtype=np.float32).reshape(8, 8), store, chunks=4)

@@ -126,7 +126,8 @@ def _operations(x: da.Array, exact: bool) -> list[str]:
     (above an engine, whose name holds its model's token, or over NumPy inputs, whose names are
     random) only the operation's name is recorded."""
     if EXPR:  # array expressions: names only (no layer dependencies to walk here)
-        return sorted(key_split(n) for n in layers(x) if not n.startswith(_SOURCES))
+        return sorted(key_split(n) for n, layer in layers(x).items()
+                      if not n.startswith(_SOURCES) and not isinstance(layer, EngineLayer))
     graph = x.dask  # a HighLevelGraph (legacy graphs)
     engines = {n for n, layer in graph.layers.items() if isinstance(layer, EngineLayer)}
     below: set[str] = set()

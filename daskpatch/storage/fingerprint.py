@@ -40,8 +40,8 @@ def jsonable(value: Any) -> Any:
 
 def _flat(fp: dict[str, Any], other: dict[str, Any]) -> list[tuple[str, Any]]:
     """The fingerprint's parameters in the order a difference is named: the causes (the
-    pipeline, its parameters and model, its inputs) before what follows from them (the shape,
-    dtype and chunks of the result)."""
+    pipeline, its parameters and model, the user's operations, ``run_id``) before what follows
+    from them or restates them (the shape and dtype, the inputs, the chunks)."""
     out = [(k, fp.get(k)) for k in ("format", "pipeline")]
     engines = fp.get("engines") or []
     if fp.get("pipeline") == other.get("pipeline"):
@@ -50,9 +50,9 @@ def _flat(fp: dict[str, Any], other: dict[str, Any]) -> list[tuple[str, Any]]:
             keys = list(params) + [k for k in (other.get("engines") or [{}] * len(engines))[i]
                                    if k not in params]
             out.extend((label + k, params.get(k)) for k in keys if k != "kind")
-    out += [("input", fp.get("inputs")), ("operations", fp.get("operations") or []),
-            ("run_id", fp.get("run_id"))]
-    out += [(k, fp.get(k)) for k in ("shape", "dtype", "chunks")]
+    out += [("operations", fp.get("operations") or []), ("run_id", fp.get("run_id"))]
+    out += [("shape", fp.get("shape")), ("dtype", fp.get("dtype")), ("input", fp.get("inputs")),
+            ("chunks", fp.get("chunks"))]
     return out
 
 
