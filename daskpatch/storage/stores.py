@@ -42,7 +42,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Iterable, MutableMapping
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import zarr
@@ -212,7 +212,7 @@ def probe(store: Any, path: str | None, where_: str | None = None
     metadata zarr cannot parse is an error naming its file."""
     # "r" needs a read-only store; a writable one that cannot make a read-only copy of itself
     # (a ZipStore opened for writing) is opened "r+", which also creates nothing
-    mode = "r+" if isinstance(store, Store) and not store.read_only else "r"
+    mode: Literal["r", "r+"] = "r+" if isinstance(store, Store) and not store.read_only else "r"
     try:
         if path is None:
             return zarr.open(store=store, mode=mode)
