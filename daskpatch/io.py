@@ -38,7 +38,7 @@ from daskpatch.graph.layers import from_zarr
 from daskpatch.graph.lowering import IntoArray, lower
 from daskpatch.pipeline import write_array, write_image
 from daskpatch.storage import ome as _ome
-from daskpatch.storage.stores import IncompleteWarning, StoreLike
+from daskpatch.storage.stores import IncompleteWarning, StoreLike, store_of
 
 __all__ = [
     "DEFAULT_TARGET_BYTES",
@@ -56,7 +56,7 @@ __all__ = [
 
 
 def open_volume(store: StoreLike | zarr.Array, path: str | None = None, *, level: int = 0,
-                xarray: bool = False) -> Any:
+                xarray: bool = False, storage_options: dict[str, Any] | None = None) -> Any:
     """Open a Zarr array or an OME-Zarr image as a lazy Dask array whose chunks are the Zarr chunks.
 
     Only metadata is read here; chunks are read by the tasks that need them. An OME-Zarr image
@@ -82,6 +82,9 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None, *, level
         types, units), version, level and path in ``attrs["ome"]``. For a plain array: dims
         from Zarr v3 ``dimension_names`` (or xarray's ``_ARRAY_DIMENSIONS`` in Zarr v2),
         ``dim_0``, ``dim_1``, ... otherwise, no coordinates, the array's attributes as attrs.
+    storage_options : dict, optional
+        fsspec options for a URL ``store`` (``"s3://bucket/vol.zarr"``): credentials,
+        ``endpoint_url``, ... A local path is made absolute, so every worker reads the same.
 
     Returns
     -------
@@ -129,6 +132,8 @@ def open_volume(store: StoreLike | zarr.Array, path: str | None = None, *, level
     """
     level = parse_int(level, "level", minimum=0)
     xarray = parse_bool(xarray, "xarray")
+    if not isinstance(store, zarr.Array):
+        store = store_of(store, storage_options, read_only=True)
     z, image = _ome.locate(store, path, level)
     data = from_zarr(z)
     return _ome.as_dataarray(z, data, image, level) if xarray else data
@@ -157,6 +162,7 @@ def to_zarr(
     units: Any = None,
     downsample: str = "auto",
     run_id: str | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> zarr.Array | zarr.Group | Delayed:
     """Write an array to a Zarr (format 3) array, one task per Zarr chunk, resumably.
 
@@ -243,6 +249,11 @@ def to_zarr(
         A name for what the fingerprint cannot see -- the model and its version (e.g.
         ``"unet-v3-epoch40"``). Stored in the fingerprint: ``resume=True`` with another
         ``run_id`` is refused.
+    storage_options : dict, optional
+        fsspec options for a URL ``store`` (``"s3://bucket/out.zarr"``): credentials,
+        ``endpoint_url``, ... as :func:`zarr.open` takes them (fsspec also reads the usual
+        environment variables, such as ``AWS_ACCESS_KEY_ID``). A local path is made absolute,
+        so that every worker of a cluster writes the same place.
 
     Returns
     -------
@@ -327,6 +338,7 @@ def to_zarr(
     array([ 3., 11., 19., 27.])
     >>> tmp.cleanup()
     """
+    store = store_of(store, storage_options)
     if ome is not False or levels != 1 or axes is not None or scale is not None or \
             units is not None or downsample != "auto" or _is_dataarray(array):
         return write_image(array, store, path, chunks=chunks, compressors=compressors,

@@ -207,6 +207,7 @@ def rechunk_to_stride(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> zarr.Array:
     """Copy a Zarr array whose chunks are not on the stride grid into stride-aligned chunks.
 
@@ -236,6 +237,8 @@ def rechunk_to_stride(
         The copy's codec, as in :func:`to_zarr`.
     overwrite, resume, progress : bool, default False
         As in :func:`to_zarr`.
+    storage_options : dict, optional
+        fsspec options for URL ``source`` and ``target`` (credentials, ``endpoint_url``).
 
     Returns
     -------
@@ -263,6 +266,9 @@ def rechunk_to_stride(
     overwrite = parse_bool(overwrite, "overwrite")
     resume = parse_bool(resume, "resume")
     progress = parse_bool(progress, "progress")
+    if not isinstance(source, zarr.Array):
+        source = _store.store_of(source, storage_options, "source", read_only=True)
+    target = _store.store_of(target, storage_options, "target")
     src = _store.open_array(source, path, name="source")
     if _store.stored_fingerprint(src) is not None and not _store.is_complete(src):
         src_at = _store.where(src.store, src.path or None)

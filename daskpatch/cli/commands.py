@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -51,6 +52,7 @@ from daskpatch.storage.stores import open_array as _open_array
 from daskpatch.storage.stores import parse_path as _parse_path
 from daskpatch.storage.stores import probe as _probe
 from daskpatch.storage.stores import resolve_store as _resolve_store
+from daskpatch.storage.stores import store_of as _store_of
 from daskpatch.storage.stores import where as _where
 from daskpatch.geometry.parse import BORDERS, PAD_MODES
 from daskpatch.patches import apply_patches
@@ -241,6 +243,38 @@ COMPRESSORS: dict[str, Callable[[], Any]] = {
 }
 
 
+def _storage_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, value), the value read as JSON where it is (numbers, true/false,
+    objects), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. endpoint_url=http://host:9000); "
+                                         f"got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _add_storage(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", type=_storage_option, action="append", default=[],
+                   metavar="KEY=VALUE", dest="storage_options",
+                   help="an fsspec option for URL stores (s3://..., gs://...), e.g. "
+                        "endpoint_url=http://host:9000 or anon=true; repeat for more (credentials "
+                        "also come from the usual environment variables)")
+
+
+def _stores(args: argparse.Namespace) -> None:
+    """SRC, DST and STORE as every process reads them: local paths absolute, URLs with the
+    --storage-option values as fsspec stores."""
+    options = dict(args.storage_options) or None
+    for name, read_only in (("src", True), ("store", True), ("dst", False)):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(args, f"{name}_given", value)  # as the user typed it, for reports
+            setattr(args, name, _store_of(value, options, name.upper(), read_only=read_only))
+
+
 def _add_run(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("running")
     mode = g.add_mutually_exclusive_group()
@@ -267,6 +301,7 @@ def _parser() -> argparse.ArgumentParser:
                        description=_INFO_DESCRIPTION, formatter_class=fmt,
                        epilog="example:\n  daskpatch info volume.zarr --size 64 --stride 32 --json")
     p.add_argument("store", metavar="STORE", help="a Zarr store (directory or URL)")
+    _add_storage(p)
     p.add_argument("--path", metavar="P", help="the array (or group) inside the store")
     _add_geometry(p, apply=False)
     p.add_argument("--blend", choices=BLENDS, default="gaussian",
@@ -284,6 +319,7 @@ def _parser() -> argparse.ArgumentParser:
                               "mymodel:predict --size 64 --stride 32 --batch-size 8")
     p.add_argument("src", metavar="SRC", help="input Zarr store (directory or URL)")
     p.add_argument("dst", metavar="DST", help="output Zarr store (written in Zarr format 3)")
+    _add_storage(p)
     p.add_argument("--model", required=True, metavar="SPEC",
                    help="package.module:callable, or a .pt/.pth (TorchScript) or .pt2 "
                         "(torch.export) file")
@@ -318,6 +354,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="example:\n  daskpatch rechunk raw.zarr volume.zarr --stride 32")
     p.add_argument("src", metavar="SRC", help="input Zarr store")
     p.add_argument("dst", metavar="DST", help="output Zarr store (Zarr format 3)")
+    _add_storage(p)
     p.add_argument("--stride", type=_int_list, required=True, metavar="T",
                    help="patch stride: an int, or one per spatial axis")
     p.add_argument("--path", metavar="P", help="the array inside SRC")
@@ -353,7 +390,7 @@ def _node_location(store: str, path: str | None) -> tuple[str, str]:
 def _check_target(dst: str, path: str | None, args: argparse.Namespace) -> None:
     """Refuse an existing DST before anything runs (unless --overwrite or --resume), and a DST
     whose result would vanish with this process."""
-    if dst.startswith("memory://"):
+    if isinstance(dst, str) and dst.startswith("memory://"):
         raise UsageError(f"DST {dst!r} is an in-memory store: the result would vanish when this "
                          "command exits; write to a directory or an object store URL")
     base, full = _resolve_store(dst, _parse_path(path))
@@ -361,7 +398,8 @@ def _check_target(dst: str, path: str | None, args: argparse.Namespace) -> None:
     if node is not None and not (args.overwrite or args.resume):
         raise UsageError(f"{_where(base, full)} already exists; pass --overwrite to replace "
                           "it, or --resume to finish an interrupted run")
-    if node is None and full is None and "://" not in dst and os.path.exists(dst) and (
+    if node is None and full is None and isinstance(dst, str) and "://" not in dst and \
+            os.path.exists(dst) and (
             not os.path.isdir(dst) or os.listdir(dst)):
         raise UsageError(f"{dst!r} exists and is not a Zarr array; choose another DST")
 
@@ -482,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as done:  # --help, --version
             return int(done.code or 0)
         args.started = False
+        _stores(args)
         with _session():
             return int(args.run(args))
     except BrokenPipeError:  # stdout closed early (| head): not an error of ours

@@ -177,7 +177,8 @@ def _plan_report(z: zarr.Array, args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     node = _open_node(args.store, args.path)
-    report: dict[str, Any] = {"store": args.store, "path": args.path}
+    report: dict[str, Any] = {"store": getattr(args, "store_given", args.store),
+                              "path": args.path}
     array: zarr.Array | None = None
     if isinstance(node, zarr.Array):
         report["node"] = "array"

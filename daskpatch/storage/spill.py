@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr.storage
 from zarr.abc.store import Store
@@ -15,6 +16,7 @@ from zarr.abc.store import Store
 from daskpatch.storage import stores as _store
 from daskpatch.storage import storeio as _storeio
 from daskpatch.config import get_bytes
+from daskpatch.errors import ParameterError
 from daskpatch.geometry.parse import _describe
 
 
@@ -87,9 +89,18 @@ def parse_spill(spill: Any) -> Spill | bool | None:
         path = tempfile.mkdtemp(prefix="daskpatch-spill-")
         atexit.register(shutil.rmtree, path, ignore_errors=True)
         return Spill(zarr.storage.LocalStore(path))
+    if isinstance(spill, str) and "://" in spill:  # a store every worker reaches
+        protocol = spill.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ValueError, ImportError) as err:
+            raise ParameterError(f"spill={spill!r} names no filesystem fsspec knows ({err}); "
+                                 "pass a directory, a URL such as 's3://bucket/spill', or a zarr "
+                                 "store", param="spill", value=spill) from err
+        return Spill(zarr.storage.FsspecStore.from_url(spill))
     if isinstance(spill, (str, os.PathLike)):
         check_spill_dir(spill)
-        return Spill(zarr.storage.LocalStore(os.fspath(spill)))
+        return Spill(zarr.storage.LocalStore(os.path.abspath(os.fspath(spill))))
     if isinstance(spill, Store):
         return Spill(spill)
     raise TypeError(

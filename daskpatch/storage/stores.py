@@ -41,7 +41,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
@@ -178,6 +178,42 @@ def parse_path(value: Any, name: str = "path") -> str | None:
 def node_path(*parts: str | None) -> str | None:
     """The parts joined with ``/``; ``None`` (the root) when they are all empty."""
     return _join(*parts) or None
+
+
+def store_of(store: Any, storage_options: Any = None, name: str = "store", *,
+             read_only: bool = False) -> Any:
+    """``store`` as every process reads it the same: a local path made absolute (a worker
+    started elsewhere would resolve a relative one in its own directory), an fsspec URL with
+    ``storage_options`` (credentials, endpoint) made a :class:`zarr.storage.FsspecStore`;
+    anything else as it is.
+
+    Examples
+    --------
+    >>> import os
+    >>> store_of("vol.zarr") == os.path.abspath("vol.zarr")
+    True
+    >>> store_of("s3://bucket/vol.zarr")
+    's3://bucket/vol.zarr'
+    """
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        raise ParameterTypeError(f"storage_options must be a dict of fsspec options (e.g. "
+                                 f"{{'endpoint_url': ...}}) or None; got "
+                                 f"{_describe(storage_options)}", param="storage_options",
+                                 value=storage_options)
+    if isinstance(store, os.PathLike):
+        store = os.fspath(store)
+    if isinstance(store, str) and "://" in store:
+        if storage_options:
+            return zarr.storage.FsspecStore.from_url(store, storage_options=dict(storage_options),
+                                                     read_only=read_only)
+        return store
+    if storage_options:
+        raise ParameterError(f"storage_options needs {name} to be an fsspec URL (such as "
+                             f"'s3://bucket/vol.zarr'); got {_describe(store)}",
+                             param="storage_options", value=storage_options)
+    if isinstance(store, str):
+        return os.path.abspath(os.path.expanduser(store))
+    return store
 
 
 def resolve_store(store: Any, path: str | None, name: str = "store") -> tuple[Any, str | None]:

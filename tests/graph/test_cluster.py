@@ -308,3 +308,22 @@ def test_workers_without_daskpatch_get_a_clear_error_before_any_store(volume, tm
             with pytest.raises(ImportError, match="cannot import daskpatch"):
                 dp.to_numpy(_graph(volume, Model(7)))
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_relative_paths_mean_the_same_on_every_worker(client, tmp_path, monkeypatch):
+    """Paths are made absolute where the call is made: a worker started in another directory
+    reads and writes the same stores (it used to read fill values there)."""
+    data = np.random.default_rng(5).random((32, 32, 32)).astype(np.float32)
+    (tmp_path / "data").mkdir()
+    write_zarr(tmp_path / "data" / "vol.zarr", data, (16, 16, 16))
+    monkeypatch.chdir(tmp_path)
+    before = client.run(os.getcwd)
+    client.run(os.chdir, "/")  # the workers run elsewhere
+    try:
+        vol = dp.open_volume("data/vol.zarr")
+        z = dp.to_zarr(dp.apply_patches(vol, Model(2), 16, 8), "out.zarr")
+    finally:
+        for worker, cwd in before.items():
+            client.run(os.chdir, cwd, workers=[worker])
+    expected = dp.apply_patches(data, Model(2), 16, 8).compute(scheduler="threads")
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)

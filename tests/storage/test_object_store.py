@@ -85,3 +85,43 @@ def test_a_second_writer_is_refused_on_s3(s3, bucket):
     first.compute()
     np.testing.assert_allclose(dp.open_volume(_store(s3, url, read_only=True)).compute(), V,
                                rtol=1e-6)
+
+
+def test_storage_options_reach_s3_from_every_front_door(s3, bucket, tmp_path):
+    fs, name = bucket
+    url = f"s3://{name}/vol.zarr"
+    dp.to_zarr(V, url, chunks=16, storage_options=s3)  # a URL and its options
+    vol = dp.open_volume(url, storage_options=s3)
+    np.testing.assert_array_equal(vol.compute(), V)
+    out = dp.rechunk_to_stride(url, 12, f"s3://{name}/aligned.zarr", storage_options=s3)
+    assert dp.is_stride_aligned(out.chunks, 12, shape=out.shape)
+    np.testing.assert_array_equal(out[...], V)
+    with pytest.raises(ValueError, match="storage_options needs store to be an fsspec URL"):
+        dp.open_volume(str(tmp_path / "local.zarr"), storage_options=s3)
+
+
+def test_the_command_line_with_storage_options(s3, bucket, capsys):
+    from daskpatch.cli import main
+
+    fs, name = bucket
+    dp.to_zarr(V, f"s3://{name}/vol.zarr", chunks=16, storage_options=s3)
+    opts = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    assert main(["info", f"s3://{name}/vol.zarr", *opts]) == 0
+    report = capsys.readouterr().out
+    assert "shape        32 x 32 x 32" in report and "complete" in report
+    assert main(["apply", f"s3://{name}/vol.zarr", f"s3://{name}/out.zarr", "--model",
+                 "numpy:negative", "--size", "16", "--stride", "8", *opts]) == 0
+    out = dp.open_volume(f"s3://{name}/out.zarr", storage_options=s3).compute()
+    np.testing.assert_allclose(out, -V, rtol=1e-6)
+
+
+def test_spill_to_an_object_store_url(s3, bucket, monkeypatch):
+    fs, name = bucket
+    for key, env in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
+                     ("endpoint_url", "AWS_ENDPOINT_URL")):
+        monkeypatch.setenv(env, s3[key])  # a spill URL takes its credentials from the env
+    res = dp.apply_patches(V, lambda b: b, 16, 8, spill=f"s3://{name}/spill")
+    np.testing.assert_allclose(res.compute(), V, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"spill='nosuchfs://x/y' names no filesystem fsspec "
+                                         r"knows"):
+        dp.apply_patches(V, lambda b: b, 16, 8, spill="nosuchfs://x/y")
