@@ -228,12 +228,22 @@ def write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: 
         if not w.compute:
             return job
         _sched.compute(job, w.progress)
-    except BaseException:
+    except BaseException as err:
         if aside is not None:  # an overwrite that failed: the old array comes back
             _store.restore(w.target, w.path, aside)
+            err.add_note(f"to_zarr: the array {w.where} held before this overwrite was put back "
+                         "unchanged; run the overwrite again once the cause is fixed")
+        elif type(err).__name__ in _LOST:  # a cluster lost the job (its scheduler, say)
+            err.add_note(f"to_zarr: the cluster lost this write of {w.where}; the chunks already "
+                         "written are kept: run the same to_zarr(..., resume=True) (daskpatch "
+                         "apply --resume) to finish it")
         _lease.release(lease)
         raise
     return z
+
+
+#: What dask.distributed raises when a job's scheduler (or every worker) goes away.
+_LOST = ("CancelledError", "FutureCancelledError", "CommClosedError")
 
 
 def write_image(array: Any, store: Any, path: Any, *, chunks: Any, compressors: Any,

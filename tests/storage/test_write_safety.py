@@ -624,3 +624,33 @@ def test_killed_writes_resume_bit_for_bit(tmp_path, uninterrupted, seed):
 @pytest.mark.parametrize("seed", range(5, 25))
 def test_killed_writes_resume_bit_for_bit_more_seeds(tmp_path, uninterrupted, seed):
     _kill_and_resume(tmp_path, uninterrupted, seed)
+
+
+def test_a_write_the_cluster_lost_says_how_to_resume(tmp_path, source):
+    """What dask.distributed raises when a job's scheduler goes away (a CancelledError) gets a
+    note saying how to finish the write; the chunks written are kept."""
+    import concurrent.futures
+
+    class Lost:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, batch: np.ndarray) -> np.ndarray:
+            self.calls += 1
+            if self.calls == 20:
+                raise concurrent.futures.CancelledError("the scheduler is gone")
+            return model(batch)
+
+        def __daskpatch_fingerprint__(self) -> dict:
+            from daskpatch.adapters.models import model_fingerprint
+
+            return model_fingerprint(model)
+
+    target = tmp_path / "o.zarr"
+    with dask.config.set(scheduler="synchronous"), pytest.raises(
+            concurrent.futures.CancelledError) as info:
+        dp.to_zarr(build(source, fn=Lost()), target)
+    assert any("resume=True" in n and "chunks already written are kept" in n
+               for n in info.value.__notes__)
+    z = dp.to_zarr(build(source), target, resume=True)
+    np.testing.assert_array_equal(z[...], dp.to_zarr(build(source), tmp_path / "c.zarr")[...])
