@@ -40,6 +40,8 @@ from daskpatch.storage import fingerprint as _fingerprint
 from daskpatch.storage import lease as _lease
 from daskpatch.storage import ome as _ome
 from daskpatch.storage import stores as _store
+from daskpatch.storage import targets as _targets
+from daskpatch.storage import markers as _markers
 from daskpatch.storage import storeio as _storeio
 from daskpatch.storage import writes as _writes
 from daskpatch.storage.spill import spill_bytes
@@ -119,17 +121,17 @@ def check_target(w: Write) -> tuple[zarr.Array | None, dict[str, Any]]:
             "or resume=True to finish an interrupted write", param="overwrite", value=w.where,
             mentions=("resume",)
         )
-    _store.check_parents(w.reader, w.path, w.where)
+    _targets.check_parents(w.reader, w.path, w.where)
     fingerprint = fingerprint_of(w.x, w.chunks, w.run_id)
     if w.resume and node is not None:
-        if _store.stored_fingerprint(node) is not None:  # the cause first (a stride, a model)
+        if _markers.stored_fingerprint(node) is not None:  # the cause first (a stride, a model)
             _fingerprint.check_fingerprint(node, fingerprint, w.where, causes_only=True)
         _fingerprint.check_resumable(node, w.x, w.chunks, w.compressors, w.where)
         _fingerprint.check_fingerprint(node, fingerprint, w.where)
     else:
-        _store.check_contents(w.target, w.path, node is not None, w.where)
+        _targets.check_contents(w.target, w.path, node is not None, w.where)
         if node is not None:
-            _store.check_deletable(w.target, w.path, w.where)
+            _targets.check_deletable(w.target, w.path, w.where)
     return node, fingerprint
 
 
@@ -140,7 +142,7 @@ def create_or_reopen(w: Write, node: zarr.Array | None, fingerprint: dict[str, A
     an array it replaces was set aside (``None``: nowhere)."""
     if w.resume and node is not None:
         z = zarr.open_array(store=w.target, path=w.path or "", mode="r+")
-        done = _store.done_chunks(z, w.x.numblocks)
+        done = _markers.done_chunks(z, w.x.numblocks)
         if done is None:
             logger.info("to_zarr: %s is already complete; nothing to compute", w.where)
         else:
@@ -149,7 +151,7 @@ def create_or_reopen(w: Write, node: zarr.Array | None, fingerprint: dict[str, A
         return z, done, None
     aside = None
     if node is not None:
-        aside = _store.clear(w.target, w.path, w.where)  # the old array (checked above)
+        aside = _targets.clear(w.target, w.path, w.where)  # the old array (checked above)
         if aside is None:  # deleted with the old array's keys
             _lease.rewrite(lease)
     else:  # stale markers and spilled parts of a hand-deleted array
@@ -180,7 +182,7 @@ def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
         todo = [loc for loc in np.ndindex(*w.x.numblocks) if loc not in done]
         writer = functools.partial(_writes.write_task, z=z, fingerprint=fingerprint,
                                    where=w.where, lease=lease)
-    low = lower(w.x, IntoStore(None if in_ram else z.store, "" if in_ram else _store.spill_dir(z),
+    low = lower(w.x, IntoStore(None if in_ram else z.store, "" if in_ram else _markers.spill_dir(z),
                                w.threshold, writer, tuple(todo),
                                (str(z.store), z.path, w.chunks)))
     assert low is not None  # a store target always lowers
@@ -230,7 +232,7 @@ def write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: 
         _sched.compute(job, w.progress)
     except BaseException as err:
         if aside is not None:  # an overwrite that failed: the old array comes back
-            _store.restore(w.target, w.path, aside)
+            _targets.restore(w.target, w.path, aside)
             err.add_note(f"to_zarr: the array {w.where} held before this overwrite was put back "
                          "unchanged; run the overwrite again once the cause is fixed")
         elif type(err).__name__ in _LOST:  # a cluster lost the job (its scheduler, say)
@@ -298,7 +300,7 @@ def write_image(array: Any, store: Any, path: Any, *, chunks: Any, compressors: 
     target, prefix = _store.as_store(base)
     check_not_read(x, target, _store.node_path(prefix, full), where)
     if node is not None and overwrite:
-        _store.check_deletable(target, _store.node_path(prefix, full), where)
+        _targets.check_deletable(target, _store.node_path(prefix, full), where)
 
     # Everything is checked: create the group (marked incomplete), the levels, then the metadata.
     group, marker = _ome.create_group(base, full, node, overwrite, levels, method)

@@ -18,6 +18,7 @@ from daskpatch.geometry.blocks import _isotropic_start, stride_multiples
 from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES
 from daskpatch.graph.layers import from_zarr
 from daskpatch.storage import stores as _store
+from daskpatch.storage import markers as _markers
 from daskpatch.storage.stores import StoreLike
 from daskpatch.geometry.layout import split_axes
 from daskpatch.io import to_zarr
@@ -270,7 +271,7 @@ def rechunk_to_stride(
         source = _store.store_of(source, storage_options, "source", read_only=True)
     target = _store.store_of(target, storage_options, "target")
     src = _store.open_array(source, path, name="source")
-    if _store.stored_fingerprint(src) is not None and not _store.is_complete(src):
+    if _markers.stored_fingerprint(src) is not None and not _markers.is_complete(src):
         src_at = _store.where(src.store, src.path or None)
         raise IncompleteOutputError(
             f"source is an incomplete daskpatch output ({src_at}): its missing chunks would be "

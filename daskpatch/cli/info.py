@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from dask.utils import format_bytes
 
-from daskpatch.storage import stores as _store
+from daskpatch.storage import markers as _markers
 from daskpatch.storage.fingerprint import jsonable
 from daskpatch.cli.errors import UsageError as _UsageError
 from daskpatch.engine.numbers import acc_dtype
@@ -51,11 +51,11 @@ def _write_status(z: zarr.Array) -> dict[str, Any]:
     ``status`` is ``"complete"``, ``"incomplete"`` (with ``chunks_done`` of ``chunks_total``)
     or ``"not-daskpatch"`` (no fingerprint: written by something else).
     """
-    grid = _store.numblocks(z)
+    grid = _markers.numblocks(z)
     total = math.prod(grid)
-    if _store.stored_fingerprint(z) is None:
+    if _markers.stored_fingerprint(z) is None:
         return {"status": "not-daskpatch", "chunks_done": None, "chunks_total": total}
-    done = _store.done_chunks(z, grid)
+    done = _markers.done_chunks(z, grid)
     if done is None:
         return {"status": "complete", "chunks_done": total, "chunks_total": total}
     return {"status": "incomplete", "chunks_done": len(done), "chunks_total": total}

@@ -15,7 +15,7 @@ import zarr
 
 from daskpatch.graph.inputs import take
 from daskpatch.storage.sources import _apply_maps, open_zarr, pad_axis
-from daskpatch.storage.stores import warn_if_incomplete
+from daskpatch.storage.markers import warn_if_incomplete
 from daskpatch.storage.stores import where as describe_array_at
 
 

@@ -18,7 +18,9 @@ import numpy as np
 import zarr
 
 from daskpatch.errors import ResumeMismatchError
-from daskpatch.storage.stores import ATTR, _join, get, stored_fingerprint
+from daskpatch.storage.storeio import get
+from daskpatch.storage.stores import ATTR, _join
+from daskpatch.storage.markers import stored_fingerprint
 
 
 def jsonable(value: Any) -> Any:

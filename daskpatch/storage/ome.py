@@ -31,6 +31,8 @@ import zarr
 from daskpatch.errors import (IncompleteOutputError, ParameterError, ResumeMismatchError,
                               TargetExistsError, UnsafeTargetError)
 from daskpatch.storage import stores as _store
+from daskpatch.storage import targets as _targets
+from daskpatch.storage import markers as _markers
 from daskpatch.geometry.parse import _describe
 from daskpatch.adapters.xarray import import_xarray, is_dataarray, wrap
 
@@ -193,7 +195,7 @@ def locate(store: Any, path: Any, level: int) -> tuple[zarr.Array, Any]:
             f"level must be 0 for a plain Zarr array (only an OME-Zarr image group has levels); "
             f"got {level}"
         )
-    _store.warn_if_incomplete(z, _store.where(z.store, z.path or None))
+    _markers.warn_if_incomplete(z, _store.where(z.store, z.path or None))
     return z, image
 
 
@@ -554,7 +556,7 @@ def check_target(base: Any, full: str | None, where: str, *, overwrite: bool, re
                 "downsample=, or overwrite=True to start again",
                 param="downsample", stored=marker.get("downsample"), value=downsample
             )
-    _store.check_parents(base, full, where, "an image", name_parent=True)
+    _targets.check_parents(base, full, where, "an image", name_parent=True)
     return node
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import zarr.storage
 from zarr.abc.store import Store
 
-from daskpatch.storage import stores as _store
+from daskpatch.storage import targets as _targets
 from daskpatch.storage import storeio as _storeio
 from daskpatch.config import get_bytes
 from daskpatch.errors import ParameterError
@@ -72,7 +72,7 @@ def check_spill_dir(spill: str | os.PathLike) -> None:
             f"{probe!r} is {'a file' if os.path.exists(probe) else 'not a directory'}"
         )
     try:
-        _store.probe_writable(probe)
+        _targets.probe_writable(probe)
     except OSError as err:
         raise ValueError(
             f"spill must be a directory this process can create or write; got {path!r}, but "

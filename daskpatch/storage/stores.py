@@ -1,47 +1,22 @@
-"""Zarr stores for daskpatch: naming them, done-markers, and checks before writing.
+"""Naming Zarr stores: what the user names (a path, URL, store, group or mapping, and a node path
+in it) as a store every process reads the same, a location to compare, a node opened for its
+metadata only, and the names of the keys daskpatch keeps beside an array.
 
-Under the output array's key prefix :func:`daskpatch.to_zarr` keeps its *fingerprint*
-(``attrs["daskpatch"]``, see :mod:`daskpatch._fingerprint`), *done-markers* (below) and, while
-an overlap-add result is written, *spilled halo parts* under ``.daskpatch-spill/`` (deleted once
-the array is complete).
-
-Here: what the user names (a path, URL, store, group or mapping, and a node path in it) turned into
-a store and a path, opened for metadata only; and the checks made before anything is created or
-deleted: the target holds nothing but a Zarr array (or daskpatch's leftovers) and, for
-``overwrite=True``, every part of it can be deleted.
-
-Done-markers
-------------
-In Zarr 3 a chunk equal to the fill value is not written at all, so a missing or all-fill chunk
-proves nothing about completion. :func:`daskpatch.to_zarr` therefore keeps its own record under the output
-array's key prefix (``<path>/`` in the store, the store root for a root array):
-
-- ``.daskpatch-done/chunks/<i>.<j>...`` -- one tiny object per finished chunk, written by the task
-  that wrote the chunk, right after the chunk;
-- ``.daskpatch-done/complete`` -- written once every chunk is done; the per-chunk objects are then
-  deleted (where the store supports deletes).
-
-Zarr ignores keys it does not know, and they cannot collide with chunk keys (chunk keys start
-with ``c`` or a digit). Deleting or overwriting the array removes them with it. (A Zarr array
-cannot have child nodes, and a root array has no siblings, so the record is raw keys rather than a
-Zarr array.) The array's attributes hold a fingerprint of the parameters that made it, which
-``resume=True`` checks (:mod:`daskpatch._fingerprint`); the markers and the checks made before
-anything is written or deleted live in this module.
-
-Only zarr's public API is used; key-level reads, writes and deletes are :mod:`daskpatch._storeio`'s.
+Under an output array's key prefix :func:`daskpatch.to_zarr` keeps its *fingerprint* (in
+``attrs["daskpatch"]``), its done-markers (:mod:`daskpatch.storage.markers`), its writer lease
+(:mod:`daskpatch.storage.lease`), and while it runs, *spilled halo parts* under
+``.daskpatch-spill/`` and an overwritten array under ``.daskpatch-replaced/``
+(:mod:`daskpatch.storage.targets`). Zarr ignores keys it does not know, and they cannot collide
+with chunk keys (chunk keys start with ``c`` or a digit).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
-import shutil
-import uuid
-import warnings
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
@@ -50,9 +25,8 @@ import zarr.errors
 import zarr.storage
 from zarr.abc.store import Store
 
-from daskpatch.errors import (IncompleteWarning, ParameterError, ParameterTypeError,
-                              TargetExistsError, TargetNotDeletableError, UnsafeTargetError)
-from daskpatch.storage.storeio import collect, delete_dir, exists, get, list_prefix, put, run
+from daskpatch.errors import IncompleteWarning, ParameterError, ParameterTypeError
+from daskpatch.storage.storeio import get
 from daskpatch.geometry.parse import _describe
 
 __all__ = ["IncompleteWarning"]
@@ -283,232 +257,6 @@ def open_array(store: Any, path: Any, name: str = "store") -> zarr.Array:
     return node
 
 
-def check_parents(store: Any, path: str | None, where_: str, what: str = "an array", *,
-                  name_parent: bool = False) -> None:
-    """Refuse to create ``what`` at ``path`` when one of its parents is an array (metadata that
-    cannot be read names ``where_``, or with ``name_parent`` the parent)."""
-    if path is None:
-        return
-    parts = path.split("/")
-    for i in range(len(parts)):
-        parent = "/".join(parts[:i]) or None
-        if isinstance(probe(store, parent, None if name_parent else where_), zarr.Array):
-            raise UnsafeTargetError(
-                f"to_zarr: cannot create {what} at {where_}: its parent "
-                f"{parent or '(the root)'!r} is an array, and only groups have children",
-                param="path", value=where_
-            )
-
-
-# --------------------------------------------------------------------------------------------
-# what may be deleted
-# --------------------------------------------------------------------------------------------
-
-_ARRAY_KEY = re.compile(r"^(zarr\.json|\.zarray|\.zattrs|(c|\d+)([./]\d+)*)$")
-_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # a LocalStore write in flight at a crash
-_OURS = (MARKER_DIR, SPILL_DIR, REPLACED_DIR, LEASE_KEY)
-
-
-def _allowed_key(rel: str, is_array: bool) -> bool:
-    if rel.split("/", 1)[0] in _OURS or _PARTIAL.search(rel):
-        return True
-    return is_array and bool(_ARRAY_KEY.match(rel))
-
-
-def _allowed_dir(rel: str, is_array: bool) -> bool:
-    parts = rel.split("/")
-    if parts[0] in _OURS:
-        return True
-    return is_array and all(p == "c" or p.isdigit() for p in parts)
-
-
-def _entries(store: Store, path: str | None) -> tuple[list[str], list[str]] | None:
-    """``(keys, directories)`` under ``path`` relative to it; ``None`` when the local directory
-    is a file."""
-    root = _local_root(store) if isinstance(store, zarr.storage.LocalStore) else None
-    if root is None:
-        prefix = _join(path)
-        found = list_prefix(store, prefix + "/" if prefix else "")
-        return [k[len(prefix) + 1:] if prefix else k for k in found], []
-    base = os.path.join(root, path or "")
-    if os.path.isfile(base):
-        return None
-    keys: list[str] = []
-    dirs: list[str] = []
-
-    def fail(err: OSError) -> None:
-        raise err
-
-    for dirpath, dirnames, filenames in os.walk(base, onerror=fail):
-        rel = os.path.relpath(dirpath, base)
-        rel = "" if rel == "." else rel.replace(os.sep, "/")
-        dirs.extend(_join(rel, d) for d in dirnames)
-        keys.extend(_join(rel, f) for f in filenames)
-    return keys, dirs
-
-
-def check_contents(store: Store, path: str | None, is_array: bool, where: str) -> None:
-    """Refuse a target holding anything but a Zarr array (``is_array``) and daskpatch's own
-    markers and spilled parts: to_zarr never deletes or writes among other files."""
-    try:
-        entries = _entries(store, path)
-    except FileNotFoundError:
-        return
-    if entries is None:
-        raise TargetExistsError(f"to_zarr: {where} is a file, not a directory; nothing was "
-                                "written", value=where)
-    keys, dirs = entries
-    foreign = [k for k in keys if not _allowed_key(k, is_array)]
-    foreign += [d + "/" for d in dirs if not _allowed_dir(d, is_array)
-                and not any(k.startswith(d + "/") for k in foreign)]
-    if foreign:
-        shown = ", ".join(repr(f) for f in sorted(foreign)[:5])
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        what = "a Zarr array, which also holds" if is_array else "no Zarr array but holds"
-        raise TargetExistsError(
-            f"to_zarr: {where} is {what} {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}"
-            f" that {'is' if len(foreign) == 1 else 'are'} not part of a Zarr array ({shown}"
-            f"{more}); to_zarr only ever replaces a Zarr array and never deletes anything else, "
-            "so nothing was written. Choose another location, or move them away yourself",
-            value=where, expected=sorted(foreign)
-        )
-
-
-def probe_writable(directory: str) -> None:
-    """Create and delete a probe file in ``directory``; raises the ``OSError`` if either fails."""
-    name = os.path.join(directory, f".daskpatch-probe-{uuid.uuid4().hex}")
-    fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    os.close(fd)
-    os.unlink(name)
-
-
-def _probe_dir(directory: str, rel: str, where: str) -> None:
-    try:
-        probe_writable(directory)
-    except OSError as err:
-        raise TargetNotDeletableError(
-            f"to_zarr: cannot overwrite {where}: its directory {rel or '(the array itself)'!r} "
-            f"({directory}) is not writable ({err.strerror}), so its old files could not be "
-            "deleted; nothing was deleted or written. Make it writable, or write elsewhere",
-            param="overwrite", value=where
-        ) from err
-
-
-def check_deletable(store: Store, path: str | None, where: str) -> None:
-    """Check that every part of the target can be written and deleted, before deleting any."""
-    if store.read_only:
-        raise TargetNotDeletableError(f"to_zarr: cannot overwrite {where}: the store is "
-                                      "read-only; nothing was deleted or written",
-                                      param="overwrite", value=where)
-    if not store.supports_deletes:
-        raise UnsafeTargetError(f"to_zarr: cannot overwrite {where}: the store does not "
-                                "support deletes; nothing was deleted or written. Write to a new "
-                                "location", param="overwrite", value=where)
-    root = _local_root(store) if isinstance(store, zarr.storage.LocalStore) else None
-    if root is not None:
-        base = os.path.join(root, path or "")
-
-        def fail(err: OSError) -> None:
-            raise TargetNotDeletableError(
-                f"to_zarr: cannot overwrite {where}: {err.filename} cannot be listed "
-                f"({err.strerror}); nothing was deleted or written", param="overwrite",
-                value=where
-            ) from err
-
-        for dirpath, _, _ in os.walk(base, onerror=fail):
-            rel = os.path.relpath(dirpath, base)
-            _probe_dir(dirpath, "" if rel == "." else rel.replace(os.sep, "/"), where)
-        return
-    key = _join(path, f".daskpatch-probe-{uuid.uuid4().hex}")
-    try:
-        put(store, key, b"")
-        run(store.delete(key))
-    except Exception as err:
-        raise TargetNotDeletableError(
-            f"to_zarr: cannot overwrite {where}: writing and deleting {key!r} there failed "
-            f"({type(err).__name__}: {err}); nothing was deleted or written",
-            param="overwrite", value=where
-        ) from err
-
-
-def clear(store: Store, path: str | None, where: str = "the target") -> str | None:
-    """Clear ``path`` for a new array (checked first by :func:`check_contents` and
-    :func:`check_deletable`); a local directory itself stays.
-
-    In a local directory the old array is set aside, not deleted: its entries move (each an
-    atomic rename) into ``REPLACED_DIR/<generation>`` under it, and that folder is returned. It
-    is deleted once the new array is complete (:func:`drop_replaced`), or moved back if the
-    write fails (:func:`restore`); after a crash it stays (the next completed write of the
-    array deletes it). If a move fails, the entries moved so far go back and nothing is lost.
-    Other stores cannot move keys: the old array is deleted and ``None`` returned.
-    """
-    root = _local_root(store) if isinstance(store, zarr.storage.LocalStore) else None
-    if root is None:
-        delete_dir(store, _join(path))
-        return None
-    base = os.path.join(root, path or "")
-    if not os.path.isdir(base):
-        return None
-    generation = os.path.join(base, REPLACED_DIR, uuid.uuid4().hex)
-    moved: list[str] = []
-    try:
-        os.makedirs(generation)
-        for entry in os.scandir(base):
-            if entry.name not in (REPLACED_DIR, LEASE_KEY):  # the writer's lease stays
-                os.rename(entry.path, os.path.join(generation, entry.name))
-                moved.append(entry.name)
-    except OSError as err:
-        for name in moved:
-            os.rename(os.path.join(generation, name), os.path.join(base, name))
-        _remove_empty(generation)
-        raise TargetNotDeletableError(
-            f"to_zarr: cannot overwrite {where}: setting {err.filename!r} aside failed "
-            f"({err.strerror}); nothing was deleted or written", param="overwrite", value=where
-        ) from err
-    return generation
-
-
-def restore(store: Store, path: str | None, generation: str) -> None:
-    """Undo :func:`clear` after a failed write: delete what the write made under ``path`` and
-    move the old array's entries back from ``generation``."""
-    base = os.path.join(_local_root(store) or "", path or "")
-    for entry in os.scandir(base):
-        if entry.name in (REPLACED_DIR, LEASE_KEY):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
-    for entry in os.scandir(generation):
-        os.rename(entry.path, os.path.join(base, entry.name))
-    _remove_empty(generation)
-
-
-def drop_replaced(z: zarr.Array, where: str) -> None:
-    """Delete the arrays :func:`clear` set aside under ``z`` (its write is complete); what
-    cannot be deleted stays, with a warning naming it."""
-    root = _local_root(z.store) if isinstance(z.store, zarr.storage.LocalStore) else None
-    if root is None:
-        return
-    aside = os.path.join(root, z.path or "", REPLACED_DIR)
-    if not os.path.isdir(aside):
-        return
-    failed: list[str] = []
-    shutil.rmtree(aside, onerror=lambda _f, p, _e: failed.append(p))
-    if failed:
-        warnings.warn(f"to_zarr: {where} is complete, but {len(failed)} file(s) of the array it "
-                      f"replaced could not be deleted (first: {failed[0]!r}); delete "
-                      f"{aside!r} by hand", stacklevel=2)
-
-
-def _remove_empty(generation: str) -> None:
-    for folder in (generation, os.path.dirname(generation)):
-        try:
-            os.rmdir(folder)
-        except OSError:
-            return
-
-
 # --------------------------------------------------------------------------------------------
 # metadata that cannot be read
 # --------------------------------------------------------------------------------------------
@@ -556,55 +304,6 @@ def window_digest(array: np.ndarray | None) -> str | None:
     return "sha256:" + h.hexdigest()[:32]
 
 
-def stored_fingerprint(z: zarr.Array) -> dict[str, Any] | None:
-    record = z.attrs.get(ATTR)
-    if isinstance(record, dict) and isinstance(record.get("fingerprint"), dict):
-        return record["fingerprint"]
-    return None
-
-
-def marker_dir(z: zarr.Array) -> str:
-    return _join(z.path, MARKER_DIR)
-
-
-def spill_dir(z: zarr.Array) -> str:
-    return _join(z.path, SPILL_DIR)
-
-
-def chunk_marker(z: zarr.Array, loc: Iterable[int]) -> str:
-    return f"{marker_dir(z)}/chunks/{'.'.join(map(str, loc))}"
-
-
-def complete_marker(z: zarr.Array) -> str:
-    return f"{marker_dir(z)}/complete"
-
-
-def is_complete(z: zarr.Array) -> bool:
-    return exists(z.store, complete_marker(z))
-
-
-def done_chunks(z: zarr.Array, numblocks: tuple[int, ...]) -> set[tuple[int, ...]] | None:
-    """Chunk locations recorded as done; ``None`` when the whole array is recorded complete."""
-    store = z.store
-    if is_complete(z):
-        return None
-    prefix = f"{marker_dir(z)}/chunks/"
-    done: set[tuple[int, ...]] = set()
-    if store.supports_listing:
-        for key in list_prefix(store, prefix):
-            try:
-                loc = tuple(int(p) for p in key[len(prefix):].split("."))
-            except ValueError:
-                continue  # e.g. a LocalStore write in flight at a crash
-            if len(loc) == len(numblocks) and all(0 <= i < n for i, n in zip(loc, numblocks)):
-                done.add(loc)
-    else:  # pragma: no cover - every writable zarr store lists
-        for loc in np.ndindex(*numblocks):
-            if exists(store, chunk_marker(z, loc)):
-                done.add(loc)
-    return done
-
-
 def parse_compressors(value: Any, dtype: Any) -> tuple:
     """The compressors zarr makes of ``value`` for ``dtype`` (``"auto"``: zarr's default), or a
     ValueError naming the parameter: checked on an array in memory, before anything is written.
@@ -636,52 +335,3 @@ def parse_compressors(value: Any, dtype: Any) -> tuple:
             "zarr.codecs.BloscCodec(cname='lz4', shuffle='shuffle'), or a list of codecs"
         ) from None
     return tuple(probe.compressors)
-
-
-def numblocks(z: zarr.Array) -> tuple[int, ...]:
-    return tuple(-(-int(n) // int(c)) for n, c in zip(z.shape, z.chunks))
-
-
-def mark_complete(z: zarr.Array) -> None:
-    """Record the array complete; drop every spilled part under it (whichever graph spilled
-    them: a resumed graph may have another name than the crashed one) and the per-chunk markers.
-
-    In this order, a crash at any point leaves either an incomplete array with its markers
-    (resumed as usual) or a complete one whose leftovers the next ``resume=True`` deletes.
-    """
-    clear_spill(z)
-    put(z.store, complete_marker(z))
-    delete_dir(z.store, f"{marker_dir(z)}/chunks")
-
-
-def clear_spill(z: zarr.Array) -> None:
-    """Delete everything in the array's spill area (each graph spills under its own name)."""
-    store, prefix = z.store, spill_dir(z)
-    if not store.supports_deletes:
-        return
-    for name in run(collect(store.list_dir(prefix))):
-        key = f"{prefix}/{name.strip('/')}"
-        try:
-            run(store.delete_dir(key))
-        except ValueError:  # a key rather than a directory
-            run(store.delete(key))
-        if exists(store, key):
-            run(store.delete(key))
-
-
-def warn_if_incomplete(z: zarr.Array, where: str) -> None:
-    """Warn (:class:`IncompleteWarning`) when ``z`` is a daskpatch output not yet complete."""
-    if stored_fingerprint(z) is None or is_complete(z):
-        return
-    blocks = numblocks(z)
-    done = done_chunks(z, blocks)
-    n_done = math.prod(blocks) if done is None else len(done)
-    warnings.warn(
-        f"{where} is an incomplete daskpatch output: {n_done} of {math.prod(blocks)} chunks "
-        "were written before its write stopped, and the missing chunks read as the fill value. "
-        "Finish it with daskpatch.to_zarr(<the same array>, <this store and path>, resume=True)",
-        IncompleteWarning,
-        stacklevel=3,
-    )
-
-

@@ -10,7 +10,8 @@ import zarr
 
 from daskpatch.storage import fingerprint as _fingerprint
 from daskpatch.storage import lease as _lease
-from daskpatch.storage import stores as _store
+from daskpatch.storage import targets as _targets
+from daskpatch.storage import markers as _markers
 from daskpatch.storage import storeio as _storeio
 from daskpatch.storage.lease import Lease
 
@@ -34,7 +35,7 @@ def write_task(block: np.ndarray, location: tuple[int, ...], region: tuple[slice
     write_chunk(z, region, block)
     if lease is not None:  # still this writer's: only then is the chunk recorded as done
         _lease.check(lease)
-    _storeio.put(z.store, _store.chunk_marker(z, location))
+    _storeio.put(z.store, _markers.chunk_marker(z, location))
 
 
 def finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, written: list[Any],
@@ -45,10 +46,10 @@ def finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, written
     _fingerprint.check_still_ours(z, fingerprint, where)
     if lease is not None:
         _lease.check(lease, renew=False)
-    _store.mark_complete(z)
+    _markers.mark_complete(z)
     for spill, name in spills:
         spill.clear(name)
-    _store.drop_replaced(z, where)  # the array it replaced, kept until now
+    _targets.drop_replaced(z, where)  # the array it replaced, kept until now
     if lease is not None:
         _lease.release(lease)
     return z
