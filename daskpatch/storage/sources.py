@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import socket
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from zarr.buffer import default_buffer_prototype
 
 from daskpatch.engine import memory as _memory
 from daskpatch.config import get_bytes
+from daskpatch.storage.storeio import exists
 
 
 def _pad_map(n: int, total: int, mode: str) -> np.ndarray:
@@ -74,10 +77,33 @@ def _apply_maps(a: np.ndarray, maps: list, pad_value: Any = 0) -> np.ndarray:
     return a
 
 
+#: The Zarr arrays this process has seen are there (process id, store, path).
+_PRESENT: set[tuple[int, str, str]] = set()
+
+
+def check_present(arr: Any) -> None:
+    """Refuse to read a Zarr array whose metadata this process cannot see: a worker started
+    where the input store is missing (another machine, another mount) would otherwise read
+    every chunk as the fill value. Checked once per process and array (one small read)."""
+    if not isinstance(arr, zarr.Array):
+        return
+    key = (os.getpid(), str(arr.store), arr.path or "")
+    if key in _PRESENT:
+        return
+    names = ("zarr.json", ".zarray")
+    if not any(exists(arr.store, "/".join(p for p in (arr.path, n) if p)) for n in names):
+        raise FileNotFoundError(
+            f"the input Zarr array {arr.path or '(root)'!r} of store {str(arr.store)!r} is not "
+            f"there for this process (host {socket.gethostname()!r}, pid {os.getpid()}); every "
+            "worker must reach the input stores (the same path on a shared filesystem, or a URL)")
+    _PRESENT.add(key)
+
+
 def _read_direct(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps: list,
                  pad_value: Any = 0, out: np.ndarray | None = None) -> np.ndarray:
     """The region ``[lo, hi)`` of ``arr``, canonical ``(C, *region)`` and padded by ``maps``;
     into ``out`` when given (unpadded, it is decoded straight there, no array beside it)."""
+    check_present(arr)
     index = [slice(l, h) for l, h in zip(lo, hi)]
     if channel_axis is not None:
         index.insert(channel_axis, slice(0, arr.shape[channel_axis]))
@@ -141,6 +167,7 @@ def _open_region(arr: Any, lo: tuple, hi: tuple, channel_axis: int | None, maps:
                  pad_value: Any = 0) -> Any:
     """A :class:`Region` of a Zarr array spanning several chunks on its first grid axis (not
     padded there), or else the region read at once as :func:`_read_direct` reads it."""
+    check_present(arr)
     axis = 1 if channel_axis == 0 else 0
     chunks = getattr(arr, "chunks", None)
     if (isinstance(arr, zarr.Array) and isinstance(chunks, tuple) and maps[0] is None

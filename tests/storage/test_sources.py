@@ -96,3 +96,19 @@ def test_zarr_regions_read_straight_into_the_block_match_numpy(tmp_path, channel
     kw = dict(border=border, block_shape=16, channel_axis=channel_axis, batch_size=3)
     expected = dp.apply_patches(data, model, 12, 8, **kw).compute()
     np.testing.assert_array_equal(dp.apply_patches(z, model, 12, 8, **kw).compute(), expected)
+
+
+def test_an_input_this_process_cannot_see_is_an_error_not_fill_values(tmp_path):
+    """A worker started where the input store is missing read every chunk as the fill value;
+    it now names the array, the host and the process."""
+    import shutil
+
+    data = np.random.default_rng(3).random((32, 32), dtype=np.float32)
+    z = zarr.create_array(str(tmp_path / "in.zarr"), shape=data.shape, chunks=(16, 16),
+                          dtype=data.dtype)
+    z[...] = data
+    res = dp.apply_patches(dp.open_volume(str(tmp_path / "in.zarr")), lambda b: b, 16, 8)
+    shutil.move(str(tmp_path / "in.zarr"), str(tmp_path / "elsewhere.zarr"))  # not here now
+    with pytest.raises(FileNotFoundError, match=r"the input Zarr array .* is not there for this "
+                                                r"process \(host .*, pid \d+\)"):
+        res.compute(scheduler="threads")
