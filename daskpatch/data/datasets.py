@@ -228,6 +228,9 @@ class PatchDataset(_Dataset):
         ``torch.nn.CrossEntropyLoss``); a plain cast, so float labels are truncated. A label
         the dtype cannot hold (300 or -1 in ``uint8``, NaN in an integer dtype) is an error
         naming the sample, never a wrapped class id.
+    storage_options : dict, optional
+        fsspec options for volumes given as URLs (``"s3://bucket/vol.zarr"``): credentials,
+        ``endpoint_url``; each loader worker opens the store with them.
 
     Notes
     -----
@@ -274,11 +277,13 @@ class PatchDataset(_Dataset):
         seed: int = 0,
         transform: Callable[..., dict[str, Any]] | None = None,
         label_dtype: Any = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.border: BorderMode = parse_choice(  # type: ignore[assignment]
             border, "border", BORDERS)
         self.pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)
-        self._set = VolumeSet(images, size, labels, channel_axis)
+        self._set = VolumeSet(images, size, labels, channel_axis,
+                              storage_options=storage_options)
         for src in self._set.images:
             pad_value = parse_pad_value(pad_value, self.pad_mode, src.dtype)
         self.pad_value = pad_value
@@ -381,6 +386,9 @@ class RandomPatchDataset(_Dataset):
         ``torch.nn.CrossEntropyLoss``); a plain cast, so float labels are truncated. A label
         the dtype cannot hold (300 or -1 in ``uint8``, NaN in an integer dtype) is an error
         naming the sample, never a wrapped class id.
+    storage_options : dict, optional
+        fsspec options for volumes given as URLs (``"s3://bucket/vol.zarr"``): credentials,
+        ``endpoint_url``; each loader worker opens the store with them.
 
     Notes
     -----
@@ -426,6 +434,7 @@ class RandomPatchDataset(_Dataset):
         cache_index: CacheMode = "auto",
         transform: Callable[..., dict[str, Any]] | None = None,
         label_dtype: Any = None,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.samples_per_epoch = parse_int(samples_per_epoch, "samples_per_epoch", minimum=1)
         cache = parse_choice(cache_index, "cache_index", CACHE_MODES)
@@ -437,7 +446,8 @@ class RandomPatchDataset(_Dataset):
         if self.pos_fraction is not None and weights is not None:
             raise ValueError("pass either pos_fraction (label-balanced sampling) or weights "
                              "(weight-map sampling), not both")
-        self._set = VolumeSet(images, size, labels, channel_axis, weights)
+        self._set = VolumeSet(images, size, labels, channel_axis, weights,
+                              storage_options=storage_options)
         for v in range(len(self._set.volumes)):
             shape = self._set.spatial_shape(v)
             item = self._set.volumes[v][0]

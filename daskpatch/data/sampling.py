@@ -185,7 +185,8 @@ def _write_cache(source: Source, spec: dict[str, Any], counts: np.ndarray) -> bo
     value = dict(spec, counts=counts.ravel().tolist())
     try:
         if source.path is not None:
-            target = open_zarr(source.path, source.param, mode="r+")
+            target = open_zarr(source.path, source.param, mode="r+",
+                               storage_options=source.storage_options)
         else:
             target = source.array
             if getattr(target.store, "read_only", False):

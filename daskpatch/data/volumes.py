@@ -64,9 +64,11 @@ class VolumeSet:
     """Images (and optional labels/weights) as a flat list of volumes."""
 
     def __init__(self, images: Any, size: Any, labels: Any, channel_axis: Any,
-                 weights: Any = None) -> None:
+                 weights: Any = None, storage_options: dict[str, Any] | None = None) -> None:
+        self.storage_options = storage_options
         items = _as_list(images, "images")
-        self.images = [Source(obj, f"images[{i}]") for i, obj in enumerate(items)]
+        self.images = [Source(obj, f"images[{i}]", storage_options)
+                       for i, obj in enumerate(items)]
         self.image_layouts = [
             _layout(s.shape, size, channel_axis, s.param) for s in self.images
         ]
@@ -106,7 +108,7 @@ class VolumeSet:
                 f"{name} must be one volume per image: {len(self.images)} images but "
                 f"{len(items)} {name}"
             )
-        return [Source(obj, f"{name}[{i}]") for i, obj in enumerate(items)]
+        return [Source(obj, f"{name}[{i}]", self.storage_options) for i, obj in enumerate(items)]
 
     def _companion_layouts(self, sources: list[Source] | None, size: Any,
                            channel_axis: Any) -> list[Layout] | None:
@@ -136,8 +138,10 @@ class VolumeSet:
 class Source:
     """One user array of a loader: keeps a path (reopened per process) or the array itself."""
 
-    def __init__(self, obj: Any, param: str) -> None:
+    def __init__(self, obj: Any, param: str,
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.param = param
+        self.storage_options = storage_options
         self.path: str | None = None
         self._obj: Any = None
         self._handle: zarr.Array | None = None
@@ -145,7 +149,9 @@ class Source:
         self.is_dask = False
         if isinstance(obj, (str, os.PathLike)):
             self.path = os.fspath(obj)
-            arr: Any = open_zarr(self.path, param)
+            if "://" not in self.path:  # the same file in every loader worker
+                self.path = os.path.abspath(self.path)
+            arr: Any = open_zarr(self.path, param, storage_options=storage_options)
             self._handle, self._pid = arr, os.getpid()
         else:
             obj, self.is_dask = take(obj, param, paths=True)
@@ -171,7 +177,8 @@ class Source:
         if self.path is None:
             return self._obj
         if self._handle is None or self._pid != os.getpid():
-            self._handle, self._pid = open_zarr(self.path, self.param), os.getpid()
+            self._handle, self._pid = open_zarr(self.path, self.param,
+                                                storage_options=self.storage_options), os.getpid()
         return self._handle
 
     def __getstate__(self) -> dict[str, Any]:

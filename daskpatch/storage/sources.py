@@ -269,9 +269,10 @@ def _read_chunks(shape: tuple, dtype: np.dtype, spec: list, maps: list,
 # ----------------------------------------------------------------------------------------------
 # The loaders' arrays: one user array, opened lazily in each process
 # ----------------------------------------------------------------------------------------------
-def open_zarr(path: str, param: str, mode: str = "r") -> zarr.Array:
+def open_zarr(path: str, param: str, mode: str = "r",
+              storage_options: dict[str, Any] | None = None) -> zarr.Array:
     try:
-        return zarr.open_array(path, mode=mode)
+        return zarr.open_array(path, mode=mode, storage_options=storage_options)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{param}: no Zarr array at {path!r}") from e
     except zarr.errors.NodeTypeValidationError as e:

@@ -125,3 +125,39 @@ def test_spill_to_an_object_store_url(s3, bucket, monkeypatch):
     with pytest.raises(ValueError, match=r"spill='nosuchfs://x/y' names no filesystem fsspec "
                                          r"knows"):
         dp.apply_patches(V, lambda b: b, 16, 8, spill="nosuchfs://x/y")
+
+
+@pytest.mark.cluster
+def test_a_two_worker_cluster_writes_to_s3(s3, bucket):
+    distributed = pytest.importorskip("distributed")
+    _, name = bucket
+    url = f"s3://{name}/o.zarr"
+    src = f"s3://{name}/in.zarr"
+    dp.to_zarr(V, src, chunks=16, storage_options=s3)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", silence_logs=50) as cluster:
+        with distributed.Client(cluster):
+            vol = dp.open_volume(src, storage_options=s3)
+            with dask.config.set({"daskpatch.spill-bytes": 0}):  # halos on S3 as well
+                z = dp.to_zarr(dp.apply_patches(vol, np.negative, 16, 8), url,
+                               storage_options=s3)
+    expected = dp.apply_patches(V, np.negative, 16, 8).compute(scheduler="threads")
+    np.testing.assert_array_equal(z[...], expected)
+    again = dp.open_volume(url, storage_options=s3)
+    np.testing.assert_array_equal(again.compute(), expected)
+
+
+def test_training_loaders_read_patches_from_s3(s3, bucket):
+    _, name = bucket
+    labels = (V > 0.5).astype(np.uint8)
+    dp.to_zarr(V, f"s3://{name}/img.zarr", chunks=16, storage_options=s3)
+    dp.to_zarr(labels, f"s3://{name}/lab.zarr", chunks=16, storage_options=s3)
+    grid = dp.PatchDataset(f"s3://{name}/img.zarr", 16, 16, labels=f"s3://{name}/lab.zarr",
+                           storage_options=s3)
+    item = grid[0]
+    np.testing.assert_array_equal(item["image"][0], V[:16, :16, :16])
+    np.testing.assert_array_equal(item["label"][0], labels[:16, :16, :16])
+    rand = dp.RandomPatchDataset(f"s3://{name}/img.zarr", 8, samples_per_epoch=4,
+                                 labels=f"s3://{name}/lab.zarr", pos_fraction=0.5,
+                                 storage_options=s3, seed=1)
+    assert [rand[i]["image"].shape for i in range(4)] == [(1, 8, 8, 8)] * 4
