@@ -62,14 +62,14 @@ def get_patches(
             f"shape {tuple(arr.shape)}"
         )
     size_t = parse_per_axis(size, 3, "size")
-    stride_t = parse_per_axis(stride, 3, "stride")
+    stride_t = size_t if stride is None else parse_per_axis(stride, 3, "stride")
     return np.asarray(extract_patches(arr, size_t, stride_t).compute(scheduler="threads"))
 
 
 def reconstruct_patch(
     img_arr: np.ndarray,
     org_img_size: tuple[int, int, int],
-    stride: int | tuple[int, ...] = 128,
+    stride: int | tuple[int, ...] | None = 128,
     size: int | tuple[int, ...] | None = 128,
     *,
     blend: Blend | None = None,
@@ -84,7 +84,8 @@ def reconstruct_patch(
     org_img_size : tuple of 3 ints
         Spatial shape ``(X, Y, Z)`` of one volume.
     stride, size : int or tuple of 3 ints
-        The grid the patches were cut with; ``size=None`` takes it from the patches.
+        The grid the patches were cut with; ``size=None`` takes it from the patches, and
+        ``stride=None`` means ``stride=size`` (no overlap), as in the seed article.
     blend : str, array or callable, optional
         How overlapping patches combine (see :func:`daskpatch.reconstruct`); ``None`` means
         ``"gaussian"`` for floating patches and ``"crop"`` (no mixing of values) for integer ones.
@@ -117,7 +118,7 @@ def reconstruct_patch(
     spatial = parse_per_axis(tuple(org_img_size) if not isinstance(org_img_size, int)
                              else org_img_size, 3, "org_img_size")
     size_t = tuple(arr.shape[1:4]) if size is None else parse_per_axis(size, 3, "size")
-    stride_t = parse_per_axis(stride, 3, "stride")
+    stride_t = size_t if stride is None else parse_per_axis(stride, 3, "stride")
     per_volume = len(PatchGrid(spatial, size_t, stride_t))
     n = arr.shape[0]
     if n % per_volume:

@@ -87,3 +87,10 @@ def test_multichannel_predictions_come_back_channel_last():
     back = dp.reconstruct_patch(preds, (32, 32, 32), stride=16, size=16)
     assert back.shape == (1, 32, 32, 32, 2)
     np.testing.assert_allclose(back[0], np.stack([vol, 1 - vol], -1), atol=1e-6)
+
+
+def test_reconstruct_patch_takes_stride_none_as_the_size():
+    vols = np.random.default_rng(4).random((2, 32, 32, 32), dtype=np.float32)
+    patches = dp.get_patches(vols, size=16, stride=16)
+    back = dp.reconstruct_patch(patches, (32, 32, 32), stride=None, size=16)
+    np.testing.assert_array_equal(back, vols)
