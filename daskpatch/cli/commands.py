@@ -216,6 +216,9 @@ def _add_geometry(p: argparse.ArgumentParser, *, apply: bool) -> None:
                         + ("" if apply else "; with it, info estimates a run"))
     g.add_argument("--stride", type=_int_list, metavar="T",
                    help="patch stride (default: the size, no overlap); overlap is size - stride")
+    g.add_argument("--overlap", type=_fraction, metavar="F",
+                   help="overlap as a fraction of the size, as MONAI's overlap= (0.5: stride = "
+                        "size - round(0.5 * size)); instead of --stride")
     g.add_argument("--channel-axis", type=int, metavar="A",
                    help="the volume's channel axis: 0 (channel-first) or -1 (channel-last); "
                         "default: none, every axis is spatial (or a batch axis, when --size has "
@@ -241,6 +244,30 @@ COMPRESSORS: dict[str, Callable[[], Any]] = {
     "blosc-zstd": lambda: zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
     "none": lambda: None,
 }
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to below 1; got {text!r}")
+    return value
+
+
+def _overlap_stride(args: argparse.Namespace) -> None:
+    """``--overlap F`` as the stride it means (per axis ``size - round(F * size)``, at least 1)."""
+    overlap = getattr(args, "overlap", None)
+    if overlap is None:
+        return
+    if args.stride is not None:
+        raise UsageError("--overlap and --stride both set the stride; pass one of them")
+    if args.size is None:
+        raise UsageError("--overlap needs --size")
+    sizes = (args.size,) if isinstance(args.size, int) else tuple(args.size)
+    strides = tuple(max(1, s - round(overlap * s)) for s in sizes)
+    args.stride = strides[0] if isinstance(args.size, int) else strides
 
 
 def _storage_option(text: str) -> tuple[str, Any]:
@@ -339,6 +366,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", metavar="DEV",
                    help="torch device for a torch model: cpu, cuda, cuda:1 (default: where the "
                         "model's parameters are; cpu for a file)")
+    g.add_argument("--amp", nargs="?", const=True, default=False,
+                   choices=(True, "float16", "bfloat16"), metavar="DTYPE",
+                   help="mixed precision for a torch model (torch.autocast): float16 on CUDA, "
+                        "bfloat16 on the CPU, or the DTYPE given")
+    g.add_argument("--run-id", metavar="NAME",
+                   help="a name for the model's version, kept in the output's fingerprint: "
+                        "--resume with another is refused")
     _add_run(p)
     g = p.add_argument_group("scheduler")
     g.add_argument("--scheduler", type=_scheduler_name, default="threads", metavar="S",
@@ -440,7 +474,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     layout = parse_layout(volume.ndim, args.size, args.channel_axis)
     channels = "none" if layout.channel_axis is None else (
         "first" if layout.channels_first else "last")
-    model = SpecModel(args.model, args.device, channels)
+    model = SpecModel(args.model, args.device, channels, args.amp)
     # A bad SPEC fails here, before anything is written. Local schedulers run the model in this
     # process: build it now; worker processes build their own (this one may have no GPU).
     if args.scheduler in ("threads", "sync"):
@@ -454,7 +488,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         fill_value=args.fill_value, sigma_scale=args.sigma_scale,
     )
     with _scheduler(args.scheduler, args.workers):
-        job = to_zarr(result, args.dst, args.dst_path, resume=args.resume,
+        job = to_zarr(result, args.dst, args.dst_path, resume=args.resume, run_id=args.run_id,
                       compressors=COMPRESSORS[args.compressor](), overwrite=args.overwrite,
                       compute=False)  # checks, then creates DST
         args.started = True
@@ -521,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(done.code or 0)
         args.started = False
         _stores(args)
+        _overlap_stride(args)
         with _session():
             return int(args.run(args))
     except BrokenPipeError:  # stdout closed early (| head): not an error of ours

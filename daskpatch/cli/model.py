@@ -37,16 +37,17 @@ class SpecModel:
     on the local scheduler every block task shares this object. Nothing is kept per process.
     """
 
-    def __init__(self, spec: str, device: str | None, channels: str) -> None:
-        self.spec, self.device, self.channels = spec, device, channels
+    def __init__(self, spec: str, device: str | None, channels: str,
+                 amp: bool | str = False) -> None:
+        self.spec, self.device, self.channels, self.amp = spec, device, channels, amp
         self._lock = threading.Lock()
         self._fn: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __reduce__(self) -> tuple:
-        return (SpecModel, (self.spec, self.device, self.channels))
+        return (SpecModel, (self.spec, self.device, self.channels, self.amp))
 
     def __dask_tokenize__(self) -> tuple:
-        return ("daskpatch-cli-model", self.spec, self.device, self.channels)
+        return ("daskpatch-cli-model", self.spec, self.device, self.channels, self.amp)
 
     def __daskpatch_fingerprint__(self) -> dict[str, Any]:
         """The spec, and a hash of what it names: a torch file's bytes, or the source file of
@@ -68,7 +69,7 @@ class SpecModel:
         with self._lock:
             if self._fn is None:
                 try:
-                    self._fn = _load_model(self.spec, self.device, self.channels)
+                    self._fn = _load_model(self.spec, self.device, self.channels, self.amp)
                 except SystemExit as err:  # a factory's sys.exit()
                     raise _UsageError(f"--model {self.spec!r}: building the model called "
                                       f"sys.exit({err.code!r})") from err
@@ -160,7 +161,7 @@ def resolve_spec(spec: str) -> Any:
     return obj
 
 
-def _load_model(spec: str, device: str | None, channels: str
+def _load_model(spec: str, device: str | None, channels: str, amp: bool | str = False
                 ) -> Callable[[np.ndarray], np.ndarray]:
     """The NumPy-batch callable ``--model SPEC`` names (see ``daskpatch apply --help``)."""
     obj = resolve_spec(spec)
@@ -174,7 +175,7 @@ def _load_model(spec: str, device: str | None, channels: str
             raise _UsageError(f"--model {spec!r}: the factory returned a class ({obj!r}); it "
                               "must return a model")
     if is_module(obj):
-        return _torch_adapter(obj, device, channels)
+        return _torch_adapter(obj, device, channels, amp)
     if device is not None:
         raise _UsageError(f"--device {device!r} applies to torch models; --model {spec!r} is "
                           f"{type(obj).__name__}")
@@ -183,7 +184,7 @@ def _load_model(spec: str, device: str | None, channels: str
     return obj
 
 
-def _torch_adapter(module: Any, device: str | None, channels: str
+def _torch_adapter(module: Any, device: str | None, channels: str, amp: bool | str = False
                    ) -> Callable[[np.ndarray], np.ndarray]:
     """A NumPy-batch function running a torch module through :class:`daskpatch.TorchModel`.
 
@@ -211,7 +212,7 @@ def _torch_adapter(module: Any, device: str | None, channels: str
         module = _kept_mode(module)
     tensors = list(module.parameters()) + list(module.buffers())
     floats = any(t.is_floating_point() for t in tensors)
-    model = TorchModel(module, device=device, dtype=None if floats else "float32")
+    model = TorchModel(module, device=device, dtype=None if floats else "float32", amp=amp)
 
     def run(batch: np.ndarray) -> np.ndarray:
         if channels == "none":

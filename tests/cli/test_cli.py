@@ -283,6 +283,25 @@ def test_an_in_memory_destination_is_refused(src, on_path, capsys):
     assert "is an in-memory store: the result would vanish" in capsys.readouterr().err
 
 
+def test_overlap_and_run_id_flags(src, tmp_path, on_path, capsys):
+    base = ["apply", src, "--model", "cli_models:affine", "--size", "16"]
+    assert main([base[0], base[1], str(tmp_path / "a.zarr"), *base[2:], "--stride", "8"]) == 0
+    assert main([base[0], base[1], str(tmp_path / "b.zarr"), *base[2:], "--overlap", "0.5",
+                 "--run-id", "affine-v1"]) == 0
+    a, b = zarr.open_array(str(tmp_path / "a.zarr")), zarr.open_array(str(tmp_path / "b.zarr"))
+    np.testing.assert_array_equal(a[...], b[...])  # overlap 0.5 of 16 is stride 8
+    assert b.attrs["daskpatch"]["fingerprint"]["run_id"] == "affine-v1"
+    capsys.readouterr()
+    assert main([base[0], base[1], str(tmp_path / "b.zarr"), *base[2:], "--overlap", "0.5",
+                 "--run-id", "affine-v2", "--resume"]) == 2
+    assert "run_id='affine-v1', but this call has run_id='affine-v2'" in capsys.readouterr().err
+    assert main([base[0], base[1], str(tmp_path / "c.zarr"), *base[2:], "--overlap", "0.5",
+                 "--stride", "8"]) == 2
+    assert "--overlap and --stride both set the stride" in capsys.readouterr().err
+    assert main([base[0], base[1], str(tmp_path / "c.zarr"), *base[2:], "--overlap", "1.5"]) == 2
+    assert "expected a fraction from 0 to below 1" in capsys.readouterr().err
+
+
 def test_apply_options_reach_the_python_api(tmp_path, on_path, capsys):
     src = str(tmp_path / "ch.zarr")
     data = np.random.default_rng(1).random((2, 24, 20, 18), dtype=np.float32)
