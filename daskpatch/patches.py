@@ -36,6 +36,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+import zarr
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
@@ -50,7 +51,8 @@ from daskpatch.graph.plan import (
     prepare,
 )
 from daskpatch.errors import ParameterError, ParameterTypeError
-from daskpatch.graph.inputs import Volume
+from daskpatch.graph.inputs import Volume, take
+from daskpatch.graph.layers import from_zarr
 from daskpatch.adapters.torch import wrap_fn
 from daskpatch.geometry.parse import (
     BORDERS,
@@ -248,7 +250,9 @@ def apply_patches(
         automatic blocks (``block_shape=None``) own at least a batch each where the volume
         allows, so a small volume is not cut into calls of one patch.
     out_channels : int, optional
-        Channels ``fn`` returns (default: the volume's). Needs a channel axis when not 1.
+        Channels ``fn`` returns (default: the volume's). A volume without a channel axis and
+        ``out_channels > 1`` (one channel in, K classes out) is read with a channel axis of 1
+        in front: ``fn`` gets ``(B, 1, *size)``, the result is ``(K, *volume.shape)``.
     dtype : dtype, optional
         Result dtype; ``None`` means the volume's dtype when it is floating or complex, else
         float32. An integer dtype rounds to nearest and saturates at the type's limits (255.6 ->
@@ -276,6 +280,10 @@ def apply_patches(
     batch_size = parse_int(batch_size, "batch_size", minimum=1)
     if not hasattr(volume, "ndim"):
         volume = Volume.from_user(volume, None).array
+    if channel_axis is None and out_channels is not None and \
+            parse_int(out_channels, "out_channels", minimum=1) > 1:
+        # one channel in, K out: the volume gets a channel axis in front, the model (B, 1, ...)
+        volume, channel_axis = _with_channel_axis(volume), 0
     layout = parse_layout(volume.ndim, size, channel_axis, shape=volume.shape)
     border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
     pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)  # type: ignore[assignment]
@@ -289,12 +297,6 @@ def apply_patches(
         cout = vol.channels
     else:
         cout = parse_int(out_channels, "out_channels", minimum=1)
-        if layout.channel_axis is None and cout != 1:
-            raise ParameterError(
-                f"out_channels={cout} needs a channel axis: the volume has channel_axis=None "
-                "(add one, e.g. volume[None] with channel_axis=0)", param="out_channels",
-                value=cout, mentions=("channel_axis",)
-            )
     fn = wrap_fn(fn, layout, tuple(volume.shape), grid.size[nb:], vol.channels, cout)
     if dtype is None:
         out_dtype = vol.dtype if vol.dtype.kind in "fc" else np.dtype(np.float32)
@@ -334,3 +336,9 @@ def apply_patches(
     return engine_array(OverlapAdd(name, b, reader), collections, {**extra, model: fn})
 
 
+def _with_channel_axis(volume: Any) -> Any:
+    """``volume`` with a channel axis of 1 in front, lazily (a Zarr array through dask)."""
+    arr, is_dask = take(volume, "volume")
+    if is_dask or isinstance(arr, np.ndarray):
+        return arr[None]
+    return (from_zarr(arr) if isinstance(arr, zarr.Array) else da.from_array(arr))[None]

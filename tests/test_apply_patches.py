@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import dask.array as da
 import numpy as np
 import pytest
+import zarr
 
 import daskpatch as dp
 from daskpatch import PatchGrid
@@ -122,3 +124,29 @@ def test_wrong_channel_count_is_reported():
         out.compute()
 
 
+
+
+
+@pytest.mark.parametrize("kind", ["numpy", "zarr", "dask"])
+def test_one_channel_in_k_classes_out(tmp_path, kind):
+    """A scan without a channel axis and a model returning K classes: the model gets
+    (B, 1, *size), the result is (K, *scan.shape)."""
+    scan = np.random.default_rng(6).random((20, 24, 28), dtype=np.float32)
+    if kind == "zarr":
+        z = zarr.create_array(str(tmp_path / "s.zarr"), shape=scan.shape, chunks=(8, 8, 8),
+                              dtype=scan.dtype)
+        z[...] = scan
+        vol = z
+    else:
+        vol = scan if kind == "numpy" else da.from_array(scan, chunks=10) + 0
+    seen = []
+
+    def classes(batch):
+        seen.append(batch.shape[1:])
+        return np.concatenate([batch, 2 * batch, -batch], axis=1)
+
+    out = dp.apply_patches(vol, classes, 8, 4, out_channels=3)
+    assert out.shape == (3, 20, 24, 28)
+    got = out.compute(scheduler="threads")
+    assert set(seen) == {(1, 8, 8, 8)}
+    np.testing.assert_allclose(got, np.stack([scan, 2 * scan, -scan]), rtol=1e-5, atol=1e-6)

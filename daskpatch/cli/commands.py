@@ -56,7 +56,7 @@ from daskpatch.storage.stores import store_of as _store_of
 from daskpatch.storage.stores import where as _where
 from daskpatch.geometry.parse import BORDERS, PAD_MODES
 from daskpatch.patches import apply_patches
-from daskpatch.geometry.layout import parse_layout
+from daskpatch.geometry.layout import describe_axes, parse_layout
 from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES
 from daskpatch.io import open_volume, to_zarr
 from daskpatch.rechunk import is_stride_aligned, rechunk_to_stride
@@ -474,6 +474,12 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     layout = parse_layout(volume.ndim, args.size, args.channel_axis)
     channels = "none" if layout.channel_axis is None else (
         "first" if layout.channels_first else "last")
+    if layout.channel_axis is None and (args.out_channels or 1) > 1:
+        channels = "first"  # one channel in, K out: apply_patches adds the channel axis
+    axes = describe_axes(volume.ndim, layout.channel_axis, layout.n_batch, volume.shape)
+    extra = (f"; the model gets 1 channel and returns {args.out_channels}"
+             if channels == "first" and layout.channel_axis is None else "")
+    print(f"{PROG}: {axes}: {len(layout.spatial_axes)}-D patches{extra}")  # before any work
     model = SpecModel(args.model, args.device, channels, args.amp)
     # A bad SPEC fails here, before anything is written. Local schedulers run the model in this
     # process: build it now; worker processes build their own (this one may have no GPU).

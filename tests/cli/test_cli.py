@@ -302,6 +302,19 @@ def test_overlap_and_run_id_flags(src, tmp_path, on_path, capsys):
     assert "expected a fraction from 0 to below 1" in capsys.readouterr().err
 
 
+def test_one_channel_in_k_classes_out_on_the_command_line(src, tmp_path, on_path, capsys):
+    dst = tmp_path / "k.zarr"
+    assert main(["apply", src, str(dst), "--model", "cli_models:three_channels", "--size", "16",
+                 "--stride", "8", "--out-channels", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "(no channel axis): 3-D patches; the model gets 1 channel and returns 3" in out
+    expected = dp.apply_patches(dp.open_volume(src), on_path.three_channels, 16, 8,
+                                out_channels=3).compute()
+    got = zarr.open_array(str(dst))[...]
+    assert got.shape == (3, *zarr.open_array(src).shape)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_apply_options_reach_the_python_api(tmp_path, on_path, capsys):
     src = str(tmp_path / "ch.zarr")
     data = np.random.default_rng(1).random((2, 24, 20, 18), dtype=np.float32)
