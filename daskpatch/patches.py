@@ -87,6 +87,7 @@ def reconstruct(
     block_shape: int | tuple[int, ...] | None = None,
     sigma_scale: float | tuple[float, ...] = 0.125,
     spill: bool | str | os.PathLike | None = None,
+    min_weight: float | None = None,
 ) -> da.Array:
     """Blend patches back into a volume, lazily (overlap-add with exact normalisation).
 
@@ -118,6 +119,12 @@ def reconstruct(
     sigma_scale : float or tuple of float
         Gaussian sigma as a fraction of the patch size, or one per spatial axis (e.g.
         ``(0.125, 0.125, 0.25)`` for anisotropic voxels, where a patch is short on one axis).
+    min_weight : float, optional
+        Window weights below ``min_weight`` times the window's peak are raised to it (in
+        ``(0, 1]``). ``blend="gaussian", min_weight=1e-3`` is MONAI's
+        ``sliding_window_inference(mode="gaussian")`` window, which clamps its gaussian there;
+        the default (``None``) keeps the exact gaussian, whose far voxels weigh nearly nothing.
+        The clamped window is no product of 1-D profiles: it blends as a user window does.
     spill : None, bool, path or zarr store, optional
         Where the halo parts that a block hands to its neighbours' chunks wait between tasks.
         Held in memory, they cost about one plane of halos (roughly ``3 * (size - stride)``
@@ -163,7 +170,7 @@ def reconstruct(
     grid = full_grid(grid_shape, layout.n_batch, size, stride, border)
     nb = layout.n_batch
     spatial = grid.size[nb:]
-    window = parse_window(blend, grid, nb, sigma_scale)
+    window = parse_window(blend, grid, nb, sigma_scale, min_weight)
     check_coverage(grid, fill_value)
     expected = (len(grid),) + layout.patch_shape(spatial, channels)
     if not (hasattr(patches, "shape") and hasattr(patches, "dtype")):
@@ -216,6 +223,7 @@ def apply_patches(
     fill_value: float | None = None,
     sigma_scale: float | tuple[float, ...] = 0.125,
     spill: bool | str | os.PathLike | None = None,
+    min_weight: float | None = None,
 ) -> da.Array:
     """Run ``fn`` on every patch of a volume, in batches, and blend the results, lazily.
 
@@ -243,7 +251,7 @@ def apply_patches(
         batch at a time, while the task copies the next batch in and blends the previous one.
     size, stride, border, pad_mode, pad_value, channel_axis
         As in :func:`extract_patches`.
-    blend, fill_value, block_shape, sigma_scale, spill
+    blend, fill_value, block_shape, sigma_scale, spill, min_weight
         As in :func:`reconstruct`.
     batch_size : int
         Patches per call of ``fn``: every call of a work block gets this many but its last;
@@ -291,7 +299,7 @@ def apply_patches(
     pad_value = parse_pad_value(pad_value, pad_mode, vol.dtype)
     nb = layout.n_batch
     grid = full_grid(vol.shape, nb, size, stride, border)
-    window = parse_window(blend, grid, nb, sigma_scale)
+    window = parse_window(blend, grid, nb, sigma_scale, min_weight)
     check_coverage(grid, fill_value)
     if out_channels is None:
         cout = vol.channels

@@ -226,3 +226,43 @@ def test_property_round_trip(params):
     np.testing.assert_allclose(ap.compute(), vol, rtol=0, atol=1e-12)
     np.testing.assert_allclose(dp.to_numpy(ap), vol, rtol=0, atol=1e-12)
     np.testing.assert_allclose(dp.to_numpy(out), vol, rtol=0, atol=1e-12)
+
+
+def _monai_gaussian(size, sigma_scale=0.125, floor=1e-3):
+    """MONAI's sliding-window importance map: a gaussian of sigma = sigma_scale * size per
+    axis, centred, peak 1, clamped below at 1e-3 (monai.inferers.utils)."""
+    w = np.ones(())
+    for n in size:
+        x = np.arange(n) - (n - 1) / 2
+        w = np.multiply.outer(w, np.exp(-x ** 2 / (2 * (sigma_scale * n) ** 2)))
+    return np.maximum(w / w.max(), floor)
+
+
+@pytest.mark.parametrize("shape, size, stride", [((40, 36), (16, 16), (8, 8)),
+                                                 ((24, 20, 18), (12, 8, 8), (6, 4, 4))])
+def test_min_weight_reproduces_monais_clamped_gaussian(shape, size, stride):
+    vol = np.random.default_rng(9).random(shape, dtype=np.float32)
+
+    def f(b):  # patch-dependent: overlapping patches predict different values for a voxel
+        return np.sin(5 * b) + 10 * b.mean(axis=tuple(range(1, b.ndim)), keepdims=True)
+
+    got = dp.apply_patches(vol, f, size, stride, blend="gaussian", min_weight=1e-3).compute()
+    grid = dp.PatchGrid(shape, size, stride)
+    outputs = np.stack([f(vol[sl][None])[0] for sl in grid])[:, None]
+    expected = naive_blend(outputs, grid, _monai_gaussian(size))[0]
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=2e-6)
+    plain = dp.apply_patches(vol, f, size, stride).compute()
+    assert np.abs(plain - got).max() > 1e-4  # the clamp changes the result, as in MONAI
+
+
+def test_min_weight_on_reconstruct_and_window():
+    vol = np.random.default_rng(2).random((32, 32), dtype=np.float32)
+    p = dp.extract_patches(vol, 16, 8)
+    back = dp.reconstruct(p, vol.shape, 16, 8, min_weight=1e-3).compute()
+    np.testing.assert_allclose(back, vol, rtol=1e-6)  # still a partition of one
+    w = dp.window("gaussian", (16, 16), sigma_scale=0.05, min_weight=1e-3)
+    assert w.min() == 1e-3 and w.max() == 1.0
+    with pytest.raises(ValueError, match=r"min_weight must be a number in \(0, 1\]"):
+        dp.apply_patches(vol, lambda b: b, 16, 8, min_weight=2)
+    with pytest.raises(ValueError, match="min_weight does not apply to blend='crop'"):
+        dp.apply_patches(vol, lambda b: b, 16, 8, blend="crop", min_weight=1e-3)

@@ -74,7 +74,8 @@ def profile(blend: str, n: int, sigma_scale: float = 0.125) -> np.ndarray:
 
 
 def window(blend: str, size: tuple[int, ...],
-           sigma_scale: float | tuple[float, ...] = 0.125) -> np.ndarray:
+           sigma_scale: float | tuple[float, ...] = 0.125,
+           min_weight: float | None = None) -> np.ndarray:
     """The full N-D window of a built-in blend: the outer product of its 1-D profiles.
 
     This is the raw window (peak 1), before the exact normalisation that
@@ -91,6 +92,9 @@ def window(blend: str, size: tuple[int, ...],
     sigma_scale : float or tuple of float
         Gaussian sigma as a fraction of the patch size (nnU-Net's and MONAI's 0.125 by default);
         a tuple gives one per axis. Ignored by the other blends.
+    min_weight : float, optional
+        Weights below ``min_weight`` (the peak is 1) are raised to it: ``1e-3`` is the gaussian
+        window of MONAI's ``sliding_window_inference``.
 
     Returns
     -------
@@ -112,6 +116,13 @@ def window(blend: str, size: tuple[int, ...],
     out = np.ones(())
     for a, n in enumerate(size):
         out = np.multiply.outer(out, profile(blend, n, parsed.sigma(a)))
+    if min_weight is not None:
+        if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float)) or \
+                not 0 < min_weight <= 1:
+            raise ParameterError(f"min_weight must be a number in (0, 1] or None; got "
+                                 f"{_describe(min_weight)}", param="min_weight",
+                                 value=min_weight)
+        out = np.maximum(out, min_weight)
     return out
 
 

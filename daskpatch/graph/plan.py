@@ -23,8 +23,10 @@ from daskpatch.engine.spec import ApplyBlock, ReconstructBlock, Weights
 from daskpatch.geometry.blocks import work_block
 from daskpatch.geometry.grid import BlockPlan, PatchGrid
 from daskpatch.geometry.layout import Layout
+from daskpatch.errors import ParameterError
 from daskpatch.geometry.parse import _describe
 from daskpatch.geometry.windows import Window, parse_blend
+from daskpatch.geometry.windows import window as full_window
 from daskpatch.graph.inputs import Volume
 from daskpatch.storage.spill import Spill, parse_spill
 from daskpatch.storage.stores import window_digest
@@ -61,9 +63,13 @@ class Blending:
                 self.layout, self.spill, self.slab)
 
 
-def parse_window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) -> Window:
-    """Parse ``blend`` against the spatial patch shape; a user window gets size-1 batch axes."""
+def parse_window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any,
+                 min_weight: Any = None) -> Window:
+    """Parse ``blend`` against the spatial patch shape (weights below ``min_weight`` times the
+    peak raised to it); a user window gets size-1 batch axes."""
     window = parse_blend(blend, grid.size[n_batch:], sigma_scale)
+    if min_weight is not None:
+        window = _clamped(window, grid.size[n_batch:], min_weight)
     if n_batch and isinstance(window.sigma_scale, tuple):  # batch axes: patches of size 1
         window = Window(window.blend, (1.0,) * n_batch + window.sigma_scale, window.array,
                         window.source)
@@ -72,6 +78,26 @@ def parse_window(blend: Any, grid: PatchGrid, n_batch: int, sigma_scale: Any) ->
         window = Window("user", window.sigma_scale, window.array.reshape(grid.size),
                         window.source)
     return window
+
+
+def _clamped(window: Window, size: tuple[int, ...], min_weight: Any) -> Window:
+    """``window`` with its weights below ``min_weight`` times its peak raised to it, as a user
+    window (a clamped product of profiles is no product of profiles)."""
+    if isinstance(min_weight, bool) or not isinstance(min_weight, (int, float, np.floating)) \
+            or not 0 < float(min_weight) <= 1:
+        raise ParameterError(f"min_weight must be a number in (0, 1] (a fraction of the "
+                             f"window's peak) or None; got {_describe(min_weight)}",
+                             param="min_weight", value=min_weight)
+    if window.blend == "crop":
+        raise ParameterError("min_weight does not apply to blend='crop' (each voxel comes from "
+                             "one patch); got min_weight with blend='crop'",
+                             param="min_weight", value=min_weight)
+    arr = full_window(window.blend, size, window.sigma_scale) if window.array is None \
+        else np.asarray(window.array, dtype=np.float64)
+    floor = float(min_weight) * float(arr.max())
+    if (arr >= floor).all():
+        return window  # nothing to raise
+    return parse_blend(np.maximum(arr, floor), size, window.sigma_scale)
 
 
 def check_coverage(grid: PatchGrid, fill_value: Any) -> None:

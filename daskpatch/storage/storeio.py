@@ -15,10 +15,14 @@ import os
 from collections.abc import Coroutine
 from typing import Any
 
+import zarr.abc.store
 import zarr.storage
 from zarr.abc.store import Store, SupportsGetSync, SupportsSetSync
-from zarr.abc.store import sync as _zarr_sync  # zarr's loop runner, as zarr.abc.store uses it
 from zarr.buffer import default_buffer_prototype
+
+#: zarr's own loop runner (``zarr.core.sync.sync``), as zarr's store module imports it: the loop
+#: zarr's reads and writes of a store run on.
+_zarr_sync = getattr(zarr.abc.store, "sync")
 
 __all__ = ["collect", "delete", "delete_dir", "exists", "get", "list_prefix", "put", "run"]
 
