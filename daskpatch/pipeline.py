@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,9 +214,11 @@ def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
 
 def write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: Any,
                  overwrite: Any, resume: Any, progress: Any, compute: Any, run_id: Any,
-                 dimension_names: Sequence[str] | None = None) -> zarr.Array | Delayed:
+                 dimension_names: Sequence[str] | None = None,
+                 started: Callable[[], None] | None = None) -> zarr.Array | Delayed:
     """The one write pipeline of an array (a bare one, or a level of an image): parse, check
-    the target, create or reopen it, plan the writes, compute."""
+    the target, create or reopen it, plan the writes, compute. ``started()`` is called once
+    the target exists (the command line's exit status turns on it)."""
     w = parse(array, store, path, chunks, compressors, overwrite, resume, progress, compute,
                run_id, dimension_names)
     node, fingerprint = check_target(w)
@@ -226,6 +228,8 @@ def write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: 
     aside = None
     try:
         z, done, aside = create_or_reopen(w, node, fingerprint, lease)
+        if started is not None:
+            started()
         job = plan(w, z, fingerprint, done, lease)
         if not w.compute:
             return job

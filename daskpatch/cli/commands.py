@@ -33,12 +33,11 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import dask
 import numpy as np
 import zarr.codecs
-from dask.delayed import Delayed
 from dask.utils import parse_bytes
 
 from daskpatch import __version__
@@ -47,7 +46,6 @@ from daskpatch.cli.errors import UsageError, in_flags
 from daskpatch.cli.info import cmd_info
 from daskpatch.cli.info import shape_text as _x
 from daskpatch.cli.model import SpecModel, resolve_spec
-from daskpatch.graph.jobs import compute as _compute
 from daskpatch.storage.stores import open_array as _open_array
 from daskpatch.storage.stores import parse_path as _parse_path
 from daskpatch.storage.stores import probe as _probe
@@ -58,7 +56,8 @@ from daskpatch.geometry.parse import BORDERS, PAD_MODES
 from daskpatch.patches import apply_patches
 from daskpatch.geometry.layout import describe_axes, parse_layout
 from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES
-from daskpatch.io import open_volume, to_zarr
+from daskpatch.io import open_volume
+from daskpatch.pipeline import write_array
 from daskpatch.rechunk import is_stride_aligned, rechunk_to_stride
 from daskpatch.geometry.windows import BLENDS
 
@@ -494,11 +493,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         fill_value=args.fill_value, sigma_scale=args.sigma_scale,
     )
     with _scheduler(args.scheduler, args.workers):
-        job = to_zarr(result, args.dst, args.dst_path, resume=args.resume, run_id=args.run_id,
-                      compressors=COMPRESSORS[args.compressor](), overwrite=args.overwrite,
-                      compute=False)  # checks, then creates DST
-        args.started = True
-        z = _compute(cast(Delayed, job), _progress(args))  # as to_zarr(compute=True) does
+        z = write_array(result, args.dst, args.dst_path, chunks=None, resume=args.resume,
+                        run_id=args.run_id, compressors=COMPRESSORS[args.compressor](),
+                        overwrite=args.overwrite, progress=_progress(args), compute=True,
+                        started=lambda: setattr(args, "started", True))  # checks, creates DST
     print(f"{PROG}: wrote {_where(args.dst, z.path or None)}: {_x(z.shape)} {z.dtype}, chunks "
           f"{_x(z.chunks)}")
     return 0
@@ -578,10 +576,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         started = args is not None and getattr(args, "started", False)
         if started and not isinstance(err, (UsageError, FileExistsError)):
+            put_back = any("was put back unchanged" in str(n)
+                           for n in getattr(err, "__notes__", ()))
+            advice = ("fix the cause and run the --overwrite again" if put_back else
+                      "fix the cause and run again with --resume to keep the chunks already "
+                      "written")
             print(f"{PROG}: error: the run failed: {type(err).__name__}: {_one_line(err)} "
-                  "(fix the cause and run again with --resume to keep the chunks already "
-                  "written" + ("" if getattr(args, "debug", False) else "; --debug shows the "
-                                                                           "traceback") + ")",
+                  f"({advice}" + ("" if getattr(args, "debug", False) else "; --debug shows the "
+                                                                         "traceback") + ")",
                   file=sys.stderr)
             return 1
         # the library's words, with the parameters its error names (by attribute) as flags

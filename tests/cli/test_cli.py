@@ -315,6 +315,20 @@ def test_one_channel_in_k_classes_out_on_the_command_line(src, tmp_path, on_path
     np.testing.assert_array_equal(got, expected)
 
 
+def test_a_failed_overwrite_puts_the_old_output_back(src, tmp_path, on_path, capsys):
+    dst = str(tmp_path / "out.zarr")
+    args = ["apply", src, dst, "--size", str(SIZE), "--stride", str(STRIDE)]
+    assert main([*args, "--model", "cli_models:affine"]) == 0
+    before = zarr.open_array(dst)[...]
+    capsys.readouterr()
+    assert main([*args, "--model", "cli_models:boom", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "the run failed: ZeroDivisionError" in err and "was put back unchanged" in err
+    assert "run the --overwrite again" in err and "--resume" not in err
+    np.testing.assert_array_equal(zarr.open_array(dst)[...], before)
+    assert not os.path.exists(os.path.join(dst, ".daskpatch-replaced"))
+
+
 def test_apply_options_reach_the_python_api(tmp_path, on_path, capsys):
     src = str(tmp_path / "ch.zarr")
     data = np.random.default_rng(1).random((2, 24, 20, 18), dtype=np.float32)
