@@ -20,7 +20,7 @@ import zarr.storage
 from zarr.abc.store import Store, SupportsGetSync, SupportsSetSync
 from zarr.buffer import default_buffer_prototype
 
-#: zarr's own loop runner (``zarr.core.sync.sync``), as zarr's store module imports it: the loop
+#: zarr's own loop runner, as zarr's store module imports it: the loop
 #: zarr's reads and writes of a store run on.
 _zarr_sync = getattr(zarr.abc.store, "sync")
 
