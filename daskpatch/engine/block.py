@@ -160,8 +160,10 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
             out = _check_output(result(), user_batch.shape, (len(chunk),) + expected,
                                 getattr(fn, "axes", None))
         except Exception as err:
-            note = _batch_note(spec.block, [g for g, _ in chunk], [st for _, st in chunk],
-                               tuple(len(s) for s in starts), region_lo, region.shape[1:])
+            note = _batch_note(spec.block,
+                               [tuple(i + o for i, o in zip(g, spec.origin)) for g, _ in chunk],
+                               [st for _, st in chunk], spec.grid_shape, region_lo,
+                               region.shape[1:])
             axes = getattr(fn, "axes", None)  # how the volume's axes were read
             if axes:
                 note += f"; fn was called on a batch of shape {user_batch.shape}; {axes}"

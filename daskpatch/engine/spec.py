@@ -7,6 +7,7 @@ chunks, the block buffers and halo pieces), so a task's tuple in the graph reads
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,13 @@ class Weights:
     user: np.ndarray | None
     slab_bytes: int
 
+    def sliced(self, ranges: Sequence[tuple[int, int]]) -> Weights:
+        """The rows of the patch starts ``[i0, i1)`` per axis only: what one block's task
+        carries (its pickled size then does not grow with the volume)."""
+        q = None if self.q is None else [qa[i0:i1] for qa, (i0, i1) in zip(self.q, ranges)]
+        ids = [qa[i0:i1] for qa, (i0, i1) in zip(self.q_ids, ranges)]
+        return Weights(q, ids, self.user, self.slab_bytes)
+
 
 @dataclass(frozen=True, eq=False)
 class ApplyBlock:
@@ -41,15 +49,17 @@ class ApplyBlock:
     region_lo: tuple[int, ...]  # where the region read starts (padded coordinates)
     ext_lo: tuple[int, ...]  # the extended buffer's start
     ext_shape: tuple[int, ...]
-    owned: tuple[range, ...]  # per axis, the block's patch index range
-    starts: tuple[np.ndarray, ...]  # per axis, every patch start of the grid
-    weights: Weights
+    owned: tuple[range, ...]  # per axis, the block's patch indices (from 0: its own starts)
+    starts: tuple[np.ndarray, ...]  # per axis, the block's own patch starts
+    weights: Weights  # sliced to the block's own starts
     batch_size: int
     layout: Layout
     n_batch: int
     out_channels: int
     numbers: Numbers
     patch_shape: tuple[int, ...]
+    origin: tuple[int, ...] = ()  # per axis, the grid index of the block's first start
+    grid_shape: tuple[int, ...] = ()  # the grid's shape (patch indices in errors)
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +69,7 @@ class ReconstructBlock:
     where: tuple[tuple[int, int], ...]  # per patch: (which chunk of the task's, row in it)
     ext_lo: tuple[int, ...]
     ext_shape: tuple[int, ...]
-    gidxs: tuple[tuple[int, ...], ...]  # grid index of each patch
+    gidxs: tuple[tuple[int, ...], ...]  # each patch's index among the block's own starts
     starts: tuple[tuple[int, ...], ...]  # start of each patch
     weights: Weights
     layout: Layout

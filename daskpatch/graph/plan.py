@@ -185,14 +185,16 @@ class ApplyReader:
                    ext_hi: tuple[int, ...]) -> tuple[Any, set[Any]]:
         """The accumulate task of block ``bidx`` (buffer ``[ext_lo, ext_hi)``) and its inputs."""
         owned = [b.plan.owned[a][i] for a, i in enumerate(bidx)]
-        starts = [self.axis_starts[a][i0:i1] for a, (i0, i1) in enumerate(owned)]
+        starts = tuple(self.axis_starts[a][i0:i1] for a, (i0, i1) in enumerate(owned))
         lo = tuple(int(s[0]) for s in starts)
         hi = tuple(int(s[-1]) + z for s, z in zip(starts, b.grid.size))
         read, deps = self.volume.read_task(lo, hi, self.pad_mode, self.pad_value, lazy=True)
+        # the task carries its own starts and weight rows only, not the whole axes'
         spec = ApplyBlock(bidx, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
-                          tuple(range(*o) for o in owned), self.axis_starts, b.weights,
-                          self.batch_size, b.layout, b.n_batch, b.channels, b.numbers,
-                          b.grid.size)
+                          tuple(range(i1 - i0) for i0, i1 in owned), starts,
+                          b.weights.sliced(owned), self.batch_size, b.layout, b.n_batch,
+                          b.channels, b.numbers, b.grid.size,
+                          tuple(i0 for i0, _ in owned), b.grid.grid_shape)
         return (apply_block, spec, read, self.batches, self.model), deps | {self.model}
 
 
@@ -210,7 +212,8 @@ class ReconstructReader:
     def accumulate(self, b: Blending, bidx: tuple[int, ...], ext_lo: tuple[int, ...],
                    ext_hi: tuple[int, ...]) -> tuple[Any, set[Any]]:
         """The accumulate task of block ``bidx`` (buffer ``[ext_lo, ext_hi)``) and its inputs."""
-        owned = [range(*b.plan.owned[a][i]) for a, i in enumerate(bidx)]
+        bounds = [b.plan.owned[a][i] for a, i in enumerate(bidx)]
+        owned = [range(*o) for o in bounds]
         gidxs = list(itertools.product(*owned))
         flat = np.ravel_multi_index(tuple(np.array(gidxs).T), b.grid.grid_shape)
         cid = np.searchsorted(self.bounds, flat, "right") - 1
@@ -219,10 +222,11 @@ class ReconstructReader:
         where = [(pos[c], int(f - self.bounds[c])) for c, f in zip(cid.tolist(), flat.tolist())]
         keys = [(self.name, c) + (0,) * (self.ndim - 1) for c in used]
         starts = [tuple(int(self.axis_starts[a][i]) for a, i in enumerate(g)) for g in gidxs]
+        local = tuple(tuple(i - o0 for i, (o0, _) in zip(g, bounds)) for g in gidxs)
         spec = ReconstructBlock(tuple(where), ext_lo,
-                                tuple(h - lo for lo, h in zip(ext_lo, ext_hi)), tuple(gidxs),
-                                tuple(starts), b.weights, b.layout, self.channels, b.numbers,
-                                b.grid.size)
+                                tuple(h - lo for lo, h in zip(ext_lo, ext_hi)), local,
+                                tuple(starts), b.weights.sliced(bounds), b.layout,
+                                self.channels, b.numbers, b.grid.size)
         return (reconstruct_block, spec, keys), set(keys)
 
 
