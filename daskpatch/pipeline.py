@@ -188,7 +188,7 @@ def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
     assert low is not None  # a store target always lowers
     token, spills = low.token, low.spills
     if low.job is not None:
-        return _sched.then(low.job, f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}",
+        return _sched.finishing(low.job, f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}",
                            (_writes.finalize, z, fingerprint, w.where, spills, low.keys,
                             lease))
     x = low.array

@@ -1,5 +1,5 @@
 """Which scheduler a ``compute()`` would use now, computing with a progress bar, and the jobs
-computed (:func:`to_delayed`, :func:`store_job`, :func:`then`).
+computed (:func:`to_delayed`, :func:`store_job`, :func:`finishing`).
 
 :func:`daskpatch.to_numpy` writes chunks straight into a NumPy array, which needs the local
 (threaded or synchronous) scheduler; :func:`daskpatch.to_zarr` and :func:`daskpatch.to_numpy`
@@ -155,7 +155,7 @@ def gather_into(x: da.Array, out: np.ndarray, progress: bool) -> None:
 
 
 # -- jobs: graphs made ready to compute ------------------------------------------------------
-def then(graph: HighLevelGraph, key: str, task: tuple) -> Delayed:
+def finishing(graph: HighLevelGraph, key: str, task: tuple) -> Delayed:
     """A job running ``task`` (its own key ``key``) after every layer of ``graph``."""
     layers = {**graph.layers, key: MaterializedLayer({key: task})}
     return Delayed(key, HighLevelGraph(layers, {**graph.dependencies, key: set(graph.layers)}))
