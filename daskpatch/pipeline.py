@@ -30,6 +30,7 @@ from zarr.abc.store import Store
 from daskpatch.adapters.xarray import is_dataarray as _is_dataarray
 from daskpatch.errors import (ParameterError, ParameterTypeError, TargetExistsError,
                               UnsafeTargetError)
+from daskpatch.config import get_int
 from daskpatch.geometry.parse import _describe, parse_bool, parse_choice, parse_int
 from daskpatch.graph import jobs as _sched
 from daskpatch.graph.inputs import as_dask, downsampled, write_chunks
@@ -166,35 +167,64 @@ def create_or_reopen(w: Write, node: zarr.Array | None, fingerprint: dict[str, A
     return z, set(), aside
 
 
+def waves(w: Write, done: set[tuple[int, ...]] | None) -> list[list[tuple[int, ...]]]:
+    """The chunks still to write, in waves of at most ``daskpatch.wave-chunks`` chunks in C
+    order (one wave with ``compute=False``: the caller gets one graph)."""
+    if done is None:
+        return []
+    todo = [loc for loc in np.ndindex(*w.x.numblocks) if loc not in done]
+    size = get_int("wave-chunks")
+    if not w.compute or len(todo) <= size:
+        return [todo] if todo else []
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
 def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
-         done: set[tuple[int, ...]] | None, lease: _lease.Lease) -> Delayed:
-    """The write graph: one task per chunk not done (compute the block, write it, mark it done;
-    computing only those keys culls the rest of the graph, their inputs included), then one that
-    marks the array complete and drops the spilled parts."""
+         done: set[tuple[int, ...]] | None, lease: _lease.Lease,
+         todo: list[tuple[int, ...]] | None = None, last: bool = True, waved: bool = False
+         ) -> Delayed:
+    """The write graph: one task per chunk of ``todo`` (default: every chunk not done; compute
+    the block, write it, mark it done; computing only those keys culls the rest of the graph,
+    their inputs included), then one that marks the array complete and drops the spilled parts
+    (``last=False``, a wave before the last: one that checks the write is still this one's;
+    ``waved``: one of several waves)."""
     # Engines built with spill=None send large halos (what blocks hand to neighbouring chunks)
     # into the output store: memory stays bounded, and the parts are deleted once all is written.
     # Not into a store in RAM, where the parts would stay until the end instead of being freed.
+    # On a cluster they always spill there: a worker lost then costs only its blocks in flight
+    # (a block whose chunks are written or whose parts wait in the store skips its model).
+    # So do the halos of a write in waves: a block's parts for the next wave wait there.
     in_ram = isinstance(z.store, zarr.storage.MemoryStore)
-    todo: list = []
+    if todo is None:
+        todo = [] if done is None else [loc for loc in np.ndindex(*w.x.numblocks)
+                                        if loc not in done]
     writer = None
-    if done is not None and len(done) < math.prod(w.x.numblocks):
-        # a spilled result written as it is: its chunk tasks write, blocks in C order
-        todo = [loc for loc in np.ndindex(*w.x.numblocks) if loc not in done]
+    if todo:  # a spilled result written as it is: its chunk tasks write, blocks in C order
         writer = functools.partial(_writes.write_task, z=z, fingerprint=fingerprint,
                                    where=w.where, lease=lease)
+    client = _sched.active_client()
+    threshold = 0.0 if client is not None or waved else w.threshold
+    # the blocks that may run ahead of the chunks written: enough to keep every thread busy
+    lag = 2 if client is None else max(2, 2 * sum(client.nthreads().values()))
+    tag = (str(z.store), z.path, w.chunks, fingerprint)
     low = lower(w.x, IntoStore(None if in_ram else z.store, "" if in_ram else _markers.spill_dir(z),
-                               w.threshold, writer, tuple(todo),
-                               (str(z.store), z.path, w.chunks)))
+                               threshold, writer, tuple(todo), tag,
+                               functools.partial(_markers.is_done, z), lag))
     assert low is not None  # a store target always lowers
     token, spills = low.token, low.spills
+    name = f"to-zarr-{'finalize' if last else 'wave'}-{tokenize(token, sorted(done or ()), todo)}"
+    if last:
+        finish = functools.partial(_writes.finalize, z, fingerprint, w.where, spills,
+                                   lease=lease)
+    else:
+        finish = functools.partial(_writes.wave_done, z, fingerprint, w.where, lease=lease)
     if low.job is not None:
-        return _sched.finishing(low.job, f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}",
-                           (_writes.finalize, z, fingerprint, w.where, spills, low.keys,
-                            lease))
+        return _sched.finishing(low.job, name, (finish, low.keys))
     x = low.array
     assert x is not None
     parts_todo = []
-    if done is not None and len(done) < math.prod(x.numblocks):
+    if todo:
+        wanted = set(todo)
         written = da.map_blocks(
             functools.partial(_writes.write_block, z=z, fingerprint=fingerprint,
                               where=w.where, lease=lease), x,
@@ -204,12 +234,8 @@ def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
             name=f"to-zarr-write-{token}",
         )
         parts = _sched.to_delayed(written)
-        parts_todo = [d for loc, d in np.ndenumerate(parts) if loc not in done]
-    finalize = functools.partial(_writes.finalize, z, fingerprint, w.where, spills,
-                                 lease=lease)
-    return dask.delayed(finalize, pure=False)(
-        parts_todo, dask_key_name=f"to-zarr-finalize-{tokenize(token, sorted(done or ()))}"
-    )
+        parts_todo = [d for loc, d in np.ndenumerate(parts) if loc in wanted]
+    return dask.delayed(finish, pure=False)(parts_todo, dask_key_name=name)
 
 
 def write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: Any,
@@ -230,10 +256,14 @@ def write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: 
         z, done, aside = create_or_reopen(w, node, fingerprint, lease)
         if started is not None:
             started()
-        job = plan(w, z, fingerprint, done, lease)
+        parts = waves(w, done)
         if not w.compute:
-            return job
-        _sched.compute(job, w.progress)
+            return plan(w, z, fingerprint, done, lease)
+        if not parts:  # complete already: record it so (and drop what a crash left)
+            parts = [[]]
+        for k, todo in enumerate(parts):
+            job = plan(w, z, fingerprint, done, lease, todo, k == len(parts) - 1, len(parts) > 1)
+            _sched.compute(job, w.progress)
     except BaseException as err:
         if aside is not None:  # an overwrite that failed: the old array comes back
             _targets.restore(w.target, w.path, aside)

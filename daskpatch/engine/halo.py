@@ -4,6 +4,7 @@ blocks' chunks, and the sum (and cast) of each output chunk from its parts."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, Union
 
 import numpy as np
@@ -25,6 +26,8 @@ class PartStore(Protocol):
     def get(self, key: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray: ...
 
     def delete(self, key: str) -> None: ...
+
+    def exists(self, key: str) -> bool: ...
 
 
 #: A halo piece: the part itself, or where it was spilled ``(store, key)``.
@@ -82,7 +85,8 @@ def _consumed(parts: list[Part], sels: Any) -> list[tuple[PartStore, str]]:
             for piece in [part[sel]] if isinstance(piece, tuple)]
 
 
-def add(spec: ChunkSum, parts: list[Part], after: Any = None) -> np.ndarray:
+def add(spec: ChunkSum, parts: list[Part], after: Any = None, delete: bool = True
+        ) -> np.ndarray:
     """Sum one output chunk from its own block buffer and its neighbours' halo pieces, and cast.
 
     ``parts[k]`` is a block buffer or a halo dict (see :class:`ChunkSum`); ``after`` (unused) is
@@ -90,7 +94,8 @@ def add(spec: ChunkSum, parts: list[Part], after: Any = None) -> np.ndarray:
     Spilled pieces are deleted once the chunk is summed: each is read by this chunk alone, and
     the local schedulers run a task once per compute (a new compute runs the blocks again). On
     a ``distributed`` worker they stay until :func:`daskpatch.to_zarr` is done (a chunk lost
-    with a worker is summed again from them).
+    with a worker is summed again from them). ``delete=False``: the caller deletes them
+    (:func:`write_through`, once the chunk is written).
     The sum (and a cast to a narrower float) is redone in float64 and saturated if it overflows;
     the cast to an integer dtype rounds and saturates (:func:`daskpatch._numbers.cast`).
     """
@@ -118,14 +123,113 @@ def add(spec: ChunkSum, parts: list[Part], after: Any = None) -> np.ndarray:
         for c in cov:
             mask = np.logical_and.outer(mask, c)
         out[:, ~mask] = spec.fill_value
-    spilled = _consumed(parts, sels)
-    if spilled and not _on_cluster():
-        for where, key in spilled:
-            where.delete(key)
+    if delete:
+        drop_consumed(parts, sels)
     if channel_axis is None:
         single: np.ndarray = out[0]
         return single
     return np.moveaxis(out, 0, channel_axis)
+
+
+def drop_consumed(parts: list[Part], sels: Any) -> None:
+    """Delete the spilled pieces a chunk has read (each is read by that chunk only), except on a
+    ``distributed`` worker, where they stay until the write is done (a chunk lost with a worker
+    is summed again from them)."""
+    spilled = _consumed(parts, sels)
+    if spilled and not _on_cluster():
+        for where, key in spilled:
+            where.delete(key)
+
+
+# -- work already done: blocks and chunks that a resumed or recovered write skips ------------
+#: ``done(location) -> bool``: whether the output chunk at ``location`` is written and recorded
+#: (:func:`daskpatch.storage.markers.is_done`).
+Done = Callable[[tuple[int, ...]], bool]
+
+
+class _Call:
+    """Marks a deferred call in :func:`defer`'s lists."""
+
+    def __repr__(self) -> str:
+        return "<call>"
+
+
+def _is_task(obj: Any) -> bool:
+    return isinstance(obj, tuple) and bool(obj) and callable(obj[0])
+
+
+def defer(task: tuple[Any, ...]) -> list[Any]:
+    """``task`` (a tuple task ``(f, *args)``, its arguments tasks too) as a list that dask
+    does not run: the keys it names are still given their values, but the calls are made by
+    :func:`run_deferred`, only when the task that holds it decides to.
+
+    Examples
+    --------
+    >>> d = defer((sum, [(abs, -2), 3]))
+    >>> run_deferred(d)
+    5
+    """
+    f, *args = task
+    return [_Call(), f, [defer(a) if _is_task(a) else _deferred_list(a) for a in args]]
+
+
+def _deferred_list(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [defer(a) if _is_task(a) else _deferred_list(a) for a in obj]
+    return obj
+
+
+def run_deferred(obj: Any) -> Any:
+    """Make the calls :func:`defer` put off (innermost first) and return the value."""
+    if isinstance(obj, list):
+        if obj and isinstance(obj[0], _Call):
+            _, f, args = obj
+            return f(*[run_deferred(a) for a in args])
+        return [run_deferred(a) for a in obj]
+    return obj
+
+
+def resumable_halo(done: Done, own: tuple[int, ...], block: list[Any],
+                   pieces: list[tuple[tuple[int, ...], tuple[slice, ...]]], spill: PartStore,
+                   name: str, bidx: tuple[int, ...], locations: Sequence[tuple[int, ...]]
+                   ) -> Halo:
+    """:func:`halo` of a spilled block whose chunks are written as they are summed, run only
+    when its work is not already in place: when its own chunk (``own``) is written and each
+    other chunk it reaches (``pieces``, at ``locations``) is written too or holds its spilled
+    part, the model does not run and the keys of those parts are returned. ``block`` is the
+    accumulate task (:func:`defer`-ed), run otherwise.
+
+    A resumed write runs again only the blocks whose work was lost, and a block computed again
+    on a cluster after a worker was lost (its result was in that worker's memory) costs a few
+    existence checks instead of its model calls.
+    """
+    if done(own):
+        kept: Halo = {}
+        for (target, _), loc in zip(pieces, locations):
+            if target == bidx or done(loc):
+                continue
+            key = spill.key(name, bidx, target)
+            if not spill.exists(key):
+                break
+            kept[target] = (spill, key)
+        else:
+            return kept
+    return halo(run_deferred(block), pieces, spill, name, bidx)
+
+
+def write_through(writer: Callable[..., Any], done: Done | None, location: tuple[int, ...],
+                  region: tuple[slice, ...], spec: ChunkSum, parts: list[Part],
+                  after: Any = None) -> Any:
+    """Sum one output chunk (:func:`add`) and write it where it belongs (``writer(chunk,
+    location, region)``, e.g. :func:`daskpatch.to_zarr`'s), returning what the writer returns
+    instead of the chunk; nothing when ``done(location)`` says it is written already (a chunk
+    computed again after a worker was lost). Its spilled pieces are deleted after the write, so
+    a write stopped between the two finds them again."""
+    if done is not None and done(location):
+        return None
+    out = writer(add(spec, parts, after, delete=False), location, region)
+    drop_consumed(parts, spec.sels)
+    return out
 
 
 def chunk_sum(parts: list[Part], sels: Any, dsts: Any, shape: tuple[int, ...], user: int,

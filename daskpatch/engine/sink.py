@@ -1,5 +1,4 @@
-"""The in-memory sink of :func:`daskpatch.to_numpy` (block tasks add straight into the result) and
-the write-through of :func:`daskpatch.to_zarr`'s chained engines."""
+"""The in-memory sink of :func:`daskpatch.to_numpy`: block tasks add straight into the result."""
 
 from __future__ import annotations
 
@@ -34,13 +33,6 @@ class Sink:
 
     def view(self, lo: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
         return self.canon[(slice(None),) + tuple(slice(l, l + n) for l, n in zip(lo, shape))]
-
-
-def write_through(writer: Any, location: tuple[int, ...], region: tuple[slice, ...],
-                  chunk: np.ndarray) -> Any:
-    """Write one output chunk where it belongs (``writer(chunk, location, region)``, e.g.
-    :func:`daskpatch.to_zarr`'s), so the chunk task returns a token instead of the chunk."""
-    return writer(chunk, location, region)
 
 
 def finish_into(out: np.ndarray, cov: list[np.ndarray] | None, fill_value: Any,

@@ -22,8 +22,9 @@ import numpy as np
 
 from daskpatch.graph.layers import LazyLayer, layers, new_array, rename_task
 from daskpatch.graph.order import BiggestFirst, then
-from daskpatch.engine.halo import add, halo, spilled_keys
-from daskpatch.engine.sink import Sink, finish_into, write_through
+from daskpatch.engine.halo import (Done, add, defer, halo, resumable_halo, spilled_keys,
+                                   write_through)
+from daskpatch.engine.sink import Sink, finish_into
 from daskpatch.engine.spec import ChunkSum
 from daskpatch.graph.plan import OverlapAdd
 from daskpatch.storage.spill import Spill
@@ -39,7 +40,10 @@ class Target:
     its blocks read under other names (old, new), when an input was itself lowered anew;
     ``writer(chunk, location, region)``: chunk tasks write their chunk and return what it
     returns (``None``: chunk tasks return chunks); ``chain``: (block, chunk key) pairs, the
-    block's accumulate task waiting for that chunk to be written.
+    block's accumulate task waiting for that chunk to be written; ``done(location)``: whether
+    the writer has written that chunk already (then a spilled block whose other chunks are
+    written or hold its parts skips its model, and the chunk task its sum: see
+    :func:`~daskpatch.engine.halo.resumable_halo`).
     """
 
     name: str
@@ -47,6 +51,7 @@ class Target:
     names: tuple[tuple[str, str], ...] = ()
     writer: Callable | None = None
     chain: tuple[tuple[tuple[int, ...], tuple], ...] = ()
+    done: Done | None = None
 
 
 class Engine:
@@ -71,7 +76,7 @@ class Engine:
         self.spill = target.spill
         self.acc_name, self.halo_name = "acc-" + self.name, "halo-" + self.name
         self.names = dict(target.names)
-        self.writer = target.writer
+        self.writer, self.done = target.writer, target.done
         self.chain = dict(target.chain)
         channels, acc_dtype = blending.channels, blending.acc_dtype
         self.args = (channels, 0 if window.separable else 1)
@@ -182,8 +187,12 @@ class Engine:
             ext_lo = tuple(self.plan.ext[a][b][0] for a, b in enumerate(idx))
             ext_hi = tuple(self.plan.ext[a][b][1] for a, b in enumerate(idx))
             task, deps = self._accumulate(idx, ext_lo, ext_hi)
-            if self.spill:  # the halo faces are written, in parts; their keys and the own part
-                task = (halo, task, self._pieces(idx, True), self.spill, self.name, idx)
+            pieces = self._pieces(idx, True)
+            if self.spill and self.done is not None:  # as below, unless its work is in place
+                task = (resumable_halo, self.done, self._out_key(idx)[1:], defer(task), pieces,
+                        self.spill, self.name, idx, [self._out_key(t)[1:] for t, _ in pieces])
+            elif self.spill:  # the halo faces are written, in parts; their keys and the own part
+                task = (halo, task, pieces, self.spill, self.name, idx)
             gate = self.chain.get(idx)
             if gate is not None:  # waits for an earlier chunk (see written)
                 task, deps = (then, gate, task), set(deps) | {gate}
@@ -221,12 +230,14 @@ class Engine:
         spec = ChunkSum(tuple(dsts), tuple(sels), shape, self.args[0], self.args[1], cov,
                         fill_value, acc_dtype, out_dtype, self.ch,
                         (self._out_key(idx)[1:], tuple(bounds)), self.copy)
-        task = (add, spec, parts, after)
         if self.writer is not None:
             region = [slice(lo, hi) for lo, hi in bounds]
             if self.ch is not None:
                 region.insert(self.ch, slice(0, self.args[0]))
-            task = (write_through, self.writer, self._out_key(idx)[1:], tuple(region), task)
+            task = (write_through, self.writer, self.done, self._out_key(idx)[1:],
+                    tuple(region), spec, parts, after)
+        else:
+            task = (add, spec, parts, after)
         return task, set(parts) | ({after} if after else set())
 
     def into(self, out: np.ndarray, workers: int) -> tuple[dict, tuple, Sink] | None:

@@ -45,8 +45,11 @@ class IntoStore:
     under ``prefix`` when they total more than ``threshold`` bytes (``store=None``: never).
     With ``writer(chunk, location, region)`` and the chunk indices ``todo``, a spilled result
     written as it is writes its chunks from its own chunk tasks, its blocks chained in C order
-    of ``todo`` (see :func:`_written`). ``tag`` names the write (with the lowered array's name,
-    it makes :attr:`Lowered.token`)."""
+    of ``todo`` (see :func:`_written`), skipping the work ``done(location)`` says is in place.
+    ``tag`` names the write (with the lowered array's name, it makes :attr:`Lowered.token`); a
+    written result's tasks and spilled parts are named from ``tag`` alone, so it must identify
+    what is written (the target and the fingerprint): a resumed write then finds the parts
+    of the run it resumes, whatever its graph's names."""
 
     store: Any
     prefix: str
@@ -54,6 +57,8 @@ class IntoStore:
     writer: Callable | None = None
     todo: tuple[tuple[int, ...], ...] = ()
     tag: Any = None
+    done: Callable[[tuple[int, ...]], bool] | None = None
+    lag: int = 2  #: blocks ahead of the last chunk written (:func:`_chain`)
 
 
 @dataclass
@@ -84,8 +89,8 @@ def lower(x: da.Array, target: IntoArray | IntoStore) -> Lowered | None:
     y, spills = _spilled(x, target.store, target.prefix, threshold)
     token = tokenize(y.name, target.tag)
     if target.writer is not None and target.todo:
-        name = f"to-zarr-written-{token}"
-        made = _written(y, target.writer, list(target.todo), name)
+        name = f"to-zarr-written-{tokenize(target.tag)}"
+        made = _written(y, target.writer, list(target.todo), name, target.done, target.lag)
         if made is not None:
             graph, keys, spill = made
             spills = [(s, n) for s, n in spills if n != y.name] + [(spill, name)]
@@ -174,11 +179,13 @@ def _chain(engine: Engine, name: str, todo: list[tuple[int, ...]], lag: int = 2
                  if engine.plan.has_patches(todo[k]))
 
 
-def _written(x: da.Array, writer: Callable, todo: list[tuple[int, ...]], name: str
+def _written(x: da.Array, writer: Callable, todo: list[tuple[int, ...]], name: str,
+             done: Callable[[tuple[int, ...]], bool] | None = None, lag: int = 2
              ) -> tuple[HighLevelGraph, list, Spill] | None:
     """The graph writing the chunks ``todo`` (block indices of ``x``) of a spilled engine's
     result ``x`` straight from its chunk tasks (``writer(chunk, location, region)``), its blocks
-    chained in C order (:func:`_chain`), under the new name ``name``; the keys of those chunk
+    chained in C order (:func:`_chain`), under the new name ``name``, skipping the work
+    ``done`` says is in place (:class:`~daskpatch.graph.engine.Target`); the keys of those chunk
     tasks, and the spill the engine's parts go to. ``None`` when ``x`` is not a spilled
     engine's result as it is, or under array expressions (not ported: ``to_zarr`` then writes
     from a store task per chunk, unchained)."""
@@ -193,7 +200,7 @@ def _written(x: da.Array, writer: Callable, todo: list[tuple[int, ...]], name: s
                for loc in todo]
     t = engine.target
     new = Engine(engine.overlap, Target(name, t.spill, t.names, writer,
-                                        _chain(engine, name, spatial)))
+                                        _chain(engine, name, spatial, lag), done))
     layers = {k: v for k, v in x.dask.layers.items() if k != x.name}
     deps = {k: set(v) for k, v in x.dask.dependencies.items() if k != x.name}
     layers[name] = EngineLayer(new, annotations=layer.annotations)

@@ -52,6 +52,12 @@ def complete_marker(z: zarr.Array) -> str:
     return f"{marker_dir(z)}/complete"
 
 
+def is_done(z: zarr.Array, loc: Iterable[int]) -> bool:
+    """Whether the chunk at ``loc`` is recorded as written (asked while the write runs, before
+    the array is recorded complete)."""
+    return exists(z.store, chunk_marker(z, loc))
+
+
 def is_complete(z: zarr.Array) -> bool:
     return exists(z.store, complete_marker(z))
 

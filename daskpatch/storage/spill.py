@@ -50,6 +50,10 @@ class Spill:
             raise FileNotFoundError(f"spilled block part {key!r} is missing from {self.store!r}")
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
+    def exists(self, key: str) -> bool:
+        """Whether the part ``key`` is stored (a resumed write reuses it)."""
+        return _storeio.exists(self.store, key)
+
     def delete(self, key: str) -> None:
         """Delete one part (once its chunk has read it)."""
         _storeio.delete(self.store, key)

@@ -55,6 +55,17 @@ def finalize(z: zarr.Array, fingerprint: dict, where: str, spills: list, written
     return z
 
 
+def wave_done(z: zarr.Array, fingerprint: dict, where: str, written: list[Any],
+              lease: Lease | None = None) -> zarr.Array:
+    """Runs after every write task of a wave before the last: check that no other writer
+    replaced the array meanwhile and that the lease is still this writer's (the spilled parts
+    the next waves read stay)."""
+    _fingerprint.check_still_ours(z, fingerprint, where)
+    if lease is not None:
+        _lease.check(lease)
+    return z
+
+
 def write_chunk(z: zarr.Array, region: tuple[slice, ...], block: np.ndarray) -> None:
     """``z[region] = block`` for one whole chunk, with zarr's own rule for chunks equal to the
     fill value (not stored unless the array's config says ``write_empty_chunks``).

@@ -250,8 +250,9 @@ def test_the_model_reaches_each_worker_once_not_once_per_block(client, volume):
 
 
 def _block_priorities(name: str, dask_scheduler=None) -> dict:
+    """The priorities of the accumulate tasks named ``name`` (or starting with it)."""
     return {ts.key[1:]: ts.priority[0] for ts in dask_scheduler.tasks.values()
-            if isinstance(ts.key, tuple) and ts.key[0] == name}
+            if isinstance(ts.key, tuple) and ts.key[0].startswith(name)}
 
 
 @pytest.mark.parametrize("job", [
@@ -278,7 +279,9 @@ def test_the_biggest_blocks_start_first(client, volume, tmp_path, job):
         prio: dict = {}
 
         def read() -> bool:
-            prio.update(client.run_on_scheduler(_block_priorities, engine.acc_name))
+            # to_zarr on a cluster writes its chunks from the engine's own tasks, renamed
+            name = engine.acc_name if job == "array" else "acc-to-zarr-written-"
+            prio.update(client.run_on_scheduler(_block_priorities, name))
             return len(prio) == 8
 
         try:
@@ -327,3 +330,44 @@ def test_relative_paths_mean_the_same_on_every_worker(client, tmp_path, monkeypa
             client.run(os.chdir, cwd, workers=[worker])
     expected = dp.apply_patches(data, Model(2), 16, 8).compute(scheduler="threads")
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[...], expected)
+
+
+class Logged(Model):
+    """:class:`Model`, appending one byte per patch to the file ``log`` (a killed worker's
+    patches are counted too)."""
+
+    def __init__(self, seed: int, log: str, gate: tuple[str, int] | None = None) -> None:
+        super().__init__(seed, gate)
+        self.log = log
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, b"." * batch.shape[0])
+        finally:
+            os.close(fd)
+        return super().__call__(batch)
+
+
+def test_a_worker_lost_late_costs_only_its_blocks_in_flight(client, tmp_path):
+    """to_zarr on a cluster: a worker killed half way through costs only the blocks it held
+    (in flight, or done with their chunk not yet written), not the finished chunks' work:
+    <= 1.1x the patches of a clean run (it was 1.34-1.41x when the final task's inputs were
+    the chunks' write results, recomputed through the model)."""
+    data = np.random.default_rng(5).random((64, 64, 64)).astype(np.float32)
+    volume = zarr.open_array(write_zarr(tmp_path / "in.zarr", data, (16, 16, 16)), mode="r")
+
+    def graph(model):  # 64 blocks of up to 8 patches
+        return dp.apply_patches(volume, model, 16, 8, batch_size=4, block_shape=16)
+
+    clean_log = str(tmp_path / "clean.log")
+    expected = dp.to_zarr(graph(Logged(8, clean_log)), tmp_path / "clean.zarr")[...]
+    clean = os.path.getsize(clean_log)
+    gate = _new_gate(free=clean // 4 // 4)  # calls: half the job over 2 workers, batches of 4
+    log = str(tmp_path / "run.log")
+    job = dp.to_zarr(graph(Logged(8, log, gate)), tmp_path / "o.zarr", compute=False)
+    future = client.compute(job)
+    _kill_a_worker_mid_run(client, future, gate)
+    z = future.result(timeout=120)
+    np.testing.assert_array_equal(z[...], expected)
+    assert os.path.getsize(log) <= 1.1 * clean, (os.path.getsize(log), clean)

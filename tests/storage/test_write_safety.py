@@ -654,3 +654,110 @@ def test_a_write_the_cluster_lost_says_how_to_resume(tmp_path, source):
                for n in info.value.__notes__)
     z = dp.to_zarr(build(source), target, resume=True)
     np.testing.assert_array_equal(z[...], dp.to_zarr(build(source), tmp_path / "c.zarr")[...])
+
+
+# --------------------------------------------------------------------------------------------
+# work already done is not done again: a resume reuses spilled halos; waves run blocks once
+# --------------------------------------------------------------------------------------------
+
+
+class Counting:
+    """:func:`model`, counting the patches it ran."""
+
+    def __init__(self) -> None:
+        self.patches = 0
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.patches += batch.shape[0]
+        return model(batch)
+
+    def __daskpatch_fingerprint__(self) -> dict:
+        from daskpatch.adapters.models import model_fingerprint
+
+        return model_fingerprint(model)
+
+
+def _block_patches(x) -> dict[tuple[int, ...], int]:
+    """Patches each work block of ``x``'s engine owns, by block index."""
+    import itertools
+    import math
+
+    from daskpatch.graph.engine import find_engines
+
+    (engine,) = find_engines(x).values()
+    counts = engine.block_patches()
+    return {b: math.prod(c[i] for c, i in zip(counts, b))
+            for b in itertools.product(*[range(len(c)) for c in counts])}
+
+
+@pytest.mark.parametrize("at", [6, 20, 30])
+def test_a_resume_runs_only_the_blocks_of_the_missing_chunks(tmp_path, source, setting, at):
+    """With the halos spilled, a resumed write runs the model on the blocks whose own chunk
+    is missing, and no other: the other blocks' parts for the missing chunks wait in the
+    spill store (a part is deleted only once its chunk is written)."""
+    from daskpatch.storage import markers
+
+    setting("daskpatch.spill-bytes", 0)
+    target = tmp_path / "o.zarr"
+    _crashed_write(target, source, at=at)
+    z = zarr.open_array(target, mode="r")
+    done = markers.done_chunks(z, markers.numblocks(z))
+    assert done and len(done) < 27  # crashed half way
+    counted = Counting()
+    x = build(source, fn=counted)
+    expected = sum(n for b, n in _block_patches(x).items() if b not in done)
+    z = dp.to_zarr(x, target, resume=True)
+    assert counted.patches == expected
+    np.testing.assert_array_equal(z[...], dp.to_zarr(build(source), tmp_path / "c.zarr")[...])
+    assert not [p for p in (target / ".daskpatch-spill").rglob("*") if p.is_file()]
+
+
+def test_a_resume_without_spilled_halos_runs_the_missing_blocks_and_their_neighbours(
+        tmp_path, source):
+    """Halos held in memory die with the crashed process: a resume runs the blocks of the
+    missing chunks and the blocks whose patches reach them (and only those)."""
+    from daskpatch.storage import markers
+
+    target = tmp_path / "o.zarr"
+    _crashed_write(target, source, at=25)
+    z = zarr.open_array(target, mode="r")
+    done = markers.done_chunks(z, markers.numblocks(z))
+    counted = Counting()
+    x = build(source, fn=counted)
+    patches = _block_patches(x)
+    # a block's patches (16 wide, stride 8, blocks of 16) reach its own chunk and the next one
+    reach = {b for b in patches for d in np.ndindex(2, 2, 2)
+             if tuple(min(i + s, 2) for i, s in zip(b, d)) not in done}
+    z = dp.to_zarr(x, target, resume=True)
+    assert counted.patches == sum(patches[b] for b in reach)
+    np.testing.assert_array_equal(z[...], dp.to_zarr(build(source), tmp_path / "c.zarr")[...])
+
+
+@pytest.mark.parametrize("wave", [1, 5, 26])
+def test_a_write_in_waves_runs_each_block_once(tmp_path, source, setting, wave):
+    """``daskpatch.wave-chunks``: the write is computed as several graphs of that many chunks;
+    each patch still goes through the model once, and the result is the same bit for bit."""
+    from dask.callbacks import Callback
+
+    whole = Counting()
+    expected = dp.to_zarr(build(source, fn=whole), tmp_path / "c.zarr")[...]
+    setting("daskpatch.wave-chunks", wave)
+    computes = []
+    counted = Counting()
+    with Callback(start=lambda dsk: computes.append(len(dsk))):
+        z = dp.to_zarr(build(source, fn=counted), tmp_path / "o.zarr")
+    assert len(computes) == -(-27 // wave)
+    assert counted.patches == whole.patches
+    np.testing.assert_array_equal(z[...], expected)
+    assert (tmp_path / "o.zarr" / ".daskpatch-done" / "complete").exists()
+    assert not [p for p in (tmp_path / "o.zarr" / ".daskpatch-spill").rglob("*") if p.is_file()]
+
+
+def test_a_write_in_waves_resumes_after_a_crash(tmp_path, source, setting):
+    setting("daskpatch.wave-chunks", 4)
+    target = tmp_path / "o.zarr"
+    _crashed_write(target, source, at=30)
+    counted = Counting()
+    z = dp.to_zarr(build(source, fn=counted), target, resume=True)
+    np.testing.assert_array_equal(z[...], dp.to_zarr(build(source), tmp_path / "c.zarr")[...])
+    assert counted.patches < Counting().patches + sum(_block_patches(build(source)).values())
