@@ -94,15 +94,18 @@ class BatchFn:
 
 
 def wrap_fn(fn: Any, layout: Any, shape: tuple[int, ...], spatial: tuple[int, ...],
-            channels: int, out_channels: int) -> BatchFn:
+            channels: int, out_channels: int, out_spatial: tuple[int, ...] | None = None,
+            scale: str | None = None) -> BatchFn:
     """The :class:`BatchFn` of ``apply_patches``: a bare module made a :class:`TorchModel`, its
     input layer checked against the batches it will get (``layout`` is the volume's
-    :class:`~daskpatch._axes.Layout`)."""
+    :class:`~daskpatch._axes.Layout`). ``out_spatial``: the output patch's spatial shape when it
+    differs (``out_scale``, described by ``scale``)."""
     fn = as_model(fn)
     batch = layout.patch_shape(tuple(spatial), channels)
-    out = layout.patch_shape(tuple(spatial), out_channels)
+    out = layout.patch_shape(tuple(spatial if out_spatial is None else out_spatial), out_channels)
     axes = (f"{describe_axes(layout.ndim, layout.channel_axis, layout.n_batch, shape)}: fn gets "
-            f"batches {_shape('B', batch)} and must return {_shape('B', out)}")
+            f"batches {_shape('B', batch)} and must return {_shape('B', out)}"
+            + (f" (out_scale={scale})" if scale else ""))
     check_model_input(fn, layout, (1,) + tuple(batch), axes)
     return BatchFn(fn, out, axes)
 
