@@ -203,7 +203,7 @@ def to_nifti(
             f.write(b"\0" * (offset - f.tell()))
             f.truncate(offset + int(np.prod(shape)) * dtype.itemsize)
         target = _NiftiRegion(tmp, offset, shape, dtype)
-        job = da.store(x.astype(dtype), target, lock=False, compute=False)
+        job = da.store(x.astype(dtype), target, lock=False, compute=False)  # type: ignore[arg-type]
         _sched.compute(job, progress)
         os.replace(tmp, path)
     finally:
