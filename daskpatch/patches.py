@@ -358,7 +358,9 @@ def apply_patches(
                 record=dict(pad_mode=pad_mode, pad_value=pad_value, batch_size=batch_size,
                             input_shape=vol.shape, channels=vol.channels, out_channels=cout,
                             input_dtype=vol.dtype, dtype=out_dtype,
-                            **({} if scale is None else {"out_scale": scale_text(scale)})))
+                            **({} if scale is None else {  # the user's size and stride
+                                "size": in_grid.size[nb:], "stride": in_grid.stride[nb:],
+                                "out_scale": scale_text(scale)})))
     # the model is ONE key of the graph, which every block task reads: a cluster ships it to
     # each worker once (and keeps it there), not once per block task
     model = "model-" + tokenize(fn)

@@ -188,6 +188,16 @@ def static_input_shape(module: Any) -> tuple[int | None, ...] | None:
     return None
 
 
+def _exported(module: Any) -> bool:
+    """Whether ``module`` is a ``torch.export`` program's module (``ep.module()``), whose
+    ``eval()``/``train()`` raise: its placeholders carry the example's (fake) tensors."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(module, torch.fx.GraphModule):
+        return False
+    return any(n.op == "placeholder" and n.meta.get("val") is not None
+               for n in module.graph.nodes)
+
+
 def fixed_batch(module: Any) -> int | None:
     """The only batch size ``module`` takes, when it was exported or traced for one (see
     :func:`static_input_shape`); ``None`` when it takes any."""
@@ -350,9 +360,12 @@ class TorchModel:
         elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise TypeError(f"batch_size must be None or an integer >= 1 (the only batch size "
                             f"the module takes); got {_describe(batch_size)}")
-        if module.training:  # never change the caller's module: a copy in eval mode
-            module = copy.deepcopy(module)
-        self.module = module.eval()
+        if _exported(module):  # a torch.export program: runs as exported (no eval())
+            self.module = module
+        else:
+            if module.training:  # never change the caller's module: a copy in eval mode
+                module = copy.deepcopy(module)
+            self.module = module.eval()
         self.device = _parse_device(device)
         self.dtype = _parse_dtype(dtype)
         self.amp = _parse_amp(amp)
