@@ -170,10 +170,10 @@ def to_nifti(
     if os.path.exists(path) and not overwrite:
         raise TargetExistsError(f"{path!r} already exists; pass overwrite=True to replace it",
                                 param="path", value=path)
-    hdr = nib.Nifti1Header() if header is None else header.copy()
-    if not isinstance(hdr, nib.Nifti1Header):
+    if header is not None and not isinstance(header, nib.Nifti1Header):
         raise ParameterTypeError(f"header must be a nibabel.Nifti1Header or None; got "
                                  f"{_describe(header)}", param="header", value=header)
+    hdr = nib.Nifti1Header() if header is None else header.copy()
     shape = tuple(int(n) for n in x.shape)
     if n_spatial == 2 and channel_axis is not None:
         shape = shape[:2] + (1,) + shape[2:]  # NIfTI's 4th axis comes after z

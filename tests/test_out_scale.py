@@ -269,3 +269,24 @@ def test_xarray_dims_kept_and_scaled_coordinates_dropped():
     assert out.dims == ("y", "x") and out.shape == (32, 12)
     assert "y" not in out.coords and list(out.coords["x"].values) == list(range(12))
     assert out.attrs == {"units": "mm"} and out.name == "ct"
+
+
+# -- a real dask.distributed LocalCluster ----------------------------------------------------------
+@pytest.mark.cluster
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore:.*:UserWarning:distributed")
+def test_out_scale_on_a_local_cluster(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    data = np.random.default_rng(8).random((24, 20, 16), dtype=np.float32)
+    src = zarr.open_array(write_zarr(tmp_path / "in.zarr", data, (8, 8, 8)), mode="r")
+    expected = {s: _oracle(data, Scaled((s,) * 3), 8, 4, (s,) * 3) for s in (2, 0.5)}
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0", silence_logs=50) as cluster, \
+            distributed.Client(cluster):
+        for s in (2, 0.5):
+            out = dp.apply_patches(dp.open_volume(src), Scaled((s,) * 3), 8, 4, out_scale=s,
+                                   batch_size=3)
+            z = dp.to_zarr(out, tmp_path / f"out-{s}.zarr")
+            assert z.shape == expected[s].shape
+            np.testing.assert_allclose(z[...], expected[s], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(out.compute(), expected[s], rtol=1e-5, atol=1e-6)
