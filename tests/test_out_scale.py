@@ -290,3 +290,15 @@ def test_out_scale_on_a_local_cluster(tmp_path):
             assert z.shape == expected[s].shape
             np.testing.assert_allclose(z[...], expected[s], rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(out.compute(), expected[s], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [2, 0.5])
+def test_spilled_halos_and_explicit_blocks_in_output_voxels(scale, tmp_path):
+    vol = np.random.default_rng(9).random((24, 20, 16), dtype=np.float32)
+    fn = Scaled((scale,) * 3)
+    block = int(8 * scale)  # output voxels: a multiple of the scaled stride (4 * scale)
+    out = dp.apply_patches(vol, fn, 8, 4, out_scale=scale, spill=tmp_path / "spill",
+                           block_shape=block)
+    assert out.chunks[0][0] == block
+    np.testing.assert_allclose(out.compute(), _oracle(vol, fn, 8, 4, (scale,) * 3),
+                               rtol=1e-5, atol=1e-6)
