@@ -12,6 +12,7 @@ from daskpatch.data.datasets import PatchDataset, RandomPatchDataset
 from daskpatch.extract import extract_patches
 from daskpatch.geometry.grid import PatchGrid
 from daskpatch.io import IncompleteWarning, open_volume, to_numpy, to_zarr
+from daskpatch.nifti import to_nifti
 from daskpatch.rechunk import aligned_chunks, is_stride_aligned, rechunk_to_stride
 from daskpatch.seed import get_patches, reconstruct_patch
 from daskpatch.geometry.windows import BLENDS, window
@@ -34,6 +35,7 @@ __all__ = [
     "rechunk_to_stride",
     "reconstruct",
     "reconstruct_patch",
+    "to_nifti",
     "to_numpy",
     "to_zarr",
     "window",

@@ -53,7 +53,8 @@ from daskpatch.graph.plan import (
 from daskpatch.errors import ParameterError, ParameterTypeError
 from daskpatch.graph.inputs import Volume, take
 from daskpatch.graph.layers import from_zarr
-from daskpatch.adapters.torch import wrap_fn
+from daskpatch.adapters.scale import scaled_model
+from daskpatch.geometry.scale import scale_text, scaled_chunks
 from daskpatch.geometry.parse import (
     BORDERS,
     PAD_MODES,
@@ -224,6 +225,7 @@ def apply_patches(
     sigma_scale: float | tuple[float, ...] = 0.125,
     spill: bool | str | os.PathLike | None = None,
     min_weight: float | None = None,
+    out_scale: float | tuple[float, ...] | str | None = None,
 ) -> da.Array:
     """Run ``fn`` on every patch of a volume, in batches, and blend the results, lazily.
 
@@ -268,12 +270,24 @@ def apply_patches(
         output chunk and voxel. ``bool`` is the integers 0 and 1 by that rule: True where the
         blended value is above 0.5. A complex ``fn`` output needs a complex dtype (a TypeError says
         so). A value beyond a floating dtype's range saturates at its largest finite value.
+    out_scale : float, tuple of float or "infer", optional
+        A model whose output patch is a scaled version of its input patch: the output voxels
+        per input voxel, one number or one per spatial axis (``2`` for a 2x super-resolution
+        network, ``(1, 0.5, 0.5)`` for one predicting at half resolution in-plane).
+        ``"infer"`` reads it off the model's output for one all-zero patch (the model runs
+        once, when the graph is built). The result has the volume's spatial shape times the
+        scale, blended on the output grid (patch size and stride times the scale, windows of
+        the scaled size); ``block_shape`` then counts output voxels (a multiple of the scaled
+        stride). Shape, size and stride must each map to whole voxels on every axis, so that
+        every output patch starts exactly at its input patch's start times the scale (a
+        ``border="shift"`` patch flush with the end included); otherwise a ValueError names the
+        axis. ``None`` (default): the input's resolution.
 
     Returns
     -------
     dask.array.Array
-        The blended result, shaped like the volume (with ``out_channels`` channels), chunked by
-        stride-aligned work blocks.
+        The blended result, shaped like the volume (with ``out_channels`` channels, and its
+        spatial shape times ``out_scale``), chunked by stride-aligned work blocks.
 
     Examples
     --------
@@ -281,6 +295,15 @@ def apply_patches(
     >>> vol = np.random.default_rng(0).random((40, 30), dtype=np.float32)
     >>> out = apply_patches(vol, lambda b: 2 * b, 16, 8, batch_size=4)
     >>> bool(np.allclose(out.compute(), 2 * vol, atol=1e-5))
+    True
+
+    A model predicting at twice the resolution (nearest-neighbour upsampling here):
+
+    >>> up = apply_patches(vol, lambda b: b.repeat(2, axis=1).repeat(2, axis=2), 16, 8,
+    ...                    out_scale=2)
+    >>> up.shape
+    (80, 60)
+    >>> bool(np.allclose(up.compute(), vol.repeat(2, 0).repeat(2, 1), atol=1e-5))
     True
     """
     if not callable(fn):
@@ -298,14 +321,16 @@ def apply_patches(
     vol = Volume.from_user(volume, layout.channel_axis)
     pad_value = parse_pad_value(pad_value, pad_mode, vol.dtype)
     nb = layout.n_batch
-    grid = full_grid(vol.shape, nb, size, stride, border)
-    window = parse_window(blend, grid, nb, sigma_scale, min_weight)
-    check_coverage(grid, fill_value)
+    in_grid = full_grid(vol.shape, nb, size, stride, border)
+    check_coverage(in_grid, fill_value)
     if out_channels is None:
         cout = vol.channels
     else:
         cout = parse_int(out_channels, "out_channels", minimum=1)
-    fn = wrap_fn(fn, layout, tuple(volume.shape), grid.size[nb:], vol.channels, cout)
+    # the grid the predictions blend on: the input's, or scaled by out_scale
+    fn, grid, scale = scaled_model(fn, out_scale, in_grid, layout, tuple(volume.shape),
+                                   vol.channels, cout, vol.dtype)
+    window = parse_window(blend, grid, nb, sigma_scale, min_weight)
     if dtype is None:
         out_dtype = vol.dtype if vol.dtype.kind in "fc" else np.dtype(np.float32)
     else:
@@ -324,7 +349,7 @@ def apply_patches(
         chunks_in = [c if isinstance(c, tuple) else (int(c),) for c in chunks_in]
         if layout.channel_axis is not None:
             del chunks_in[layout.channel_axis]
-        chunks_in = tuple(chunks_in)
+        chunks_in = scaled_chunks(tuple(chunks_in), nb, scale)
     else:
         chunks_in = None
     b = prepare("apply_patches", grid, layout, window, fill_value=fill_value,
@@ -332,14 +357,19 @@ def apply_patches(
                 input_chunks=chunks_in, batch_size=batch_size, spill=spill,
                 record=dict(pad_mode=pad_mode, pad_value=pad_value, batch_size=batch_size,
                             input_shape=vol.shape, channels=vol.channels, out_channels=cout,
-                            input_dtype=vol.dtype, dtype=out_dtype))
+                            input_dtype=vol.dtype, dtype=out_dtype,
+                            **({} if scale is None else {  # the user's size and stride
+                                "size": in_grid.size[nb:], "stride": in_grid.stride[nb:],
+                                "out_scale": scale_text(scale)})))
     # the model is ONE key of the graph, which every block task reads: a cluster ships it to
     # each worker once (and keeps it there), not once per block task
     model = "model-" + tokenize(fn)
     name = "apply-patches-" + tokenize(vol.name, model, b.token(), pad_mode, pad_value,
-                                       batch_size, cout, out_dtype)
+                                       batch_size, cout, out_dtype,
+                                       *(() if scale is None else (scale_text(scale),)))
     reader = ApplyReader(vol, pad_mode, pad_value, batch_size, model,
-                         tuple(grid.axis_starts(a) for a in range(grid.ndim)), BatchPool(), fn)
+                         tuple(in_grid.axis_starts(a) for a in range(grid.ndim)), BatchPool(),
+                         fn, None if scale is None else in_grid.size)
     collections, extra = vol.source_layer()
     return engine_array(OverlapAdd(name, b, reader), collections, {**extra, model: fn})
 

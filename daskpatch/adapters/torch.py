@@ -27,7 +27,9 @@ import numpy as np
 from daskpatch.geometry.layout import describe_axes
 from daskpatch.geometry.parse import _describe
 
-__all__ = ["BatchFn", "TorchModel", "as_model", "check_model_input", "to_numpy", "wrap_fn"]
+__all__ = ["BatchFn", "TorchModel", "as_model", "check_exported_shape", "check_model_input",
+           "check_static_shape",
+           "fixed_batch", "static_input_shape", "to_numpy", "wrap_fn"]
 
 #: Accepted names of ``amp`` besides ``True``/``False``: the autocast dtype.
 AMP_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
@@ -94,15 +96,18 @@ class BatchFn:
 
 
 def wrap_fn(fn: Any, layout: Any, shape: tuple[int, ...], spatial: tuple[int, ...],
-            channels: int, out_channels: int) -> BatchFn:
+            channels: int, out_channels: int, out_spatial: tuple[int, ...] | None = None,
+            scale: str | None = None) -> BatchFn:
     """The :class:`BatchFn` of ``apply_patches``: a bare module made a :class:`TorchModel`, its
     input layer checked against the batches it will get (``layout`` is the volume's
-    :class:`~daskpatch._axes.Layout`)."""
+    :class:`~daskpatch._axes.Layout`). ``out_spatial``: the output patch's spatial shape when it
+    differs (``out_scale``, described by ``scale``)."""
     fn = as_model(fn)
     batch = layout.patch_shape(tuple(spatial), channels)
-    out = layout.patch_shape(tuple(spatial), out_channels)
+    out = layout.patch_shape(tuple(spatial if out_spatial is None else out_spatial), out_channels)
     axes = (f"{describe_axes(layout.ndim, layout.channel_axis, layout.n_batch, shape)}: fn gets "
-            f"batches {_shape('B', batch)} and must return {_shape('B', out)}")
+            f"batches {_shape('B', batch)} and must return {_shape('B', out)}"
+            + (f" (out_scale={scale})" if scale else ""))
     check_model_input(fn, layout, (1,) + tuple(batch), axes)
     return BatchFn(fn, out, axes)
 
@@ -126,6 +131,7 @@ def check_model_input(model: Any, layout: Any, batch_shape: tuple[int, ...], axe
     """
     if not isinstance(model, TorchModel):
         return
+    check_exported_shape(model, batch_shape, axes)
     torch = sys.modules["torch"]
     layer = model.module
     while isinstance(layer, torch.nn.Sequential) and len(layer):
@@ -152,6 +158,77 @@ def check_model_input(model: Any, layout: Any, batch_shape: tuple[int, ...], axe
         f"the model's input layer {layer} takes batches ({', '.join(map(str, want))}): {cin} "
         f"channel{'s' * (cin != 1)}, then {k} spatial axes; but {axes}. To fix it, {fix}"
     )
+
+
+def static_input_shape(module: Any) -> tuple[int | None, ...] | None:
+    """The input shape a module was exported (``torch.export``) or traced (``torch.jit.trace``)
+    for, ``None`` per axis where it is dynamic; ``None`` when the module does not record one.
+
+    An exported program keeps the shapes it was exported with unless they were declared dynamic
+    (its guards refuse any other); a traced TorchScript module records the example's shape."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(module, torch.nn.Module):
+        return None
+    if isinstance(module, torch.fx.GraphModule):
+        for node in module.graph.nodes:
+            if node.op != "placeholder":
+                continue
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                return tuple(d if isinstance(d, int) else None for d in val.shape)
+            return None
+        return None
+    if isinstance(module, torch.jit.ScriptModule):
+        try:
+            inputs = list(module.graph.inputs())
+            sizes = inputs[1].type().sizes() if len(inputs) > 1 else None
+        except (AttributeError, RuntimeError):
+            return None
+        return None if sizes is None else tuple(sizes)
+    return None
+
+
+def _exported(module: Any) -> bool:
+    """Whether ``module`` is a ``torch.export`` program's module (``ep.module()``), whose
+    ``eval()``/``train()`` raise: its placeholders carry the example's (fake) tensors."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(module, torch.fx.GraphModule):
+        return False
+    return any(n.op == "placeholder" and n.meta.get("val") is not None
+               for n in module.graph.nodes)
+
+
+def fixed_batch(module: Any) -> int | None:
+    """The only batch size ``module`` takes, when it was exported or traced for one (see
+    :func:`static_input_shape`); ``None`` when it takes any."""
+    shape = static_input_shape(module)
+    return shape[0] if shape and isinstance(shape[0], int) else None
+
+
+def check_exported_shape(model: Any, batch_shape: tuple[int, ...], axes: str) -> None:
+    """Refuse, before anything runs, batches whose patch shape a model exported with
+    ``torch.export`` for fixed shapes cannot take (the batch axis is padded, see
+    :class:`TorchModel`)."""
+    module = getattr(model, "module", model)
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(module, torch.fx.GraphModule):
+        return
+    check_static_shape(static_input_shape(module), batch_shape, axes)
+
+
+def check_static_shape(shape: tuple[int | None, ...] | None, batch_shape: tuple[int, ...],
+                       axes: str) -> None:
+    """Refuse ``batch_shape`` (the model's input, batch first) where an exported program's
+    input ``shape`` (``None``: dynamic) differs from it on any axis but the batch's."""
+    if shape is None:
+        return
+    want = tuple("B" if a == 0 else ("?" if d is None else d) for a, d in enumerate(shape))
+    if len(shape) != len(batch_shape) or any(
+            d is not None and d != g for d, g in zip(shape[1:], batch_shape[1:])):
+        raise ValueError(
+            f"the model was exported (torch.export) for inputs ({', '.join(map(str, want))}) "
+            f"and takes no other shape; but {axes}. Choose size and channel_axis to match, or "
+            "export the model with dynamic shapes (torch.export.Dim)")
 
 
 def _parse_device(device: Any) -> str | None:
@@ -232,6 +309,14 @@ class TorchModel:
         means float16 on CUDA and bfloat16 on the CPU (the CPU autocast's native type: it is
         fast on CPUs with AVX-512 BF16 or AMX, slow elsewhere, and less precise than float32
         either way); a name picks the dtype. Results come back as float32.
+    batch_size : int, optional
+        The only batch size the module takes (a ``torch.export`` program exported for a fixed
+        batch, a traced TorchScript module with a batch-dependent reshape): every call then
+        runs the module on batches of exactly this size, padding the last one with copies of
+        its last patch and dropping their outputs, so ``apply_patches`` may use any
+        ``batch_size`` (the same one wastes nothing). ``None`` (default): the batch size an
+        exported program's input was fixed to, or a traced module's example had; any size
+        for other modules.
 
     Notes
     -----
@@ -266,16 +351,25 @@ class TorchModel:
     """
 
     def __init__(self, module: Any, device: Any = None, dtype: Any = None,
-                 amp: bool | str = False) -> None:
+                 amp: bool | str = False, batch_size: int | None = None) -> None:
         torch = _import_torch()
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module; got {_describe(module)}")
-        if module.training:  # never change the caller's module: a copy in eval mode
-            module = copy.deepcopy(module)
-        self.module = module.eval()
+        if batch_size is None:
+            batch_size = fixed_batch(module)
+        elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise TypeError(f"batch_size must be None or an integer >= 1 (the only batch size "
+                            f"the module takes); got {_describe(batch_size)}")
+        if _exported(module):  # a torch.export program: runs as exported (no eval())
+            self.module = module
+        else:
+            if module.training:  # never change the caller's module: a copy in eval mode
+                module = copy.deepcopy(module)
+            self.module = module.eval()
         self.device = _parse_device(device)
         self.dtype = _parse_dtype(dtype)
         self.amp = _parse_amp(amp)
+        self.batch_size = batch_size
         self._init_local()
 
     def _init_local(self) -> None:
@@ -285,7 +379,8 @@ class TorchModel:
 
     # -- pickling ----------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        state = {k: self.__dict__[k] for k in ("module", "device", "dtype", "amp")}
+        state = {k: self.__dict__[k] for k in ("module", "device", "dtype", "amp",
+                                                "batch_size")}
         torch = sys.modules["torch"]
         if isinstance(self.module, torch.jit.ScriptModule):  # it has no pickle of its own
             buf = io.BytesIO()
@@ -296,6 +391,7 @@ class TorchModel:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         script = state.pop("script", None)
+        state.setdefault("batch_size", None)
         self.__dict__.update(state)
         if script is not None:
             torch = _import_torch()
@@ -303,8 +399,9 @@ class TorchModel:
         self._init_local()
 
     def __repr__(self) -> str:
+        fixed = "" if self.batch_size is None else f", batch_size={self.batch_size}"
         return (f"TorchModel({type(self.module).__name__}, device={self.device!r}, "
-                f"dtype={self.dtype!r}, amp={self.amp!r})")
+                f"dtype={self.dtype!r}, amp={self.amp!r}{fixed})")
 
     # -- placement ---------------------------------------------------------------------------------
     def _floating_tensor(self) -> Any | None:
@@ -347,7 +444,30 @@ class TorchModel:
 
     # -- the call ----------------------------------------------------------------------------------
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """Run the module on a NumPy batch; return a NumPy array (float32 under ``amp``)."""
+        """Run the module on a NumPy batch; return a NumPy array (float32 under ``amp``).
+
+        With a fixed ``batch_size`` the batch goes in pieces of that size, the last one padded
+        with copies of its last patch, and the padding's outputs are dropped."""
+        n = self.batch_size
+        batch = np.asarray(batch)
+        if n is None or batch.shape[0] == n:
+            return self._run(batch)
+        outs = []
+        for i in range(0, batch.shape[0], n):
+            part = batch[i:i + n]
+            k = part.shape[0]
+            if k < n:
+                part = np.concatenate([part, np.repeat(part[-1:], n - k, axis=0)])
+            out = self._run(part)
+            if not isinstance(out, np.ndarray) or out.ndim == 0 or out.shape[0] != n:
+                raise ValueError(f"TorchModel(batch_size={n}): the module returned "
+                                 f"{type(out).__name__} of shape {getattr(out, 'shape', None)} "
+                                 f"for a batch of {n}; a fixed batch size needs one output "
+                                 "array with the batch first")
+            outs.append(out[:k])
+        return np.concatenate(outs)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = _import_torch()
         device, dtype = self._place()
         batch = np.asarray(batch)

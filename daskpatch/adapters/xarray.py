@@ -10,7 +10,9 @@ the result is wrapped again:
 
 - ``apply_patches``: the volume's dims, coordinates, attrs and name. A channel dim whose size
   changes (``out_channels``) gets a fresh integer index ``0..C-1``, and coordinates along it are
-  dropped.
+  dropped; a volume without a channel dim and ``out_channels > 1`` gets a ``"channel"`` dim in
+  front (``channel_1``, ... if that name is taken), indexed ``0..K-1``. Spatial dims whose length
+  changes (``out_scale``) keep their names and lose their coordinates.
 - ``extract_patches``: dims ``("patch", *patch dims)`` -- the volume's channel dim (its
   coordinates kept) and spatial dims, in the order of the patch array; batch dims fold into
   ``patch``. A patch has no spatial coordinates of its own; instead ``patch`` carries one integer
@@ -80,15 +82,29 @@ def _coords_along(x: Any, keep: set[Hashable]) -> dict:
 def _apply(func: Callable, volume: Any, args: dict) -> Any:
     ch = resolve_channel_axis(args.get("channel_axis"), volume.dims, "volume")
     result = func(**{**args, "volume": volume.data, "channel_axis": ch})
-    dims = volume.dims
-    coords = dict(volume.coords)
-    if ch is not None:
-        ch = int(ch) % volume.ndim
-        if result.shape[ch] != volume.shape[ch]:
-            dim = dims[ch]
-            coords = _coords_along(volume, set(dims) - {dim})
-            coords[dim] = np.arange(result.shape[ch])
+    dims = list(volume.dims)
+    shape = list(volume.shape)
+    if ch is None and result.ndim == volume.ndim + 1:  # one channel in, K out: a dim in front
+        dims.insert(0, _fresh("channel", dims))
+        shape.insert(0, -1)
+    # coordinates along a dim whose length changed (the channel dim with out_channels, the
+    # spatial dims with out_scale) no longer fit it: dropped; a channel dim gets 0..C-1
+    changed = {d for d, n, m in zip(dims, shape, result.shape) if n != m}
+    coords = _coords_along(volume, set(volume.dims) - changed)
+    if ch is not None or result.ndim == volume.ndim + 1:
+        dim = dims[0 if ch is None else int(ch) % volume.ndim]
+        if dim in changed:
+            coords[dim] = np.arange(result.shape[dims.index(dim)])
     return wrap(result, dims, coords, volume.attrs, volume.name)
+
+
+def _fresh(name: str, dims: Sequence[Hashable]) -> str:
+    """``name``, or ``name_1``, ``name_2``, ... : the first not among ``dims``."""
+    k, out = 0, name
+    while out in dims:
+        k += 1
+        out = f"{name}_{k}"
+    return out
 
 
 def _extract(func: Callable, volume: Any, args: dict) -> Any:

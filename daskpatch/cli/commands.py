@@ -32,6 +32,7 @@ import logging
 import os
 import sys
 import traceback
+from fractions import Fraction
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -43,9 +44,11 @@ from dask.utils import parse_bytes
 from daskpatch import __version__
 from daskpatch.storage import stores as _store
 from daskpatch.cli.errors import UsageError, in_flags
-from daskpatch.cli.info import cmd_info
+from daskpatch.cli.info import axes_line, cmd_info
 from daskpatch.cli.info import shape_text as _x
-from daskpatch.cli.model import SpecModel, resolve_spec
+from daskpatch.adapters.torch import check_static_shape
+from daskpatch.cli.model import TORCH_FILES, SpecModel, resolve_spec
+from daskpatch.geometry.parse import parse_per_axis
 from daskpatch.storage.stores import open_array as _open_array
 from daskpatch.storage.stores import parse_path as _parse_path
 from daskpatch.storage.stores import probe as _probe
@@ -54,7 +57,7 @@ from daskpatch.storage.stores import store_of as _store_of
 from daskpatch.storage.stores import where as _where
 from daskpatch.geometry.parse import BORDERS, PAD_MODES
 from daskpatch.patches import apply_patches
-from daskpatch.geometry.layout import describe_axes, parse_layout
+from daskpatch.geometry.layout import parse_layout
 from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES
 from daskpatch.io import open_volume
 from daskpatch.pipeline import write_array
@@ -100,6 +103,25 @@ def _float_list(text: str) -> float | tuple[float, ...]:
             f"expected a number, or one per spatial axis separated by commas; got {text!r}"
         ) from None
     return values[0] if len(values) == 1 else values
+
+
+def _out_scale(text: str) -> str | float | tuple[float, ...]:
+    """``--out-scale``: ``infer``, a number, or one per spatial axis (``1,0.5,0.5``; ``1/3``)."""
+    if text == "infer":
+        return text
+    try:
+        values = tuple(float(Fraction(v)) for v in text.split(","))
+    except (ValueError, ZeroDivisionError):
+        values = ()
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number, one per spatial axis separated by commas (2 or "
+            f"1,0.5,0.5), or infer; got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _csv(value: int | Sequence[int]) -> str:
+    return str(value) if isinstance(value, int) else ",".join(map(str, value))
 
 
 def _positive_int(text: str) -> int:
@@ -225,10 +247,16 @@ def _add_geometry(p: argparse.ArgumentParser, *, apply: bool) -> None:
     g.add_argument("--border", choices=BORDERS, default="shift",
                    help="the last patch on an axis: shift it back flush with the volume "
                         "(default), pad past the end, or drop it")
-    g.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
-                   help="patches per model call (default 1)")
+    g.add_argument("--batch-size", type=_positive_int, metavar="N",
+                   help="patches per model call (default 1; for a torch file exported or "
+                        "traced for a fixed batch size, that size: the last batch is padded)")
     g.add_argument("--out-channels", type=_positive_int, metavar="C",
                    help="channels the model returns (default: the volume's)")
+    g.add_argument("--out-scale", type=_out_scale, metavar="F",
+                   help="the model's output patch is its input patch scaled by F (2: a 2x "
+                        "super-resolution model; 1,0.5,0.5: half resolution on the last two "
+                        "axes; 'infer': read it off the model's output for one patch); the "
+                        "result has the volume's spatial shape times F")
     g.add_argument("--dtype", type=_dtype, metavar="D",
                    help="result dtype (default: the volume's when floating, else float32)")
     g.add_argument("--block-shape", type=_int_list, metavar="B",
@@ -475,22 +503,36 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         "first" if layout.channels_first else "last")
     if layout.channel_axis is None and (args.out_channels or 1) > 1:
         channels = "first"  # one channel in, K out: apply_patches adds the channel axis
-    axes = describe_axes(volume.ndim, layout.channel_axis, layout.n_batch, volume.shape)
-    extra = (f"; the model gets 1 channel and returns {args.out_channels}"
-             if channels == "first" and layout.channel_axis is None else "")
-    print(f"{PROG}: {axes}: {len(layout.spatial_axes)}-D patches{extra}")  # before any work
+    print(axes_line(volume.shape, args.size, args.channel_axis, args.out_channels,
+                    args.out_scale), flush=True)  # before any work
     model = SpecModel(args.model, args.device, channels, args.amp)
     # A bad SPEC fails here, before anything is written. Local schedulers run the model in this
     # process: build it now; worker processes build their own (this one may have no GPU).
-    if args.scheduler in ("threads", "sync"):
-        model.load()
+    # A torch file is read here on the CPU with any scheduler (worker processes read their
+    # own): an exported program's fixed input shape is checked, and a TorchScript file run on
+    # one patch (see SpecModel.probe), before anything is written. A model exported or traced
+    # for a fixed batch size gets that size by default; the last batch is padded to it.
+    torch_file = args.model.endswith(TORCH_FILES)
+    if torch_file or args.scheduler in ("threads", "sync"):
+        loaded = model.load()
     else:
         resolve_spec(args.model)
+        loaded = None
+    given = (1, 1 if layout.channel_axis is None else volume.shape[layout.channel_axis])
+    spatial = parse_per_axis(args.size, len(layout.spatial_axes), "size")
+    check_static_shape(getattr(loaded, "input_shape", None), given + spatial,
+                       f"daskpatch gives it batches {('B',) + given[1:] + spatial} (--size "
+                       f"{_csv(args.size)}, --channel-axis {args.channel_axis})")
+    if torch_file:
+        patch = layout.patch_shape(spatial, given[1]) if layout.channel_axis is not None \
+            else spatial
+        model.probe(patch, volume.dtype, args.batch_size or 1)
+    batch_size = args.batch_size or model.batch_size or 1
     result = apply_patches(
         volume, model, args.size, args.stride, border=args.border, pad_mode=args.pad_mode,
-        blend=args.blend, batch_size=args.batch_size, channel_axis=args.channel_axis,
+        blend=args.blend, batch_size=batch_size, channel_axis=args.channel_axis,
         out_channels=args.out_channels, dtype=args.dtype, block_shape=args.block_shape,
-        fill_value=args.fill_value, sigma_scale=args.sigma_scale,
+        fill_value=args.fill_value, sigma_scale=args.sigma_scale, out_scale=args.out_scale,
     )
     with _scheduler(args.scheduler, args.workers):
         z = write_array(result, args.dst, args.dst_path, chunks=None, resume=args.resume,

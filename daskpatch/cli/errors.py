@@ -18,6 +18,7 @@ FLAGS = {
     "fill_value": "--fill-value", "channel_axis": "--channel-axis",
     "out_channels": "--out-channels", "block_shape": "--block-shape",
     "sigma_scale": "--sigma-scale", "batch_size": "--batch-size", "pad_mode": "--pad-mode",
+    "out_scale": "--out-scale",
     "target_bytes": "--target-bytes", "target_path": "--dst-path",
     "target/target_path": "DST/--dst-path",
 }

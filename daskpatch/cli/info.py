@@ -25,7 +25,7 @@ from daskpatch.storage.fingerprint import jsonable
 from daskpatch.cli.errors import UsageError as _UsageError
 from daskpatch.engine.numbers import acc_dtype
 from daskpatch.patches import apply_patches
-from daskpatch.geometry.layout import full_grid, parse_layout
+from daskpatch.geometry.layout import describe_axes, full_grid, parse_layout
 from daskpatch.storage.stores import parse_path as _parse_path
 from daskpatch.storage.stores import probe as _probe
 from daskpatch.storage.stores import resolve_store as _resolve_store
@@ -33,7 +33,32 @@ from daskpatch.storage.stores import where as _where
 from daskpatch.io import open_volume
 from daskpatch.rechunk import aligned_chunks, is_stride_aligned
 
-__all__ = ["cmd_info", "shape_text"]
+__all__ = ["axes_line", "cmd_info", "shape_text"]
+
+
+def axes_line(shape: Sequence[int], size: Any, channel_axis: Any,
+              out_channels: int | None = None, out_scale: Any = None) -> str:
+    """The one line ``apply`` (and ``info``) prints before any work: how the volume's axes are
+    read (channel, batch, spatial), the patch dimensionality, and what the model gets and
+    returns where that differs from the volume.
+
+    Examples
+    --------
+    >>> axes_line((40, 36, 32), 16, None)
+    'daskpatch: the 3-D volume of shape (40, 36, 32) is read as spatial axes 0, 1, 2 (40, 36, 32) (no channel axis): 3-D patches'
+    >>> axes_line((40, 36), 16, None, out_channels=3, out_scale=2).split(": ", 2)[2]
+    '2-D patches; the model gets 1 channel and returns 3; output patches at out_scale=2'
+    """
+    layout = parse_layout(len(shape), size, channel_axis, shape=tuple(shape))
+    axes = describe_axes(len(shape), layout.channel_axis, layout.n_batch, tuple(shape))
+    extra = ""
+    if layout.channel_axis is None and (out_channels or 1) > 1:
+        extra = f"; the model gets 1 channel and returns {out_channels}"
+    if out_scale is not None:
+        values = out_scale if isinstance(out_scale, (tuple, list)) else (out_scale,)
+        text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        extra += f"; output patches at out_scale={text}"
+    return f"daskpatch: {axes}: {len(layout.spatial_axes)}-D patches{extra}"
 
 
 def _open_node(store: str, path: str | None) -> zarr.Array | zarr.Group:
@@ -137,6 +162,9 @@ def _threads(workers: int | None) -> int:
 
 def _plan_report(z: zarr.Array, args: argparse.Namespace) -> dict[str, Any]:
     """What ``apply`` with the same options would build: the graph is built, never run."""
+    if args.out_scale == "infer":
+        raise _UsageError("info runs no model, so it cannot infer the scale: give --out-scale "
+                          "as numbers (2, or 1,0.5,0.5)")
     layout = parse_layout(z.ndim, args.size, args.channel_axis)
     ch = layout.channel_axis
     shape = tuple(z.shape)
@@ -144,23 +172,33 @@ def _plan_report(z: zarr.Array, args: argparse.Namespace) -> dict[str, Any]:
     grid = full_grid(grid_shape, layout.n_batch, args.size, args.stride, args.border)
     result = apply_patches(
         open_volume(z), _identity, args.size, args.stride, border=args.border, blend=args.blend,
-        batch_size=args.batch_size, channel_axis=args.channel_axis,
+        batch_size=args.batch_size or 1, channel_axis=args.channel_axis,
         out_channels=args.out_channels, dtype=args.dtype, block_shape=args.block_shape,
-        fill_value=0.0 if grid.uncovered else None,
+        fill_value=0.0 if grid.uncovered else None, out_scale=args.out_scale,
     )
+    if ch is None and (args.out_channels or 1) > 1:
+        ch = 0  # one channel in, K out: the result has a channel axis in front
     chunks = [c for a, c in enumerate(result.chunks) if a != ch]
-    block = tuple(c[0] for c in chunks)
+    block = tuple(c[0] for c in chunks)  # in output voxels
     nblocks = tuple(len(c) for c in chunks)
-    cin = 1 if ch is None else shape[ch]
+    # per non-channel axis, output voxels per input voxel (1 on batch axes)
+    out_grid = tuple(n for a, n in enumerate(result.shape) if a != ch)
+    scale = tuple(o / n for o, n in zip(out_grid, grid.shape))
+    cin = 1 if layout.channel_axis is None else shape[layout.channel_axis]
     cout = args.out_channels or cin
     in_bytes = np.dtype(z.dtype).itemsize
     acc_bytes = acc_dtype(result.dtype, copy=args.blend == "crop").itemsize  # as the engine
-    ext = math.prod(min(b + z_ - s, n)
-                    for b, z_, s, n in zip(block, grid.size, grid.stride, grid.padded_shape))
+    halo = [z_ - s for z_, s in zip(grid.size, grid.stride)]
+    ext_in = math.prod(min(round(b / f) + h, n)
+                       for b, f, h, n in zip(block, scale, halo, grid.padded_shape))
+    ext_out = math.prod(min(b + round(h * f), round(n * f))
+                        for b, f, h, n in zip(block, scale, halo, grid.padded_shape))
+    out_patch = math.prod(round(z_ * f) for z_, f in zip(grid.size, scale))
     per_task = {
-        "input": ext * cin * in_bytes,
-        "buffer": ext * cout * acc_bytes,
-        "batch": args.batch_size * math.prod(grid.size) * (cin * in_bytes + cout * 4),
+        "input": ext_in * cin * in_bytes,
+        "buffer": ext_out * cout * acc_bytes,
+        "batch": (args.batch_size or 1) * (math.prod(grid.size) * cin * in_bytes
+                                    + out_patch * cout * 4),
     }
     threads = _threads(args.workers)
     n_chunks = math.prod(nblocks)
@@ -170,6 +208,7 @@ def _plan_report(z: zarr.Array, args: argparse.Namespace) -> dict[str, Any]:
         "uncovered_voxels": grid.uncovered, "block_shape": list(block), "blocks": n_chunks,
         "block_grid": list(nblocks), "tasks": len(result.dask) + n_chunks + 1,
         "out_dtype": str(result.dtype), "out_channels": cout, "threads": threads,
+        "out_shape": list(result.shape), "out_scale": list(scale[layout.n_batch:]),
         "memory_per_thread": per_task, "peak_memory": threads * sum(per_task.values()),
         "memory_formula": "threads x (input block+halo + extended accumulation buffer + batch)",
     })
@@ -199,6 +238,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             if isinstance(marker, dict) and marker.get("complete") is False:
                 report["node"] = "incomplete ome-zarr image"
                 report["write"] = {"complete": False, "levels": marker.get("levels")}
+    if array is not None:  # how apply would read the axes, before any work
+        line = axes_line(array.shape, args.size, args.channel_axis, args.out_channels,
+                         args.out_scale)
+        if args.json:
+            report["axes"] = line.removeprefix("daskpatch: ")
+        else:
+            print(line, flush=True)
     if array is None:
         if args.size is not None or args.stride is not None:
             names = [m["name"] for m in report.get("members", []) if m["kind"] == "array"]
@@ -314,6 +360,9 @@ def _format_info(r: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(f"apply with size {_x(plan['size'])}, stride {_x(plan['stride'])}, border "
                      f"{plan['border']}:")
         lines.append(row("patches", f"{plan['patches']}  ({_x(plan['patch_grid'])})"))
+        if any(f != 1 for f in plan["out_scale"]):
+            lines.append(row("result", f"{_x(plan['out_shape'])} {plan['out_dtype']}  (out_scale "
+                                       f"{','.join(f'{f:g}' for f in plan['out_scale'])})"))
         if plan["uncovered_voxels"]:
             lines.append(row("uncovered", f"{plan['uncovered_voxels']} voxels no patch covers "
                                           "(apply needs --fill-value)"))

@@ -21,7 +21,7 @@ import numpy as np
 
 from daskpatch.cli.errors import UsageError as _UsageError
 from daskpatch.adapters.models import file_digest
-from daskpatch.adapters.torch import TorchModel, is_module
+from daskpatch.adapters.torch import TorchModel, fixed_batch, is_module, static_input_shape
 
 __all__ = ["TORCH_FILES", "SpecModel", "resolve_spec"]
 
@@ -38,13 +38,15 @@ class SpecModel:
     """
 
     def __init__(self, spec: str, device: str | None, channels: str,
-                 amp: bool | str = False) -> None:
+                 amp: bool | str = False, batch_size: int | None = None) -> None:
         self.spec, self.device, self.channels, self.amp = spec, device, channels, amp
+        #: the only batch size a torch file's model takes (found by :meth:`probe`), or None
+        self.batch_size = batch_size
         self._lock = threading.Lock()
         self._fn: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __reduce__(self) -> tuple:
-        return (SpecModel, (self.spec, self.device, self.channels, self.amp))
+        return (SpecModel, (self.spec, self.device, self.channels, self.amp, self.batch_size))
 
     def __dask_tokenize__(self) -> tuple:
         return ("daskpatch-cli-model", self.spec, self.device, self.channels, self.amp)
@@ -69,7 +71,10 @@ class SpecModel:
         with self._lock:
             if self._fn is None:
                 try:
-                    self._fn = _load_model(self.spec, self.device, self.channels, self.amp)
+                    self._fn = _load_model(self.spec, self.device, self.channels, self.amp,
+                                           self.batch_size)
+                    if self.batch_size is None:
+                        self.batch_size = getattr(self._fn, "batch_size", None)
                 except SystemExit as err:  # a factory's sys.exit()
                     raise _UsageError(f"--model {self.spec!r}: building the model called "
                                       f"sys.exit({err.code!r})") from err
@@ -77,6 +82,38 @@ class SpecModel:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.load()(batch)
+
+    def probe(self, patch_shape: tuple[int, ...], dtype: Any, batch_size: int) -> int | None:
+        """For a TorchScript file, whose saved graph keeps no input shapes: run the model on
+        one all-zero patch of ``patch_shape`` (as ``apply_patches`` gives it, no batch axis),
+        before anything is written. Where that fails and a batch of ``batch_size`` runs, the
+        model was traced for that batch size: batches are padded to it from then on (the
+        size is returned). Where both fail, a one-line error says why."""
+        fn = self.load()
+        if not self.spec.endswith((".pt", ".pth")) or self.batch_size is not None:
+            return self.batch_size
+        try:
+            fn(np.zeros((1,) + tuple(patch_shape), dtype=dtype))
+            return None
+        except Exception as err:  # noqa: BLE001 - reported below
+            first = err
+        if batch_size > 1:
+            try:
+                fn(np.zeros((batch_size,) + tuple(patch_shape), dtype=dtype))
+            except Exception:  # noqa: BLE001 - the batch of one's error is the one reported
+                pass
+            else:
+                with self._lock:
+                    self.batch_size, self._fn = batch_size, None
+                self.load()
+                return batch_size
+        text = (str(first).strip().splitlines() or [type(first).__name__])
+        line = next((t.strip() for t in reversed(text) if t.strip()), "")
+        raise _UsageError(
+            f"--model {self.spec!r} fails on a batch of one patch {(1,) + tuple(patch_shape)}: "
+            f"{type(first).__name__}: {line}"
+            + ("" if batch_size > 1 else "; if it was traced for a fixed batch size, pass that "
+               "size as --batch-size (the last batch is then padded)"))
 
 
 def _needs_arguments(fn: Callable) -> bool:
@@ -161,8 +198,8 @@ def resolve_spec(spec: str) -> Any:
     return obj
 
 
-def _load_model(spec: str, device: str | None, channels: str, amp: bool | str = False
-                ) -> Callable[[np.ndarray], np.ndarray]:
+def _load_model(spec: str, device: str | None, channels: str, amp: bool | str = False,
+                batch_size: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """The NumPy-batch callable ``--model SPEC`` names (see ``daskpatch apply --help``)."""
     obj = resolve_spec(spec)
     if spec.endswith(TORCH_FILES):
@@ -175,7 +212,7 @@ def _load_model(spec: str, device: str | None, channels: str, amp: bool | str = 
             raise _UsageError(f"--model {spec!r}: the factory returned a class ({obj!r}); it "
                               "must return a model")
     if is_module(obj):
-        return _torch_adapter(obj, device, channels, amp)
+        return _torch_adapter(obj, device, channels, amp, batch_size)
     if device is not None:
         raise _UsageError(f"--device {device!r} applies to torch models; --model {spec!r} is "
                           f"{type(obj).__name__}")
@@ -184,8 +221,8 @@ def _load_model(spec: str, device: str | None, channels: str, amp: bool | str = 
     return obj
 
 
-def _torch_adapter(module: Any, device: str | None, channels: str, amp: bool | str = False
-                   ) -> Callable[[np.ndarray], np.ndarray]:
+def _torch_adapter(module: Any, device: str | None, channels: str, amp: bool | str = False,
+                   batch_size: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """A NumPy-batch function running a torch module through :class:`daskpatch.TorchModel`.
 
     ``TorchModel`` puts the module in eval mode, runs each call under
@@ -206,13 +243,17 @@ def _torch_adapter(module: Any, device: str | None, channels: str, amp: bool | s
                               f"{device!r}") from err
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise _UsageError(f"--device {device!r}: torch sees no CUDA device")
+    # an exported (or probed, see SpecModel.probe) batch size: batches are padded to it
+    fixed = batch_size or fixed_batch(module)
+    shape = static_input_shape(module) if isinstance(module, torch.fx.GraphModule) else None
     try:
         module.eval()
     except NotImplementedError:  # a torch.export module: it keeps its mode
         module = _kept_mode(module)
     tensors = list(module.parameters()) + list(module.buffers())
     floats = any(t.is_floating_point() for t in tensors)
-    model = TorchModel(module, device=device, dtype=None if floats else "float32", amp=amp)
+    model = TorchModel(module, device=device, dtype=None if floats else "float32", amp=amp,
+                       batch_size=fixed)
 
     def run(batch: np.ndarray) -> np.ndarray:
         if channels == "none":
@@ -234,6 +275,8 @@ def _torch_adapter(module: Any, device: str | None, channels: str, amp: bool | s
             y = np.moveaxis(y, 1, -1)
         return y
 
+    run.batch_size = fixed  # type: ignore[attr-defined]
+    run.input_shape = shape  # type: ignore[attr-defined]
     return run
 
 

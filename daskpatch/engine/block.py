@@ -59,10 +59,15 @@ def _check_output(out: Any, batch_shape: tuple[int, ...], expected: tuple[int, .
             expected="a numeric dtype", got=arr.dtype
         )
     if arr.shape != expected:
+        axis = ""
+        if arr.ndim == len(expected):
+            bad = [a for a in range(arr.ndim) if arr.shape[a] != expected[a]]
+            axis = f"; axis {bad[0]} has {arr.shape[bad[0]]} where {expected[bad[0]]} was expected"
         raise ModelOutputError(
             f"fn returned shape {arr.shape} for a batch of shape {batch_shape}; expected "
             f"{expected}" + (f": {why}" if why else " (the batch's patch shape, with "
-                             "out_channels channels where the volume has a channel axis)"),
+                             "out_channels channels where the volume has a channel axis)")
+            + axis,
             expected=expected, got=arr.shape
         )
     return arr
@@ -120,15 +125,17 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
              for g in itertools.product(*spec.owned)]
     groups = [items[b0:b0 + batch_size] for b0 in range(0, len(items), batch_size)]
     size = tuple(int(v) for v in spec.patch_shape)
+    # where the predictions go: the output grid (another resolution with ``out_scale``)
+    out_size = tuple(int(v) for v in spec.out_patch_shape) or size
+    out_starts = spec.out_starts or starts
     channels = region.shape[0]
-    spatial = size[spec.n_batch:]
-    expected = layout.patch_shape(spatial, out_channels)
+    expected = layout.patch_shape(out_size[spec.n_batch:], out_channels)
     pool = sink.pool if sink is not None else None
     if sink is not None:
         batches = sink.batches
     elif batches is None:
         batches = BatchPool()
-    shape = (min(batch_size, len(items)), channels) + spatial
+    shape = (min(batch_size, len(items)), channels) + size[spec.n_batch:]
     held = [batches.take(shape, region.dtype)]  # batch k goes into held[k % 2]
 
     def gather(k: int) -> np.ndarray:
@@ -169,8 +176,10 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
                 note += f"; fn was called on a batch of shape {user_batch.shape}; {axes}"
             err.add_note(note)
             raise
-        out = layout.to_canonical(out).reshape((len(chunk), out_channels) + size)
-        acc.add_batch([g for g, _ in chunk], [st for _, st in chunk], list(out))
+        out = layout.to_canonical(out).reshape((len(chunk), out_channels) + out_size)
+        acc.add_batch([g for g, _ in chunk],
+                      [np.array([s[i] for s, i in zip(out_starts, g)]) for g, _ in chunk],
+                      list(out))
 
     helper: _Helper | None = None
     try:

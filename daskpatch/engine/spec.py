@@ -60,6 +60,11 @@ class ApplyBlock:
     patch_shape: tuple[int, ...]
     origin: tuple[int, ...] = ()  # per axis, the grid index of the block's first start
     grid_shape: tuple[int, ...] = ()  # the grid's shape (patch indices in errors)
+    # a model predicting at another resolution (``out_scale``): per axis, the block's patch
+    # starts on the output grid (the buffer's coordinates) and the output patch shape; empty:
+    # the same as ``starts`` and ``patch_shape`` (``region_lo``/``starts`` are the input's)
+    out_starts: tuple[np.ndarray, ...] = ()
+    out_patch_shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)

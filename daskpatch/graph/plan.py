@@ -180,21 +180,30 @@ class ApplyReader:
     axis_starts: tuple[np.ndarray, ...]
     batches: BatchPool  #: the plan's: emptied when none of its blocks holds a batch
     fn: Any = None  #: the model itself (the graph holds it under ``model``): fingerprinted
+    #: the input patch shape when the model predicts at another resolution (``out_scale``):
+    #: the plan's grid is then the output grid, ``axis_starts`` and this the input grid's
+    in_size: tuple[int, ...] | None = None
 
     def accumulate(self, b: Blending, bidx: tuple[int, ...], ext_lo: tuple[int, ...],
                    ext_hi: tuple[int, ...]) -> tuple[Any, set[Any]]:
         """The accumulate task of block ``bidx`` (buffer ``[ext_lo, ext_hi)``) and its inputs."""
         owned = [b.plan.owned[a][i] for a, i in enumerate(bidx)]
+        # the input region: the block's patches on the input grid (the plan's, unless scaled)
         starts = tuple(self.axis_starts[a][i0:i1] for a, (i0, i1) in enumerate(owned))
+        size = b.grid.size if self.in_size is None else self.in_size
         lo = tuple(int(s[0]) for s in starts)
-        hi = tuple(int(s[-1]) + z for s, z in zip(starts, b.grid.size))
+        hi = tuple(int(s[-1]) + z for s, z in zip(starts, size))
         read, deps = self.volume.read_task(lo, hi, self.pad_mode, self.pad_value, lazy=True)
+        out_starts: tuple[np.ndarray, ...] = ()
+        if self.in_size is not None:  # where the predictions go: the output grid's starts
+            out_starts = tuple(b.grid.axis_starts(a)[i0:i1] for a, (i0, i1) in enumerate(owned))
         # the task carries its own starts and weight rows only, not the whole axes'
         spec = ApplyBlock(bidx, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
                           tuple(range(i1 - i0) for i0, i1 in owned), starts,
                           b.weights.sliced(owned), self.batch_size, b.layout, b.n_batch,
-                          b.channels, b.numbers, b.grid.size,
-                          tuple(i0 for i0, _ in owned), b.grid.grid_shape)
+                          b.channels, b.numbers, size,
+                          tuple(i0 for i0, _ in owned), b.grid.grid_shape,
+                          out_starts, () if self.in_size is None else b.grid.size)
         return (apply_block, spec, read, self.batches, self.model), deps | {self.model}
 
 
