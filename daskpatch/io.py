@@ -36,7 +36,7 @@ from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES
 from daskpatch.graph.inspect import check_not_aliased
 from daskpatch.graph.layers import from_zarr
 from daskpatch.graph.lowering import IntoArray, lower
-from daskpatch.pipeline import write_array, write_image
+from daskpatch.pipeline import is_group_of_arrays, write_array, write_group, write_image
 from daskpatch.storage import ome as _ome
 from daskpatch.storage.stores import IncompleteWarning, StoreLike, store_of
 
@@ -339,6 +339,18 @@ def to_zarr(
     >>> tmp.cleanup()
     """
     store = store_of(store, storage_options)
+    if is_group_of_arrays(array):  # the heads of a model: a group, in one pass
+        extra = [k for k, v in (("ome", ome is not False), ("levels", levels != 1),
+                                ("axes", axes is not None), ("scale", scale is not None),
+                                ("units", units is not None), ("downsample", downsample != "auto"))
+                 if v]
+        if extra:
+            raise ParameterError(f"{', '.join(extra)} apply to one array (an OME-Zarr image); "
+                                 f"got a {type(array).__name__} of arrays",
+                                 param=extra[0], value=True, mentions=tuple(extra[1:]))
+        return write_group(array, store, path, chunks=chunks, compressors=compressors,
+                           overwrite=overwrite, resume=resume, progress=progress,
+                           compute=compute, run_id=run_id)
     if ome is not False or levels != 1 or axes is not None or scale is not None or \
             units is not None or downsample != "auto" or _is_dataarray(array):
         return write_image(array, store, path, chunks=chunks, compressors=compressors,

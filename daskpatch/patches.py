@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask
@@ -68,6 +68,7 @@ from daskpatch.geometry.parse import (
 from daskpatch.adapters.xarray import accepts_dataarray
 from daskpatch.geometry.layout import full_grid, parse_layout
 from daskpatch.geometry.windows import Blend
+from daskpatch.heads import apply_heads, wants_heads
 
 __all__ = ["apply_patches", "reconstruct"]
 
@@ -224,7 +225,9 @@ def apply_patches(
     sigma_scale: float | tuple[float, ...] = 0.125,
     spill: bool | str | os.PathLike | None = None,
     min_weight: float | None = None,
-) -> da.Array:
+    tta: str | Sequence[Sequence[int]] | None = None,
+    uncertainty: bool = False,
+) -> Any:
     """Run ``fn`` on every patch of a volume, in batches, and blend the results, lazily.
 
     Every patch goes through ``fn`` exactly once (no halo recomputation, unlike ``map_overlap``),
@@ -285,6 +288,13 @@ def apply_patches(
     """
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking a batch of patches; got {_describe(fn)}")
+    if wants_heads(out_channels, dtype, tta, uncertainty):  # one overlap-add, split per head
+        return apply_heads(apply_patches, volume, fn, size, stride, out_channels=out_channels,
+                           dtype=dtype, tta=tta, uncertainty=uncertainty,
+                           channel_axis=channel_axis, border=border, pad_mode=pad_mode,
+                           pad_value=pad_value, blend=blend, batch_size=batch_size,
+                           block_shape=block_shape, fill_value=fill_value,
+                           sigma_scale=sigma_scale, spill=spill, min_weight=min_weight)
     batch_size = parse_int(batch_size, "batch_size", minimum=1)
     if not hasattr(volume, "ndim"):
         volume = Volume.from_user(volume, None).array
@@ -332,7 +342,8 @@ def apply_patches(
                 input_chunks=chunks_in, batch_size=batch_size, spill=spill,
                 record=dict(pad_mode=pad_mode, pad_value=pad_value, batch_size=batch_size,
                             input_shape=vol.shape, channels=vol.channels, out_channels=cout,
-                            input_dtype=vol.dtype, dtype=out_dtype))
+                            input_dtype=vol.dtype, dtype=out_dtype,
+                            **getattr(fn, "params", {})))  # a HeadsFn's heads, tta
     # the model is ONE key of the graph, which every block task reads: a cluster ships it to
     # each worker once (and keeps it there), not once per block task
     model = "model-" + tokenize(fn)
