@@ -116,7 +116,7 @@ def parse_heads(out_channels: Any, dtype: Any) -> Heads:
     channels = [None if c is None and kind == "array" else
                 parse_int(c, "out_channels" if kind == "array" else
                           f"out_channels[{n!r}]", minimum=1) for n, c in zip(names, counts)]
-    if isinstance(dtype, Mapping) or (isinstance(dtype, (tuple, list)) and kind != "array"):
+    if isinstance(dtype, (Mapping, tuple, list)):
         if kind == "array":
             raise ParameterTypeError(
                 f"dtype must be one NumPy dtype for a model returning one array; got "
