@@ -260,10 +260,14 @@ def apply_patches(
         Patches per call of ``fn``: every call of a work block gets this many but its last;
         automatic blocks (``block_shape=None``) own at least a batch each where the volume
         allows, so a small volume is not cut into calls of one patch.
-    out_channels : int, optional
+    out_channels : int, dict or tuple, optional
         Channels ``fn`` returns (default: the volume's). A volume without a channel axis and
         ``out_channels > 1`` (one channel in, K classes out) is read with a channel axis of 1
-        in front: ``fn`` gets ``(B, 1, *size)``, the result is ``(K, *volume.shape)``.
+        in front: ``fn`` gets ``(B, 1, *size)``, the result is ``(K, *volume.shape)``. A dict
+        ``{name: K}`` or a tuple of channel counts declares a model with several heads: ``fn``
+        returns a dict (those keys) or a tuple of arrays, each of the patch's spatial shape, and
+        the result is the same structure of lazy arrays sharing one graph (the model runs once
+        per patch for all heads; :func:`to_zarr` of it writes a group).
     dtype : dtype, optional
         Result dtype; ``None`` means the volume's dtype when it is floating or complex, else
         float32. An integer dtype rounds to nearest and saturates at the type's limits (255.6 ->
@@ -271,12 +275,25 @@ def apply_patches(
         output chunk and voxel. ``bool`` is the integers 0 and 1 by that rule: True where the
         blended value is above 0.5. A complex ``fn`` output needs a complex dtype (a TypeError says
         so). A value beyond a floating dtype's range saturates at its largest finite value.
+        With several heads: one dtype for all, or a dict/tuple of one per head.
+    tta : {"flip"}, list of axis sets, optional
+        Test-time augmentation: ``fn`` runs on each flip of the batch (``"flip"``: every subset
+        of the spatial axes, ``2**n`` calls per batch; or a list such as ``[(), (0,), (1, 2)]``
+        of spatial axes, 0 the first, ``()`` the batch as it is); each output is flipped back
+        and the outputs are averaged before blending (nnU-Net's mirroring).
+    uncertainty : bool
+        Return ``(mean, std)`` (a named tuple) for each output: ``std`` is the weighted standard
+        deviation of the predictions covering each voxel (overlapping patches and flips, with
+        the window's weights), from the same model calls: the squares are blended as further
+        channels, in float64, and ``std = sqrt(max(E[p**2] - mean**2, 0))``. Its dtype is the
+        output's when floating, else float32.
 
     Returns
     -------
-    dask.array.Array
+    dask.array.Array, dict, tuple or (mean, std)
         The blended result, shaped like the volume (with ``out_channels`` channels), chunked by
-        stride-aligned work blocks.
+        stride-aligned work blocks; with declared heads, a dict or tuple of them; with
+        ``uncertainty=True``, a ``(mean, std)`` named tuple in place of each.
 
     Examples
     --------
@@ -285,6 +302,14 @@ def apply_patches(
     >>> out = apply_patches(vol, lambda b: 2 * b, 16, 8, batch_size=4)
     >>> bool(np.allclose(out.compute(), 2 * vol, atol=1e-5))
     True
+    >>> heads = apply_patches(vol, lambda b: {"seg": np.concatenate([b, -b], 1), "d": b + 1},
+    ...                       16, 8, out_channels={"seg": 2, "d": 1}, dtype={"d": "uint8",
+    ...                       "seg": "float32"})
+    >>> heads["seg"].shape, heads["d"].shape, heads["d"].dtype
+    ((2, 40, 30), (1, 40, 30), dtype('uint8'))
+    >>> mean, std = apply_patches(vol, lambda b: b ** 2, 16, 8, tta="flip", uncertainty=True)
+    >>> bool(np.allclose(mean.compute(), vol ** 2, atol=1e-5)), float(std.max().compute()) < 1e-3
+    (True, True)
     """
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking a batch of patches; got {_describe(fn)}")

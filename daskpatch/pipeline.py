@@ -432,7 +432,7 @@ def write_group(tree: Any, store: Any, path: Any, *, chunks: Any, compressors: A
     node = _check_group_target(base, full, where, names, overwrite, resume)
     target, prefix = _store.as_store(base)
     gpath = _store.node_path(prefix, full)
-    checked = []
+    checked: list[tuple[Write, zarr.Array | None, dict[str, Any]]] = []
     for w in writes:
         check_not_read(w.x, target, gpath, where)
         if overwrite and node is not None:  # deleted with the group
@@ -460,7 +460,7 @@ def write_group(tree: Any, store: Any, path: Any, *, chunks: Any, compressors: A
             in_ram = isinstance(z.store, zarr.storage.MemoryStore)
             low = lower(w.x, IntoStore(None if in_ram else z.store,
                                        "" if in_ram else spill_prefix, w.threshold))
-            assert low.array is not None  # no writer: a lowered array
+            assert low is not None and low.array is not None  # no writer: a lowered array
             spills.update({(repr(s), n): (s, n) for s, n in low.spills})
             arrays.append((w, z, fingerprint, done, low))
         finals = _group_writes(arrays, lease)

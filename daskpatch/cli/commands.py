@@ -507,7 +507,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             g = write_group(result, args.dst, args.dst_path, chunks=None, resume=args.resume,
                             run_id=args.run_id, compressors=COMPRESSORS[args.compressor](),
                             overwrite=args.overwrite, progress=_progress(args), compute=True)
+        assert isinstance(g, zarr.Group)  # compute=True
         mean = g["mean"]
+        assert isinstance(mean, zarr.Array)
         print(f"{PROG}: wrote {_where(args.dst, g.path or None)}: mean and std, "
               f"{_x(mean.shape)} {mean.dtype}, chunks {_x(mean.chunks)}")
         return 0
