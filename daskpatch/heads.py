@@ -54,8 +54,6 @@ def apply_heads(apply: Callable[..., da.Array], volume: Any, fn: Any, size: Any,
     ``uncertainty``: one overlap-add of every head (and square), split per head."""
     heads = parse_heads(out_channels, dtype)
     uncertainty = parse_bool(uncertainty, "uncertainty")
-    if not callable(fn):
-        return apply(volume, fn, size, stride)  # the plain path's message
     if not hasattr(volume, "ndim"):
         volume = Volume.from_user(volume, None).array
     layout = parse_layout(volume.ndim, size, channel_axis, shape=volume.shape)
@@ -80,6 +78,7 @@ def apply_heads(apply: Callable[..., da.Array], volume: Any, fn: Any, size: Any,
     has_ch = layout.channel_axis is not None
     channel_last = has_ch and not layout.channels_first
     squeeze = False
+    model_layout = layout  # how the model's batches are read
     widest = max(h.channels for h in heads.heads)
     if not has_ch and (widest > 1 or engine_channels > 1):
         from daskpatch.patches import _with_channel_axis
@@ -87,14 +86,15 @@ def apply_heads(apply: Callable[..., da.Array], volume: Any, fn: Any, size: Any,
         volume, channel_axis = _with_channel_axis(volume), 0
         squeeze = widest == 1  # the model takes and gives no channel axis
         layout = parse_layout(volume.ndim, size, 0, shape=volume.shape)
+        if not squeeze:
+            model_layout = layout
     model_has_ch = layout.channel_axis is not None and not squeeze
     patch = tuple(parse_per_axis(size, n_spatial, "size"))
     batch = _batch_shape(patch, layout.channels if model_has_ch else None, channel_last)
     model = as_model(fn)
     axes = (f"{described}: fn gets batches ({', '.join(map(str, batch))}) and must return "
             f"{_returns(heads, patch, model_has_ch, channel_last)}")
-    if not squeeze:
-        check_model_input(model, layout, (1,) + batch[1:], axes)
+    check_model_input(model, model_layout, (1,) + batch[1:], axes)
     hfn = HeadsFn(model, heads, flips, uncertainty, squeeze, channel_last, model_has_ch, acc,
                   patch, axes)
     h0 = heads.heads[0]

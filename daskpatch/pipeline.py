@@ -445,16 +445,21 @@ def write_group(tree: Any, store: Any, path: Any, *, chunks: Any, compressors: A
     if compute:
         _sched.warm_up()
     info = {"group": HEADS_GROUP, "arrays": names, "complete": False}
-    if node is None or overwrite:
-        group = zarr.create_group(store=base, path=full or "", zarr_format=3,
-                                  overwrite=overwrite, attributes={_store.ATTR: info})
-    else:
-        group = zarr.open_group(store=base, path=full or "", mode="r+")
     lease = _lease.acquire(target, gpath, where)  # one writer of the group at a time
+    aside = None
     try:
+        if node is not None and overwrite:  # the old group (or array) set aside, not deleted
+            aside = _targets.clear(target, gpath, where)
+            if aside is None:  # deleted with the old keys, the lease too
+                _lease.rewrite(lease)
+        if node is None or overwrite:
+            group = zarr.create_group(store=base, path=full or "", zarr_format=3,
+                                      attributes={_store.ATTR: info})  # the lease stays
+        else:
+            group = zarr.open_group(store=base, path=full or "", mode="r+")
         spill_prefix = _store.node_path(gpath, _store.SPILL_DIR) or ""
         spills: dict = {}
-        arrays = []  # (write, array, fingerprint, chunks done, the lowered array's token)
+        arrays = []  # (write, array, fingerprint, chunks done, the lowered array)
         for w, leaf, fingerprint in checked:
             z, done, _ = create_or_reopen(w, leaf, fingerprint, lease)
             in_ram = isinstance(z.store, zarr.storage.MemoryStore)
@@ -466,11 +471,16 @@ def write_group(tree: Any, store: Any, path: Any, *, chunks: Any, compressors: A
         finals = _group_writes(arrays, lease)
         job = dask.delayed(_finish_group, pure=False)(
             group, {**info, "complete": True}, list(spills.values()), target, spill_prefix,
-            lease, finals, dask_key_name=f"to-zarr-group-{tokenize(where, names, finals)}")
+            lease, where, finals,
+            dask_key_name=f"to-zarr-group-{tokenize(where, names, finals)}")
         if not compute:
             return job
         _sched.compute(job, progress)
-    except BaseException:
+    except BaseException as err:
+        if aside is not None:  # an overwrite that failed: the old group comes back
+            _targets.restore(target, gpath, aside)
+            err.add_note(f"to_zarr: what {where} held before this overwrite was put back "
+                         "unchanged; run the overwrite again once the cause is fixed")
         _lease.release(lease)
         raise
     return group
@@ -504,14 +514,16 @@ def _group_writes(arrays: list, lease: _lease.Lease) -> list[Delayed]:
 
 
 def _finish_group(group: zarr.Group, marker: dict[str, Any], spills: list, store: Any,
-                  spill_prefix: str, lease: _lease.Lease, _arrays: list) -> zarr.Group:
+                  spill_prefix: str, lease: _lease.Lease, where: str, _arrays: list
+                  ) -> zarr.Group:
     """Runs after every array of a group is complete: drop the spilled parts, mark the group
-    complete, give up the lease."""
+    complete, drop what it replaced, give up the lease."""
     _lease.check(lease, renew=False)
     for spill, name in spills:
         spill.clear(name)
     if spill_prefix:
         _storeio.delete_dir(store, spill_prefix)
     group.attrs.update({_store.ATTR: marker})
+    _targets.drop_replaced(group, where)  # type: ignore[arg-type]  # a store and a path
     _lease.release(lease)
     return group

@@ -329,3 +329,48 @@ def test_flips_list_of_axis_sets():
     flips = list(itertools.chain.from_iterable(
         itertools.combinations(range(3), k) for k in range(4)))
     assert len(flips) == 8
+
+
+def test_failed_group_overwrite_puts_the_old_group_back(tmp_path):
+    vol = np.random.default_rng(9).random((16, 16), dtype=np.float32)
+    kw = dict(out_channels={"seg": 3, "dist": 1}, block_shape=8)
+    dp.to_zarr(dp.apply_patches(vol, _two_heads, 8, 4, **kw), tmp_path / "o.zarr")
+    before = zarr.open_array(tmp_path / "o.zarr", path="seg")[:]
+    with dask.config.set(scheduler="sync"), \
+            pytest.raises(RuntimeError, match="interrupted") as info:
+        dp.to_zarr(dp.apply_patches(vol, Flaky(6), 8, 4, uncertainty=True, **kw),
+                   tmp_path / "o.zarr", overwrite=True)
+    assert "was put back unchanged" in str(info.value.__notes__)
+    g = zarr.open_group(tmp_path / "o.zarr")
+    assert sorted(g.array_keys()) == ["dist", "seg"] and g.attrs["daskpatch"]["complete"]
+    np.testing.assert_array_equal(g["seg"][:], before)
+    g = dp.to_zarr(dp.apply_patches(vol, _two_heads, 8, 4, uncertainty=True, **kw),
+                   tmp_path / "o.zarr", overwrite=True)
+    assert sorted(g.group_keys()) == ["dist", "seg"] and not any(
+        p.name.startswith(".daskpatch-re") for p in (tmp_path / "o.zarr").iterdir())
+
+
+def test_batch_axes_crop_and_dataarrays():
+    vols = np.random.default_rng(10).random((2, 12, 16), dtype=np.float32)  # two volumes
+    out = dp.apply_patches(vols, lambda b: (b, 2 * b), (8, 8), 4, out_channels=(1, 1),
+                           tta="flip")
+    a, b = dask.compute(*out)
+    np.testing.assert_allclose(b, 2 * vols, atol=1e-6)
+    labels = (vols * 4).astype(np.uint8)  # crop copies voxels: integers come back exact
+    mean, std = dp.apply_patches(labels, lambda b: b, (8, 8), 4, blend="crop", tta="flip",
+                                 uncertainty=True, dtype="uint8")
+    np.testing.assert_array_equal(mean.compute(), labels)
+    assert mean.dtype == np.uint8 and std.dtype == np.float32 and float(std.max()) == 0
+    xr = pytest.importorskip("xarray")
+    v = xr.DataArray(vols[0][None], dims=("c", "y", "x"))
+    heads = dp.apply_patches(v, lambda b: {"a": b, "b": 2 * b}, 8, 4, channel_axis="c",
+                             out_channels={"a": 1, "b": 1}, uncertainty=True)
+    assert heads["b"].std.dims == ("c", "y", "x")
+    np.testing.assert_allclose(heads["b"].mean.values[0], 2 * vols[0], atol=1e-6)
+
+
+def test_torch_input_layer_checked_before_anything_runs():
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Conv2d(3, 2, 3, padding=1)  # takes 3 channels
+    with pytest.raises(ValueError, match=r"takes batches \(B, 3, H, W\).*1 channels"):
+        dp.apply_patches(np.zeros((1, 8, 8), np.float32), net, 4, channel_axis=0, tta="flip")
