@@ -176,7 +176,13 @@ def to_zarr(
         Data to write (at least 1-D, known shape). A NumPy array is split into chunks of about
         :data:`DEFAULT_TARGET_BYTES`. A DataArray's dims become the Zarr v3
         ``dimension_names`` (and, with ``ome=True``, its coordinates the axes' scale,
-        translation and units).
+        translation and units). A dict or tuple of arrays (the heads of
+        :func:`~daskpatch.apply_patches`, its ``(mean, std)``, or such dicts and tuples nested)
+        is written as a Zarr group at ``store``/``path`` with one array per entry -- named by
+        the dict keys, ``mean``/``std``, or ``0``, ``1``, ... -- in ONE computation (arrays
+        sharing a graph compute it once: the model runs once per patch for every head), each
+        array with its own fingerprint and done-markers; ``resume=True`` needs the same
+        entries, ``overwrite=True`` replaces a group (or array) daskpatch wrote.
     store : str, os.PathLike, zarr store, mapping or zarr.Group
         Where to write: a local directory, an fsspec URL, any store :func:`zarr.create_array`
         accepts, or an open group (then ``path`` is relative to it).
@@ -258,7 +264,8 @@ def to_zarr(
     Returns
     -------
     zarr.Array, zarr.Group or dask.delayed.Delayed
-        With ``compute=True``, the written Zarr array (with ``ome=True``, the image group). With
+        With ``compute=True``, the written Zarr array (with ``ome=True``, the image group; for a
+        dict or tuple, the group). With
         ``compute=False``, a ``Delayed`` whose result is that array or group (``ome=True`` then
         needs ``levels=1``: a level is computed from the level above once it is written).
 
