@@ -36,7 +36,7 @@ from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES
 from daskpatch.graph.inspect import check_not_aliased
 from daskpatch.graph.layers import from_zarr
 from daskpatch.graph.lowering import IntoArray, lower
-from daskpatch.pipeline import write_array, write_image
+from daskpatch.pipeline import is_group_of_arrays, write_array, write_group, write_image
 from daskpatch.storage import ome as _ome
 from daskpatch.storage.stores import IncompleteWarning, StoreLike, store_of
 
@@ -176,7 +176,13 @@ def to_zarr(
         Data to write (at least 1-D, known shape). A NumPy array is split into chunks of about
         :data:`DEFAULT_TARGET_BYTES`. A DataArray's dims become the Zarr v3
         ``dimension_names`` (and, with ``ome=True``, its coordinates the axes' scale,
-        translation and units).
+        translation and units). A dict or tuple of arrays (the heads of
+        :func:`~daskpatch.apply_patches`, its ``(mean, std)``, or such dicts and tuples nested)
+        is written as a Zarr group at ``store``/``path`` with one array per entry -- named by
+        the dict keys, ``mean``/``std``, or ``0``, ``1``, ... -- in ONE computation (arrays
+        sharing a graph compute it once: the model runs once per patch for every head), each
+        array with its own fingerprint and done-markers; ``resume=True`` needs the same
+        entries, ``overwrite=True`` replaces a group (or array) daskpatch wrote.
     store : str, os.PathLike, zarr store, mapping or zarr.Group
         Where to write: a local directory, an fsspec URL, any store :func:`zarr.create_array`
         accepts, or an open group (then ``path`` is relative to it).
@@ -258,7 +264,8 @@ def to_zarr(
     Returns
     -------
     zarr.Array, zarr.Group or dask.delayed.Delayed
-        With ``compute=True``, the written Zarr array (with ``ome=True``, the image group). With
+        With ``compute=True``, the written Zarr array (with ``ome=True``, the image group; for a
+        dict or tuple, the group). With
         ``compute=False``, a ``Delayed`` whose result is that array or group (``ome=True`` then
         needs ``levels=1``: a level is computed from the level above once it is written).
 
@@ -339,6 +346,18 @@ def to_zarr(
     >>> tmp.cleanup()
     """
     store = store_of(store, storage_options)
+    if is_group_of_arrays(array):  # the heads of a model: a group, in one pass
+        extra = [k for k, v in (("ome", ome is not False), ("levels", levels != 1),
+                                ("axes", axes is not None), ("scale", scale is not None),
+                                ("units", units is not None), ("downsample", downsample != "auto"))
+                 if v]
+        if extra:
+            raise ParameterError(f"{', '.join(extra)} apply to one array (an OME-Zarr image); "
+                                 f"got a {type(array).__name__} of arrays",
+                                 param=extra[0], value=True, mentions=tuple(extra[1:]))
+        return write_group(array, store, path, chunks=chunks, compressors=compressors,
+                           overwrite=overwrite, resume=resume, progress=progress,
+                           compute=compute, run_id=run_id)
     if ome is not False or levels != 1 or axes is not None or scale is not None or \
             units is not None or downsample != "auto" or _is_dataarray(array):
         return write_image(array, store, path, chunks=chunks, compressors=compressors,

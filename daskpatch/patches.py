@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask
@@ -69,6 +69,7 @@ from daskpatch.geometry.parse import (
 from daskpatch.adapters.xarray import accepts_dataarray
 from daskpatch.geometry.layout import full_grid, parse_layout
 from daskpatch.geometry.windows import Blend
+from daskpatch.heads import apply_heads, wants_heads
 
 __all__ = ["apply_patches", "reconstruct"]
 
@@ -226,7 +227,9 @@ def apply_patches(
     spill: bool | str | os.PathLike | None = None,
     min_weight: float | None = None,
     out_scale: float | tuple[float, ...] | str | None = None,
-) -> da.Array:
+    tta: str | Sequence[Sequence[int]] | None = None,
+    uncertainty: bool = False,
+) -> Any:
     """Run ``fn`` on every patch of a volume, in batches, and blend the results, lazily.
 
     Every patch goes through ``fn`` exactly once (no halo recomputation, unlike ``map_overlap``),
@@ -259,10 +262,14 @@ def apply_patches(
         Patches per call of ``fn``: every call of a work block gets this many but its last;
         automatic blocks (``block_shape=None``) own at least a batch each where the volume
         allows, so a small volume is not cut into calls of one patch.
-    out_channels : int, optional
+    out_channels : int, dict or tuple, optional
         Channels ``fn`` returns (default: the volume's). A volume without a channel axis and
         ``out_channels > 1`` (one channel in, K classes out) is read with a channel axis of 1
-        in front: ``fn`` gets ``(B, 1, *size)``, the result is ``(K, *volume.shape)``.
+        in front: ``fn`` gets ``(B, 1, *size)``, the result is ``(K, *volume.shape)``. A dict
+        ``{name: K}`` or a tuple of channel counts declares a model with several heads: ``fn``
+        returns a dict (those keys) or a tuple of arrays, each of the patch's spatial shape, and
+        the result is the same structure of lazy arrays sharing one graph (the model runs once
+        per patch for all heads; :func:`to_zarr` of it writes a group).
     dtype : dtype, optional
         Result dtype; ``None`` means the volume's dtype when it is floating or complex, else
         float32. An integer dtype rounds to nearest and saturates at the type's limits (255.6 ->
@@ -270,6 +277,7 @@ def apply_patches(
         output chunk and voxel. ``bool`` is the integers 0 and 1 by that rule: True where the
         blended value is above 0.5. A complex ``fn`` output needs a complex dtype (a TypeError says
         so). A value beyond a floating dtype's range saturates at its largest finite value.
+        With several heads: one dtype for all, or a dict/tuple of one per head.
     out_scale : float, tuple of float or "infer", optional
         A model whose output patch is a scaled version of its input patch: the output voxels
         per input voxel, one number or one per spatial axis (``2`` for a 2x super-resolution
@@ -283,11 +291,25 @@ def apply_patches(
         ``border="shift"`` patch flush with the end included); otherwise a ValueError names the
         axis. ``None`` (default): the input's resolution.
 
+    tta : {"flip"}, list of axis sets, optional
+        Test-time augmentation: ``fn`` runs on each flip of the batch (``"flip"``: every subset
+        of the spatial axes, ``2**n`` calls per batch; or a list such as ``[(), (0,), (1, 2)]``
+        of spatial axes, 0 the first, ``()`` the batch as it is); each output is flipped back
+        and the outputs are averaged before blending (nnU-Net's mirroring).
+    uncertainty : bool
+        Return ``(mean, std)`` (a named tuple) for each output: ``std`` is the weighted standard
+        deviation of the predictions covering each voxel (overlapping patches and flips, with
+        the window's weights), from the same model calls: the squares are blended as further
+        channels, in float64, and ``std = sqrt(max(E[p**2] - mean**2, 0))``. Its dtype is the
+        output's when floating, else float32.
+
     Returns
     -------
-    dask.array.Array
+    dask.array.Array, dict, tuple or (mean, std)
         The blended result, shaped like the volume (with ``out_channels`` channels, and its
-        spatial shape times ``out_scale``), chunked by stride-aligned work blocks.
+        spatial shape times ``out_scale``), chunked by stride-aligned work blocks; with
+        declared heads, a dict or tuple of them; with ``uncertainty=True``, a ``(mean, std)``
+        named tuple in place of each.
 
     Examples
     --------
@@ -305,9 +327,34 @@ def apply_patches(
     (80, 60)
     >>> bool(np.allclose(up.compute(), vol.repeat(2, 0).repeat(2, 1), atol=1e-5))
     True
+
+    Several heads, and test-time flips with per-voxel uncertainty:
+
+    >>> heads = apply_patches(vol, lambda b: {"seg": np.concatenate([b, -b], 1), "d": b + 1},
+    ...                       16, 8, out_channels={"seg": 2, "d": 1}, dtype={"d": "uint8",
+    ...                       "seg": "float32"})
+    >>> heads["seg"].shape, heads["d"].shape, heads["d"].dtype
+    ((2, 40, 30), (1, 40, 30), dtype('uint8'))
+    >>> mean, std = apply_patches(vol, lambda b: b ** 2, 16, 8, tta="flip", uncertainty=True)
+    >>> bool(np.allclose(mean.compute(), vol ** 2, atol=1e-5)), float(std.max().compute()) < 1e-3
+    (True, True)
     """
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking a batch of patches; got {_describe(fn)}")
+    if wants_heads(out_channels, dtype, tta, uncertainty):  # one overlap-add, split per head
+        if out_scale is not None:
+            raise ParameterError(
+                "out_scale cannot be combined yet with several heads, tta or uncertainty (each "
+                f"head must have the patch's shape); got out_scale={out_scale!r} with "
+                f"out_channels={out_channels!r}, tta={tta!r}, uncertainty={uncertainty!r}",
+                param="out_scale", value=out_scale, mentions=("out_channels", "tta",
+                                                              "uncertainty"))
+        return apply_heads(apply_patches, volume, fn, size, stride, out_channels=out_channels,
+                           dtype=dtype, tta=tta, uncertainty=uncertainty,
+                           channel_axis=channel_axis, border=border, pad_mode=pad_mode,
+                           pad_value=pad_value, blend=blend, batch_size=batch_size,
+                           block_shape=block_shape, fill_value=fill_value,
+                           sigma_scale=sigma_scale, spill=spill, min_weight=min_weight)
     batch_size = parse_int(batch_size, "batch_size", minimum=1)
     if not hasattr(volume, "ndim"):
         volume = Volume.from_user(volume, None).array
@@ -360,7 +407,8 @@ def apply_patches(
                             input_dtype=vol.dtype, dtype=out_dtype,
                             **({} if scale is None else {  # the user's size and stride
                                 "size": in_grid.size[nb:], "stride": in_grid.stride[nb:],
-                                "out_scale": scale_text(scale)})))
+                                "out_scale": scale_text(scale)}),
+                            **getattr(fn, "params", {})))  # a HeadsFn's heads, tta
     # the model is ONE key of the graph, which every block task reads: a cluster ships it to
     # each worker once (and keeps it there), not once per block task
     model = "model-" + tokenize(fn)

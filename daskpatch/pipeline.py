@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dask
@@ -25,12 +25,13 @@ import zarr
 import zarr.storage
 from dask.base import tokenize
 from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph
 from zarr.abc.store import Store
 
 from daskpatch.adapters.xarray import is_dataarray as _is_dataarray
-from daskpatch.errors import (ParameterError, ParameterTypeError, TargetExistsError,
-                              UnsafeTargetError)
 from daskpatch.config import get_int
+from daskpatch.errors import (ParameterError, ParameterTypeError, ResumeMismatchError,
+                              TargetExistsError, UnsafeTargetError)
 from daskpatch.geometry.parse import _describe, parse_bool, parse_choice, parse_int
 from daskpatch.graph import jobs as _sched
 from daskpatch.graph.inputs import as_dask, downsampled, write_chunks
@@ -354,3 +355,205 @@ def write_image(array: Any, store: Any, path: Any, *, chunks: Any, compressors: 
                                progress=progress, compute=True, run_id=run_id,
                                dimension_names=names)
     return _ome.finish(group, meta, None)
+
+
+# -- a group of arrays: the heads of a model, in one pass ------------------------------------------
+#: What ``attrs["daskpatch"]["group"]`` of a group :func:`write_group` wrote holds.
+HEADS_GROUP = "heads"
+
+
+def is_group_of_arrays(obj: Any) -> bool:
+    """Whether :func:`daskpatch.to_zarr` writes ``obj`` as a group: a dict or a tuple (a
+    named tuple too, such as ``apply_patches(..., uncertainty=True)``'s) of arrays, or of such
+    dicts and tuples."""
+    if isinstance(obj, Mapping):
+        values = list(obj.values())
+    elif isinstance(obj, tuple):
+        values = list(obj)
+    else:
+        return False
+    return bool(values) and all(
+        (hasattr(v, "shape") and hasattr(v, "dtype")) or is_group_of_arrays(v) for v in values)
+
+
+def flatten_arrays(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(path, array)`` of every array of a dict/tuple tree (:func:`is_group_of_arrays`):
+    dict keys, named tuple fields (``mean``, ``std``) and tuple positions name them."""
+    if isinstance(obj, Mapping):
+        items = list(obj.items())
+    elif hasattr(obj, "_fields"):
+        items = list(zip(obj._fields, obj))
+    else:
+        items = [(str(i), v) for i, v in enumerate(obj)]
+    out: list[tuple[str, Any]] = []
+    for key, value in items:
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise ParameterTypeError(f"to_zarr: the keys of a dict of arrays name Zarr arrays "
+                                     f"and must be strings (or ints); got {_describe(key)}",
+                                     param="array", value=key)
+        name = str(key)
+        if not name or "/" in name or name.startswith(".") or name.startswith("__"):
+            raise ParameterError(f"to_zarr: {name!r} cannot name a Zarr array of the group (no "
+                                 "'/', not empty, not starting with '.' or '__')",
+                                 param="array", value=name)
+        path = f"{prefix}/{name}" if prefix else name
+        out.extend(flatten_arrays(value, path) if is_group_of_arrays(value) else
+                   [(path, value)])
+    return out
+
+
+def _check_group_target(base: Any, full: str | None, where: str, names: list[str],
+                        overwrite: bool, resume: bool) -> Any:
+    """The node at a group's target (``None``: nothing) after checking that this write may go
+    there: a group only if daskpatch wrote it for the same arrays (``resume``), an existing
+    one (or an array) only with ``overwrite`` or ``resume``."""
+    node = _store.probe(base, full)
+    marker: Any = node.attrs.get(_store.ATTR) if isinstance(node, zarr.Group) else None
+    ours = isinstance(marker, Mapping) and marker.get("group") == HEADS_GROUP
+    if isinstance(node, zarr.Group) and not ours:
+        raise UnsafeTargetError(
+            f"to_zarr: {where} is a group that daskpatch did not write for a dict or tuple of "
+            "arrays; to_zarr never replaces it (with its children). Pass path= naming a new "
+            "group inside it, or delete it", param="path", value=where)
+    if node is not None and not (overwrite or resume):
+        what = "a group of arrays" if ours else "an array"
+        raise TargetExistsError(
+            f"to_zarr: {what} already exists at {where}; pass overwrite=True to replace it, or "
+            "resume=True to finish an interrupted write", param="overwrite", value=where,
+            mentions=("resume",))
+    if resume and node is not None:
+        if not ours:
+            raise ResumeMismatchError(
+                f"resume=True with a dict or tuple of arrays needs the group to_zarr wrote at "
+                f"{where}; it holds an array. Pass overwrite=True to replace it",
+                param="array", stored="an array", value=names)
+        stored = list(marker.get("arrays", []))
+        if sorted(stored) != sorted(names):
+            raise ResumeMismatchError(
+                f"resume=True needs the same arrays as the interrupted write: the group at "
+                f"{where} was started with {stored}, this write has {names}. Pass the same "
+                "heads, or overwrite=True to start again", param="array", stored=stored,
+                value=names)
+    _targets.check_parents(base, full, where, "a group", name_parent=True)
+    return node
+
+
+def write_group(tree: Any, store: Any, path: Any, *, chunks: Any, compressors: Any,
+                overwrite: Any, resume: Any, progress: Any, compute: Any, run_id: Any
+                ) -> zarr.Group | Delayed:
+    """:func:`daskpatch.to_zarr` of a dict or tuple of arrays (the heads of
+    :func:`~daskpatch.apply_patches`): a Zarr group with one array per entry, each with its own
+    fingerprint and done-markers, all written in ONE computation, so that arrays sharing a
+    graph (one model run) compute it once. Engines spill their halos under the group's own
+    ``.daskpatch-spill/``, the same place for every array, so that a spilled engine gets the
+    same new names under each of them (one engine, not one per array)."""
+    overwrite = parse_bool(overwrite, "overwrite")
+    resume = parse_bool(resume, "resume")
+    progress = parse_bool(progress, "progress")
+    compute = parse_bool(compute, "compute")
+    leaves = flatten_arrays(tree)
+    names = [p for p, _ in leaves]
+    path = _store.parse_path(path)
+    base, full = _store.resolve_store(store, path)
+    where = _store.where(base, full)
+    # every argument of every array, then the targets: nothing is written before all pass
+    writes = [parse(x, store, _store.node_path(path, p), chunks, compressors, overwrite, resume,
+                    progress, compute, run_id, None) for p, x in leaves]
+    node = _check_group_target(base, full, where, names, overwrite, resume)
+    target, prefix = _store.as_store(base)
+    gpath = _store.node_path(prefix, full)
+    checked: list[tuple[Write, zarr.Array | None, dict[str, Any]]] = []
+    for w in writes:
+        check_not_read(w.x, target, gpath, where)
+        if overwrite and node is not None:  # deleted with the group
+            checked.append((replace(w, overwrite=False), None, fingerprint_of(w.x, w.chunks,
+                                                                             w.run_id)))
+        else:
+            checked.append((w, *check_target(w)))
+    if overwrite and node is not None:
+        _targets.check_deletable(target, gpath, where)
+    if compute:
+        _sched.warm_up()
+    info = {"group": HEADS_GROUP, "arrays": names, "complete": False}
+    lease = _lease.acquire(target, gpath, where)  # one writer of the group at a time
+    aside = None
+    try:
+        if node is not None and overwrite:  # the old group (or array) set aside, not deleted
+            aside = _targets.clear(target, gpath, where)
+            if aside is None:  # deleted with the old keys, the lease too
+                _lease.rewrite(lease)
+        if node is None or overwrite:
+            group = zarr.create_group(store=base, path=full or "", zarr_format=3,
+                                      attributes={_store.ATTR: info})  # the lease stays
+        else:
+            group = zarr.open_group(store=base, path=full or "", mode="r+")
+        spill_prefix = _store.node_path(gpath, _store.SPILL_DIR) or ""
+        spills: dict = {}
+        arrays = []  # (write, array, fingerprint, chunks done, the lowered array)
+        for w, leaf, fingerprint in checked:
+            z, done, _ = create_or_reopen(w, leaf, fingerprint, lease)
+            in_ram = isinstance(z.store, zarr.storage.MemoryStore)
+            low = lower(w.x, IntoStore(None if in_ram else z.store,
+                                       "" if in_ram else spill_prefix, w.threshold))
+            assert low is not None and low.array is not None  # no writer: a lowered array
+            spills.update({(repr(s), n): (s, n) for s, n in low.spills})
+            arrays.append((w, z, fingerprint, done, low))
+        finals = _group_writes(arrays, lease)
+        job = dask.delayed(_finish_group, pure=False)(
+            group, {**info, "complete": True}, list(spills.values()), target, spill_prefix,
+            lease, where, finals,
+            dask_key_name=f"to-zarr-group-{tokenize(where, names, finals)}")
+        if not compute:
+            return job
+        _sched.compute(job, progress)
+    except BaseException as err:
+        if aside is not None:  # an overwrite that failed: the old group comes back
+            _targets.restore(target, gpath, aside)
+            err.add_note(f"to_zarr: what {where} held before this overwrite was put back "
+                         "unchanged; run the overwrite again once the cause is fixed")
+        _lease.release(lease)
+        raise
+    return group
+
+
+def _group_writes(arrays: list, lease: _lease.Lease) -> list[Delayed]:
+    """One finalize task per array of a group, after its chunks not done yet are written. The
+    write graphs are merged as they are, NOT optimised (as ``to_delayed`` does for one array):
+    dask optimises each array on its own, fusing the engine's chunk tasks into that array's
+    write tasks under new keys, so that the engine would run once per array (and a spilled
+    engine would read its halo parts twice)."""
+    writes = []
+    for w, z, fingerprint, done, low in arrays:
+        x = low.array
+        writes.append(da.map_blocks(
+            functools.partial(_writes.write_block, z=z, fingerprint=fingerprint,
+                              where=w.where, lease=lease), x,
+            chunks=tuple((1,) * n for n in x.numblocks), dtype=np.uint8,
+            meta=np.empty((0,) * x.ndim, dtype=np.uint8), name=f"to-zarr-write-{low.token}"))
+    hlg = HighLevelGraph.merge(*[x.dask for x in writes])  # the engines' layers kept
+    finals = []
+    for (w, z, fingerprint, done, low), x in zip(arrays, writes):
+        todo = [] if done is None else [
+            Delayed((x.name, *idx), hlg, layer=x.name) for idx in np.ndindex(*x.numblocks)
+            if idx not in done]
+        # each array is marked complete once its chunks are; the lease is the group's
+        finals.append(dask.delayed(_writes.finalize, pure=False)(
+            z, fingerprint, w.where, [], todo,
+            dask_key_name=f"to-zarr-finalize-{tokenize(low.token, sorted(done or ()))}"))
+    return finals
+
+
+def _finish_group(group: zarr.Group, marker: dict[str, Any], spills: list, store: Any,
+                  spill_prefix: str, lease: _lease.Lease, where: str, _arrays: list
+                  ) -> zarr.Group:
+    """Runs after every array of a group is complete: drop the spilled parts, mark the group
+    complete, drop what it replaced, give up the lease."""
+    _lease.check(lease, renew=False)
+    for spill, name in spills:
+        spill.clear(name)
+    if spill_prefix:
+        _storeio.delete_dir(store, spill_prefix)
+    group.attrs.update({_store.ATTR: marker})
+    _targets.drop_replaced(group, where)  # type: ignore[arg-type]  # a store and a path
+    _lease.release(lease)
+    return group

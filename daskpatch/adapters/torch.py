@@ -101,7 +101,10 @@ def wrap_fn(fn: Any, layout: Any, shape: tuple[int, ...], spatial: tuple[int, ..
     """The :class:`BatchFn` of ``apply_patches``: a bare module made a :class:`TorchModel`, its
     input layer checked against the batches it will get (``layout`` is the volume's
     :class:`~daskpatch._axes.Layout`). ``out_spatial``: the output patch's spatial shape when it
-    differs (``out_scale``, described by ``scale``)."""
+    differs (``out_scale``, described by ``scale``). A ``BatchFn`` already (a model with several
+    heads, :class:`daskpatch.adapters.heads.HeadsFn`, checked itself) is used as it is."""
+    if isinstance(fn, BatchFn):
+        return fn
     fn = as_model(fn)
     batch = layout.patch_shape(tuple(spatial), channels)
     out = layout.patch_shape(tuple(spatial if out_spatial is None else out_spatial), out_channels)

@@ -82,6 +82,21 @@ def _coords_along(x: Any, keep: set[Hashable]) -> dict:
 def _apply(func: Callable, volume: Any, args: dict) -> Any:
     ch = resolve_channel_axis(args.get("channel_axis"), volume.dims, "volume")
     result = func(**{**args, "volume": volume.data, "channel_axis": ch})
+    return _each(result, lambda r: _applied(r, volume, ch))
+
+
+def _each(result: Any, one: Callable) -> Any:
+    """``one`` applied to each array of a model's heads (a dict, tuple or named tuple)."""
+    if isinstance(result, dict):
+        return {k: _each(v, one) for k, v in result.items()}
+    if isinstance(result, tuple):
+        items = [_each(v, one) for v in result]
+        return type(result)(*items) if hasattr(result, "_fields") else tuple(items)
+    return one(result)
+
+
+def _applied(result: Any, volume: Any, ch: Any) -> Any:
+    """One result of :func:`daskpatch.apply_patches` as a DataArray like ``volume``."""
     dims = list(volume.dims)
     shape = list(volume.shape)
     if ch is None and result.ndim == volume.ndim + 1:  # one channel in, K out: a dim in front

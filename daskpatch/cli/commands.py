@@ -60,7 +60,8 @@ from daskpatch.patches import apply_patches
 from daskpatch.geometry.layout import parse_layout
 from daskpatch.graph.inputs import DEFAULT_TARGET_BYTES
 from daskpatch.io import open_volume
-from daskpatch.pipeline import write_array
+from daskpatch.adapters.heads import TTA_MODES
+from daskpatch.pipeline import write_array, write_group
 from daskpatch.rechunk import is_stride_aligned, rechunk_to_stride
 from daskpatch.geometry.windows import BLENDS
 
@@ -400,6 +401,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--run-id", metavar="NAME",
                    help="a name for the model's version, kept in the output's fingerprint: "
                         "--resume with another is refused")
+    g.add_argument("--tta", choices=TTA_MODES,
+                   help="test-time augmentation: 'flip' runs the model on every flip of the "
+                        "spatial axes (2**n calls per patch), un-flips and averages")
+    g.add_argument("--uncertainty", action="store_true",
+                   help="write a group DST/--dst-path holding 'mean' and 'std': the weighted "
+                        "standard deviation of the predictions covering each voxel (patches "
+                        "and flips), from the same model calls")
     _add_run(p)
     g = p.add_argument_group("scheduler")
     g.add_argument("--scheduler", type=_scheduler_name, default="threads", metavar="S",
@@ -533,7 +541,20 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         blend=args.blend, batch_size=batch_size, channel_axis=args.channel_axis,
         out_channels=args.out_channels, dtype=args.dtype, block_shape=args.block_shape,
         fill_value=args.fill_value, sigma_scale=args.sigma_scale, out_scale=args.out_scale,
+        tta=args.tta, uncertainty=args.uncertainty,
     )
+    if args.uncertainty:  # (mean, std): a group of two arrays, written in one pass
+        with _scheduler(args.scheduler, args.workers):
+            args.started = True
+            g = write_group(result, args.dst, args.dst_path, chunks=None, resume=args.resume,
+                            run_id=args.run_id, compressors=COMPRESSORS[args.compressor](),
+                            overwrite=args.overwrite, progress=_progress(args), compute=True)
+        assert isinstance(g, zarr.Group)  # compute=True
+        mean = g["mean"]
+        assert isinstance(mean, zarr.Array)
+        print(f"{PROG}: wrote {_where(args.dst, g.path or None)}: mean and std, "
+              f"{_x(mean.shape)} {mean.dtype}, chunks {_x(mean.chunks)}")
+        return 0
     with _scheduler(args.scheduler, args.workers):
         z = write_array(result, args.dst, args.dst_path, chunks=None, resume=args.resume,
                         run_id=args.run_id, compressors=COMPRESSORS[args.compressor](),

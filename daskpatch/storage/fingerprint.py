@@ -69,14 +69,26 @@ def _show(value: Any) -> str:
 
 
 def first_difference(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, Any, Any] | None:
-    a, b = _flat(old, new), dict(_flat(new, old))
-    for name, value in a:
-        if value != b.get(name):
-            return name, value, b.get(name)
-    for name, value in b.items():  # a parameter only the new fingerprint has
-        if name not in dict(a):
-            return name, None, value
+    # a name may come twice (an engine's dtype, then the array's: they differ when the result
+    # is cast after the engine, as each head of a model with several heads is): compare the
+    # first with the first, the second with the second
+    a, b = _numbered(_flat(old, new)), _numbered(_flat(new, old))
+    for key, value in a.items():
+        if value != b.get(key):
+            return key[0], value, b.get(key)
+    for key, value in b.items():  # a parameter only the new fingerprint has
+        if key not in a:
+            return key[0], None, value
     return None
+
+
+def _numbered(pairs: list[tuple[str, Any]]) -> dict[tuple[str, int], Any]:
+    seen: dict[str, int] = {}
+    out = {}
+    for name, value in pairs:
+        out[name, seen.get(name, 0)] = value
+        seen[name] = seen.get(name, 0) + 1
+    return out
 
 
 

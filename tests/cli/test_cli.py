@@ -646,3 +646,20 @@ def test_rechunk_into_its_own_source_is_bad_input(tmp_path, capsys, target):
     _assert_one_error_line(err)
     assert "DST must differ from SRC" in err and "the run failed" not in err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_apply_tta_and_uncertainty_write_mean_and_std(src, tmp_path, on_path, capsys):
+    dst = str(tmp_path / "out.zarr")
+    args = ["apply", src, dst, "--model", "cli_models:affine", "--size", str(SIZE),
+            "--stride", str(STRIDE), "--batch-size", "4", "--tta", "flip", "--uncertainty"]
+    assert main(args) == 0
+    assert "mean and std" in capsys.readouterr().out
+    grid = dp.PatchGrid(SHAPE, SIZE, STRIDE)
+    batches = sum(-(-n // 4) for n in [len(grid)])  # an upper bound: blocks cut batches
+    assert on_path.CALLS[0] >= 8 * batches  # eight flips of three axes per batch
+    mean, std = dp.apply_patches(dp.open_volume(src), on_path.affine, SIZE, STRIDE,
+                                 batch_size=4, tta="flip", uncertainty=True)
+    np.testing.assert_allclose(zarr.open_array(dst, path="mean")[:], mean.compute(), rtol=1e-6)
+    np.testing.assert_allclose(zarr.open_array(dst, path="std")[:], std.compute(), atol=1e-6)
+    assert main(args) == 2  # exists
+    assert main([*args, "--resume"]) == 0  # complete: nothing to do
