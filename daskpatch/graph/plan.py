@@ -188,7 +188,11 @@ class ApplyReader:
         starts = tuple(self.axis_starts[a][i0:i1] for a, (i0, i1) in enumerate(owned))
         lo = tuple(int(s[0]) for s in starts)
         hi = tuple(int(s[-1]) + z for s, z in zip(starts, b.grid.size))
-        read, deps = self.volume.read_task(lo, hi, self.pad_mode, self.pad_value, lazy=True)
+        # every block's interval per axis: how many blocks read each input chunk
+        regions = tuple(tuple((int(st[i0]), int(st[i1 - 1]) + z) for i0, i1 in ax if i1 > i0)
+                        for ax, st, z in zip(b.plan.owned, self.axis_starts, b.grid.size))
+        read, deps = self.volume.read_task(lo, hi, self.pad_mode, self.pad_value, lazy=True,
+                                           regions=regions)
         # the task carries its own starts and weight rows only, not the whole axes'
         spec = ApplyBlock(bidx, lo, ext_lo, tuple(h - lo_ for lo_, h in zip(ext_lo, ext_hi)),
                           tuple(range(i1 - i0) for i0, i1 in owned), starts,
