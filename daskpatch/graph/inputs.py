@@ -123,6 +123,7 @@ class Volume:
         also its :attr:`epoch` task)."""
         if self.direct:
             if isinstance(self.array, zarr.Array):
+                get_bytes("chunk-cache-bytes")  # a bad setting fails here, before any write
                 return [], {self.name: self.array, self.epoch: (new_epoch,)}
             return [], {self.name: self.array}
         return [self.array], {}
