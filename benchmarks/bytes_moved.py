@@ -11,6 +11,10 @@ stored); ``decodes`` are the chunk gets (each returned chunk is decoded once).
 
 Usage: ``python benchmarks/bytes_moved.py [--n 384] [--cases 64/32/128,64/48/96]
 [--json out.json]`` (a case: patch size / stride / input chunk, optionally ``/block``).
+
+``--job DIR`` instead runs one local job and exits, for timing whole processes (cache off:
+``DASK_DASKPATCH__CHUNK_CACHE_BYTES=0`` in the environment): ``DIR/in.zarr`` (made on the first
+call, outside any timing: ``--prepare``) -> ``apply_patches(64, 32)`` -> ``DIR/out.zarr``.
 """
 
 from __future__ import annotations
@@ -84,14 +88,32 @@ def run(open_store: Any, out: Any, size: int, stride: int, block: int | None,
             round(CACHE.peak / 2**20, 1)}
 
 
+def job(where: str, n: int, prepare: bool) -> None:
+    """One local ``to_zarr`` job (or, with ``prepare``, only its input)."""
+    src = os.path.join(where, "in.zarr")
+    if prepare:
+        data = np.random.default_rng(0).random((n, n, n), dtype=np.float32)
+        z = zarr.create_array(src, shape=data.shape, chunks=(128,) * 3, dtype=data.dtype,
+                              overwrite=True)
+        z[...] = data
+        return
+    vol = dp.open_volume(src)
+    dp.to_zarr(dp.apply_patches(vol, lambda b: b * 2, 64, 32), os.path.join(where, "out.zarr"),
+               overwrite=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--job", metavar="DIR", help="run one local job from DIR/in.zarr and exit")
+    ap.add_argument("--prepare", action="store_true", help="with --job: write DIR/in.zarr")
     ap.add_argument("--n", type=int, default=384)
     ap.add_argument("--cases", default="64/32/128,64/48/96")
     ap.add_argument("--caches", default="0,256 MiB",
                     help="chunk-cache-bytes settings, comma-separated")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.job:
+        return job(args.job, args.n, args.prepare)
     from moto.server import ThreadedMotoServer
     import s3fs
 

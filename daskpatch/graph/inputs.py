@@ -176,7 +176,8 @@ class Volume:
         limit = int(get_bytes("chunk-cache-bytes"))
         if limit <= 0:
             return None
-        first, readers = [], []
+        first: list[int] = []
+        readers: list[tuple[int, ...] | None] = []
         for a, (s0, s1) in enumerate(zip(src_lo, src_hi)):
             step = self._grid_chunks[a]
             k0, k1 = s0 // step, max(-(-s1 // step), s0 // step + 1)
@@ -222,10 +223,10 @@ class Volume:
     def __post_init__(self) -> None:
         self._cache: dict = {}
         if isinstance(self.array, zarr.Array):
-            chunks = list(self.array.chunks)  # the inner chunks of a sharded array
+            inner = [int(c) for c in self.array.chunks]  # a sharded array's inner chunks
             if self.channel_axis is not None:
-                del chunks[self.channel_axis]
-            self._grid_chunks = [int(c) for c in chunks]
+                del inner[self.channel_axis]
+            self._grid_chunks = inner
         if not self.direct:
             chunks = list(self.array.chunks)
             if self.channel_axis is not None:
