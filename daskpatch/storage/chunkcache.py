@@ -75,6 +75,10 @@ class SharedChunks:
         return n
 
 
+#: Most pushed-out entries whose readers still expected are remembered.
+GONE_KEYS = 1 << 16
+
+
 @dataclass
 class _Entry:
     data: np.ndarray
@@ -109,6 +113,9 @@ class ChunkCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._pending: dict[Hashable, _Pending] = {}
+        #: readers still expected by entries pushed out before their last reader: a chunk read
+        #: again is kept for those only (else it would wait for readers that have been)
+        self._gone: OrderedDict[Hashable, int] = OrderedDict()
         self.nbytes = 0
         self.reset_stats()
 
@@ -123,6 +130,7 @@ class ChunkCache:
         """Drop every entry (a load under way still completes)."""
         with self._lock:
             self._entries.clear()
+            self._gone.clear()
             self.nbytes = 0
 
     def __len__(self) -> int:
@@ -164,8 +172,9 @@ class ChunkCache:
             del self._pending[key]
             pending.data = data
             self.decodes += 1
-            if readers > 1:
-                self._insert(key, _Entry(data, epoch, readers - 1), limit)
+            left = self._gone.pop(key, readers) - 1
+            if left > 0:
+                self._insert(key, _Entry(data, epoch, left), limit)
         pending.done.set()
         return data
 
@@ -196,6 +205,9 @@ class ChunkCache:
         entry = self._entries.pop(key)
         self.nbytes -= entry.data.nbytes
         self.evicted += 1
+        self._gone[key] = entry.left
+        if len(self._gone) > GONE_KEYS:
+            self._gone.popitem(last=False)
 
 
 #: The process's cache of decoded input chunks.

@@ -139,6 +139,18 @@ def test_a_unit_cache_keeps_its_bound_and_drops_an_entry_after_its_readers():
     assert {k[0] for k in cache._entries} == {"e", "other"} and cache.nbytes <= 200
 
 
+def test_a_chunk_read_again_after_its_eviction_waits_only_for_the_readers_left():
+    cache = ChunkCache()
+    chunk = np.zeros(16, dtype=np.float32)  # 64 bytes, two fit
+    cache.get("a", 3, 128, chunk.copy)  # a's first of three readers
+    cache.get("b", 2, 128, chunk.copy)
+    cache.get("c", 2, 128, chunk.copy)  # pushes a out: two of its readers to come
+    cache.get("a", 3, 128, chunk.copy)  # read again: kept for the one reader left
+    assert cache._entries["a"].left == 1
+    cache.get("a", 3, 128, chunk.copy)
+    assert "a" not in cache._entries and "a" not in cache._gone  # (b went for a)
+
+
 def test_threads_wanting_one_chunk_decode_it_once():
     cache = ChunkCache()
     loads = []
