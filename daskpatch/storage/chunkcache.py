@@ -217,6 +217,19 @@ CACHE = ChunkCache()
 def read_chunk(arr: Any, index: tuple[int, ...], shared: SharedChunks, epoch: Hashable,
                load: Callable[[], np.ndarray]) -> np.ndarray:
     """The decoded chunk ``index`` of the Zarr array ``arr`` through :data:`CACHE`: ``load()``
-    reads it when no other region of the job (``epoch``) has left it there."""
+    reads it when no other region of the job (``epoch``) has left it there.
+
+    Examples
+    --------
+    >>> import zarr
+    >>> z = zarr.create_array(zarr.storage.MemoryStore(), shape=(8,), chunks=(4,), dtype="f4")
+    >>> z[...] = np.arange(8)
+    >>> shared = SharedChunks(1 << 20, (0,), ((1, 2),))  # chunk 1 is read by two regions
+    >>> epoch = new_epoch()
+    >>> read_chunk(z, (1,), shared, epoch, lambda: z[4:8]).tolist()
+    [4.0, 5.0, 6.0, 7.0]
+    >>> read_chunk(z, (1,), shared, epoch, lambda: z[4:8] * 0).tolist()  # the second: kept
+    [4.0, 5.0, 6.0, 7.0]
+    """
     key = (epoch, str(arr.store), arr.path or "", index)
     return CACHE.get(key, shared.count(index), shared.limit, load, epoch)
