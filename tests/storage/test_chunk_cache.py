@@ -31,8 +31,8 @@ def _empty_cache():
 
 
 def _off_and_on(run, setting):
-    """``run()`` with the cache off, then on (the default): both results, and the cache's
-    counters of the second."""
+    """``run()`` with the cache off, then on (256 MiB): both results; the cache's counters are
+    the second run's."""
     setting("daskpatch.chunk-cache-bytes", 0)
     off = run()
     setting("daskpatch.chunk-cache-bytes", "256 MiB")
@@ -92,15 +92,19 @@ def test_a_sharded_input_is_cached_by_its_inner_chunks(tmp_path, setting):
     assert reads[1] < reads[0]  # inner chunks and shard indexes: 112 reads against 174
 
 
-def test_each_input_chunk_is_read_once_per_job(counting_zarr, setting, tmp_path):
+@pytest.mark.parametrize("output", ["to_zarr", "to_numpy"])
+def test_each_input_chunk_is_read_once_per_job(counting_zarr, setting, tmp_path, output):
     z, store = counting_zarr(DATA, (8, 12, 7))
     n_chunks = 5 * 3 * 4
 
     def job():
         before = store.chunk_reads
-        out = dp.to_zarr(dp.apply_patches(z, np.sqrt, 12, 8, block_shape=16),
-                         tmp_path / "o.zarr", overwrite=True)
-        return out[...], store.chunk_reads - before
+        y = dp.apply_patches(z, np.sqrt, 12, 8, block_shape=16)
+        if output == "to_zarr":
+            out = dp.to_zarr(y, tmp_path / "o.zarr", overwrite=True)[...]
+        else:
+            out = dp.to_numpy(y)
+        return out, store.chunk_reads - before
 
     (off, reads_off), (on, reads_on) = _off_and_on(job, setting)
     np.testing.assert_array_equal(on, off)
