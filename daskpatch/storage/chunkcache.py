@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,43 +140,65 @@ class ChunkCache:
             epoch: Hashable = None) -> np.ndarray:
         """The chunk ``key`` (read-only), from the cache or from ``load()``, which is then kept
         for the other ``readers - 1`` readers if it fits within ``limit`` bytes."""
-        while True:
-            with self._lock:
+        return self.get_many([(key, readers)], limit, lambda mine: [load()], epoch)[0]
+
+    def get_many(self, wanted: Sequence[tuple[Hashable, int]], limit: int,
+                 load: Callable[[list[int]], list[np.ndarray]], epoch: Hashable = None
+                 ) -> list[np.ndarray]:
+        """The chunks ``wanted`` (``(key, readers)`` pairs), as :meth:`get` gives one: those
+        neither kept nor being read by another thread are read at once by ``load(positions)``
+        (their positions in ``wanted``; one call, so a store can fetch them concurrently)."""
+        out: list[Any] = [None] * len(wanted)
+        mine: list[tuple[int, _Pending]] = []
+        waits: list[tuple[int, _Pending]] = []
+        with self._lock:
+            for i, (key, _) in enumerate(wanted):
                 entry = self._entries.get(key)
                 if entry is not None:
                     self.hits += 1
                     self._take(key, entry)
-                    return entry.data
-                pending = self._pending.get(key)
-                if pending is None:
+                    out[i] = entry.data
+                elif key in self._pending:  # another thread is reading it
+                    waits.append((i, self._pending[key]))
+                else:
                     pending = self._pending[key] = _Pending()
-                    break
-            pending.done.wait()  # another thread is decoding it
-            if pending.data is not None:
+                    mine.append((i, pending))
+        if mine:
+            try:
+                datas = load([i for i, _ in mine])
+                for data in datas:
+                    data.flags.writeable = False  # shared between readers
+            except BaseException:
                 with self._lock:
-                    self.hits += 1
-                    entry = self._entries.get(key)
-                    if entry is not None and entry.data is pending.data:
-                        self._take(key, entry)
-                return pending.data
-            # its load failed: try it ourselves (and raise our own error)
-        try:
-            data = load()
-            data.flags.writeable = False  # shared between readers
-        except BaseException:
+                    for i, _ in mine:
+                        del self._pending[wanted[i][0]]
+                for _, pending in mine:
+                    pending.done.set()
+                raise
             with self._lock:
-                del self._pending[key]
-            pending.done.set()
-            raise
-        with self._lock:
-            del self._pending[key]
-            pending.data = data
-            self.decodes += 1
-            left = self._gone.pop(key, readers) - 1
-            if left > 0:
-                self._insert(key, _Entry(data, epoch, left), limit)
-        pending.done.set()
-        return data
+                for (i, pending), data in zip(mine, datas):
+                    key, readers = wanted[i]
+                    del self._pending[key]
+                    pending.data = out[i] = data
+                    self.decodes += 1
+                    left = self._gone.pop(key, readers) - 1
+                    if left > 0:
+                        self._insert(key, _Entry(data, epoch, left), limit)
+            for _, pending in mine:  # set only once all are in: no thread waits on another
+                pending.done.set()
+        for i, pending in waits:
+            pending.done.wait()
+            key, readers = wanted[i]
+            if pending.data is None:  # its read failed: try it ourselves (and raise our own)
+                out[i] = self.get_many([(key, readers)], limit, lambda _: load([i]), epoch)[0]
+                continue
+            with self._lock:
+                self.hits += 1
+                entry = self._entries.get(key)
+                if entry is not None and entry.data is pending.data:
+                    self._take(key, entry)
+            out[i] = pending.data
+        return out
 
     def _take(self, key: Hashable, entry: _Entry) -> None:
         entry.left -= 1
@@ -214,10 +236,12 @@ class ChunkCache:
 CACHE = ChunkCache()
 
 
-def read_chunk(arr: Any, index: tuple[int, ...], shared: SharedChunks, epoch: Hashable,
-               load: Callable[[], np.ndarray]) -> np.ndarray:
-    """The decoded chunk ``index`` of the Zarr array ``arr`` through :data:`CACHE`: ``load()``
-    reads it when no other region of the job (``epoch``) has left it there.
+def read_chunks(arr: Any, indices: Sequence[tuple[int, ...]], shared: SharedChunks,
+                epoch: Hashable, load: Callable[[list[int]], list[np.ndarray]]
+                ) -> list[np.ndarray]:
+    """The decoded chunks ``indices`` of the Zarr array ``arr`` through :data:`CACHE`:
+    ``load(positions)`` reads those of ``indices`` that no other region of the job
+    (``epoch``) has left there or is reading.
 
     Examples
     --------
@@ -226,10 +250,12 @@ def read_chunk(arr: Any, index: tuple[int, ...], shared: SharedChunks, epoch: Ha
     >>> z[...] = np.arange(8)
     >>> shared = SharedChunks(1 << 20, (0,), ((1, 2),))  # chunk 1 is read by two regions
     >>> epoch = new_epoch()
-    >>> read_chunk(z, (1,), shared, epoch, lambda: z[4:8]).tolist()
-    [4.0, 5.0, 6.0, 7.0]
-    >>> read_chunk(z, (1,), shared, epoch, lambda: z[4:8] * 0).tolist()  # the second: kept
+    >>> read = lambda mine: [z[4 * k:4 * k + 4] for k in mine]
+    >>> [c.tolist() for c in read_chunks(z, [(0,), (1,)], shared, epoch, read)]
+    [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
+    >>> read_chunks(z, [(1,)], shared, epoch, lambda mine: 1 / 0)[0].tolist()  # kept
     [4.0, 5.0, 6.0, 7.0]
     """
-    key = (epoch, str(arr.store), arr.path or "", index)
-    return CACHE.get(key, shared.count(index), shared.limit, load, epoch)
+    store, path = str(arr.store), arr.path or ""
+    wanted = [((epoch, store, path, index), shared.count(index)) for index in indices]
+    return CACHE.get_many(wanted, shared.limit, load, epoch)

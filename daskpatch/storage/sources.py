@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import os
@@ -21,10 +22,11 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from daskpatch.engine import memory as _memory
 from daskpatch.config import get_bytes
-from daskpatch.storage.chunkcache import SharedChunks, read_chunk
+from daskpatch.storage.chunkcache import SharedChunks, read_chunks
 from daskpatch.storage.storeio import exists
 
 
@@ -268,32 +270,49 @@ def _runs(r: range, axis: int, shared: SharedChunks) -> list[tuple[range, bool]]
 def _read_shared(arr: zarr.Array, index: tuple[slice, ...], out: np.ndarray | None, epoch: Any,
                  shared: SharedChunks) -> np.ndarray:
     """``arr[index]`` (into ``out`` when given), the chunks that other regions of the job also
-    read taken one by one through the chunk cache (decoded once, whole), the box of the others
-    read as :func:`_read_region` reads it."""
+    read taken through the chunk cache (decoded whole, each once; those it lacks fetched
+    together, within ``daskpatch.read-bytes`` a call), the boxes of the others read as
+    :func:`_read_region` reads them."""
     chunks, shape = arr.chunks, arr.shape
     if out is None:
         out = np.empty(tuple(s.stop - s.start for s in index), dtype=arr.dtype)
+
+    def at(box: tuple[slice, ...]) -> tuple[slice, ...]:
+        return tuple(slice(b.start - s.start, b.stop - s.start) for b, s in zip(box, index))
+
     ranges = [range(s.start // c, -(-s.stop // c)) for s, c in zip(index, chunks)]
+    wanted: list[tuple[int, ...]] = []
     for box in itertools.product(*[_runs(r, a, shared) for a, r in enumerate(ranges)]):
+        if any(flag for _, flag in box):
+            wanted.extend(itertools.product(*[r for r, _ in box]))
+            continue
         span = tuple(slice(max(s.start, r.start * c), min(s.stop, r.stop * c))
                      for s, (r, _), c in zip(index, box, chunks))
-        if not any(flag for _, flag in box):  # read by this region only: not kept
-            _read_region(arr, span, out[tuple(slice(a.start - s.start, a.stop - s.start)
-                                              for a, s in zip(span, index))])
-            continue
-        for combo in itertools.product(*[r for r, _ in box]):
-            whole = tuple(slice(k * c, min((k + 1) * c, n))
-                          for k, c, n in zip(combo, chunks, shape))
+        _read_region(arr, span, out[at(span)])  # read by this region only: not kept
+    whole = [tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(combo, chunks, shape))
+             for combo in wanted]
+    per_call = max(1, int(get_bytes("read-bytes") // (math.prod(chunks) * arr.dtype.itemsize)))
+    for first in range(0, len(wanted), per_call):
+        batch = range(first, min(first + per_call, len(wanted)))
 
-            def load(whole: tuple[slice, ...] = whole) -> np.ndarray:
-                return np.asarray(_get(arr, whole, None))
+        def load(mine: list[int], batch: range = batch) -> list[np.ndarray]:
+            sels = [whole[batch[i]] for i in mine]
+            return sync(_gather(arr, sels))
 
-            data = read_chunk(arr, combo, shared, epoch, load)
+        datas = read_chunks(arr, [wanted[j] for j in batch], shared, epoch, load)
+        for j, data in zip(batch, datas):
             part = tuple(slice(max(s.start, w.start), min(s.stop, w.stop))
-                         for s, w in zip(index, whole))
-            out[tuple(slice(p.start - s.start, p.stop - s.start) for p, s in zip(part, index))] = \
-                data[tuple(slice(p.start - w.start, p.stop - w.start) for p, w in zip(part, whole))]
+                         for s, w in zip(index, whole[j]))
+            out[at(part)] = data[tuple(slice(p.start - w.start, p.stop - w.start)
+                                       for p, w in zip(part, whole[j]))]
     return out
+
+
+async def _gather(arr: zarr.Array, sels: list[tuple[slice, ...]]) -> list[np.ndarray]:
+    """The selections ``sels`` of ``arr``, read concurrently (one round trip's wait, not one
+    per chunk)."""
+    got = await asyncio.gather(*(arr.async_array.getitem(sel) for sel in sels))
+    return [np.asarray(g) for g in got]
 
 
 def _get(arr: Any, index: tuple[slice, ...], out: np.ndarray | None) -> Any:
