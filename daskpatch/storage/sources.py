@@ -267,11 +267,17 @@ def _runs(r: range, axis: int, shared: SharedChunks) -> list[tuple[range, bool]]
     return out
 
 
+#: Most bytes of shared chunks fetched in one call (at least one chunk): a few concurrent reads,
+#: not a slab's worth of decoded chunks beside the region (1024^3 out of core, 1 MiB chunks,
+#: peak RSS: 802 MiB at 4 MiB a call, 804 at one chunk, 850-869 at 16 MiB, 880 at 64 MiB).
+SHARED_READ_BYTES = 4 * 2**20
+
+
 def _read_shared(arr: zarr.Array, index: tuple[slice, ...], out: np.ndarray | None, epoch: Any,
                  shared: SharedChunks) -> np.ndarray:
     """``arr[index]`` (into ``out`` when given), the chunks that other regions of the job also
     read taken through the chunk cache (decoded whole, each once; those it lacks fetched
-    together, within ``daskpatch.read-bytes`` a call), the boxes of the others read as
+    together, within :data:`SHARED_READ_BYTES` a call), the boxes of the others read as
     :func:`_read_region` reads them."""
     chunks, shape = arr.chunks, arr.shape
     if out is None:
@@ -291,7 +297,8 @@ def _read_shared(arr: zarr.Array, index: tuple[slice, ...], out: np.ndarray | No
         _read_region(arr, span, out[at(span)])  # read by this region only: not kept
     whole = [tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(combo, chunks, shape))
              for combo in wanted]
-    per_call = max(1, int(get_bytes("read-bytes") // (math.prod(chunks) * arr.dtype.itemsize)))
+    budget = min(get_bytes("read-bytes"), SHARED_READ_BYTES)
+    per_call = max(1, int(budget // (math.prod(chunks) * arr.dtype.itemsize)))
     for first in range(0, len(wanted), per_call):
         batch = range(first, min(first + per_call, len(wanted)))
 
