@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -178,6 +179,7 @@ def main() -> None:
                           f"{r['evicted']} evicted, peak {r['cache_peak_MiB']} MiB", flush=True)
     finally:
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"n": n, "input_MiB": input_mib, "rows": rows}, f, indent=1)
