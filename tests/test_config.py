@@ -14,7 +14,8 @@ VOL = np.random.default_rng(3).random((48, 40, 24), dtype=np.float32)
 
 def test_defaults_come_from_the_yaml_file():
     for key, value in [("block-bytes", "64 MiB"), ("min-blocks", 8), ("spill-bytes", "128 MiB"),
-                       ("slab-bytes", "512 KiB"), ("read-bytes", "64 MiB")]:
+                       ("slab-bytes", "512 KiB"), ("read-bytes", "64 MiB"),
+                       ("chunk-cache-bytes", "128 MiB")]:
         assert dask.config.get(f"daskpatch.{key}") == value
 
 

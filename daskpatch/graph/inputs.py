@@ -32,6 +32,8 @@ from dask.base import tokenize
 from daskpatch.errors import ParameterError, ParameterTypeError
 from daskpatch.geometry.parse import _describe, parse_per_axis
 from daskpatch.graph.layers import direct_source, from_zarr
+from daskpatch.config import get_bytes
+from daskpatch.storage.chunkcache import SharedChunks, new_epoch
 from daskpatch.storage.ome import downsample_block
 from daskpatch.storage.sources import _open_region, _read_chunks, _read_direct, pad_axis
 
@@ -110,9 +112,19 @@ class Volume:
         return cls(volume, True, channel_axis, grid_shape, channels, np.dtype(volume.dtype), name)
 
     # -- graph pieces --------------------------------------------------------------------------
+    @property
+    def epoch(self) -> str:
+        """The key of the graph task that names one compute's cached chunks of a Zarr input
+        (:mod:`daskpatch.storage.chunkcache`)."""
+        return "chunk-epoch-" + self.name
+
     def source_layer(self) -> tuple[list, dict]:
-        """Collections the read tasks depend on, and graph entries they read."""
+        """Collections the read tasks depend on, and graph entries they read (a Zarr input
+        also its :attr:`epoch` task)."""
         if self.direct:
+            if isinstance(self.array, zarr.Array):
+                get_bytes("chunk-cache-bytes")  # a bad setting fails here, before any write
+                return [], {self.name: self.array, self.epoch: (new_epoch,)}
             return [], {self.name: self.array}
         return [self.array], {}
 
@@ -136,18 +148,67 @@ class Volume:
         out = self._cache[key] = (m, s0, s1, pieces)
         return out
 
+    def _chunk_readers(self, a: int, regions: tuple[tuple[int, int], ...], pad_mode: str
+                       ) -> np.ndarray:
+        """How many of ``regions`` (padded coordinates along grid axis ``a``) read each
+        stored chunk along that axis."""
+        key = ("readers", a, regions, pad_mode)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        step = self._grid_chunks[a]
+        counts = np.zeros(-(-self.shape[a] // step), dtype=np.int64)
+        for lo, hi in regions:
+            _, s0, s1, _ = self._axis_read(a, lo, hi, pad_mode)
+            if s1 > s0:
+                counts[s0 // step:-(-s1 // step)] += 1
+        self._cache[key] = counts
+        return counts
+
+    def _shared(self, src_lo: tuple[int, ...], src_hi: tuple[int, ...],
+                regions: tuple[tuple[tuple[int, int], ...], ...], pad_mode: str
+                ) -> SharedChunks | None:
+        """Per array axis, how many of the job's ``regions`` (per grid axis, every block's
+        interval) read each chunk of the source region ``[src_lo, src_hi)``; ``None`` when the
+        chunk cache is off (``daskpatch.chunk-cache-bytes`` 0) or the input not Zarr."""
+        if not isinstance(self.array, zarr.Array):
+            return None
+        limit = int(get_bytes("chunk-cache-bytes"))
+        if limit <= 0:
+            return None
+        first: list[int] = []
+        readers: list[tuple[int, ...] | None] = []
+        for a, (s0, s1) in enumerate(zip(src_lo, src_hi)):
+            step = self._grid_chunks[a]
+            k0, k1 = s0 // step, max(-(-s1 // step), s0 // step + 1)
+            first.append(k0)
+            readers.append(tuple(self._chunk_readers(a, regions[a], pad_mode)[k0:k1].tolist()))
+        ch = self.channel_axis
+        if ch is not None:
+            first.insert(ch, 0)
+            readers.insert(ch, None)
+        return SharedChunks(limit, tuple(first), tuple(readers))
+
     def read_task(self, lo: tuple[int, ...], hi: tuple[int, ...], pad_mode: str,
-                  pad_value: Any = 0, lazy: bool = False) -> tuple:
+                  pad_value: Any = 0, lazy: bool = False,
+                  regions: tuple[tuple[tuple[int, int], ...], ...] | None = None) -> tuple:
         """A task reading ``[lo, hi)`` (padded coordinates) as ``(C, *region)``, and its inputs;
         ``pad_mode="constant"`` fills with ``pad_value``. ``lazy``: from a Zarr array, a
-        :class:`Region` read slab by slab as the consumer asks (else the array itself)."""
+        :class:`Region` read slab by slab as the consumer asks (else the array itself).
+        ``regions``: per grid axis, the intervals every region of the job reads along it (a
+        product grid of regions); from a Zarr array, the chunks several of them read are then
+        decoded once per compute and shared (:mod:`daskpatch.storage.chunkcache`)."""
         axes = [self._axis_read(a, l, h, pad_mode) for a, (l, h) in enumerate(zip(lo, hi))]
         maps = [ax[0] for ax in axes]
         src_lo = tuple(ax[1] for ax in axes)
         src_hi = tuple(ax[2] for ax in axes)
         if self.direct:
-            return (_open_region if lazy else _read_direct, self.name, src_lo, src_hi,
-                    self.channel_axis, maps, pad_value), {self.name}
+            read = (_open_region if lazy else _read_direct, self.name, src_lo, src_hi,
+                    self.channel_axis, maps, pad_value)
+            shared = None if regions is None else self._shared(src_lo, src_hi, regions, pad_mode)
+            if shared is None:
+                return read, {self.name}
+            return read + (self.epoch, shared), {self.name, self.epoch}
         keys, spec = [], []
         ch = self.channel_axis
         for combo in itertools.product(*[ax[3] for ax in axes]):
@@ -161,6 +222,11 @@ class Volume:
 
     def __post_init__(self) -> None:
         self._cache: dict = {}
+        if isinstance(self.array, zarr.Array):
+            inner = [int(c) for c in self.array.chunks]  # a sharded array's inner chunks
+            if self.channel_axis is not None:
+                del inner[self.channel_axis]
+            self._grid_chunks = inner
         if not self.direct:
             chunks = list(self.array.chunks)
             if self.channel_axis is not None:

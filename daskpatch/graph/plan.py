@@ -193,7 +193,11 @@ class ApplyReader:
         size = b.grid.size if self.in_size is None else self.in_size
         lo = tuple(int(s[0]) for s in starts)
         hi = tuple(int(s[-1]) + z for s, z in zip(starts, size))
-        read, deps = self.volume.read_task(lo, hi, self.pad_mode, self.pad_value, lazy=True)
+        # every block's interval per axis: how many blocks read each input chunk
+        regions = tuple(tuple((int(st[i0]), int(st[i1 - 1]) + z) for i0, i1 in ax if i1 > i0)
+                        for ax, st, z in zip(b.plan.owned, self.axis_starts, size))
+        read, deps = self.volume.read_task(lo, hi, self.pad_mode, self.pad_value, lazy=True,
+                                           regions=regions)
         out_starts: tuple[np.ndarray, ...] = ()
         if self.in_size is not None:  # where the predictions go: the output grid's starts
             out_starts = tuple(b.grid.axis_starts(a)[i0:i1] for a, (i0, i1) in enumerate(owned))

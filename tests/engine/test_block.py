@@ -188,7 +188,8 @@ def test_an_error_blending_stops_the_helper_too(slow_fn):
 def test_a_zarr_region_is_read_in_slabs_each_chunk_once(counting_zarr, channel_axis, border,
                                                         slow_fn):
     """A block's region is read slab by slab as its batches reach it (while the model runs on
-    the batch before), every chunk once per block; the result is the eager read's."""
+    the batch before), every chunk once per block (with the chunk cache off; on, once per job);
+    the result is the eager read's."""
     shape = (40, 36, 28)
     data = np.random.default_rng(8).random(shape).astype(np.float32)
     chunks = (8, 12, 7)
@@ -198,7 +199,8 @@ def test_a_zarr_region_is_read_in_slabs_each_chunk_once(counting_zarr, channel_a
     z, store = counting_zarr(data, chunks)
     kw = dict(batch_size=3, block_shape=16, border=border, channel_axis=channel_axis)
     slow = Sizes(np.sqrt)
-    got = dp.apply_patches(z, slow, 8, 4, **kw).compute()
+    with dask.config.set({"daskpatch.chunk-cache-bytes": 0}):
+        got = dp.apply_patches(z, slow, 8, 4, **kw).compute()
     np.testing.assert_array_equal(got, dp.apply_patches(data, np.sqrt, 8, 4, **kw).compute())
     grid = PatchGrid(shape, 8, 4, border=border)
     plan = grid.block_plan(16)
@@ -216,5 +218,8 @@ def test_a_zarr_region_is_read_in_slabs_each_chunk_once(counting_zarr, channel_a
         expected += touched
     assert store.chunk_reads == expected
     assert any(t.startswith("daskpatch-fn") for t in slow.threads)
+    before = store.chunk_reads  # the chunk cache on: each chunk once per job
+    np.testing.assert_array_equal(dp.apply_patches(z, slow, 8, 4, **kw).compute(), got)
+    assert store.chunk_reads - before == 5 * 3 * 4
 
 

@@ -161,3 +161,26 @@ def test_training_loaders_read_patches_from_s3(s3, bucket):
                                  labels=f"s3://{name}/lab.zarr", pos_fraction=0.5,
                                  storage_options=s3, seed=1)
     assert [rand[i]["image"].shape for i in range(4)] == [(1, 8, 8, 8)] * 4
+
+
+def test_the_chunk_cache_fetches_each_input_chunk_once_from_s3(s3, bucket):
+    """A block's halo reaches into its neighbours' chunks: without the cache every block fetches
+    them again (125 GETs for 27 chunks here), with it each is fetched once per job."""
+    from ..conftest import CountingStore
+
+    fs, name = bucket
+    data = np.random.default_rng(5).random((48, 48, 48), dtype=np.float32)
+    dp.to_zarr(data, _store(s3, f"s3://{name}/in.zarr"), chunks=16)
+    store = CountingStore(_store(s3, f"s3://{name}/in.zarr", read_only=True))
+    vol = zarr.open_array(store, mode="r")
+    results, reads = [], []
+    for cache in (0, "256 MiB"):
+        with dask.config.set({"daskpatch.chunk-cache-bytes": cache}):
+            before = store.chunk_reads
+            out = dp.to_zarr(dp.apply_patches(vol, np.sqrt, 16, 8, block_shape=16),
+                             _store(s3, f"s3://{name}/out.zarr"), overwrite=True)
+            reads.append(store.chunk_reads - before)
+            results.append(out[...])
+    np.testing.assert_array_equal(results[1], results[0])
+    np.testing.assert_allclose(results[1], np.sqrt(data), rtol=1e-6)
+    assert reads == [125, 27]
