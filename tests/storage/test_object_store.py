@@ -184,3 +184,61 @@ def test_the_chunk_cache_fetches_each_input_chunk_once_from_s3(s3, bucket):
     np.testing.assert_array_equal(results[1], results[0])
     np.testing.assert_allclose(results[1], np.sqrt(data), rtol=1e-6)
     assert reads == [125, 27]
+
+
+@pytest.mark.processes
+def test_a_write_killed_on_s3_resumes_bit_for_bit(s3, bucket):
+    """A writer SIGKILLed half way through a write to S3 (its halos spilled there), then
+    resumed in another process: the same chunks as an uninterrupted write, nothing left over,
+    and the model runs only on the blocks of the chunks the kill left missing."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from daskpatch.storage import markers
+
+    from .._child_write import Same, build, model
+
+    fs, name = bucket
+    src = f"s3://{name}/in.zarr"
+    data = np.random.default_rng(3).random((48, 48, 48), dtype=np.float32)
+    z = zarr.create_array(_store(s3, src), shape=data.shape, chunks=(16, 16, 16),
+                          dtype="f4")
+    z[...] = data
+    options = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    child = Path(__file__).resolve().parents[1] / "_child_write.py"
+    env = dict(os.environ, PYTHONPATH=str(Path(dp.__file__).parent.parent))
+
+    def run(target: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(child), src, target, "--spill-bytes", "0",
+                               *options, *extra], env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    clean = run(f"s3://{name}/clean.zarr")
+    assert clean.returncode == 0, clean.stderr
+    target = f"s3://{name}/o.zarr"
+    killed = run(target, "--kill-at", "20")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    out = zarr.open_array(_store(s3, target, read_only=True), mode="r")
+    done = markers.done_chunks(out, markers.numblocks(out))
+    assert done and len(done) < 27
+    volume = dp.open_volume(src, storage_options=s3)
+    patches = build(volume)
+    counts = next(iter(dp.graph.engine.find_engines(patches).values())).block_patches()
+    owned = {b: int(np.prod([c[i] for c, i in zip(counts, b)])) for b in np.ndindex(3, 3, 3)}
+    calls = []
+
+    def counted(batch):
+        calls.append(batch.shape[0])
+        return model(batch)
+
+    with dask.config.set({"daskpatch.spill-bytes": 0}):
+        z = dp.to_zarr(build(volume, fn=Same(counted)), target, resume=True, storage_options=s3)
+    assert sum(calls) == sum(n for b, n in owned.items() if b not in done)
+    expected = zarr.open_array(_store(s3, f"s3://{name}/clean.zarr", read_only=True))
+    assert [fs.cat(f"{name}/o.zarr/c/{k}") for k in ("0/0/0", "1/1/1", "2/2/2")] == \
+        [fs.cat(f"{name}/clean.zarr/c/{k}") for k in ("0/0/0", "1/1/1", "2/2/2")]
+    np.testing.assert_array_equal(z[...], expected[...])
+    assert fs.exists(f"{name}/o.zarr/.daskpatch-done/complete")
+    assert not fs.find(f"{name}/o.zarr/.daskpatch-spill")
