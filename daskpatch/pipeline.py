@@ -439,14 +439,15 @@ def _check_group_target(base: Any, full: str | None, where: str, names: list[str
 
 
 def write_group(tree: Any, store: Any, path: Any, *, chunks: Any, compressors: Any,
-                overwrite: Any, resume: Any, progress: Any, compute: Any, run_id: Any
-                ) -> zarr.Group | Delayed:
+                overwrite: Any, resume: Any, progress: Any, compute: Any, run_id: Any,
+                started: Callable[[], None] | None = None) -> zarr.Group | Delayed:
     """:func:`daskpatch.to_zarr` of a dict or tuple of arrays (the heads of
     :func:`~daskpatch.apply_patches`): a Zarr group with one array per entry, each with its own
     fingerprint and done-markers, all written in ONE computation, so that arrays sharing a
     graph (one model run) compute it once. Engines spill their halos under the group's own
     ``.daskpatch-spill/``, the same place for every array, so that a spilled engine gets the
-    same new names under each of them (one engine, not one per array)."""
+    same new names under each of them (one engine, not one per array). ``started()`` is
+    called once the group exists (the command line's exit status turns on it)."""
     overwrite = parse_bool(overwrite, "overwrite")
     resume = parse_bool(resume, "resume")
     progress = parse_bool(progress, "progress")
@@ -487,6 +488,8 @@ def write_group(tree: Any, store: Any, path: Any, *, chunks: Any, compressors: A
                                       attributes={_store.ATTR: info})  # the lease stays
         else:
             group = zarr.open_group(store=base, path=full or "", mode="r+")
+        if started is not None:
+            started()
         spill_prefix = _store.node_path(gpath, _store.SPILL_DIR) or ""
         spills: dict = {}
         arrays = []  # (write, array, fingerprint, chunks done, the lowered array)

@@ -545,10 +545,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     )
     if args.uncertainty:  # (mean, std): a group of two arrays, written in one pass
         with _scheduler(args.scheduler, args.workers):
-            args.started = True
             g = write_group(result, args.dst, args.dst_path, chunks=None, resume=args.resume,
                             run_id=args.run_id, compressors=COMPRESSORS[args.compressor](),
-                            overwrite=args.overwrite, progress=_progress(args), compute=True)
+                            overwrite=args.overwrite, progress=_progress(args), compute=True,
+                            started=lambda: setattr(args, "started", True))  # creates DST
         assert isinstance(g, zarr.Group)  # compute=True
         mean = g["mean"]
         assert isinstance(mean, zarr.Array)

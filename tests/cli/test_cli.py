@@ -663,3 +663,17 @@ def test_apply_tta_and_uncertainty_write_mean_and_std(src, tmp_path, on_path, ca
     np.testing.assert_allclose(zarr.open_array(dst, path="std")[:], std.compute(), atol=1e-6)
     assert main(args) == 2  # exists
     assert main([*args, "--resume"]) == 0  # complete: nothing to do
+
+
+def test_uncertainty_exit_status_before_and_after_the_group_exists(tmp_path, src, on_path,
+                                                                    capsys):
+    """`--uncertainty` writes a group: a model failing once it exists exits 1 (resume), a
+    group in the way exits 2 (nothing written) -- as a single array's write does."""
+    dst = str(tmp_path / "o.zarr")
+    args = ["apply", src, dst, "--size", "16", "--uncertainty"]
+    assert main([*args, "--model", "cli_models:boom"]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--model", "cli_models:boom"]) == 2  # the group exists now
+    err = capsys.readouterr().err
+    _assert_one_error_line(err)
+    assert "--overwrite" in err and "--resume" in err, err
