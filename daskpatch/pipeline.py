@@ -36,6 +36,7 @@ from daskpatch.geometry.parse import _describe, parse_bool, parse_choice, parse_
 from daskpatch.graph import jobs as _sched
 from daskpatch.graph.inputs import as_dask, downsampled, write_chunks
 from daskpatch.graph.inspect import check_not_read
+from daskpatch.graph.layers import EXPR
 from daskpatch.graph.inspect import fingerprint as fingerprint_of
 from daskpatch.graph.lowering import IntoStore, lower
 from daskpatch.storage import fingerprint as _fingerprint
@@ -175,7 +176,9 @@ def waves(w: Write, done: set[tuple[int, ...]] | None) -> list[list[tuple[int, .
         return []
     todo = [loc for loc in np.ndindex(*w.x.numblocks) if loc not in done]
     size = get_int("wave-chunks")
-    if not w.compute or len(todo) <= size:
+    # under array expressions a later wave would run its neighbours' blocks again (their
+    # halos are not read back from the store there): one graph
+    if not w.compute or len(todo) <= size or EXPR:
         return [todo] if todo else []
     return [todo[i:i + size] for i in range(0, len(todo), size)]
 

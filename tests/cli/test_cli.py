@@ -648,6 +648,7 @@ def test_rechunk_into_its_own_source_is_bad_input(tmp_path, capsys, target):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.needs_dask("group writes merge HighLevelGraph layers")
 def test_apply_tta_and_uncertainty_write_mean_and_std(src, tmp_path, on_path, capsys):
     dst = str(tmp_path / "out.zarr")
     args = ["apply", src, dst, "--model", "cli_models:affine", "--size", str(SIZE),

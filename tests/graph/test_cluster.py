@@ -249,7 +249,7 @@ def test_the_model_reaches_each_worker_once_not_once_per_block(client, volume):
     assert sum(loads.values()) >= 1 and all(n <= 1 for n in loads.values()), loads
 
 
-def _block_priorities(name: str, dask_scheduler=None) -> dict:
+def _block_priorities(name: str | tuple[str, ...], dask_scheduler=None) -> dict:
     """The priorities of the accumulate tasks named ``name`` (or starting with it)."""
     return {ts.key[1:]: ts.priority[0] for ts in dask_scheduler.tasks.values()
             if isinstance(ts.key, tuple) and ts.key[0].startswith(name)}
@@ -279,8 +279,9 @@ def test_the_biggest_blocks_start_first(client, volume, tmp_path, job):
         prio: dict = {}
 
         def read() -> bool:
-            # to_zarr on a cluster writes its chunks from the engine's own tasks, renamed
-            name = engine.acc_name if job == "array" else "acc-to-zarr-written-"
+            # to_zarr on a cluster spills its halos into the store: the engine's tasks renamed
+            name = engine.acc_name if job == "array" else (
+                "acc-to-zarr-written-", "acc-apply-patches-spilled-")
             prio.update(client.run_on_scheduler(_block_priorities, name))
             return len(prio) == 8
 
@@ -349,6 +350,7 @@ class Logged(Model):
         return super().__call__(batch)
 
 
+@pytest.mark.needs_dask("chunk tasks writing their chunk (the written path)")
 def test_a_worker_lost_late_costs_only_its_blocks_in_flight(client, tmp_path):
     """to_zarr on a cluster: a worker killed half way through costs only the blocks it held
     (in flight, or done with their chunk not yet written), not the finished chunks' work:

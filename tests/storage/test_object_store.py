@@ -187,6 +187,7 @@ def test_the_chunk_cache_fetches_each_input_chunk_once_from_s3(s3, bucket):
 
 
 @pytest.mark.processes
+@pytest.mark.needs_dask("chunk tasks writing their chunk (the written path)")
 def test_a_write_killed_on_s3_resumes_bit_for_bit(s3, bucket):
     """A writer SIGKILLed half way through a write to S3 (its halos spilled there), then
     resumed in another process: the same chunks as an uninterrupted write, nothing left over,

@@ -691,6 +691,7 @@ def _block_patches(x) -> dict[tuple[int, ...], int]:
 
 
 @pytest.mark.parametrize("at", [6, 20, 30])
+@pytest.mark.needs_dask("chunk tasks writing their chunk (the written path)")
 def test_a_resume_runs_only_the_blocks_of_the_missing_chunks(tmp_path, source, setting, at):
     """With the halos spilled, a resumed write runs the model on the blocks whose own chunk
     is missing, and no other: the other blocks' parts for the missing chunks wait in the
@@ -734,6 +735,7 @@ def test_a_resume_without_spilled_halos_runs_the_missing_blocks_and_their_neighb
 
 
 @pytest.mark.parametrize("wave", [1, 5, 26])
+@pytest.mark.needs_dask("chunk tasks writing their chunk (the written path)")
 def test_a_write_in_waves_runs_each_block_once(tmp_path, source, setting, wave):
     """``daskpatch.wave-chunks``: the write is computed as several graphs of that many chunks;
     each patch still goes through the model once, and the result is the same bit for bit."""
