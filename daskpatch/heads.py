@@ -26,7 +26,7 @@ from daskpatch.engine.numbers import acc_dtype, cast, nan_error
 from daskpatch.errors import ParameterError
 from daskpatch.geometry.layout import parse_layout
 from daskpatch.geometry.parse import parse_bool, parse_per_axis
-from daskpatch.graph.inputs import Volume
+from daskpatch.graph.inputs import Volume, with_channel_axis
 
 __all__ = ["Uncertain", "apply_heads", "wants_heads"]
 
@@ -81,9 +81,7 @@ def apply_heads(apply: Callable[..., da.Array], volume: Any, fn: Any, size: Any,
     model_layout = layout  # how the model's batches are read
     widest = max(h.channels for h in heads.heads)
     if not has_ch and (widest > 1 or engine_channels > 1):
-        from daskpatch.patches import _with_channel_axis
-
-        volume, channel_axis = _with_channel_axis(volume), 0
+        volume, channel_axis = with_channel_axis(volume), 0
         squeeze = widest == 1  # the model takes and gives no channel axis
         layout = parse_layout(volume.ndim, size, 0, shape=volume.shape)
         if not squeeze:

@@ -36,7 +36,6 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-import zarr
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
@@ -51,8 +50,7 @@ from daskpatch.graph.plan import (
     prepare,
 )
 from daskpatch.errors import ParameterError, ParameterTypeError
-from daskpatch.graph.inputs import Volume, take
-from daskpatch.graph.layers import from_zarr
+from daskpatch.graph.inputs import Volume, with_channel_axis
 from daskpatch.adapters.scale import scaled_model
 from daskpatch.geometry.scale import scale_text, scaled_chunks
 from daskpatch.geometry.parse import (
@@ -361,7 +359,7 @@ def apply_patches(
     if channel_axis is None and out_channels is not None and \
             parse_int(out_channels, "out_channels", minimum=1) > 1:
         # one channel in, K out: the volume gets a channel axis in front, the model (B, 1, ...)
-        volume, channel_axis = _with_channel_axis(volume), 0
+        volume, channel_axis = with_channel_axis(volume), 0
     layout = parse_layout(volume.ndim, size, channel_axis, shape=volume.shape)
     border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
     pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)  # type: ignore[assignment]
@@ -421,10 +419,3 @@ def apply_patches(
     collections, extra = vol.source_layer()
     return engine_array(OverlapAdd(name, b, reader), collections, {**extra, model: fn})
 
-
-def _with_channel_axis(volume: Any) -> Any:
-    """``volume`` with a channel axis of 1 in front, lazily (a Zarr array through dask)."""
-    arr, is_dask = take(volume, "volume")
-    if is_dask or isinstance(arr, np.ndarray):
-        return arr[None]
-    return (from_zarr(arr) if isinstance(arr, zarr.Array) else da.from_array(arr))[None]

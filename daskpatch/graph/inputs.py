@@ -67,6 +67,21 @@ def take(obj: Any, param: str, *, paths: bool = False) -> tuple[Any, bool]:
     return out, is_dask
 
 
+def with_channel_axis(volume: Any) -> Any:
+    """``volume`` with a channel axis of 1 in front, lazily (a Zarr array through dask): one
+    channel in, K out.
+
+    Examples
+    --------
+    >>> with_channel_axis(np.zeros((4, 5))).shape
+    (1, 4, 5)
+    """
+    arr, is_dask = take(volume, "volume")
+    if is_dask or isinstance(arr, np.ndarray):
+        return arr[None]
+    return (from_zarr(arr) if isinstance(arr, zarr.Array) else da.from_array(arr))[None]
+
+
 @dataclass
 class Volume:
     """A user volume seen in the canonical layout ``(C, *grid_axes)``.
