@@ -30,6 +30,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from daskpatch.graph.order import BiggestFirst
 from daskpatch.graph.engine import find_engines
 from daskpatch.graph.layers import EXPR, _expr_of
+from daskpatch.storage.chunkcache import CACHE
 
 #: The local schedulers by the names ``dask.config.set(scheduler=...)`` accepts.
 _LOCAL = {"threads": dask.threaded.get, "threading": dask.threaded.get,
@@ -80,19 +81,39 @@ def compute(obj: Delayed, progress: bool, **kwargs: Any) -> Any:
         get = local_get()
         if get is not None:
             kwargs["scheduler"] = get
-    if not progress:
-        return obj.compute(**kwargs)
-    client = active_client()
+    try:
+        if not progress:
+            return obj.compute(**kwargs)
+        client = active_client()
+        if client is not None:
+            from distributed import progress as distributed_progress
+
+            future = client.compute(obj)
+            _show(distributed_progress(future))
+            return future.result()
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar():
+            return obj.compute(**kwargs)
+    finally:
+        release_chunks()
+
+
+def _clear_chunks() -> None:
+    CACHE.clear()
+
+
+def release_chunks() -> None:
+    """Drop the decoded input chunks this process (and, under a Client, each worker) keeps for
+    the blocks of a job (:data:`daskpatch.storage.chunkcache.CACHE`), once the job is over: a
+    worker may hold chunks whose other readers ran elsewhere."""
+    _clear_chunks()
+    client = active_client() if local_get() is None else None
     if client is not None:
-        from distributed import progress as distributed_progress
-
-        future = client.compute(obj)
-        _show(distributed_progress(future))
-        return future.result()
-    from dask.diagnostics import ProgressBar
-
-    with ProgressBar():
-        return obj.compute(**kwargs)
+        try:
+            client.run(_clear_chunks)
+        except Exception:  # noqa: BLE001 - a lost cluster: nothing left to release
+            pass
 
 
 def warm_up(client: Any = None) -> None:
@@ -149,9 +170,12 @@ def gather_into(x: da.Array, out: np.ndarray, progress: bool) -> None:
     if progress:
         _show(distributed_progress(futures))
     where = dict(zip([f.key for f in futures], slices_from_chunks(x.chunks)))
-    for future, chunk in as_completed(futures, with_results=True):
-        out[where[future.key]] = chunk
-        future.release()
+    try:
+        for future, chunk in as_completed(futures, with_results=True):
+            out[where[future.key]] = chunk
+            future.release()
+    finally:
+        release_chunks()
 
 
 # -- jobs: graphs made ready to compute ------------------------------------------------------

@@ -373,3 +373,18 @@ def test_a_worker_lost_late_costs_only_its_blocks_in_flight(client, tmp_path):
     z = future.result(timeout=120)
     np.testing.assert_array_equal(z[...], expected)
     assert os.path.getsize(log) <= 1.1 * clean, (os.path.getsize(log), clean)
+
+
+def _cached_bytes() -> int:
+    from daskpatch.storage.chunkcache import CACHE
+
+    return CACHE.nbytes
+
+
+def test_workers_keep_no_decoded_chunks_after_a_job(client, volume, tmp_path):
+    """A worker's cache of decoded input chunks may hold chunks whose other readers ran on
+    another worker; to_zarr and to_numpy drop them once the job is over."""
+    dp.to_zarr(_graph(volume, Model(9)), tmp_path / "o.zarr")
+    assert set(client.run(_cached_bytes).values()) == {0}
+    dp.to_numpy(_graph(volume, Model(9)))
+    assert set(client.run(_cached_bytes).values()) == {0}
