@@ -26,6 +26,7 @@ from daskpatch.engine.numbers import acc_dtype, cast, nan_error
 from daskpatch.errors import ParameterError
 from daskpatch.geometry.layout import parse_layout
 from daskpatch.geometry.parse import parse_bool, parse_per_axis
+from daskpatch.geometry.scale import parse_out_scale
 from daskpatch.graph.inputs import Volume, with_channel_axis
 
 __all__ = ["Uncertain", "apply_heads", "wants_heads"]
@@ -88,13 +89,14 @@ def apply_heads(apply: Callable[..., da.Array], volume: Any, fn: Any, size: Any,
             model_layout = layout
     model_has_ch = layout.channel_axis is not None and not squeeze
     patch = tuple(parse_per_axis(size, n_spatial, "size"))
+    out_patch = _scaled_patch(kwargs.get("out_scale"), patch)
     batch = _batch_shape(patch, layout.channels if model_has_ch else None, channel_last)
     model = as_model(fn)
     axes = (f"{described}: fn gets batches ({', '.join(map(str, batch))}) and must return "
-            f"{_returns(heads, patch, model_has_ch, channel_last)}")
+            f"{_returns(heads, out_patch, model_has_ch, channel_last)}")
     check_model_input(model, model_layout, (1,) + batch[1:], axes)
     hfn = HeadsFn(model, heads, flips, uncertainty, squeeze, channel_last, model_has_ch, acc,
-                  patch, axes)
+                  out_patch, axes)
     h0 = heads.heads[0]
     direct = heads.kind == "array" and not uncertainty and h0.dtype is not None \
         and h0.dtype.kind in "fc"
@@ -122,6 +124,27 @@ def apply_heads(apply: Callable[..., da.Array], volume: Any, fn: Any, size: Any,
     if heads.kind == "tuple":
         return tuple(results)
     return {h.name: r for h, r in zip(heads.heads, results)}
+
+
+def _scaled_patch(out_scale: Any, patch: tuple[int, ...]) -> tuple[int, ...]:
+    """The heads' spatial shape: the patch's, times ``out_scale`` (one scale for every head;
+    ``"infer"`` would run the model while the graph is built, which several heads refuse). A
+    scale that maps the patch to no whole shape is left to :func:`daskpatch.apply_patches`,
+    whose error names the axis."""
+    if out_scale is None:
+        return patch
+    if isinstance(out_scale, str):
+        raise ParameterError(
+            f"out_scale with several heads, tta or uncertainty must be a number or one per "
+            f"spatial axis (one scale for every head); got {out_scale!r}",
+            param="out_scale", value=out_scale, expected="a number or one per spatial axis")
+    scale = parse_out_scale(out_scale, len(patch))
+    if scale is None:
+        return patch
+    scaled = [p * f for p, f in zip(patch, scale)]
+    if any(v.denominator != 1 for v in scaled):
+        return patch
+    return tuple(int(v) for v in scaled)
 
 
 def _batch_shape(patch: tuple[int, ...], channels: int | None, channel_last: bool) -> tuple:

@@ -340,19 +340,13 @@ def apply_patches(
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking a batch of patches; got {_describe(fn)}")
     if wants_heads(out_channels, dtype, tta, uncertainty):  # one overlap-add, split per head
-        if out_scale is not None:
-            raise ParameterError(
-                "out_scale cannot be combined yet with several heads, tta or uncertainty (each "
-                f"head must have the patch's shape); got out_scale={out_scale!r} with "
-                f"out_channels={out_channels!r}, tta={tta!r}, uncertainty={uncertainty!r}",
-                param="out_scale", value=out_scale, mentions=("out_channels", "tta",
-                                                              "uncertainty"))
         return apply_heads(apply_patches, volume, fn, size, stride, out_channels=out_channels,
                            dtype=dtype, tta=tta, uncertainty=uncertainty,
                            channel_axis=channel_axis, border=border, pad_mode=pad_mode,
                            pad_value=pad_value, blend=blend, batch_size=batch_size,
                            block_shape=block_shape, fill_value=fill_value,
-                           sigma_scale=sigma_scale, spill=spill, min_weight=min_weight)
+                           sigma_scale=sigma_scale, spill=spill, min_weight=min_weight,
+                           out_scale=out_scale)
     batch_size = parse_int(batch_size, "batch_size", minimum=1)
     if not hasattr(volume, "ndim"):
         volume = Volume.from_user(volume, None).array

@@ -379,3 +379,34 @@ def test_torch_input_layer_checked_before_anything_runs():
     net = torch.nn.Conv2d(3, 2, 3, padding=1)  # takes 3 channels
     with pytest.raises(ValueError, match=r"takes batches \(B, 3, H, W\).*1 channels"):
         dp.apply_patches(np.zeros((1, 8, 8), np.float32), net, 4, channel_axis=0, tta="flip")
+
+
+def test_heads_flips_and_uncertainty_at_another_resolution():
+    """``out_scale`` with several heads, tta or uncertainty: every head at that one scale,
+    each the same as the head alone through ``out_scale`` (one model call per patch)."""
+    vol = np.random.default_rng(8).random((24, 20), dtype=np.float32)
+
+    def up(b):  # nearest-neighbour 2x upsampling
+        return b.repeat(2, axis=1).repeat(2, axis=2)
+
+    calls = []
+
+    def two(b):
+        calls.append(b.shape[0])
+        return {"a": up(b), "b": 3 * up(b)}
+
+    heads = dp.apply_patches(vol, two, 8, 4, out_scale=2, out_channels={"a": 1, "b": 1})
+    a, b = dask.compute(heads["a"], heads["b"])
+    alone = dp.apply_patches(vol, up, 8, 4, out_scale=2).compute()
+    assert a.shape == (48, 40) and sum(calls) == len(dp.PatchGrid(vol.shape, 8, 4))
+    np.testing.assert_allclose(a, alone, rtol=1e-6)
+    np.testing.assert_allclose(b, 3 * alone, rtol=1e-6)
+    mean, std = dp.apply_patches(vol, up, 8, 4, out_scale=2, tta="flip", uncertainty=True)
+    np.testing.assert_allclose(mean.compute(), alone, rtol=1e-6)
+    assert float(std.max().compute()) < 1e-5  # flips of a pointwise upsampling agree
+    with pytest.raises(ValueError, match=r"out_scale with several heads.*got 'infer'"):
+        dp.apply_patches(vol, two, 8, 4, out_scale="infer", out_channels={"a": 1, "b": 1})
+    bad = dp.apply_patches(vol, lambda b: {"a": b, "b": b}, 8, 4, out_scale=2,
+                           out_channels={"a": 1, "b": 1})
+    with pytest.raises(ModelOutputError, match=r"head 'a' has shape .*\(16, 16\)"):
+        bad["a"].compute()
