@@ -7,8 +7,11 @@ dask thread sets them once to ``max(1, cores // dask_threads)``:
 
 * ``cores``: the cores this process may use (:func:`dask.system.cpu_count`: its CPU affinity and
   cgroup quota);
-* ``dask_threads``: the ``nthreads`` of the ``dask.distributed`` worker running the task, else
-  the threaded scheduler's ``num_workers`` setting, else its default pool (``cores`` threads).
+* ``dask_threads``: how many of dask's threads may run the model at once: the ``nthreads`` of
+  the ``dask.distributed`` worker running the task; 1 while :func:`daskpatch.to_numpy` runs
+  its blocks one after another (:func:`one_model_call_at_a_time`: no two model calls overlap,
+  so torch gets every core); else the threaded scheduler's ``num_workers`` setting, else its
+  default pool (``cores`` threads).
 
 Chosen means: the ``daskpatch.torch-threads`` setting is an integer (used as it is), or
 ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` is set (as ``distributed``'s nanny sets it to 1 for its
@@ -19,9 +22,11 @@ default cannot be told apart from it: set ``daskpatch.torch-threads`` to pin it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import dask.config
@@ -29,11 +34,34 @@ import dask.system
 
 from daskpatch.geometry.parse import _describe
 
-__all__ = ["available_cores", "dask_threads", "fit_torch_threads", "thread_plan"]
+__all__ = ["available_cores", "dask_threads", "fit_torch_threads", "one_model_call_at_a_time",
+           "thread_plan"]
 
 _ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _local = threading.local()
 _ours: dict[int, int] = {}  # pid -> the value daskpatch last set in that process
+_serial = [0]  # jobs running in this process whose model calls never overlap
+_serial_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_model_call_at_a_time() -> Iterator[None]:
+    """While this is open, the model calls of this process's dask tasks run one at a time
+    (:func:`daskpatch.to_numpy`'s chained blocks): :func:`dask_threads` is then 1.
+
+    Examples
+    --------
+    >>> with one_model_call_at_a_time():
+    ...     dask_threads()
+    1
+    """
+    with _serial_lock:
+        _serial[0] += 1
+    try:
+        yield
+    finally:
+        with _serial_lock:
+            _serial[0] -= 1
 
 
 def available_cores() -> int:
@@ -48,9 +76,10 @@ def available_cores() -> int:
 
 
 def dask_threads() -> int:
-    """The dask threads running tasks in this process: the ``nthreads`` of the
-    ``dask.distributed`` worker whose task calls this, else the threaded scheduler's
-    ``num_workers`` setting, else its default pool's size (the available cores).
+    """The dask threads that may run a model at once in this process: the ``nthreads`` of the
+    ``dask.distributed`` worker whose task calls this, else 1 within
+    :func:`one_model_call_at_a_time`, else the threaded scheduler's ``num_workers`` setting,
+    else its default pool's size (the available cores).
 
     Examples
     --------
@@ -66,6 +95,8 @@ def dask_threads() -> int:
             return max(1, int(get_worker().state.nthreads))
         except (ImportError, ValueError, AttributeError):
             pass
+    if _serial[0]:
+        return 1
     workers = dask.config.get("num_workers", None)
     if isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1:
         return workers

@@ -36,14 +36,16 @@ class Net(torch.nn.Module):  # pickled by value on a cluster: it reports through
 main = torch.get_num_threads()
 vol = np.zeros((1, 24, 24, 24), np.float32)
 with dask.config.set({config}):
-    out = dp.to_numpy(dp.apply_patches(vol, Net(), 12, 6, channel_axis=0))
+    res = dp.apply_patches(vol, Net(), 12, 6, channel_axis=0, block_shape=12)
+    out = {run}(res)
 print(json.dumps({{"seen": sorted(builtins._daskpatch_seen), "main_before": main,
                    "main_after": torch.get_num_threads()}}))
 """
 
 
-def _run(config: dict, before: str = "", env: dict | None = None) -> dict:
-    code = SCRIPT.format(before=textwrap.dedent(before), config=repr(config))
+def _run(config: dict, before: str = "", env: dict | None = None,
+         run: str = "dask.compute") -> dict:
+    code = SCRIPT.format(before=textwrap.dedent(before), config=repr(config), run=run)
     full = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     full["PYTHONPATH"] = ROOT + os.pathsep + full.get("PYTHONPATH", "")
     full.update(env or {})
@@ -58,9 +60,14 @@ CORES = max(1, int(dask.system.cpu_count()))
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_threaded_scheduler_fits_torch_threads_to_the_cores(workers):
-    got = _run({"num_workers": workers})
+    got = _run({"num_workers": workers})  # blocks in parallel: each thread gets its share
     assert got["seen"] == [max(1, CORES // workers)]
     assert got["main_after"] == got["main_before"]  # the caller's own thread is left alone
+
+
+def test_to_numpy_runs_one_model_call_at_a_time_with_every_core():
+    got = _run({"num_workers": 2}, run="dp.to_numpy")  # its blocks run one after another
+    assert got["seen"] == [CORES]
 
 
 def test_a_user_set_value_is_left_alone():
