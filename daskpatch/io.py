@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 from dask.delayed import Delayed
 
+from daskpatch.adapters.threads import one_model_call_at_a_time
 from daskpatch.adapters.xarray import is_dataarray as _is_dataarray
 from daskpatch.engine import memory as _memory
 from daskpatch.errors import ParameterError, ParameterTypeError
@@ -443,7 +444,8 @@ def to_numpy(array: da.Array, out: np.ndarray | None = None, *, progress: bool =
         if not fresh:
             out[...] = 0
         try:
-            _sched.compute(direct.job, progress, scheduler=get)
+            with one_model_call_at_a_time():  # blocks chained: torch may use every core
+                _sched.compute(direct.job, progress, scheduler=get)
         finally:
             direct.close()
         return out

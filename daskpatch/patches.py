@@ -121,7 +121,9 @@ def reconstruct(
         ``(0.125, 0.125, 0.25)`` for anisotropic voxels, where a patch is short on one axis).
     min_weight : float, optional
         Window weights below ``min_weight`` times the window's peak are raised to it (in
-        ``(0, 1]``). ``blend="gaussian", min_weight=1e-3`` is MONAI's
+        ``(0, 1]``; for the gaussian, the peak of the continuous gaussian, which a patch of
+        even size samples just off: see :func:`daskpatch.window`).
+        ``blend="gaussian", min_weight=1e-3`` is MONAI's
         ``sliding_window_inference(mode="gaussian")`` window, which clamps its gaussian there;
         the default (``None``) keeps the exact gaussian, whose far voxels weigh nearly nothing.
         The clamped window is no product of 1-D profiles: it blends as a user window does.

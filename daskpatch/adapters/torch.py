@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from daskpatch.adapters.threads import fit_torch_threads
 from daskpatch.geometry.layout import describe_axes
 from daskpatch.geometry.parse import _describe
 
@@ -327,8 +328,10 @@ class TorchModel:
     scheduler with few threads, or a ``dask.distributed`` cluster with one worker per GPU and
     ``device="cuda"`` (each worker process moves its own copy of the module). Batches are copied
     from NumPy to the device and the result back to the CPU on each call: pick ``batch_size`` to
-    fill the GPU. On the CPU, torch's own threads compete with dask's: ``torch.set_num_threads(1)``
-    with one dask thread per core is usually fastest.
+    fill the GPU. On the CPU, torch's own threads compete with dask's: in the threads that run
+    dask's tasks, the module runs with ``max(1, cores // dask threads)`` intra-op threads,
+    unless ``torch.set_num_threads``, ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` or the
+    ``daskpatch.torch-threads`` setting chose them (:mod:`daskpatch.adapters.threads`).
 
     *Pickling.* A ``TorchModel`` pickles with its module (parameters on their current device), so
     it ships to ``dask.distributed`` workers and spawned processes; a TorchScript module
@@ -473,6 +476,8 @@ class TorchModel:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = _import_torch()
         device, dtype = self._place()
+        if device.type == "cpu" and threading.current_thread() is not threading.main_thread():
+            fit_torch_threads(torch)  # a dask thread: its torch threads fit the cores
         batch = np.asarray(batch)
         if not batch.dtype.isnative:
             batch = batch.astype(batch.dtype.newbyteorder("="))

@@ -23,6 +23,7 @@ from dask.utils import format_bytes
 from daskpatch.storage import markers as _markers
 from daskpatch.storage.fingerprint import jsonable
 from daskpatch.cli.errors import UsageError as _UsageError
+from daskpatch.adapters.threads import thread_plan
 from daskpatch.engine.numbers import acc_dtype
 from daskpatch.patches import apply_patches
 from daskpatch.geometry.layout import describe_axes, full_grid, parse_layout
@@ -211,6 +212,7 @@ def _plan_report(z: zarr.Array, args: argparse.Namespace) -> dict[str, Any]:
         "out_shape": list(result.shape), "out_scale": list(scale[layout.n_batch:]),
         "memory_per_thread": per_task, "peak_memory": threads * sum(per_task.values()),
         "memory_formula": "threads x (input block+halo + extended accumulation buffer + batch)",
+        "thread_plan": thread_plan(threads),
     })
 
 
@@ -369,6 +371,7 @@ def _format_info(r: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(row("blocks", f"{plan['blocks']} of {_x(plan['block_shape'])}  "
                                    f"({_x(plan['block_grid'])})"))
         lines.append(row("tasks", f"{plan['tasks']}"))
+        lines.append(row("threads", _thread_text(plan["thread_plan"])))
         mem = plan["memory_per_thread"]
         lines.append(row("peak memory", f"~{format_bytes(plan['peak_memory'])} = "
                                         f"{plan['threads']} threads x "
@@ -377,6 +380,25 @@ def _format_info(r: dict[str, Any], args: argparse.Namespace) -> str:
                              f"buffer {format_bytes(mem['buffer'])} + batch "
                              f"{format_bytes(mem['batch'])})"))
     return "\n".join(lines)
+
+
+def _thread_text(plan: dict[str, Any]) -> str:
+    """``2 dask x 1 torch = 2 of 2 cores (auto)``: the threads a torch model's tasks use.
+
+    Examples
+    --------
+    >>> _thread_text({"cores": 8, "dask_threads": 2, "torch_threads": 4, "by": "auto"})
+    '2 dask x 4 torch = 8 of 8 cores (torch threads: auto, daskpatch.torch-threads)'
+    >>> _thread_text({"cores": 2, "dask_threads": 2, "torch_threads": None,
+    ...               "by": "OMP_NUM_THREADS=1"})
+    '2 dask x torch as OMP_NUM_THREADS=1 sets'
+    """
+    d, t, by = plan["dask_threads"], plan["torch_threads"], plan["by"]
+    if t is None:
+        return f"{d} dask x torch as {by} sets"
+    how = {"auto": "auto, daskpatch.torch-threads",
+           "setting": "the daskpatch.torch-threads setting"}.get(by, by)
+    return f"{d} dask x {t} torch = {d * t} of {plan['cores']} cores (torch threads: {how})"
 
 
 def _csv(value: int | Sequence[int]) -> str:

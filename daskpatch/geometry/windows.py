@@ -93,8 +93,12 @@ def window(blend: str, size: tuple[int, ...],
         Gaussian sigma as a fraction of the patch size (nnU-Net's and MONAI's 0.125 by default);
         a tuple gives one per axis. Ignored by the other blends.
     min_weight : float, optional
-        Weights below ``min_weight`` (the peak is 1) are raised to it: ``1e-3`` is the gaussian
-        window of MONAI's ``sliding_window_inference``.
+        Weights below ``min_weight`` times the window's peak are raised to it (then the peak is
+        1 again). For ``"gaussian"`` the peak is that of the continuous gaussian, at the patch's
+        centre point, which a patch of even size does not sample (its largest sample is a
+        little below): ``1e-3`` is then exactly the window of MONAI's
+        ``sliding_window_inference(mode="gaussian")``, which clamps its unnormalised gaussian at
+        ``1e-3``.
 
     Returns
     -------
@@ -122,7 +126,11 @@ def window(blend: str, size: tuple[int, ...],
             raise ParameterError(f"min_weight must be a number in (0, 1] or None; got "
                                  f"{_describe(min_weight)}", param="min_weight",
                                  value=min_weight)
-        out = np.maximum(out, min_weight)
+        floor = float(min_weight)
+        if blend == "gaussian":  # relative to the continuous gaussian's peak, as MONAI clamps
+            floor /= math.prod(math.exp(float(_gaussian_log(n, parsed.sigma(a)).max()))
+                               for a, n in enumerate(size))
+        out = np.maximum(out, floor)
     return out
 
 

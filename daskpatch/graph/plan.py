@@ -92,12 +92,15 @@ def _clamped(window: Window, size: tuple[int, ...], min_weight: Any) -> Window:
         raise ParameterError("min_weight does not apply to blend='crop' (each voxel comes from "
                              "one patch); got min_weight with blend='crop'",
                              param="min_weight", value=min_weight)
-    arr = full_window(window.blend, size, window.sigma_scale) if window.array is None \
-        else np.asarray(window.array, dtype=np.float64)
-    floor = float(min_weight) * float(arr.max())
-    if (arr >= floor).all():
+    if window.array is None:  # a built-in: the gaussian's floor as MONAI's (see window())
+        arr = full_window(window.blend, size, window.sigma_scale)
+        raised = full_window(window.blend, size, window.sigma_scale, float(min_weight))
+    else:
+        arr = np.asarray(window.array, dtype=np.float64)
+        raised = np.maximum(arr, float(min_weight) * float(arr.max()))
+    if (raised == arr).all():
         return window  # nothing to raise
-    return parse_blend(np.maximum(arr, floor), size, window.sigma_scale)
+    return parse_blend(raised, size, window.sigma_scale)
 
 
 def check_coverage(grid: PatchGrid, fill_value: Any) -> None:

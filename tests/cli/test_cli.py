@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,6 +191,9 @@ def test_info_json_of_a_daskpatch_output(models, src, tmp_path, on_path):
     assert plan["block_shape"] == [c[0] for c in result.chunks]
     assert plan["threads"] == 3 and plan["peak_memory"] == 3 * sum(
         plan["memory_per_thread"].values())
+    tp = plan["thread_plan"]  # torch's threads per dask thread, fitting the cores
+    if tp["by"] == "auto":
+        assert tp["dask_threads"] == 3 and tp["torch_threads"] == max(1, tp["cores"] // 3)
 
 
 def test_info_of_an_unaligned_foreign_array(tmp_path, capsys):
@@ -202,6 +206,7 @@ def test_info_of_an_unaligned_foreign_array(tmp_path, capsys):
     assert main(["info", raw, "--size", "16", "--stride", "8"]) == 0  # the human form
     out = capsys.readouterr().out
     assert "NO: run 'daskpatch rechunk" in out and "peak memory" in out
+    assert re.search(r"threads +\d+ dask x (\d+ torch = \d+ of \d+ cores|torch as )", out)
 
 
 def test_info_of_ome_zarr_images_and_groups(tmp_path, capsys):
