@@ -185,13 +185,12 @@ def waves(w: Write, done: set[tuple[int, ...]] | None) -> list[list[tuple[int, .
 
 def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
          done: set[tuple[int, ...]] | None, lease: _lease.Lease,
-         todo: list[tuple[int, ...]] | None = None, last: bool = True, waved: bool = False
-         ) -> Delayed:
-    """The write graph: one task per chunk of ``todo`` (default: every chunk not done; compute
-    the block, write it, mark it done; computing only those keys culls the rest of the graph,
-    their inputs included), then one that marks the array complete and drops the spilled parts
-    (``last=False``, a wave before the last: one that checks the write is still this one's;
-    ``waved``: one of several waves)."""
+         todo: list[tuple[int, ...]], last: bool = True, waved: bool = False) -> Delayed:
+    """The write graph: one task per chunk of ``todo`` (chunks not done: compute the block,
+    write it, mark it done; computing only those keys culls the rest of the graph, their inputs
+    included), then one that marks the array complete and drops the spilled parts (``last=False``,
+    a wave before the last: one that checks the write is still this one's; ``waved``: one of
+    several waves)."""
     # Engines built with spill=None send large halos (what blocks hand to neighbouring chunks)
     # into the output store: memory stays bounded, and the parts are deleted once all is written.
     # Not into a store in RAM, where the parts would stay until the end instead of being freed.
@@ -199,9 +198,6 @@ def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
     # (a block whose chunks are written or whose parts wait in the store skips its model).
     # So do the halos of a write in waves: a block's parts for the next wave wait there.
     in_ram = isinstance(z.store, zarr.storage.MemoryStore)
-    if todo is None:
-        todo = [] if done is None else [loc for loc in np.ndindex(*w.x.numblocks)
-                                        if loc not in done]
     writer = None
     if todo:  # a spilled result written as it is: its chunk tasks write, blocks in C order
         writer = functools.partial(_writes.write_task, z=z, fingerprint=fingerprint,
@@ -260,11 +256,10 @@ def write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: 
         z, done, aside = create_or_reopen(w, node, fingerprint, lease)
         if started is not None:
             started()
-        parts = waves(w, done)
+        # nothing left (complete already): one job that records it so and drops leftovers
+        parts = waves(w, done) or [[]]
         if not w.compute:
-            return plan(w, z, fingerprint, done, lease)
-        if not parts:  # complete already: record it so (and drop what a crash left)
-            parts = [[]]
+            return plan(w, z, fingerprint, done, lease, parts[0])
         for k, todo in enumerate(parts):
             job = plan(w, z, fingerprint, done, lease, todo, k == len(parts) - 1, len(parts) > 1)
             _sched.compute(job, w.progress)
