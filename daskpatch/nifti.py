@@ -15,7 +15,6 @@ import os
 import uuid
 from typing import Any, Literal
 
-import dask.array as da
 import numpy as np
 
 from daskpatch.adapters.xarray import is_dataarray
@@ -158,7 +157,8 @@ def to_nifti(
             raise ParameterError(f"channel_axis must be None or an axis of the {x.ndim}-D "
                                  f"array; got {channel_axis!r}", param="channel_axis",
                                  value=channel_axis, expected=(-x.ndim, x.ndim - 1))
-        x = da.moveaxis(x, int(channel_axis), -1)
+        ch = int(channel_axis) % x.ndim  # to the end (a transpose: both graph modes have it)
+        x = x.transpose(tuple(a for a in range(x.ndim) if a != ch) + (ch,))
     n_spatial = x.ndim - (channel_axis is not None)
     if n_spatial not in (2, 3):
         raise ParameterError(
@@ -203,7 +203,7 @@ def to_nifti(
             f.write(b"\0" * (offset - f.tell()))
             f.truncate(offset + int(np.prod(shape)) * dtype.itemsize)
         target = _NiftiRegion(tmp, offset, shape, dtype)
-        job = da.store(x.astype(dtype), target, lock=False, compute=False)  # type: ignore[arg-type]
+        job = _sched.store_job(x.astype(dtype), target)  # type: ignore[arg-type]
         _sched.compute(job, progress)
         os.replace(tmp, path)
     finally:

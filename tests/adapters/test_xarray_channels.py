@@ -14,6 +14,7 @@ def _three(batch):  # (B, 1, *size) -> (B, 3, *size)
     return np.concatenate([batch, 2 * batch, batch ** 2], axis=1)
 
 
+@pytest.mark.needs_dask("Array.__array__ (xarray .values)")
 def test_one_channel_in_k_out_gets_a_channel_dim_in_front():
     data = np.random.default_rng(0).random((16, 12), dtype=np.float32)
     vol = xr.DataArray(data, dims=("y", "x"), name="img", attrs={"units": "mm"},

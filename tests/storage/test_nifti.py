@@ -93,6 +93,7 @@ def test_bad_arguments_write_nothing(tmp_path, kwargs, exc, match):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.needs_dask("map_blocks of a function that raises")
 def test_an_existing_file_needs_overwrite_and_a_failed_write_leaves_it(ct, tmp_path):
     path, vol = ct
     with pytest.raises(TargetExistsError, match="already exists; pass overwrite=True"):
