@@ -388,3 +388,78 @@ def test_workers_keep_no_decoded_chunks_after_a_job(client, volume, tmp_path):
     assert set(client.run(_cached_bytes).values()) == {0}
     dp.to_numpy(_graph(volume, Model(9)))
     assert set(client.run(_cached_bytes).values()) == {0}
+
+
+def _slow_twice(batch: np.ndarray) -> np.ndarray:
+    time.sleep(0.05)
+    return 2 * batch
+
+
+@pytest.mark.slow
+@pytest.mark.processes
+def test_a_lost_scheduler_says_how_to_resume_and_resume_finishes(tmp_path):
+    """A real ``dask scheduler`` process killed (SIGKILL) while ``to_zarr`` runs on it: the
+    error carries the note saying to resume; on a new scheduler, ``resume=True`` keeps the
+    chunks written and finishes the write."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = np.random.default_rng(6).random((48, 48, 48)).astype(np.float32)
+    src = write_zarr(tmp_path / "in.zarr", data, (16, 16, 16))
+    target = tmp_path / "o.zarr"
+
+    # the scheduler unpickles the graph, so it imports the model's module too (this file's)
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+
+    def cluster(tag: str):
+        sfile = str(tmp_path / f"{tag}.json")
+        sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
+                                  "--scheduler-file", sfile, "--port", "0",
+                                  "--dashboard-address", ":0"], cwd=tmp_path, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _until(lambda: os.path.exists(sfile), 60)
+        worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker",
+                                   "--scheduler-file", sfile, "--nthreads", "1"],
+                                  cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        return sfile, sched, worker
+
+    def graph():
+        return dp.apply_patches(dp.open_volume(src), _slow_twice, 16, 8, block_shape=16)
+
+    sfile, sched, worker = cluster("first")
+    try:
+        with distributed.Client(scheduler_file=sfile, timeout=60) as c:
+            c.wait_for_workers(1, timeout=60)
+            markers = target / ".daskpatch-done" / "chunks"
+
+            def kill_when_a_chunk_is_written() -> None:
+                _until(lambda: markers.exists() and any(markers.iterdir()), 120)
+                sched.send_signal(signal.SIGKILL)
+
+            killer = threading.Thread(target=kill_when_a_chunk_is_written)
+            killer.start()
+            with pytest.raises(Exception) as info:
+                dp.to_zarr(graph(), target)
+            killer.join()
+        assert any("resume=True" in n and "chunks already written are kept" in n
+                   for n in getattr(info.value, "__notes__", [])), info.value
+    finally:
+        for p in (worker, sched):
+            p.kill()
+            p.wait()
+    written = len(list(markers.iterdir()))
+    assert 0 < written < 27
+    sfile, sched, worker = cluster("second")
+    try:
+        with distributed.Client(scheduler_file=sfile, timeout=60) as c:
+            c.wait_for_workers(1, timeout=60)
+            z = dp.to_zarr(graph(), target, resume=True)
+            np.testing.assert_allclose(z[...], 2 * data, rtol=1e-6)
+    finally:
+        for p in (worker, sched):
+            p.kill()
+            p.wait()
