@@ -325,7 +325,7 @@ def test_relative_paths_mean_the_same_on_every_worker(client, tmp_path, monkeypa
     client.run(os.chdir, "/")  # the workers run elsewhere
     try:
         vol = dp.open_volume("data/vol.zarr")
-        z = dp.to_zarr(dp.apply_patches(vol, Model(2), 16, 8), "out.zarr")
+        dp.to_zarr(dp.apply_patches(vol, Model(2), 16, 8), "out.zarr")
     finally:
         for worker, cwd in before.items():
             client.run(os.chdir, cwd, workers=[worker])
