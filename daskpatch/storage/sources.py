@@ -22,12 +22,11 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
 from daskpatch.engine import memory as _memory
 from daskpatch.config import get_bytes
 from daskpatch.storage.chunkcache import SharedChunks, read_chunks
-from daskpatch.storage.storeio import exists
+from daskpatch.storage.storeio import exists, run
 
 
 def _pad_map(n: int, total: int, mode: str) -> np.ndarray:
@@ -304,7 +303,7 @@ def _read_shared(arr: zarr.Array, index: tuple[slice, ...], out: np.ndarray | No
 
         def load(mine: list[int], batch: range = batch) -> list[np.ndarray]:
             sels = [whole[batch[i]] for i in mine]
-            return sync(_gather(arr, sels))
+            return run(_gather(arr, sels))  # on zarr's own loop, as zarr reads
 
         datas = read_chunks(arr, [wanted[j] for j in batch], shared, epoch, load)
         for j, data in zip(batch, datas):
