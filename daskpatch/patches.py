@@ -62,6 +62,7 @@ from daskpatch.geometry.parse import (
     parse_choice,
     parse_int,
     parse_pad_value,
+    parse_result_dtype,
     parse_shape,
 )
 from daskpatch.adapters.xarray import accepts_dataarray
@@ -372,19 +373,9 @@ def apply_patches(
     fn, grid, scale = scaled_model(fn, out_scale, in_grid, layout, tuple(volume.shape),
                                    vol.channels, cout, vol.dtype)
     window = parse_window(blend, grid, nb, sigma_scale, min_weight)
-    if dtype is None:
+    out_dtype = parse_result_dtype(dtype)
+    if out_dtype is None:
         out_dtype = vol.dtype if vol.dtype.kind in "fc" else np.dtype(np.float32)
-    else:
-        try:
-            out_dtype = np.dtype(dtype)
-        except TypeError as err:
-            raise ParameterTypeError(f"dtype must be a NumPy dtype; got {_describe(dtype)}",
-                                     param="dtype", value=dtype) from err
-        if out_dtype.kind not in "biufc":
-            raise ParameterTypeError(
-                f"dtype must be a numeric dtype (bool, integer, floating or complex): the result "
-                f"is a weighted mean of the model's numbers; got {out_dtype}", param="dtype",
-                value=out_dtype, expected="a numeric dtype")
     chunks_in = getattr(vol.array, "chunks", None)  # Zarr: ints; Dask: tuples
     if isinstance(chunks_in, tuple):
         chunks_in = [c if isinstance(c, tuple) else (int(c),) for c in chunks_in]

@@ -23,7 +23,7 @@ import numpy as np
 from daskpatch.adapters.torch import BatchFn, as_model, to_numpy
 from daskpatch.errors import (ModelOutputError, ModelOutputTypeError, ParameterError,
                               ParameterTypeError)
-from daskpatch.geometry.parse import _describe, parse_int
+from daskpatch.geometry.parse import _describe, parse_int, parse_result_dtype
 
 __all__ = ["TTA_MODES", "Head", "Heads", "HeadsFn", "parse_heads", "parse_tta"]
 
@@ -59,22 +59,6 @@ class Heads:
 
     def label(self, h: Head) -> str:
         return "fn's output" if self.kind == "array" else f"head {h.name!r}"
-
-
-def _parse_dtype(dtype: Any, name: str) -> np.dtype | None:
-    if dtype is None:
-        return None
-    try:
-        dt = np.dtype(dtype)
-    except TypeError as err:
-        raise ParameterTypeError(f"{name} must be a NumPy dtype; got {_describe(dtype)}",
-                                 param="dtype", value=dtype) from err
-    if dt.kind not in "biufc":
-        raise ParameterTypeError(
-            f"{name} must be a numeric dtype (bool, integer, floating or complex): the result "
-            f"is a weighted mean of the model's numbers; got {dt}", param="dtype", value=dt,
-            expected="a numeric dtype")
-    return dt
 
 
 def parse_heads(out_channels: Any, dtype: Any) -> Heads:
@@ -129,9 +113,9 @@ def parse_heads(out_channels: Any, dtype: Any) -> Heads:
                 f"dtype must name the same heads as out_channels ({names}); got "
                 f"{_describe(dtype)}", param="dtype", value=dtype, expected=names,
                 mentions=("out_channels",))
-        dtypes = [_parse_dtype(dtype[n], f"dtype[{n!r}]") for n in names]  # type: ignore[index]
+        dtypes = [parse_result_dtype(dtype[n], f"dtype[{n!r}]") for n in names]  # type: ignore[index]
     else:
-        dtypes = [_parse_dtype(dtype, "dtype")] * len(names)
+        dtypes = [parse_result_dtype(dtype, "dtype")] * len(names)
     return Heads(kind, tuple(Head(n, c, d)  # type: ignore[arg-type]
                              for n, c, d in zip(names, channels, dtypes)))
 

@@ -176,3 +176,26 @@ def parse_pad_value(value: Any, pad_mode: str, dtype: Any, name: str = "pad_valu
                              param=name, value=value)
     return value if isinstance(value, int) else v
 
+
+def parse_result_dtype(dtype: Any, name: str = "dtype") -> np.dtype[Any] | None:
+    """A result's ``dtype`` (``None`` stays ``None``): a numeric NumPy dtype, the result being a
+    weighted mean of the model's numbers; ``name`` is how errors name it.
+
+    Examples
+    --------
+    >>> parse_result_dtype("uint8")
+    dtype('uint8')
+    """
+    if dtype is None:
+        return None
+    try:
+        dt: np.dtype[Any] = np.dtype(dtype)
+    except TypeError as err:
+        raise ParameterTypeError(f"{name} must be a NumPy dtype; got {_describe(dtype)}",
+                                 param="dtype", value=dtype) from err
+    if dt.kind not in "biufc":
+        raise ParameterTypeError(
+            f"{name} must be a numeric dtype (bool, integer, floating or complex): the result "
+            f"is a weighted mean of the model's numbers; got {dt}", param="dtype", value=dt,
+            expected="a numeric dtype")
+    return dt
