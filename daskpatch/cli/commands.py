@@ -27,22 +27,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
 import traceback
-from fractions import Fraction
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import dask
-import numpy as np
 import zarr.codecs
-from dask.utils import parse_bytes
 
 from daskpatch import __version__
 from daskpatch.storage import stores as _store
+from daskpatch.cli.args import (byte_count, csv, float_list, fraction, int_list, numpy_dtype,
+                                out_scale_value, positive_int, scheduler_name, storage_option)
 from daskpatch.cli.errors import UsageError, in_flags
 from daskpatch.cli.info import axes_line, cmd_info
 from daskpatch.cli.info import shape_text as _x
@@ -68,8 +66,6 @@ from daskpatch.geometry.windows import BLENDS
 __all__ = ["main"]
 
 PROG = "daskpatch"
-#: ``--scheduler`` names of dask's local schedulers (anything with ``://`` is a cluster address).
-SCHEDULERS = ("threads", "processes", "sync")
 
 _logger = logging.getLogger("daskpatch")
 
@@ -79,87 +75,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-# -- argument types ------------------------------------------------------------------------------
-def _int_list(text: str, *, minimum: int = 1) -> int | tuple[int, ...]:
-    """``"64"`` -> 64, ``"32,64,64"`` -> (32, 64, 64): an int, or one per spatial axis."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or any(v < minimum for v in values):
-        raise argparse.ArgumentTypeError(
-            f"expected an integer >= {minimum}, or one per spatial axis separated by commas "
-            f"(e.g. 64 or 32,64,64); got {text!r}"
-        )
-    return values[0] if len(values) == 1 else values
-
-
-def _float_list(text: str) -> float | tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number, or one per spatial axis separated by commas; got {text!r}"
-        ) from None
-    return values[0] if len(values) == 1 else values
-
-
-def _out_scale(text: str) -> str | float | tuple[float, ...]:
-    """``--out-scale``: ``infer``, a number, or one per spatial axis (``1,0.5,0.5``; ``1/3``)."""
-    if text == "infer":
-        return text
-    try:
-        values = tuple(float(Fraction(v)) for v in text.split(","))
-    except (ValueError, ZeroDivisionError):
-        values = ()
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(
-            f"expected a positive number, one per spatial axis separated by commas (2 or "
-            f"1,0.5,0.5), or infer; got {text!r}")
-    return values[0] if len(values) == 1 else values
-
-
-def _csv(value: int | Sequence[int]) -> str:
-    return str(value) if isinstance(value, int) else ",".join(map(str, value))
-
-
-def _positive_int(text: str) -> int:
-    value = _int_list(text)
-    if not isinstance(value, int):
-        raise argparse.ArgumentTypeError(f"expected one integer >= 1; got {text!r}")
-    return value
-
-
-def _dtype(text: str) -> np.dtype:
-    try:
-        return np.dtype(text)
-    except TypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected a NumPy dtype name (float32, float16, uint8, ...); got {text!r}"
-        ) from None
-
-
-def _bytes(text: str) -> int:
-    try:
-        value = parse_bytes(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive byte count (8388608, 8MiB, 16MB); got {text!r}"
-        )
-    return value
-
-
-def _scheduler_name(text: str) -> str:
-    if text in SCHEDULERS or "://" in text:
-        return text
-    raise argparse.ArgumentTypeError(
-        f"expected one of {', '.join(SCHEDULERS)} or a dask.distributed scheduler address "
-        f"(tcp://host:8786); got {text!r}"
-    )
 
 
 # -- the parser ----------------------------------------------------------------------------------
@@ -233,12 +148,12 @@ the stride on each spatial axis, near --target-bytes, the channel axis whole. Th
 
 def _add_geometry(p: argparse.ArgumentParser, *, apply: bool) -> None:
     g = p.add_argument_group("patches")
-    g.add_argument("--size", type=_int_list, metavar="S", required=apply,
+    g.add_argument("--size", type=int_list, metavar="S", required=apply,
                    help="patch size: an int for every spatial axis, or one per axis (32,64,64)"
                         + ("" if apply else "; with it, info estimates a run"))
-    g.add_argument("--stride", type=_int_list, metavar="T",
+    g.add_argument("--stride", type=int_list, metavar="T",
                    help="patch stride (default: the size, no overlap); overlap is size - stride")
-    g.add_argument("--overlap", type=_fraction, metavar="F",
+    g.add_argument("--overlap", type=fraction, metavar="F",
                    help="overlap as a fraction of the size, as MONAI's overlap= (0.5: stride = "
                         "size - round(0.5 * size)); instead of --stride")
     g.add_argument("--channel-axis", type=int, metavar="A",
@@ -248,19 +163,19 @@ def _add_geometry(p: argparse.ArgumentParser, *, apply: bool) -> None:
     g.add_argument("--border", choices=BORDERS, default="shift",
                    help="the last patch on an axis: shift it back flush with the volume "
                         "(default), pad past the end, or drop it")
-    g.add_argument("--batch-size", type=_positive_int, metavar="N",
+    g.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="patches per model call (default 1; for a torch file exported or "
                         "traced for a fixed batch size, that size: the last batch is padded)")
-    g.add_argument("--out-channels", type=_positive_int, metavar="C",
+    g.add_argument("--out-channels", type=positive_int, metavar="C",
                    help="channels the model returns (default: the volume's)")
-    g.add_argument("--out-scale", type=_out_scale, metavar="F",
+    g.add_argument("--out-scale", type=out_scale_value, metavar="F",
                    help="the model's output patch is its input patch scaled by F (2: a 2x "
                         "super-resolution model; 1,0.5,0.5: half resolution on the last two "
                         "axes; 'infer': read it off the model's output for one patch); the "
                         "result has the volume's spatial shape times F")
-    g.add_argument("--dtype", type=_dtype, metavar="D",
+    g.add_argument("--dtype", type=numpy_dtype, metavar="D",
                    help="result dtype (default: the volume's when floating, else float32)")
-    g.add_argument("--block-shape", type=_int_list, metavar="B",
+    g.add_argument("--block-shape", type=int_list, metavar="B",
                    help="work block (and output chunk) shape, a multiple of the stride "
                         "(default: the input chunks when aligned, else a block near 64 MiB)")
 
@@ -272,16 +187,6 @@ COMPRESSORS: dict[str, Callable[[], Any]] = {
     "blosc-zstd": lambda: zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
     "none": lambda: None,
 }
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to below 1; got {text!r}")
-    return value
 
 
 def _overlap_stride(args: argparse.Namespace) -> None:
@@ -298,21 +203,8 @@ def _overlap_stride(args: argparse.Namespace) -> None:
     args.stride = strides[0] if isinstance(args.size, int) else strides
 
 
-def _storage_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` -> (key, value), the value read as JSON where it is (numbers, true/false,
-    objects), else as a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. endpoint_url=http://host:9000); "
-                                         f"got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
 def _add_storage(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage-option", type=_storage_option, action="append", default=[],
+    p.add_argument("--storage-option", type=storage_option, action="append", default=[],
                    metavar="KEY=VALUE", dest="storage_options",
                    help="an fsspec option for URL stores (s3://..., gs://...), e.g. "
                         "endpoint_url=http://host:9000 or anon=true; repeat for more (credentials "
@@ -362,7 +254,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--blend", choices=BLENDS, default="gaussian",
                    help="the blend apply would use (default gaussian; crop accumulates in the "
                         "result dtype)")
-    p.add_argument("--workers", type=_positive_int, metavar="N",
+    p.add_argument("--workers", type=positive_int, metavar="N",
                    help="worker threads the memory estimate assumes (default: the cores)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error")
@@ -384,7 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("blending")
     g.add_argument("--blend", choices=BLENDS, default="gaussian",
                    help="how overlapping predictions combine (default gaussian)")
-    g.add_argument("--sigma-scale", type=_float_list, default=0.125, metavar="X",
+    g.add_argument("--sigma-scale", type=float_list, default=0.125, metavar="X",
                    help="gaussian sigma as a fraction of the patch size (default 0.125)")
     g.add_argument("--pad-mode", choices=PAD_MODES, default="reflect",
                    help="how --border pad reads past the end (default reflect)")
@@ -410,10 +302,10 @@ def _parser() -> argparse.ArgumentParser:
                         "and flips), from the same model calls")
     _add_run(p)
     g = p.add_argument_group("scheduler")
-    g.add_argument("--scheduler", type=_scheduler_name, default="threads", metavar="S",
+    g.add_argument("--scheduler", type=scheduler_name, default="threads", metavar="S",
                    help="threads (default), processes, sync, or the address of a "
                         "dask.distributed scheduler (tcp://host:8786)")
-    g.add_argument("--workers", type=_positive_int, metavar="N",
+    g.add_argument("--workers", type=positive_int, metavar="N",
                    help="threads or processes of a local scheduler (default: the cores)")
     p.set_defaults(run=_cmd_apply)
 
@@ -424,13 +316,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC", help="input Zarr store")
     p.add_argument("dst", metavar="DST", help="output Zarr store (Zarr format 3)")
     _add_storage(p)
-    p.add_argument("--stride", type=_int_list, required=True, metavar="T",
+    p.add_argument("--stride", type=int_list, required=True, metavar="T",
                    help="patch stride: an int, or one per spatial axis")
     p.add_argument("--path", metavar="P", help="the array inside SRC")
     p.add_argument("--dst-path", metavar="P", help="the array to write inside DST")
     p.add_argument("--channel-axis", type=int, metavar="A",
                    help="channel axis, kept whole in every chunk")
-    p.add_argument("--target-bytes", type=_bytes, default=DEFAULT_TARGET_BYTES, metavar="N",
+    p.add_argument("--target-bytes", type=byte_count, default=DEFAULT_TARGET_BYTES, metavar="N",
                    help="chunk size target (default 8MiB)")
     _add_run(p)
     p.set_defaults(run=_cmd_rechunk)
@@ -530,7 +422,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     spatial = parse_per_axis(args.size, len(layout.spatial_axes), "size")
     check_static_shape(getattr(loaded, "input_shape", None), given + spatial,
                        f"daskpatch gives it batches {('B',) + given[1:] + spatial} (--size "
-                       f"{_csv(args.size)}, --channel-axis {args.channel_axis})")
+                       f"{csv(args.size)}, --channel-axis {args.channel_axis})")
     if torch_file:
         patch = layout.patch_shape(spatial, given[1]) if layout.channel_axis is not None \
             else spatial
