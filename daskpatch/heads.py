@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from fractions import Fraction
 from typing import Any, NamedTuple
 
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
-from daskpatch.adapters.heads import Head, Heads, HeadsFn, parse_heads, parse_tta
-from daskpatch.adapters.torch import as_model, check_model_input
+from daskpatch.adapters.heads import Head, Heads, HeadsFn, head_values, parse_heads, parse_tta
+from daskpatch.adapters.torch import BatchFn, as_model, check_model_input, to_numpy
 from daskpatch.engine.numbers import acc_dtype, cast, nan_error
-from daskpatch.errors import ParameterError
+from daskpatch.errors import ModelOutputError, ParameterError
 from daskpatch.geometry.layout import parse_layout
 from daskpatch.geometry.parse import parse_bool, parse_per_axis
-from daskpatch.geometry.scale import parse_out_scale
+from daskpatch.geometry.scale import INFER, Scale, parse_out_scale, scaled_length
 from daskpatch.graph.inputs import Volume, with_channel_axis
 
 __all__ = ["Uncertain", "apply_heads", "wants_heads"]
@@ -48,7 +49,7 @@ def wants_heads(out_channels: Any, dtype: Any, tta: Any, uncertainty: Any) -> bo
             or isinstance(dtype, (Mapping, tuple, list)))
 
 
-def apply_heads(apply: Callable[..., da.Array], volume: Any, fn: Any, size: Any, stride: Any,
+def apply_heads(apply: Callable[..., list[da.Array]], volume: Any, fn: Any, size: Any, stride: Any,
                 *, out_channels: Any, dtype: Any, tta: Any, uncertainty: Any,
                 channel_axis: Any, **kwargs: Any) -> Any:
     """:func:`daskpatch.apply_patches` (``apply``) of a model with several heads, ``tta`` or
@@ -89,36 +90,45 @@ def apply_heads(apply: Callable[..., da.Array], volume: Any, fn: Any, size: Any,
             model_layout = layout
     model_has_ch = layout.channel_axis is not None and not squeeze
     patch = tuple(parse_per_axis(size, n_spatial, "size"))
-    out_patch = _scaled_patch(kwargs.get("out_scale"), patch)
     batch = _batch_shape(patch, layout.channels if model_has_ch else None, channel_last)
     model = as_model(fn)
+    scales = _head_scales(kwargs.pop("out_scale", None), heads, patch,
+                          lambda: _probe(model, heads, batch, volume.dtype, model_has_ch,
+                                         channel_last))
+    spatials = [patch if sc is None else _scaled_patch(sc, patch, heads.label(h))
+                for h, sc in zip(heads.heads, scales)]
     axes = (f"{described}: fn gets batches ({', '.join(map(str, batch))}) and must return "
-            f"{_returns(heads, out_patch, model_has_ch, channel_last)}")
+            f"{_returns(heads, spatials, model_has_ch, channel_last)}")
     check_model_input(model, model_layout, (1,) + batch[1:], axes)
     hfn = HeadsFn(model, heads, flips, uncertainty, squeeze, channel_last, model_has_ch, acc,
-                  out_patch, axes)
+                  spatials, axes)
+    # one overlap-add per resolution (group of heads), all from the same model calls
+    totals = [sum(heads.heads[i].channels for i in g) for g in hfn.groups]
     h0 = heads.heads[0]
     direct = heads.kind == "array" and not uncertainty and h0.dtype is not None \
         and h0.dtype.kind in "fc"
-    y = apply(volume, hfn, size, stride, channel_axis=channel_axis,
-              out_channels=engine_channels, dtype=h0.dtype if direct else acc, **kwargs)
+    ys = apply(volume, hfn, size, stride,
+               [(scales[g[0]], t * (2 if uncertainty else 1), h0.dtype if direct else acc)
+                for g, t in zip(hfn.groups, totals)], channel_axis=channel_axis, **kwargs)
     if direct:
-        return y
-    ch = None if layout.channel_axis is None else layout.channel_axis % y.ndim
-    results: list[Any] = []
-    offset = 0
-    for h in heads.heads:
-        assert h.dtype is not None
-        label = heads.label(h)
-        mean = _split(y, ch, offset, h.channels, None, squeeze, h.dtype, label, "mean")
-        if uncertainty:
-            std_dtype = h.dtype if h.dtype.kind == "f" else np.dtype(np.float32)
-            std = _split(y, ch, offset, h.channels, total + offset, squeeze, std_dtype, label,
-                         "std")
-            results.append(Uncertain(mean, std))
-        else:
-            results.append(mean)
-        offset += h.channels
+        return ys[0]
+    ch = None if layout.channel_axis is None else layout.channel_axis % ys[0].ndim
+    results: list[Any] = [None] * len(heads.heads)
+    for y, group, total in zip(ys, hfn.groups, totals):
+        offset = 0
+        for i in group:
+            h = heads.heads[i]
+            assert h.dtype is not None
+            label = heads.label(h)
+            mean = _split(y, ch, offset, h.channels, None, squeeze, h.dtype, label, "mean")
+            if uncertainty:
+                std_dtype = h.dtype if h.dtype.kind == "f" else np.dtype(np.float32)
+                std = _split(y, ch, offset, h.channels, total + offset, squeeze, std_dtype,
+                             label, "std")
+                results[i] = Uncertain(mean, std)
+            else:
+                results[i] = mean
+            offset += h.channels
     if heads.kind == "array":
         return results[0]
     if heads.kind == "tuple":
@@ -126,25 +136,68 @@ def apply_heads(apply: Callable[..., da.Array], volume: Any, fn: Any, size: Any,
     return {h.name: r for h, r in zip(heads.heads, results)}
 
 
-def _scaled_patch(out_scale: Any, patch: tuple[int, ...]) -> tuple[int, ...]:
-    """The heads' spatial shape: the patch's, times ``out_scale`` (one scale for every head;
-    ``"infer"`` would run the model while the graph is built, which several heads refuse). A
-    scale that maps the patch to no whole shape is left to :func:`daskpatch.apply_patches`,
-    whose error names the axis."""
-    if out_scale is None:
-        return patch
+def _head_scales(out_scale: Any, heads: Heads, patch: tuple[int, ...],
+                 probe: Callable[[], list[tuple[int, ...]]]) -> list[Scale | None]:
+    """Each head's ``out_scale``: one for every head (a number, one per spatial axis), one per
+    head (a dict keyed by the heads' names, positions for a tuple), or ``"infer"``: read off
+    each head's output for one patch (``probe`` runs the model once)."""
+    n = len(patch)
+    if isinstance(out_scale, str) and out_scale == INFER:
+        return [tuple(Fraction(o, i) for o, i in zip(sp, patch)) for sp in probe()]
+    if isinstance(out_scale, Mapping):
+        names = [h.name for h in heads.heads]
+        if heads.kind == "array" or set(out_scale) != set(names):
+            raise ParameterError(
+                f"out_scale as a dict gives one scale per head and must name the heads "
+                f"out_channels declares ({names if heads.kind != 'array' else 'none'}); got "
+                f"the keys {list(out_scale)}", param="out_scale", value=out_scale,
+                expected=names, mentions=("out_channels",))
+        return [parse_out_scale(out_scale[k], n, f"out_scale[{k!r}]") for k in names]
     if isinstance(out_scale, str):
-        raise ParameterError(
-            f"out_scale with several heads, tta or uncertainty must be a number or one per "
-            f"spatial axis (one scale for every head); got {out_scale!r}",
-            param="out_scale", value=out_scale, expected="a number or one per spatial axis")
-    scale = parse_out_scale(out_scale, len(patch))
-    if scale is None:
-        return patch
-    scaled = [p * f for p, f in zip(patch, scale)]
-    if any(v.denominator != 1 for v in scaled):
-        return patch
-    return tuple(int(v) for v in scaled)
+        try:
+            return [parse_out_scale(out_scale, n)] * len(heads.heads)
+        except ParameterError:
+            raise ParameterError(f"out_scale must be a positive number, one per spatial axis, "
+                                 f"a dict of one per head, or {INFER!r}; got {out_scale!r}",
+                                 param="out_scale", value=out_scale,
+                                 expected=f"a number or {INFER!r}") from None
+    return [parse_out_scale(out_scale, n)] * len(heads.heads)
+
+
+def _scaled_patch(scale: Scale, patch: tuple[int, ...], label: str) -> tuple[int, ...]:
+    """A head's spatial patch shape: the patch's times its ``scale``, in whole voxels."""
+    out = []
+    for a, (p, f) in enumerate(zip(patch, scale)):
+        v = scaled_length(p, f)
+        if v is None or v == 0:
+            raise ParameterError(
+                f"out_scale of {label} maps the patch size {p} on spatial axis {a} to {p * f} "
+                f"voxels ({p} x {f}), not a whole number; choose a size that the scale maps to "
+                f"whole voxels", param="out_scale", value=str(f), expected="whole voxels",
+                mentions=("size",))
+        out.append(v)
+    return tuple(out)
+
+
+def _probe(model: Any, heads: Heads, batch: tuple, dtype: np.dtype, has_ch: bool,
+           channel_last: bool) -> list[tuple[int, ...]]:
+    """Each head's spatial shape for one all-zero patch (``out_scale="infer"``: the model runs
+    once, on the caller's thread; nothing is read)."""
+    x = np.zeros((1,) + tuple(batch[1:]), dtype=dtype)
+    out = head_values(heads, BatchFn(model, (), "")(x), x)
+    shapes = []
+    for h, v in zip(heads.heads, out):
+        shape = tuple(getattr(to_numpy(v), "shape", ()))
+        spatial = shape[2:] if has_ch and not channel_last else \
+            shape[1:-1] if has_ch else shape[1:]
+        if len(shape) < 1 + len(batch[1:]) or len(spatial) != len(batch) - (2 if has_ch else 1) \
+                or not all(spatial):
+            raise ModelOutputError(
+                f"out_scale={INFER!r}: {heads.label(h)} has shape {shape} for a batch of shape "
+                f"{x.shape}; expected (1, ...) with {len(batch) - (2 if has_ch else 1)} "
+                f"spatial axes", expected=len(batch), got=shape)
+        shapes.append(spatial)
+    return shapes
 
 
 def _batch_shape(patch: tuple[int, ...], channels: int | None, channel_last: bool) -> tuple:
@@ -153,10 +206,11 @@ def _batch_shape(patch: tuple[int, ...], channels: int | None, channel_last: boo
     return ("B",) + ((*patch, channels) if channel_last else (channels, *patch))
 
 
-def _returns(heads: Heads, patch: tuple[int, ...], has_ch: bool, channel_last: bool) -> str:
-    shapes = ["(" + ", ".join(map(str, _batch_shape(patch, h.channels if has_ch else None,
+def _returns(heads: Heads, spatials: list[tuple[int, ...]], has_ch: bool,
+             channel_last: bool) -> str:
+    shapes = ["(" + ", ".join(map(str, _batch_shape(sp, h.channels if has_ch else None,
                                                      channel_last))) + ")"
-              for h in heads.heads]
+              for h, sp in zip(heads.heads, spatials)]
     if heads.kind == "array":
         return shapes[0]
     if heads.kind == "tuple":

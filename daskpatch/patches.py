@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from fractions import Fraction
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dask
@@ -39,13 +40,18 @@ import numpy as np
 from dask.base import tokenize
 from dask.utils import parse_bytes
 
+from daskpatch.config import get_bytes, get_int
 from daskpatch.engine.batches import BatchPool
+from daskpatch.engine.numbers import acc_dtype
+from daskpatch.geometry.blocks import work_block
 from daskpatch.graph.engine import engine_array
 from daskpatch.graph.plan import (
     ApplyReader,
+    FusedReader,
     OverlapAdd,
     ReconstructReader,
     check_coverage,
+    fused_array,
     parse_window,
     prepare,
 )
@@ -227,7 +233,7 @@ def apply_patches(
     sigma_scale: float | tuple[float, ...] = 0.125,
     spill: bool | str | os.PathLike | None = None,
     min_weight: float | None = None,
-    out_scale: float | tuple[float, ...] | str | None = None,
+    out_scale: float | tuple[float, ...] | Mapping[Any, Any] | str | None = None,
     tta: str | Sequence[Sequence[int]] | None = None,
     uncertainty: bool = False,
 ) -> Any:
@@ -279,7 +285,7 @@ def apply_patches(
         blended value is above 0.5. A complex ``fn`` output needs a complex dtype (a TypeError says
         so). A value beyond a floating dtype's range saturates at its largest finite value.
         With several heads: one dtype for all, or a dict/tuple of one per head.
-    out_scale : float, tuple of float or "infer", optional
+    out_scale : float, tuple of float, dict or "infer", optional
         A model whose output patch is a scaled version of its input patch: the output voxels
         per input voxel, one number or one per spatial axis (``2`` for a 2x super-resolution
         network, ``(1, 0.5, 0.5)`` for one predicting at half resolution in-plane).
@@ -290,8 +296,11 @@ def apply_patches(
         stride). Shape, size and stride must each map to whole voxels on every axis, so that
         every output patch starts exactly at its input patch's start times the scale (a
         ``border="shift"`` patch flush with the end included); otherwise a ValueError names the
-        axis. ``None`` (default): the input's resolution.
-
+        axis. ``None`` (default): the input's resolution. With several heads: one scale for
+        every head, a dict of one per head (keyed as ``out_channels``; positions for a tuple),
+        or ``"infer"``, which reads each head's off its output. Heads at different resolutions
+        still cost one model call per patch; ``block_shape`` then counts the first head's
+        voxels.
     tta : {"flip"}, list of axis sets, optional
         Test-time augmentation: ``fn`` runs on each flip of the batch (``"flip"``: every subset
         of the spatial axes, ``2**n`` calls per batch; or a list such as ``[(), (0,), (1, 2)]``
@@ -329,13 +338,23 @@ def apply_patches(
     >>> bool(np.allclose(up.compute(), vol.repeat(2, 0).repeat(2, 1), atol=1e-5))
     True
 
-    Several heads, and test-time flips with per-voxel uncertainty:
+    Several heads:
 
     >>> heads = apply_patches(vol, lambda b: {"seg": np.concatenate([b, -b], 1), "d": b + 1},
     ...                       16, 8, out_channels={"seg": 2, "d": 1}, dtype={"d": "uint8",
     ...                       "seg": "float32"})
     >>> heads["seg"].shape, heads["d"].shape, heads["d"].dtype
     ((2, 40, 30), (1, 40, 30), dtype('uint8'))
+
+    Heads at different resolutions, each scale read off the model's output:
+
+    >>> full, half = apply_patches(vol, lambda b: (b, b[:, ::2, ::2]), 16, 8,
+    ...                            out_channels=(1, 1), out_scale="infer")
+    >>> full.shape, half.shape
+    ((40, 30), (20, 15))
+
+    Test-time flips with per-voxel uncertainty:
+
     >>> mean, std = apply_patches(vol, lambda b: b ** 2, 16, 8, tta="flip", uncertainty=True)
     >>> bool(np.allclose(mean.compute(), vol ** 2, atol=1e-5)), float(std.max().compute()) < 1e-3
     (True, True)
@@ -343,66 +362,124 @@ def apply_patches(
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking a batch of patches; got {_describe(fn)}")
     if wants_heads(out_channels, dtype, tta, uncertainty):  # one overlap-add, split per head
-        return apply_heads(apply_patches, volume, fn, size, stride, out_channels=out_channels,
+        return apply_heads(_apply, volume, fn, size, stride, out_channels=out_channels,
                            dtype=dtype, tta=tta, uncertainty=uncertainty,
                            channel_axis=channel_axis, border=border, pad_mode=pad_mode,
                            pad_value=pad_value, blend=blend, batch_size=batch_size,
                            block_shape=block_shape, fill_value=fill_value,
                            sigma_scale=sigma_scale, spill=spill, min_weight=min_weight,
                            out_scale=out_scale)
-    batch_size = parse_int(batch_size, "batch_size", minimum=1)
     if not hasattr(volume, "ndim"):
         volume = Volume.from_user(volume, None).array
     if channel_axis is None and out_channels is not None and \
             parse_int(out_channels, "out_channels", minimum=1) > 1:
         # one channel in, K out: the volume gets a channel axis in front, the model (B, 1, ...)
         volume, channel_axis = with_channel_axis(volume), 0
+    (y,) = _apply(volume, fn, size, stride, [(out_scale, out_channels, dtype)],
+                  channel_axis=channel_axis, border=border, pad_mode=pad_mode,
+                  pad_value=pad_value, blend=blend, batch_size=batch_size,
+                  block_shape=block_shape, fill_value=fill_value, sigma_scale=sigma_scale,
+                  spill=spill, min_weight=min_weight)
+    return y
+
+
+def _apply(volume: Any, fn: Any, size: Any, stride: Any, outputs: Sequence[tuple[Any, Any, Any]],
+           *, channel_axis: Any, border: Any, pad_mode: Any, pad_value: Any, blend: Any,
+           batch_size: Any, block_shape: Any, fill_value: Any, sigma_scale: Any, spill: Any,
+           min_weight: Any) -> list[da.Array]:
+    """The overlap-adds of :func:`apply_patches`: one per ``(out_scale, out_channels, dtype)``
+    of ``outputs``, over the same patches. One output is one engine whose blocks run ``fn``;
+    several (the groups of heads at different resolutions of a
+    :class:`~daskpatch.adapters.heads.HeadsFn`, which returns one array per output) share one
+    task per block that runs ``fn`` once on its patches and accumulates every output, each
+    output's engine taking its buffer from it. Their work blocks cover the same patches: the
+    block of the first output (or, automatic, of the finest, sized for them all) scaled to each.
+    """
+    batch_size = parse_int(batch_size, "batch_size", minimum=1)
     layout = parse_layout(volume.ndim, size, channel_axis, shape=volume.shape)
-    border = parse_choice(border, "border", BORDERS)  # type: ignore[assignment]
-    pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)  # type: ignore[assignment]
+    border = parse_choice(border, "border", BORDERS)
+    pad_mode = parse_choice(pad_mode, "pad_mode", PAD_MODES)
     vol = Volume.from_user(volume, layout.channel_axis)
     pad_value = parse_pad_value(pad_value, pad_mode, vol.dtype)
     nb = layout.n_batch
     in_grid = full_grid(vol.shape, nb, size, stride, border)
     check_coverage(in_grid, fill_value)
-    if out_channels is None:
-        cout = vol.channels
-    else:
-        cout = parse_int(out_channels, "out_channels", minimum=1)
-    # the grid the predictions blend on: the input's, or scaled by out_scale
-    fn, grid, scale = scaled_model(fn, out_scale, in_grid, layout, tuple(volume.shape),
-                                   vol.channels, cout, vol.dtype)
-    window = parse_window(blend, grid, nb, sigma_scale, min_weight)
-    out_dtype = parse_result_dtype(dtype)
-    if out_dtype is None:
-        out_dtype = vol.dtype if vol.dtype.kind in "fc" else np.dtype(np.float32)
     chunks_in = getattr(vol.array, "chunks", None)  # Zarr: ints; Dask: tuples
     if isinstance(chunks_in, tuple):
         chunks_in = [c if isinstance(c, tuple) else (int(c),) for c in chunks_in]
         if layout.channel_axis is not None:
             del chunks_in[layout.channel_axis]
-        chunks_in = scaled_chunks(tuple(chunks_in), nb, scale)
+        chunks_in = tuple(chunks_in)
     else:
         chunks_in = None
-    b = prepare("apply_patches", grid, layout, window, fill_value=fill_value,
-                out_dtype=out_dtype, channels=cout, block_shape=block_shape,
-                input_chunks=chunks_in, batch_size=batch_size, spill=spill,
-                record=dict(pad_mode=pad_mode, pad_value=pad_value, batch_size=batch_size,
-                            input_shape=vol.shape, channels=vol.channels, out_channels=cout,
-                            input_dtype=vol.dtype, dtype=out_dtype,
-                            **({} if scale is None else {  # the user's size and stride
-                                "size": in_grid.size[nb:], "stride": in_grid.stride[nb:],
-                                "out_scale": scale_text(scale)}),
-                            **getattr(fn, "params", {})))  # a HeadsFn's heads, tta
+    made = []  # per output: (grid, scale, channels, dtype, window)
+    for out_scale, out_channels, dtype in outputs:
+        cout = vol.channels if out_channels is None else \
+            parse_int(out_channels, "out_channels", minimum=1)
+        # the grid the predictions blend on: the input's, or scaled by out_scale
+        fn, grid, scale = scaled_model(fn, out_scale, in_grid, layout, tuple(volume.shape),
+                                       vol.channels, cout, vol.dtype)
+        out_dtype = parse_result_dtype(dtype)
+        if out_dtype is None:
+            out_dtype = vol.dtype if vol.dtype.kind in "fc" else np.dtype(np.float32)
+        made.append((grid, scale, cout, out_dtype,
+                     parse_window(blend, grid, nb, sigma_scale, min_weight)))
+    blocks: list[Any] = [block_shape] * len(made)
+    if len(made) > 1:
+        blocks = _shared_blocks(made, block_shape, nb, chunks_in, batch_size)
     # the model is ONE key of the graph, which every block task reads: a cluster ships it to
     # each worker once (and keeps it there), not once per block task
     model = "model-" + tokenize(fn)
-    name = "apply-patches-" + tokenize(vol.name, model, b.token(), pad_mode, pad_value,
-                                       batch_size, cout, out_dtype,
-                                       *(() if scale is None else (scale_text(scale),)))
-    reader = ApplyReader(vol, pad_mode, pad_value, batch_size, model,
-                         tuple(in_grid.axis_starts(a) for a in range(grid.ndim)), BatchPool(),
-                         fn, None if scale is None else in_grid.size)
+    plans: list[OverlapAdd] = []
+    for (grid, scale, cout, out_dtype, window), block in zip(made, blocks):
+        b = prepare("apply_patches", grid, layout, window, fill_value=fill_value,
+                    out_dtype=out_dtype, channels=cout, block_shape=block,
+                    input_chunks=None if chunks_in is None else
+                    scaled_chunks(chunks_in, nb, scale),
+                    batch_size=batch_size, spill=spill,
+                    record=dict(pad_mode=pad_mode, pad_value=pad_value, batch_size=batch_size,
+                                input_shape=vol.shape, channels=vol.channels, out_channels=cout,
+                                input_dtype=vol.dtype, dtype=out_dtype,
+                                **({} if scale is None else {  # the user's size and stride
+                                    "size": in_grid.size[nb:], "stride": in_grid.stride[nb:],
+                                    "out_scale": scale_text(scale)}),
+                                **getattr(fn, "params", {})))  # a HeadsFn's heads, tta
+        name = "apply-patches-" + tokenize(vol.name, model, b.token(), pad_mode, pad_value,
+                                           batch_size, cout, out_dtype, len(plans),
+                                           *(() if scale is None else (scale_text(scale),)))
+        reader = ApplyReader(vol, pad_mode, pad_value, batch_size, model,
+                             tuple(in_grid.axis_starts(a) for a in range(grid.ndim)),
+                             BatchPool(), fn, None if scale is None and len(made) == 1
+                             else in_grid.size)
+        plans.append(OverlapAdd(name, b, reader))
     collections, extra = vol.source_layer()
-    return engine_array(OverlapAdd(name, b, reader), collections, {**extra, model: fn})
+    extra = {**extra, model: fn}
+    if len(plans) == 1:
+        return [engine_array(plans[0], collections, extra)]
+    owned = plans[0].blending.plan.owned
+    if any(p.blending.plan.owned != owned for p in plans):  # _shared_blocks' promise
+        raise AssertionError("the outputs' work blocks do not cover the same patches")
+    together = fused_array(plans, collections, extra)
+    return [engine_array(OverlapAdd(p.name, p.blending, FusedReader(together.name, g, fn)),
+                         [together], None) for g, p in enumerate(plans)]
 
+
+def _shared_blocks(made: list, block_shape: Any, nb: int, chunks_in: Any, batch_size: int
+                   ) -> list[tuple[int, ...]]:
+    """The spatial work block of each output, covering the same patches: ``block_shape``
+    counts the first output's voxels; ``None`` sizes the finest output's block for the buffers
+    of every output (and its chunks for the input's)."""
+    ref = 0
+    if block_shape is None:
+        ref = max(range(len(made)), key=lambda k: math.prod(made[k][0].shape))
+    grid, scale, cout, out_dtype, window = made[ref]
+    total = sum(math.prod(g.shape) * c for g, _, c, _, _ in made)
+    channels = -(-total // math.prod(grid.shape))  # every output's buffer, in the finest's
+    itemsize = acc_dtype(out_dtype, window.blend == "crop").itemsize
+    block = work_block(grid, nb, block_shape, itemsize, channels,
+                       None if chunks_in is None else scaled_chunks(chunks_in, nb, scale),
+                       batch_size, get_bytes("block-bytes"), get_int("min-blocks"))[nb:]
+    # in input voxels: a multiple of the input's stride, since block is one of the scaled's
+    on_input = [Fraction(v) / f for v, f in zip(block, scale or (1,) * len(block))]
+    return [tuple(int(v * f) for v, f in zip(on_input, s or (1,) * len(block)))
+            for _, s, *_ in made]

@@ -127,25 +127,147 @@ def test_nan_in_an_integer_head_names_it():
 
 def test_monai_multioutput_tuple_and_dict():
     """Port of MONAI's ``tests/inferers/test_sliding_window_inference.py::test_multioutput``:
-    a model returning a tuple and a dict of outputs, at the patch's resolution here (MONAI's
-    heads at half and a quarter resolution are another feature: refused, naming the head)."""
+    a model returning a tuple and a dict of outputs at the patch's resolution, half of it and a
+    quarter of it (MONAI infers each output's scale from its shape: ``out_scale="infer"``)."""
     inputs = np.ones((6, 20, 20), dtype=np.float32)
 
     def compute(data):
-        return data + 1, data[:, ::3] + 2, data[:, ::2] + 3
+        return data + 1, data[:, ::3, ::2, ::2] + 2, data[:, ::2, ::4, ::4] + 3
 
     def compute_dict(data):
-        return {1: data + 1, 2: data[:, ::3] + 2, 3: data[:, ::2] + 3}
+        return {1: data + 1, 2: data[:, ::3, ::2, ::2] + 2, 3: data[:, ::2, ::4, ::4] + 3}
 
-    result = dp.apply_patches(inputs, compute, 8, 4, channel_axis=0, batch_size=10,
-                              blend="constant", out_channels=(6, 2, 3))
+    model = Counting(compute)
+    result = dp.apply_patches(inputs, model, 8, 4, channel_axis=0, batch_size=10,
+                              blend="constant", out_channels=(6, 2, 3), out_scale="infer")
     result_dict = dp.apply_patches(inputs, compute_dict, 8, 4, channel_axis=0, batch_size=10,
-                                   blend="constant", out_channels={1: 6, 2: 2, 3: 3})
-    expected = (np.ones((6, 20, 20)) + 1, np.ones((2, 20, 20)) + 2, np.ones((3, 20, 20)) + 3)
-    for rr, ee in zip(dask.compute(*result), expected):
+                                   blend="constant", out_channels={1: 6, 2: 2, 3: 3},
+                                   out_scale={1: 1, 2: 0.5, 3: 0.25})
+    expected = (np.ones((6, 20, 20)) + 1, np.ones((2, 10, 10)) + 2, np.ones((3, 5, 5)) + 3)
+    model.patches = 0  # the probe of "infer" ran once, when the graph was built
+    computed = dask.compute(*result)
+    assert model.patches == len(PatchGrid((20, 20), 8, 4))  # once per patch for all outputs
+    for rr, ee in zip(computed, expected):
+        assert rr.shape == ee.shape
         np.testing.assert_allclose(rr, ee, rtol=1e-4)
     for (k, rr), ee in zip(dask.compute(result_dict)[0].items(), expected):
+        assert rr.shape == ee.shape
         np.testing.assert_allclose(rr, ee, rtol=1e-4)
+
+
+def _pyramid(b):
+    """Three heads of (B, 1, 16, 12) patches: full resolution, half, and (1, 1/4) -- each a
+    different, non-constant function of the patch, so that blending errors show."""
+    half = b.reshape(b.shape[0], 1, 8, 2, 6, 2).mean((3, 5))
+    return {"full": np.concatenate([b, b * b], 1), "half": np.sin(3 * half) + 2,
+            "thin": b.reshape(b.shape[0], 1, 16, 3, 4).max(-1) * 5}
+
+
+def _head_alone(vol, head, scale, **kw):
+    """One head through apply_patches alone, at its own out_scale (the reference)."""
+    return dp.apply_patches(vol[None], lambda b: _pyramid(b)[head], (16, 12), (8, 4),
+                            channel_axis=0, out_channels=2 if head == "full" else 1,
+                            out_scale=scale, **kw).compute()
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "hann", "crop"])
+def test_heads_at_different_resolutions_equal_each_head_alone(blend):
+    vol = np.random.default_rng(11).random((40, 36), dtype=np.float32)
+    model = Counting(_pyramid)
+    scales = {"full": 1, "half": 0.5, "thin": (1, 0.25)}
+    out = dp.apply_patches(vol, model, (16, 12), (8, 4), out_channels={"full": 2, "half": 1,
+                           "thin": 1}, out_scale=scales, blend=blend, batch_size=3)
+    got = dask.compute(out)[0]
+    assert model.patches == len(PatchGrid(vol.shape, (16, 12), (8, 4)))
+    assert got["full"].shape == (2, 40, 36) and got["half"].shape == (1, 20, 18) \
+        and got["thin"].shape == (1, 40, 9)
+    for head, scale in scales.items():
+        alone = _head_alone(vol, head, scale, blend=blend)
+        np.testing.assert_allclose(got[head], alone, rtol=2e-6, atol=1e-6)
+    # the same from "infer", with uncertainty and flips, and a block shape of the first head
+    model.patches = 0
+    mean = dp.apply_patches(vol, model, (16, 12), (8, 4), out_scale="infer", blend=blend,
+                            out_channels={"full": 2, "half": 1, "thin": 1}, block_shape=16,
+                            tta=[(), (0,)], uncertainty=True)
+    assert [mean[k].mean.chunks[-2:] for k in scales] == [
+        ((16, 16, 8), (16, 16, 4)), ((8, 8, 4), (8, 8, 2)), ((16, 16, 8), (4, 4, 1))]
+    got2 = dask.compute(mean)[0]
+    assert model.patches == 2 * len(PatchGrid(vol.shape, (16, 12), (8, 4))) + 1  # + the probe
+    for head in scales:
+        assert got2[head].mean.shape == got[head].shape
+        assert np.isfinite(got2[head].std).all()
+
+
+@pytest.mark.needs_dask("group writes merge HighLevelGraph layers")
+def test_heads_at_different_resolutions_out_of_core_and_resumed(tmp_path):
+    vol = np.random.default_rng(12).random((48, 40), dtype=np.float32)
+    z = zarr.open_array(tmp_path / "in.zarr", mode="w", shape=vol.shape, chunks=(16, 8),
+                        dtype=vol.dtype)
+    z[:] = vol
+    model = Counting(_pyramid)
+    kw = dict(out_channels={"full": 2, "half": 1, "thin": 1}, block_shape=(16, 8),
+              out_scale={"full": 1, "half": 0.5, "thin": (1, 0.25)})
+    heads = dp.apply_patches(dp.open_volume(z), model, (16, 12), (8, 4), **kw)
+    dp.to_zarr(heads, tmp_path / "out.zarr")
+    g = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    assert model.patches == len(PatchGrid(vol.shape, (16, 12), (8, 4)))
+    assert g["half"].shape == (1, 24, 20) and g["thin"].shape == (1, 48, 10)
+    for head in ("full", "half", "thin"):
+        np.testing.assert_allclose(g[head][...], _head_alone(vol, head, kw["out_scale"][head]),
+                                   rtol=2e-6, atol=1e-6)
+    model.patches = 0
+    dp.to_zarr(dp.apply_patches(dp.open_volume(z), model, (16, 12), (8, 4), **kw),
+               tmp_path / "out.zarr", resume=True)
+    assert model.patches == 0  # all written: nothing run again
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_one_head_of_several_resolutions_written_alone(tmp_path, spill):
+    """A head taken alone from a model with heads at several resolutions: to_zarr lowers its
+    engine (spilled halos, chunk tasks writing themselves), to_numpy fills memory."""
+    vol = np.random.default_rng(13).random((40, 36), dtype=np.float32)
+    out = dp.apply_patches(vol, _pyramid, (16, 12), (8, 4), block_shape=(16, 8),
+                           out_channels={"full": 2, "half": 1, "thin": 1},
+                           out_scale={"full": 1, "half": 0.5, "thin": (1, 0.25)})
+    with dask.config.set({"daskpatch.spill-bytes": 1 if spill else "1 GiB"}):
+        z = dp.to_zarr(out["half"], tmp_path / "half.zarr")
+    alone = _head_alone(vol, "half", 0.5)
+    np.testing.assert_allclose(z[...], alone, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(dp.to_numpy(out["thin"]), _head_alone(vol, "thin", (1, 0.25)),
+                               rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.needs_dask("group writes merge HighLevelGraph layers")
+def test_heads_at_different_resolutions_on_a_local_cluster(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    vol = np.random.default_rng(14).random((40, 36), dtype=np.float32)
+    out = dp.apply_patches(vol, _pyramid, (16, 12), (8, 4), block_shape=(16, 8),
+                           out_channels={"full": 2, "half": 1, "thin": 1},
+                           out_scale={"full": 1, "half": 0.5, "thin": (1, 0.25)})
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                  dashboard_address=":0") as cluster, \
+            distributed.Client(cluster):
+        g = dp.to_zarr(out, tmp_path / "o.zarr")
+    for head, scale in (("full", 1), ("half", 0.5), ("thin", (1, 0.25))):
+        np.testing.assert_allclose(g[head][...], _head_alone(vol, head, scale), rtol=2e-6,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(out_scale={"a": 1}), ParameterError,
+     r"out_scale as a dict gives one scale per head and must name the heads"),
+    (dict(out_scale={"a": 1, "b": 0.3}), ParameterError,
+     r"out_scale of head 'b' maps the patch size 8 on spatial axis 0 to 12/5"),
+    (dict(out_scale="twice"), ParameterError, r"a dict of one per head, or 'infer'"),
+])
+def test_bad_per_head_scales(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        dp.apply_patches(np.zeros((16, 16), np.float32), lambda b: {"a": b, "b": b}, 8, 4,
+                         out_channels={"a": 1, "b": 1}, **kwargs)
+
+
+def test_wrong_head_resolution_names_the_head():
+    inputs = np.ones((6, 20, 20), dtype=np.float32)
 
     def smaller(data):
         return {"full": data + 1, "half": data[:, :, ::2, ::2] + 2}
@@ -153,7 +275,7 @@ def test_monai_multioutput_tuple_and_dict():
     out = dp.apply_patches(inputs, smaller, 8, 4, channel_axis=0,
                            out_channels={"full": 6, "half": 6})
     with pytest.raises(ModelOutputError, match=r"head 'half' has shape \(1, 6, 4, 4\).*"
-                       r"spatial shape \(4, 4\), not the patch's \(8, 8\)"):
+                       r"spatial shape \(4, 4\), not \(8, 8\).*out_scale='infer'"):
         out["full"].compute()
 
 
@@ -404,8 +526,10 @@ def test_heads_flips_and_uncertainty_at_another_resolution():
     mean, std = dp.apply_patches(vol, up, 8, 4, out_scale=2, tta="flip", uncertainty=True)
     np.testing.assert_allclose(mean.compute(), alone, rtol=1e-6)
     assert float(std.max().compute()) < 1e-5  # flips of a pointwise upsampling agree
-    with pytest.raises(ValueError, match=r"out_scale with several heads.*got 'infer'"):
-        dp.apply_patches(vol, two, 8, 4, out_scale="infer", out_channels={"a": 1, "b": 1})
+    calls.clear()
+    inferred = dp.apply_patches(vol, two, 8, 4, out_scale="infer", out_channels={"a": 1, "b": 1})
+    assert calls == [1]  # the probe, when the graph is built
+    np.testing.assert_allclose(inferred["b"].compute(), 3 * alone, rtol=1e-6)
     bad = dp.apply_patches(vol, lambda b: {"a": b, "b": b}, 8, 4, out_scale=2,
                            out_channels={"a": 1, "b": 1})
     with pytest.raises(ModelOutputError, match=r"head 'a' has shape .*\(16, 16\)"):

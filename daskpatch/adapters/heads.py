@@ -25,7 +25,7 @@ from daskpatch.errors import (ModelOutputError, ModelOutputTypeError, ParameterE
                               ParameterTypeError)
 from daskpatch.geometry.parse import _describe, parse_int, parse_result_dtype
 
-__all__ = ["TTA_MODES", "Head", "Heads", "HeadsFn", "parse_heads", "parse_tta"]
+__all__ = ["TTA_MODES", "Head", "Heads", "HeadsFn", "head_values", "parse_heads", "parse_tta"]
 
 #: Accepted names of ``tta`` (besides ``None`` and a list of axis sets).
 TTA_MODES: tuple[str, ...] = ("flip",)
@@ -179,100 +179,87 @@ class HeadsFn(BatchFn):
 
     The batch comes in the engine's layout: ``squeeze`` drops its channel axis of one for a
     model that takes no channel axis (and gives each head one back); ``channel_last`` puts the
-    channel axis last (batches and heads). ``n_spatial`` is the number of spatial axes.
+    channel axis last (batches and heads). ``spatials`` is each head's spatial patch shape:
+    heads at different resolutions fall into :attr:`groups` (one per spatial shape, in the
+    order of their first head), and the function then returns one array per group, a tuple,
+    each group concatenated as above (its heads, then their squares).
     """
 
     def __init__(self, fn: Any, heads: Heads, flips: tuple[tuple[int, ...], ...], squares: bool,
                  squeeze: bool, channel_last: bool, has_channel: bool, acc: np.dtype,
-                 spatial: tuple[int, ...], axes: str) -> None:
+                 spatials: Sequence[tuple[int, ...]], axes: str) -> None:
         self.heads, self.flips, self.squares = heads, flips, squares
         self.squeeze, self.channel_last, self.has_channel = squeeze, channel_last, has_channel
-        self.acc, self.spatial = np.dtype(acc), tuple(spatial)
-        total = sum(h.channels for h in heads.heads) * (2 if squares else 1)
-        out = (total,) + self.spatial if not channel_last else self.spatial + (total,)
-        if not (has_channel or squeeze) and total == 1:
-            out = self.spatial
-        super().__init__(as_model(fn), out, axes)
+        self.acc, self.spatials = np.dtype(acc), tuple(tuple(s) for s in spatials)
+        shapes = list(dict.fromkeys(self.spatials))
+        #: per group (one per distinct spatial shape): the indices of its heads
+        self.groups = tuple(tuple(i for i, s in enumerate(self.spatials) if s == shape)
+                            for shape in shapes)
+        outs = []
+        for shape, group in zip(shapes, self.groups):
+            total = sum(heads.heads[i].channels for i in group) * (2 if squares else 1)
+            outs.append((total,) + shape if not channel_last else shape + (total,))
+            if not (has_channel or squeeze) and total == 1:
+                outs[-1] = shape
+        super().__init__(as_model(fn), outs[0], axes)
+        #: each group's output patch shape in the engine's layout (no batch axis)
+        self.out_shapes = tuple(outs)
         #: what determines the result besides the engine's parameters (its fingerprint)
-        self.params = {"heads": heads.kind,
+        self.params: dict[str, Any] = {"heads": heads.kind,
                        "head_channels": {str(h.name): h.channels for h in heads.heads},
                        "tta": [list(f) for f in flips], "uncertainty": squares}
+        if len(self.groups) > 1:
+            self.params["head_shapes"] = {str(h.name): list(s)
+                                          for h, s in zip(heads.heads, self.spatials)}
 
     def __dask_tokenize__(self) -> Any:
         from dask.base import normalize_token
 
-        return ("daskpatch-heads-fn", normalize_token(self.fn), self.out_shape, self.heads,
+        return ("daskpatch-heads-fn", normalize_token(self.fn), self.out_shapes, self.heads,
                 self.flips, self.squares, self.squeeze, self.channel_last, str(self.acc))
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> Any:
         x = batch[:, 0] if self.squeeze else batch
         # spatial axes of a batch in the model's layout (B, [C,] *spatial[, C])
         first = 2 if (self.has_channel and not self.channel_last) else 1
-        sums: np.ndarray | None = None
+        sums: list[np.ndarray] | None = None
         for flip in self.flips:
             xin = np.ascontiguousarray(np.flip(x, tuple(first + a for a in flip))) if flip \
                 else x
             parts = self._heads(BatchFn.__call__(self, xin), xin)
-            mean = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            means = [np.concatenate([parts[i] for i in g], axis=1) if len(g) > 1
+                     else parts[g[0]] for g in self.groups]
             if flip:  # un-flipped in the canonical (B, C, *spatial) layout
-                mean = np.flip(mean, tuple(2 + a for a in flip))
-            terms = [mean, np.square(mean)] if self.squares else [mean]
+                means = [np.flip(m, tuple(2 + a for a in flip)) for m in means]
             if sums is None:
-                sums = np.concatenate(terms, axis=1) if len(terms) > 1 else \
-                    np.array(mean, dtype=self.acc)
+                sums = [np.concatenate([m, np.square(m)], axis=1) if self.squares else
+                        np.array(m, dtype=self.acc) for m in means]
             else:
-                for k, t in enumerate(terms):
-                    n = mean.shape[1]
-                    sums[:, k * n:(k + 1) * n] += t
+                for s, m in zip(sums, means):
+                    n = m.shape[1]
+                    s[:, :n] += m
+                    if self.squares:
+                        s[:, n:] += np.square(m)
         assert sums is not None
-        if len(self.flips) > 1:
-            sums /= len(self.flips)
-        if self.channel_last:
-            return np.moveaxis(sums, 1, -1)
-        if not (self.has_channel or self.squeeze) and sums.shape[1] == 1:
-            return sums[:, 0]
-        return sums
+        outs = []
+        for s in sums:
+            if len(self.flips) > 1:
+                s /= len(self.flips)
+            if self.channel_last:
+                s = np.moveaxis(s, 1, -1)
+            elif not (self.has_channel or self.squeeze) and s.shape[1] == 1:
+                s = s[:, 0]
+            outs.append(s)
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _heads(self, out: Any, batch: np.ndarray) -> list[np.ndarray]:
         """The heads of one output, checked, each ``(B, K, *spatial)`` in ``acc``."""
-        heads = self.heads
-        if heads.kind == "array":
-            if isinstance(out, (Mapping, tuple, list)) and not hasattr(out, "shape"):
-                what = (f"a dict with keys {list(out)}" if isinstance(out, Mapping)
-                        else f"a {type(out).__name__} of {len(out)} items")
-                raise ModelOutputTypeError(
-                    f"fn returned {what} for a batch of shape {batch.shape}, where one array "
-                    f"was expected; a model with several heads needs them declared: "
-                    f"out_channels={{name: channels, ...}} for a dict, or a tuple of channel "
-                    f"counts for a tuple", expected="an array", got=type(out).__name__)
-            values = [out]
-        elif heads.kind == "dict":
-            if not isinstance(out, Mapping):
-                raise ModelOutputTypeError(
-                    f"fn must return a dict with keys {[h.name for h in heads.heads]} (as "
-                    f"out_channels declares); got {_what(out)}", expected="a dict",
-                    got=type(out).__name__)
-            want = [h.name for h in heads.heads]
-            if set(out) != set(want):
-                raise ModelOutputError(
-                    f"fn returned a dict with keys {list(out)}; out_channels declares the "
-                    f"heads {want} (every batch must return the same keys)", expected=want,
-                    got=list(out))
-            values = [out[n] for n in want]
-        else:
-            if not isinstance(out, (tuple, list)) or hasattr(out, "shape"):
-                raise ModelOutputTypeError(
-                    f"fn must return a tuple of {len(heads.heads)} arrays (as out_channels "
-                    f"declares); got {_what(out)}", expected="a tuple", got=type(out).__name__)
-            if len(out) != len(heads.heads):
-                raise ModelOutputError(
-                    f"fn returned a {type(out).__name__} of {len(out)} arrays; out_channels "
-                    f"declares {len(heads.heads)} heads {heads.describe()}",
-                    expected=len(heads.heads), got=len(out))
-            values = list(out)
-        return [self._head(h, to_numpy(v), batch) for h, v in zip(heads.heads, values)]
+        return [self._head(h, to_numpy(v), batch, s)
+                for h, v, s in zip(self.heads.heads, head_values(self.heads, out, batch),
+                                   self.spatials)]
 
-    def _head(self, h: Head, arr: Any, batch: np.ndarray) -> np.ndarray:
+    def _head(self, h: Head, arr: Any, batch: np.ndarray, spatial: tuple[int, ...]
+              ) -> np.ndarray:
         label = self.heads.label(h)
         if not (hasattr(arr, "shape") and hasattr(arr, "dtype")):
             raise ModelOutputTypeError(f"{label} must be an array; got {_what(arr)}",
@@ -288,8 +275,8 @@ class HeadsFn(BatchFn):
                 f"uncertainty)", expected="a real dtype", got=arr.dtype)
         n = len(batch)
         chan = self.has_channel  # the model's own layout
-        want = ((n,) + ((h.channels,) + self.spatial if not self.channel_last
-                        else self.spatial + (h.channels,)) if chan else (n,) + self.spatial)
+        want = ((n,) + ((h.channels,) + spatial if not self.channel_last
+                        else spatial + (h.channels,)) if chan else (n,) + spatial)
         if arr.shape != want:
             if arr.ndim < 1 or arr.shape[0] != n:
                 why = (f"{arr.shape[0] if arr.ndim else 'no'} patches for a batch of {n} "
@@ -297,10 +284,10 @@ class HeadsFn(BatchFn):
             else:
                 sp = arr.shape[2:] if chan and not self.channel_last else \
                     arr.shape[1:-1] if chan else arr.shape[1:]
-                if sp != self.spatial:
-                    why = (f"spatial shape {sp}, not the patch's {self.spatial}: every head "
-                           "must have the patch's spatial shape (a head at another resolution "
-                           "is not supported)")
+                if sp != spatial:
+                    why = (f"spatial shape {sp}, not {spatial}: a head's spatial shape is the "
+                           f"patch's times its out_scale (out_scale='infer' reads each head's "
+                           f"off the model's output)")
                 else:
                     why = (f"{arr.shape[-1 if self.channel_last else 1]} channels where "
                            f"out_channels declares {h.channels}")
@@ -311,6 +298,46 @@ class HeadsFn(BatchFn):
         elif self.channel_last:
             arr = np.moveaxis(arr, -1, 1)
         return arr.astype(self.acc, copy=False)
+
+
+def head_values(heads: Heads, out: Any, batch: np.ndarray) -> list[Any]:
+    """The arrays of one output of ``fn`` in the order of ``heads``, after checking that it is
+    the structure ``heads`` declares (one array, a dict with its keys, a tuple of its length)."""
+    if heads.kind == "array":
+        if isinstance(out, (Mapping, tuple, list)) and not hasattr(out, "shape"):
+            what = (f"a dict with keys {list(out)}" if isinstance(out, Mapping)
+                    else f"a {type(out).__name__} of {len(out)} items")
+            raise ModelOutputTypeError(
+                f"fn returned {what} for a batch of shape {batch.shape}, where one array "
+                f"was expected; a model with several heads needs them declared: "
+                f"out_channels={{name: channels, ...}} for a dict, or a tuple of channel "
+                f"counts for a tuple", expected="an array", got=type(out).__name__)
+        values = [out]
+    elif heads.kind == "dict":
+        if not isinstance(out, Mapping):
+            raise ModelOutputTypeError(
+                f"fn must return a dict with keys {[h.name for h in heads.heads]} (as "
+                f"out_channels declares); got {_what(out)}", expected="a dict",
+                got=type(out).__name__)
+        want = [h.name for h in heads.heads]
+        if set(out) != set(want):
+            raise ModelOutputError(
+                f"fn returned a dict with keys {list(out)}; out_channels declares the "
+                f"heads {want} (every batch must return the same keys)", expected=want,
+                got=list(out))
+        values = [out[n] for n in want]
+    else:
+        if not isinstance(out, (tuple, list)) or hasattr(out, "shape"):
+            raise ModelOutputTypeError(
+                f"fn must return a tuple of {len(heads.heads)} arrays (as out_channels "
+                f"declares); got {_what(out)}", expected="a tuple", got=type(out).__name__)
+        if len(out) != len(heads.heads):
+            raise ModelOutputError(
+                f"fn returned a {type(out).__name__} of {len(out)} arrays; out_channels "
+                f"declares {len(heads.heads)} heads {heads.describe()}",
+                expected=len(heads.heads), got=len(out))
+        values = list(out)
+    return values
 
 
 def _what(out: Any) -> str:

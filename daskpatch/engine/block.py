@@ -91,11 +91,18 @@ def _batch_note(block: tuple[int, ...], gidxs: list[tuple[int, ...]], starts: li
     )
 
 
-def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
-                fn: Callable[[np.ndarray], Any], sink: Sink | None = None) -> np.ndarray | None:
+def apply_block(spec: ApplyBlock | tuple[ApplyBlock, ...], region: Any,
+                batches: BatchPool | None, fn: Callable[[np.ndarray], Any],
+                sink: Sink | None = None) -> np.ndarray | tuple[np.ndarray, ...] | None:
     """Accumulate task of ``apply_patches``: run ``fn`` on the block's patches in batches; the
     block's buffer (``None`` with a ``sink``: the patches went into it). ``fn`` is the value of
     the graph's model key, shared by every block task.
+
+    ``spec`` may be a tuple of specs, one per output of a model whose outputs have different
+    resolutions (the groups of a :class:`~daskpatch.adapters.heads.HeadsFn`): the same patches
+    and region, each output with its own buffer, weights and output grid. ``fn`` then returns a
+    tuple of one array per output, each is blended into its buffer, and the task returns the
+    buffers as a tuple (no ``sink``).
 
     The first batch runs in this thread, timed. When ``fn`` took at least :data:`OVERLAP` of the
     task's own work on it (copying the batch in, checking and blending the output) and two or
@@ -113,23 +120,22 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
     with a note (PEP 678) naming the work ``block``, the batch's patches and the region read;
     no batch is handed to ``fn`` after it, and no thread of the task outlives it.
     """
+    several = isinstance(spec, tuple)
+    specs = spec if isinstance(spec, tuple) else (spec,)
+    spec = specs[0]  # what is read and run: the same for every output
     upto = getattr(region, "upto", None)  # a Region: read as the batches reach its rows
     drop = getattr(region, "drop", None)  # and given back once the batches have passed them
     if upto is not None:
         region = region.data
     layout, batch_size = spec.layout, spec.batch_size
-    out_channels, starts = spec.out_channels, spec.starts
-    acc = Accumulator(spec.ext_lo, spec.ext_shape, out_channels, spec.numbers, spec.weights, sink)
+    starts = spec.starts
     region_lo = np.asarray(spec.region_lo)
     items = [(g, np.array([s[i] for s, i in zip(starts, g)]))
              for g in itertools.product(*spec.owned)]
     groups = [items[b0:b0 + batch_size] for b0 in range(0, len(items), batch_size)]
     size = tuple(int(v) for v in spec.patch_shape)
-    # where the predictions go: the output grid (another resolution with ``out_scale``)
-    out_size = tuple(int(v) for v in spec.out_patch_shape) or size
-    out_starts = spec.out_starts or starts
+    outputs = [_Output(s, sink, size) for s in specs]
     channels = region.shape[0]
-    expected = layout.patch_shape(out_size[spec.n_batch:], out_channels)
     pool = sink.pool if sink is not None else None
     if sink is not None:
         batches = sink.batches
@@ -164,8 +170,15 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
         """Check the output of batch ``k`` (``result()``) and blend it into the buffer."""
         chunk = groups[k]
         try:
-            out = _check_output(result(), user_batch.shape, (len(chunk),) + expected,
-                                getattr(fn, "axes", None))
+            out = result()
+            values = out if several else (out,)
+            if several and not (isinstance(out, tuple) and len(out) == len(outputs)):
+                raise ModelOutputTypeError(
+                    f"fn must return a tuple of {len(outputs)} arrays, one per output; got "
+                    f"{_describe_output(out)}", expected=len(outputs), got=type(out).__name__)
+            checked = [_check_output(v, user_batch.shape, (len(chunk),) + o.expected,
+                                     getattr(fn, "axes", None))
+                       for v, o in zip(values, outputs)]
         except Exception as err:
             note = _batch_note(spec.block,
                                [tuple(i + o for i, o in zip(g, spec.origin)) for g, _ in chunk],
@@ -176,10 +189,8 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
                 note += f"; fn was called on a batch of shape {user_batch.shape}; {axes}"
             err.add_note(note)
             raise
-        out = layout.to_canonical(out).reshape((len(chunk), out_channels) + out_size)
-        acc.add_batch([g for g, _ in chunk],
-                      [np.array([s[i] for s, i in zip(out_starts, g)]) for g, _ in chunk],
-                      list(out))
+        for o, arr in zip(outputs, checked):
+            o.add(layout.to_canonical(arr), chunk)
 
     helper: _Helper | None = None
     try:
@@ -212,7 +223,30 @@ def apply_block(spec: ApplyBlock, region: Any, batches: BatchPool | None,
             helper.close()
         for batch in held:
             batches.give(batch)
-    return acc.buf if sink is None else None
+    if sink is not None:
+        return None
+    bufs = tuple(o.acc.buf for o in outputs)
+    return bufs if several else bufs[0]
+
+
+class _Output:
+    """One output of a block task: its buffer, and where its predictions go (the output grid:
+    another resolution with ``out_scale``)."""
+
+    def __init__(self, spec: ApplyBlock, sink: Sink | None, size: tuple[int, ...]) -> None:
+        self.acc = Accumulator(spec.ext_lo, spec.ext_shape, spec.out_channels, spec.numbers,
+                               spec.weights, sink)
+        self.channels = spec.out_channels
+        self.size = tuple(int(v) for v in spec.out_patch_shape) or size
+        self.starts = spec.out_starts or spec.starts
+        #: the output patch as fn returns it (no batch axis)
+        self.expected = spec.layout.patch_shape(self.size[spec.n_batch:], spec.out_channels)
+
+    def add(self, out: np.ndarray, chunk: list[tuple[tuple[int, ...], np.ndarray]]) -> None:
+        out = out.reshape((len(chunk), self.channels) + self.size)
+        self.acc.add_batch([g for g, _ in chunk],
+                           [np.array([s[i] for s, i in zip(self.starts, g)]) for g, _ in chunk],
+                           list(out))
 
 
 #: Share of a block task's own work on a batch (copying it in, checking and blending the output)

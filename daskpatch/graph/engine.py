@@ -244,9 +244,10 @@ class Engine:
         """Tasks that accumulate straight into the in-memory result ``out`` (zeroed; shared
         memory: the local scheduler only), with no halo or chunk tasks; ``None`` where that path
         does not apply (a non-separable window needs a division, another dtype a cast, one axis
-        no slabs)."""
+        no slabs, a block task shared with other outputs a buffer of its own)."""
         fill_value, acc_dtype, out_dtype = self.dtypes
-        if self.args[1] or out_dtype != acc_dtype or self.plan.grid.ndim < 2:
+        if self.args[1] or out_dtype != acc_dtype or self.plan.grid.ndim < 2 or \
+                not getattr(self.overlap.reader, "sinks", True):
             return None
         canon = out[None] if self.ch is None else np.moveaxis(out, self.ch, 0)
         sink = Sink(canon, workers)

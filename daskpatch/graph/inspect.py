@@ -115,7 +115,7 @@ def _input(source: Any) -> str:
 
 
 #: Layers that hold inputs, models or daskpatch's own readers: fingerprinted apart.
-_SOURCES = ("original-", "source-", "from-zarr-", "model-", "array-")
+_SOURCES = ("original-", "source-", "from-zarr-", "model-", "array-", "apply-fused-")
 
 
 def _operations(x: da.Array, exact: bool) -> list[str]:

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import dask.array as da
+from dask.base import tokenize
 
 import numpy as np
 
@@ -28,6 +33,7 @@ from daskpatch.geometry.parse import _describe
 from daskpatch.geometry.windows import Window, parse_blend
 from daskpatch.geometry.windows import window as full_window
 from daskpatch.graph.inputs import Volume
+from daskpatch.graph.layers import LazyLayer, new_array
 from daskpatch.storage.spill import Spill, parse_spill
 from daskpatch.storage.stores import window_digest
 
@@ -215,6 +221,63 @@ class ApplyReader:
 
 
 @dataclass(frozen=True, eq=False)
+class FusedReader:
+    """How a block of one output of a model with several gets its buffer: item ``output`` of
+    the block's task in the layer ``name`` (:func:`fused_array`), which ran the model once on
+    the block's patches for every output."""
+
+    name: str
+    output: int
+    fn: Any = None  #: the model itself: fingerprinted
+    #: an in-memory result cannot take this block's patches straight (see Engine.into)
+    sinks = False
+
+    def accumulate(self, b: Blending, bidx: tuple[int, ...], ext_lo: tuple[int, ...],
+                   ext_hi: tuple[int, ...]) -> tuple[Any, set[Any]]:
+        key = (self.name, *bidx)
+        return (operator.getitem, key, self.output), {key}
+
+
+def fused_array(plans: Sequence[OverlapAdd], collections: list, extra: dict) -> da.Array:
+    """The tasks running the model once per block for several outputs over the same patches
+    (``plans``, whose work blocks own the same patches, each read by an
+    :class:`ApplyReader`): per block, :func:`~daskpatch.engine.block.apply_block` of every
+    output's spec, returning one buffer per output. An array by name only (its engines read
+    its keys, :class:`FusedReader`): never computed as one."""
+    first = plans[0]
+    plan = first.blending.plan
+    name = "apply-fused-" + tokenize([p.name for p in plans])
+    owning = [[b for b in range(n) if plan.owned[a][b][1] > plan.owned[a][b][0]]
+              for a, n in enumerate(plan.nblocks)]
+
+    def keys() -> Iterator[tuple]:
+        for bidx in itertools.product(*owning):
+            yield (name, *bidx)
+
+    def contains(key: Any) -> bool:
+        return (isinstance(key, tuple) and len(key) == 1 + len(owning) and key[0] == name
+                and all(isinstance(i, int) and 0 <= i < n
+                        for i, n in zip(key[1:], plan.nblocks))
+                and plan.has_patches(key[1:]))
+
+    def task(key: tuple) -> tuple[Any, set]:
+        bidx = key[1:]
+        specs: list[Any] = []
+        deps: set[Any] = set()
+        for p in plans:
+            ext = p.blending.plan.ext
+            t, deps = p.reader.accumulate(p.blending, bidx,
+                                          tuple(ext[a][b][0] for a, b in enumerate(bidx)),
+                                          tuple(ext[a][b][1] for a, b in enumerate(bidx)))
+            specs.append(t[1])
+        return (t[0], tuple(specs)) + t[2:], deps  # the region read once, the model once
+
+    meta = np.empty((0,) * len(owning), dtype=object)
+    return new_array(name, LazyLayer(keys, math.prod(len(o) for o in owning), contains, task),
+                     tuple((1,) * n for n in plan.nblocks), meta, collections, extra)
+
+
+@dataclass(frozen=True, eq=False)
 class ReconstructReader:
     """How a ``reconstruct`` block gets its patches: rows of the patch array ``name`` (chunked
     along the patch axis at ``bounds``, whole on the others)."""
@@ -255,4 +318,4 @@ class OverlapAdd:
 
     name: str
     blending: Blending
-    reader: ApplyReader | ReconstructReader
+    reader: ApplyReader | ReconstructReader | FusedReader
