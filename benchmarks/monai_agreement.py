@@ -24,6 +24,7 @@ import json
 import platform
 import time
 
+import dask
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
@@ -50,6 +51,45 @@ def network(name: str) -> torch.nn.Module:
                     strides=(2, 2), num_res_units=1).eval()
     return BasicUNet(spatial_dims=3, in_channels=1, out_channels=2,
                      features=(8, 8, 16, 32, 64, 8)).eval()
+
+
+class TwoResolutions(torch.nn.Module):
+    """A network with a full-resolution head and a half-resolution one (deep supervision)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.net(x)
+        return y, torch.nn.functional.avg_pool3d(torch.sin(3 * y), 2)
+
+
+def multi_resolution(rows: list) -> None:
+    """MONAI's outputs at other resolutions against daskpatch's heads at those resolutions.
+    ``constant`` must agree to float rounding; MONAI's ``gaussian`` at half resolution samples
+    the full-size window with nearest interpolation, where daskpatch uses the gaussian of the
+    half-size patch, so that row is printed for information."""
+    net = TwoResolutions(network("unet")).eval()
+    shape, roi, overlap = (96, 80, 64), (32, 32, 32), 0.5
+    vol = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    stride = _get_scan_interval(shape, roi, 3, (overlap,) * 3)
+    for mode in ("constant", "gaussian"):
+        with torch.inference_mode():
+            refs = sliding_window_inference(torch.from_numpy(vol)[None, None], roi, 4, net,
+                                            overlap=overlap, mode=mode, sigma_scale=0.125)
+        kw = dict(blend="constant") if mode == "constant" else \
+            dict(blend="gaussian", sigma_scale=0.125, min_weight=1e-3)
+        heads = dp.apply_patches(vol[None], net, roi, stride, channel_axis=0, batch_size=4,
+                                 out_channels=(2, 2), out_scale="infer", **kw)
+        for k, (ref, got) in enumerate(zip(refs, dask.compute(*heads))):
+            diff, rel = compare(ref[0].numpy().astype(np.float64), got)
+            row = ["unet+half", "x".join(map(str, shape)), "x".join(map(str, roi)), overlap,
+                   "x".join(map(str, stride)), f"{mode} head {k} ({got.shape[1:]})",
+                   f"{diff:.3g}", f"{rel:.2g}", "-"]
+            rows.append(row)
+            print(f"two resolutions {row[1]} roi {row[2]} {mode:8} head {k} "
+                  f"{tuple(got.shape)}: max abs {diff:.3g}, rel {rel:.2g}", flush=True)
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
@@ -97,6 +137,7 @@ def main() -> None:
             print(f"{name:9} {row[1]:11} roi {row[2]:8} overlap {overlap:<4} stride {row[4]:8} "
                   f"{mode:8}: max abs {diff:.3g}, rel {rel:.2g}; default gaussian {plain}  "
                   f"(MONAI {t_monai:.1f} s, daskpatch {t_dp:.1f} s)", flush=True)
+    multi_resolution(rows)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f)

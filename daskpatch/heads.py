@@ -108,7 +108,8 @@ def apply_heads(apply: Callable[..., list[da.Array]], volume: Any, fn: Any, size
     direct = heads.kind == "array" and not uncertainty and h0.dtype is not None \
         and h0.dtype.kind in "fc"
     ys = apply(volume, hfn, size, stride,
-               [(scales[g[0]], t * (2 if uncertainty else 1), h0.dtype if direct else acc)
+               [(scales[g[0]], t * (2 if uncertainty else 1), h0.dtype if direct else acc,
+                 "out_scale" if len(hfn.groups) == 1 else f"out_scale[{heads.heads[g[0]].name!r}]")
                 for g, t in zip(hfn.groups, totals)], channel_axis=channel_axis, **kwargs)
     if direct:
         return ys[0]

@@ -375,7 +375,7 @@ def apply_patches(
             parse_int(out_channels, "out_channels", minimum=1) > 1:
         # one channel in, K out: the volume gets a channel axis in front, the model (B, 1, ...)
         volume, channel_axis = with_channel_axis(volume), 0
-    (y,) = _apply(volume, fn, size, stride, [(out_scale, out_channels, dtype)],
+    (y,) = _apply(volume, fn, size, stride, [(out_scale, out_channels, dtype, "out_scale")],
                   channel_axis=channel_axis, border=border, pad_mode=pad_mode,
                   pad_value=pad_value, blend=blend, batch_size=batch_size,
                   block_shape=block_shape, fill_value=fill_value, sigma_scale=sigma_scale,
@@ -383,12 +383,13 @@ def apply_patches(
     return y
 
 
-def _apply(volume: Any, fn: Any, size: Any, stride: Any, outputs: Sequence[tuple[Any, Any, Any]],
+def _apply(volume: Any, fn: Any, size: Any, stride: Any,
+           outputs: Sequence[tuple[Any, Any, Any, str]],
            *, channel_axis: Any, border: Any, pad_mode: Any, pad_value: Any, blend: Any,
            batch_size: Any, block_shape: Any, fill_value: Any, sigma_scale: Any, spill: Any,
            min_weight: Any) -> list[da.Array]:
-    """The overlap-adds of :func:`apply_patches`: one per ``(out_scale, out_channels, dtype)``
-    of ``outputs``, over the same patches. One output is one engine whose blocks run ``fn``;
+    """The overlap-adds of :func:`apply_patches`: one per ``(out_scale, out_channels, dtype,
+    name)`` of ``outputs`` (``name``: how errors call its ``out_scale``), over the same patches. One output is one engine whose blocks run ``fn``;
     several (the groups of heads at different resolutions of a
     :class:`~daskpatch.adapters.heads.HeadsFn`, which returns one array per output) share one
     task per block that runs ``fn`` once on its patches and accumulates every output, each
@@ -413,12 +414,12 @@ def _apply(volume: Any, fn: Any, size: Any, stride: Any, outputs: Sequence[tuple
     else:
         chunks_in = None
     made = []  # per output: (grid, scale, channels, dtype, window)
-    for out_scale, out_channels, dtype in outputs:
+    for out_scale, out_channels, dtype, param in outputs:
         cout = vol.channels if out_channels is None else \
             parse_int(out_channels, "out_channels", minimum=1)
         # the grid the predictions blend on: the input's, or scaled by out_scale
         fn, grid, scale = scaled_model(fn, out_scale, in_grid, layout, tuple(volume.shape),
-                                       vol.channels, cout, vol.dtype)
+                                       vol.channels, cout, vol.dtype, param)
         out_dtype = parse_result_dtype(dtype)
         if out_dtype is None:
             out_dtype = vol.dtype if vol.dtype.kind in "fc" else np.dtype(np.float32)

@@ -259,6 +259,8 @@ def test_heads_at_different_resolutions_on_a_local_cluster(tmp_path):
     (dict(out_scale={"a": 1, "b": 0.3}), ParameterError,
      r"out_scale of head 'b' maps the patch size 8 on spatial axis 0 to 12/5"),
     (dict(out_scale="twice"), ParameterError, r"a dict of one per head, or 'infer'"),
+    (dict(out_scale={"a": 1, "b": 0.125}), ParameterError,
+     r"out_scale\['b'\]=1/8 on spatial axis 0 maps the patch stride 4 to 0.5 voxels"),
 ])
 def test_bad_per_head_scales(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -50,14 +50,14 @@ def infer_scale(fn: BatchFn, layout: Layout, spatial: tuple[int, ...], channels:
 
 
 def scaled_model(fn: Any, out_scale: Any, grid: PatchGrid, layout: Layout,
-                 shape: tuple[int, ...], channels: int, out_channels: int, dtype: np.dtype
-                 ) -> tuple[BatchFn, PatchGrid, Scale | None]:
+                 shape: tuple[int, ...], channels: int, out_channels: int, dtype: np.dtype,
+                 param: str = "out_scale") -> tuple[BatchFn, PatchGrid, Scale | None]:
     """The model as ``apply_patches`` calls it, the grid its predictions blend on (``grid``
     itself, or scaled by ``out_scale``), and the scale (``None``: the input's resolution).
 
     ``out_scale`` is ``None``, a number or one per spatial axis (see
     :func:`~daskpatch.geometry.scale.parse_out_scale`), or ``"infer"``: the model runs once on an
-    all-zero patch and its output shape gives the scale.
+    all-zero patch and its output shape gives the scale. ``param`` names it in errors.
     """
     nb = layout.n_batch
     spatial = grid.size[nb:]
@@ -76,7 +76,7 @@ def scaled_model(fn: Any, out_scale: Any, grid: PatchGrid, layout: Layout,
         scale = parse_out_scale(out_scale, len(spatial))
     if scale is None or all(f == 1 for f in scale):
         return wrap_fn(fn, layout, shape, spatial, channels, out_channels), grid, None
-    out = scaled_grid(grid, nb, scale)
+    out = scaled_grid(grid, nb, scale, param=param)
     text = "(" + ", ".join(str(f) for f in scale) + ")"
     return (wrap_fn(fn, layout, shape, spatial, channels, out_channels, out.size[nb:], text),
             out, scale)
