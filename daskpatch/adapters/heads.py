@@ -212,6 +212,11 @@ class HeadsFn(BatchFn):
             self.params["head_shapes"] = {str(h.name): list(s)
                                           for h, s in zip(heads.heads, self.spatials)}
 
+    @property
+    def on_device(self) -> bool:
+        """Heads, flips and squares are put together on the host: blocks blend there."""
+        return False
+
     def __dask_tokenize__(self) -> Any:
         from dask.base import normalize_token
 

@@ -87,6 +87,18 @@ class BatchFn:
                                "return its predictions or raise an exception") from err
         return to_numpy(out)
 
+    @property
+    def on_device(self) -> bool:
+        """Whether blocks blend on the model's device (:meth:`device_block`)."""
+        return isinstance(self.fn, TorchModel) and self.fn.blends_on_device
+
+    def device_block(self, spec: Any, region: Any, check: Any) -> np.ndarray | None:
+        """The block of ``spec`` accumulated on the model's device, or ``None``: on the host
+        (see :func:`daskpatch.adapters.device.accumulate_on_device`)."""
+        from daskpatch.adapters.device import accumulate_on_device
+
+        return accumulate_on_device(self.fn, spec, region, check)
+
     def __dask_tokenize__(self) -> Any:
         from dask.base import normalize_token
 
@@ -321,6 +333,14 @@ class TorchModel:
         ``batch_size`` (the same one wastes nothing). ``None`` (default): the batch size an
         exported program's input was fixed to, or a traced module's example had; any size
         for other modules.
+    blend_on_device : bool, optional
+        Blend the predictions where the module runs (:mod:`daskpatch.adapters.device`): each
+        work block's region goes to the device once, its patches are gathered, run, weighted
+        and added into a buffer on the device, and the finished block comes back once -- no
+        prediction crosses to the host. ``None`` (default): on when the device (given, or the
+        parameters') is not the CPU. ``True`` on the CPU runs the same path with torch ops.
+        Results equal the host's to float rounding; ``blend="crop"`` and several heads, flips
+        or uncertainty blend on the host.
 
     Notes
     -----
@@ -357,7 +377,8 @@ class TorchModel:
     """
 
     def __init__(self, module: Any, device: Any = None, dtype: Any = None,
-                 amp: bool | str = False, batch_size: int | None = None) -> None:
+                 amp: bool | str = False, batch_size: int | None = None,
+                 blend_on_device: bool | None = None) -> None:
         torch = _import_torch()
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module; got {_describe(module)}")
@@ -376,6 +397,10 @@ class TorchModel:
         self.dtype = _parse_dtype(dtype)
         self.amp = _parse_amp(amp)
         self.batch_size = batch_size
+        if blend_on_device is not None and not isinstance(blend_on_device, bool):
+            raise TypeError(f"blend_on_device must be None, True or False; got "
+                            f"{_describe(blend_on_device)}")
+        self.blend_on_device = blend_on_device
         self._init_local()
 
     def _init_local(self) -> None:
@@ -386,7 +411,7 @@ class TorchModel:
     # -- pickling ----------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = {k: self.__dict__[k] for k in ("module", "device", "dtype", "amp",
-                                                "batch_size")}
+                                                "batch_size", "blend_on_device")}
         torch = sys.modules["torch"]
         if isinstance(self.module, torch.jit.ScriptModule):  # it has no pickle of its own
             buf = io.BytesIO()
@@ -398,6 +423,7 @@ class TorchModel:
     def __setstate__(self, state: dict[str, Any]) -> None:
         script = state.pop("script", None)
         state.setdefault("batch_size", None)
+        state.setdefault("blend_on_device", None)
         self.__dict__.update(state)
         if script is not None:
             torch = _import_torch()
@@ -406,8 +432,22 @@ class TorchModel:
 
     def __repr__(self) -> str:
         fixed = "" if self.batch_size is None else f", batch_size={self.batch_size}"
+        if self.blend_on_device is not None:
+            fixed += f", blend_on_device={self.blend_on_device}"
         return (f"TorchModel({type(self.module).__name__}, device={self.device!r}, "
                 f"dtype={self.dtype!r}, amp={self.amp!r}{fixed})")
+
+    @property
+    def blends_on_device(self) -> bool:
+        """Whether ``apply_patches`` blends this model's predictions on its device
+        (:mod:`daskpatch.adapters.device`): ``blend_on_device`` when given, else when the device
+        (given, or the parameters') is not the CPU."""
+        if self.blend_on_device is not None:
+            return self.blend_on_device
+        if self.device is not None:
+            return not str(self.device).startswith("cpu")
+        ref = self._floating_tensor()
+        return ref is not None and ref.device.type != "cpu"
 
     # -- placement ---------------------------------------------------------------------------------
     def _floating_tensor(self) -> Any | None:
@@ -475,16 +515,47 @@ class TorchModel:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = _import_torch()
-        device, dtype = self._place()
-        if device.type == "cpu" and threading.current_thread() is not threading.main_thread():
-            fit_torch_threads(torch)  # a dask thread: its torch threads fit the cores
         batch = np.asarray(batch)
         if not batch.dtype.isnative:
             batch = batch.astype(batch.dtype.newbyteorder("="))
         batch = np.ascontiguousarray(batch)
         if not batch.flags.writeable:  # torch warns about tensors over read-only memory
             batch = batch.copy()
-        x = torch.from_numpy(batch)
+        with torch.inference_mode():
+            return to_numpy(self._forward(torch, torch.from_numpy(batch)))
+
+    def run_tensor(self, x: Any) -> Any:
+        """Run the module on a batch tensor (on any device; moved to the module's device and
+        dtype) and return its output as it is, on the device: what blending on the device
+        (:mod:`daskpatch.adapters.device`) calls. A fixed ``batch_size`` pads and drops as
+        :meth:`__call__` does."""
+        torch = _import_torch()
+        n = self.batch_size
+        with torch.inference_mode():
+            if n is None or x.shape[0] == n:
+                return self._forward(torch, x)
+            outs = []
+            for i in range(0, x.shape[0], n):
+                part = x[i:i + n]
+                k = part.shape[0]
+                if k < n:
+                    part = torch.cat([part, part[-1:].expand((n - k,) + tuple(part.shape[1:]))])
+                out = self._forward(torch, part)
+                if not torch.is_tensor(out) or out.ndim == 0 or out.shape[0] != n:
+                    raise ValueError(f"TorchModel(batch_size={n}): the module returned "
+                                     f"{type(out).__name__} of shape "
+                                     f"{tuple(getattr(out, 'shape', ()))} for a batch of {n}; "
+                                     "a fixed batch size needs one output tensor with the "
+                                     "batch first")
+                outs.append(out[:k])
+            return torch.cat(outs)
+
+    def _forward(self, torch: Any, x: Any) -> Any:
+        """The module on tensor ``x`` (under inference mode): moved to its device and dtype,
+        under autocast with ``amp``; its output as it is."""
+        device, dtype = self._place()
+        if device.type == "cpu" and threading.current_thread() is not threading.main_thread():
+            fit_torch_threads(torch)  # a dask thread: its torch threads fit the cores
         if dtype is None:
             dtype = x.dtype if x.is_floating_point() else torch.float32
         if self.amp:
@@ -493,11 +564,9 @@ class TorchModel:
             autocast: Any = torch.autocast(device.type, dtype=getattr(torch, amp_dtype))
         else:
             autocast = contextlib.nullcontext()
-        with torch.inference_mode():
-            x = x.to(device=device, dtype=dtype, non_blocking=device.type == "cuda")
-            with autocast:
-                y = self.module(x)
-            return to_numpy(y)
+        x = x.to(device=device, dtype=dtype, non_blocking=device.type == "cuda")
+        with autocast:
+            return self.module(x)
 
     # -- graph names -----------------------------------------------------------------------------
     def __dask_tokenize__(self) -> Any:

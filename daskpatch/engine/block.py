@@ -104,6 +104,10 @@ def apply_block(spec: ApplyBlock | tuple[ApplyBlock, ...], region: Any,
     tuple of one array per output, each is blended into its buffer, and the task returns the
     buffers as a tuple (no ``sink``).
 
+    A model that blends on its device (``fn.on_device``: a torch model on a GPU, see
+    :mod:`daskpatch.adapters.device`) gets the whole block there (``fn.device_block``) and
+    returns the same buffer; the steps below are the host's.
+
     The first batch runs in this thread, timed. When ``fn`` took at least :data:`OVERLAP` of the
     task's own work on it (copying the batch in, checking and blending the output) and two or
     more batches are left, the others run through a pipeline: ``fn`` in one helper thread of this
@@ -121,6 +125,11 @@ def apply_block(spec: ApplyBlock | tuple[ApplyBlock, ...], region: Any,
     no batch is handed to ``fn`` after it, and no thread of the task outlives it.
     """
     several = isinstance(spec, tuple)
+    if not several and sink is None and getattr(fn, "on_device", False):
+        assert isinstance(spec, ApplyBlock)
+        buf = _on_device(spec, region, fn)
+        if buf is not None:
+            return buf
     specs = spec if isinstance(spec, tuple) else (spec,)
     spec = specs[0]  # what is read and run: the same for every output
     upto = getattr(region, "upto", None)  # a Region: read as the batches reach its rows
@@ -247,6 +256,27 @@ class _Output:
         self.acc.add_batch([g for g, _ in chunk],
                            [np.array([s[i] for s, i in zip(self.starts, g)]) for g, _ in chunk],
                            list(out))
+
+
+def _on_device(spec: ApplyBlock, region: Any, fn: Any) -> np.ndarray | None:
+    """The block blended on the model's device (``fn.device_block``), or ``None`` where the
+    host must do it; an error is noted with the block and the region read, as on the host."""
+    axes = getattr(fn, "axes", None)
+
+    def check(out: Any, batch_shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+        _check_output(out, batch_shape, expected, axes)
+
+    try:
+        return fn.device_block(spec, region, check)  # type: ignore[no-any-return]
+    except Exception as err:
+        lo = np.asarray(spec.region_lo)
+        shape = getattr(region, "shape", (0,))[1:]
+        where = ", ".join(f"{int(a)}:{int(a) + n}" for a, n in zip(lo, shape))
+        err.add_note(f"daskpatch: raised while blending on the model's device, in "
+                     f"apply_patches work block {tuple(spec.block)}, which reads the input "
+                     f"region [{where}] (non-channel axes, padded coordinates)"
+                     + (f"; {axes}" if axes else ""))
+        raise
 
 
 #: Share of a block task's own work on a batch (copying it in, checking and blending the output)

@@ -193,6 +193,12 @@ class ApplyReader:
     #: the plan's grid is then the output grid, ``axis_starts`` and this the input grid's
     in_size: tuple[int, ...] | None = None
 
+    @property
+    def sinks(self) -> bool:
+        """Whether blocks may add into an in-memory result straight (not when the model
+        blends on its device: each block's buffer comes back whole)."""
+        return not getattr(self.fn, "on_device", False)
+
     def accumulate(self, b: Blending, bidx: tuple[int, ...], ext_lo: tuple[int, ...],
                    ext_hi: tuple[int, ...]) -> tuple[Any, set[Any]]:
         """The accumulate task of block ``bidx`` (buffer ``[ext_lo, ext_hi)``) and its inputs."""
