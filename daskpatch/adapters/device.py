@@ -19,11 +19,11 @@ inf from finite predictions (the host path saturates; the block is then run agai
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import Any
 
 import numpy as np
 
-from daskpatch.adapters.torch import _import_torch, to_numpy
 from daskpatch.engine.spec import ApplyBlock
 
 __all__ = ["accumulate_on_device", "can_blend"]
@@ -44,11 +44,11 @@ def accumulate_on_device(model: Any, spec: ApplyBlock, region: Any,
 
     ``region`` is the region read ``(C, *region)`` or a lazily read region (read whole here);
     ``check(out, batch_shape, expected)`` raises the engine's error for an output of the wrong
-    shape or dtype (given the output copied to the host: the error path only).
+    shape or dtype (the error path only: it may copy the output to the host).
     """
     if not can_blend(spec):
         return None
-    torch = _import_torch()
+    torch = sys.modules["torch"]  # a TorchModel imported it
     device, _ = model._place()
     upto = getattr(region, "upto", None)
     if upto is not None:  # a Region: all of it, once
@@ -94,7 +94,7 @@ def _accumulate(torch: Any, model: Any, spec: ApplyBlock, reg: Any, device: Any,
         want = (len(chunk),) + expected
         if not torch.is_tensor(y) or tuple(y.shape) != want or y.is_complex() or \
                 not (y.is_floating_point() or y.dtype in _int_types(torch)):
-            check(to_numpy(y), tuple(x.shape), want)  # raises the engine's error
+            check(y, tuple(x.shape), want)  # raises the engine's error
             if torch.is_tensor(y) and y.is_complex():
                 return None  # the host path says why a complex output needs a complex dtype
         y = _to_canonical(torch, layout, y).reshape((len(chunk), channels) + out_size)

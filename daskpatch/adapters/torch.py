@@ -97,7 +97,10 @@ class BatchFn:
         (see :func:`daskpatch.adapters.device.accumulate_on_device`)."""
         from daskpatch.adapters.device import accumulate_on_device
 
-        return accumulate_on_device(self.fn, spec, region, check)
+        def host_check(out: Any, batch_shape: tuple[int, ...], expected: tuple) -> None:
+            check(to_numpy(out), batch_shape, expected)
+
+        return accumulate_on_device(self.fn, spec, region, host_check)
 
     def __dask_tokenize__(self) -> Any:
         from dask.base import normalize_token
