@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import dask.system
 import numpy as np
 
 from daskpatch.errors import ModelOutputError, ModelOutputTypeError
@@ -114,7 +115,8 @@ def apply_block(spec: ApplyBlock | tuple[ApplyBlock, ...], region: Any,
     task (started here, joined before returning), while this thread copies the next batch in and
     blends the previous output. An accelerator (or anything ``fn`` waits on with the GIL
     released) then always has the next batch queued; a cheap ``fn`` stays in this thread, with
-    one batch in memory. ``fn`` is called once at a time, in order, with this task's context
+    one batch in memory, and so does one that kept :data:`CORES_BUSY` of the process's cores
+    busy (a model on the CPU with threads of its own, which the pipeline would only slow). ``fn`` is called once at a time, in order, with this task's context
     variables; outputs are blended in the same order either way, so the result is the same.
 
     ``region`` is the region read ``(C, *region)``, or a :class:`daskpatch._source.Region` read
@@ -211,7 +213,7 @@ def apply_block(spec: ApplyBlock | tuple[ApplyBlock, ...], region: Any,
         took = _timed(fn, user_batch)
         finish(0, user_batch, took)
         own = clock() - t0 - took.seconds
-        if len(groups) > 2 and took.seconds >= OVERLAP * own:
+        if len(groups) > 2 and took.seconds >= OVERLAP * own and took.busy < CORES_BUSY:
             held.append(batches.take(shape, region.dtype))
             helper = _Helper(fn)
             pending: tuple[int, np.ndarray, Callable[[], Any]] | None = None
@@ -279,6 +281,12 @@ def _on_device(spec: ApplyBlock, region: Any, fn: Any) -> np.ndarray | None:
         raise
 
 
+#: Share of the process's cores that, busy during the first call of ``fn`` (a model on the
+#: CPU with threads of its own: torch's intra-op threads), make a block task keep ``fn`` in its
+#: own thread: the pipeline's helper thread would only take cores from ``fn`` (see
+#: :func:`apply_block`).
+CORES_BUSY = 0.75
+
 #: Share of a block task's own work on a batch (copying it in, checking and blending the output)
 #: that one call of ``fn`` must take for the task to run ``fn`` in a helper thread, overlapped
 #: with that work (see :func:`apply_block`).
@@ -286,17 +294,21 @@ OVERLAP = 0.25
 
 
 class _timed:
-    """``fn(batch)`` as a thunk that records how long the call took."""
+    """``fn(batch)`` as a thunk that records how long the call took, and how much of the
+    process's cores were busy meanwhile (its CPU time, every thread's, over the wall time of
+    the call and the cores: 1.0 is every core busy throughout)."""
 
     def __init__(self, fn: Callable[[np.ndarray], Any], batch: np.ndarray) -> None:
-        self.fn, self.batch, self.seconds = fn, batch, 0.0
+        self.fn, self.batch, self.seconds, self.busy = fn, batch, 0.0, 0.0
 
     def __call__(self) -> Any:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         try:
             return self.fn(self.batch)
         finally:
             self.seconds = time.perf_counter() - t
+            cpu = time.process_time() - c
+            self.busy = cpu / max(self.seconds * dask.system.cpu_count(), 1e-9)
 
 
 class _Helper:

@@ -8,6 +8,7 @@ Whether fn counts as slow is the engine's measurement (``block.OVERLAP``): the t
 from __future__ import annotations
 
 import threading
+import time
 
 import dask
 import numpy as np
@@ -142,6 +143,32 @@ def test_a_slow_model_runs_in_a_helper_thread_with_the_same_result(run, tmp_path
     assert not any(t.startswith("daskpatch-fn") for t in fast.threads)
     assert sorted(slow.sizes) == sorted(fast.sizes)
     assert _helpers() == []  # joined before the task returned
+
+
+def test_a_model_keeping_the_cores_busy_stays_in_the_task_thread(monkeypatch):
+    """A model with threads of its own on the CPU (torch's intra-op threads) keeps every core
+    busy during its first call, so the helper thread would only take cores from it; one that
+    waits (an accelerator) gets the helper. One core here, so that a model spinning in its own
+    thread is "every core"; the threshold low, so that a loaded machine does not decide."""
+    monkeypatch.setattr(dask.system, "cpu_count", lambda: 1)
+    monkeypatch.setattr(block, "CORES_BUSY", 0.3)
+    monkeypatch.setattr(block, "OVERLAP", 0.0)  # slow next to the block's own work, both
+
+    def spin(b):
+        end = time.process_time() + 0.01  # 10 ms of CPU
+        while time.process_time() < end:
+            pass
+        return b * 2
+
+    busy = Sizes(spin)
+    sleepy = Sizes(lambda b: (time.sleep(0.01), b * 2)[1])
+    vol = _volume((16, 16, 16))
+    a = dp.apply_patches(vol, busy, 8, 4, batch_size=2, block_shape=16).compute(scheduler="sync")
+    b = dp.apply_patches(vol, sleepy, 8, 4, batch_size=2, block_shape=16).compute(
+        scheduler="sync")
+    np.testing.assert_array_equal(a, b)
+    assert not any(t.startswith("daskpatch-fn") for t in busy.threads)
+    assert any(t.startswith("daskpatch-fn") for t in sleepy.threads)
 
 
 def test_a_slow_model_failing_in_the_helper_keeps_its_note_and_stops_the_block(slow_fn):
