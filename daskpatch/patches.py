@@ -389,12 +389,14 @@ def _apply(volume: Any, fn: Any, size: Any, stride: Any,
            batch_size: Any, block_shape: Any, fill_value: Any, sigma_scale: Any, spill: Any,
            min_weight: Any) -> list[da.Array]:
     """The overlap-adds of :func:`apply_patches`: one per ``(out_scale, out_channels, dtype,
-    name)`` of ``outputs`` (``name``: how errors call its ``out_scale``), over the same patches. One output is one engine whose blocks run ``fn``;
-    several (the groups of heads at different resolutions of a
-    :class:`~daskpatch.adapters.heads.HeadsFn`, which returns one array per output) share one
-    task per block that runs ``fn`` once on its patches and accumulates every output, each
-    output's engine taking its buffer from it. Their work blocks cover the same patches: the
-    block of the first output (or, automatic, of the finest, sized for them all) scaled to each.
+    name)`` of ``outputs`` (``name``: how errors call its ``out_scale``), over the same patches.
+
+    One output is one engine whose blocks run ``fn``. Several (the groups of heads at different
+    resolutions of a :class:`~daskpatch.adapters.heads.HeadsFn`, which returns one array per
+    output) share one task per block that runs ``fn`` once on its patches and accumulates every
+    output, each output's engine taking its buffer from it. Their work blocks cover the same
+    patches: the block of the first output (or, automatic, of the finest, sized for them all)
+    scaled to each.
     """
     batch_size = parse_int(batch_size, "batch_size", minimum=1)
     layout = parse_layout(volume.ndim, size, channel_axis, shape=volume.shape)
