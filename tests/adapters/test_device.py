@@ -68,6 +68,21 @@ def test_windows_equal_the_host_path(blend, calls):
     assert calls["blocks"] > 0 and calls["back"] == calls["blocks"]
 
 
+def test_to_numpy_takes_the_device_path(calls):
+    """to_numpy's straight accumulation into the result is the host's: an engine whose model
+    blends on its device takes the chunk path instead, each block's buffer coming back whole."""
+    vol = np.random.default_rng(10).random((1, 32, 28, 24), dtype=np.float32)
+    net = _net()
+    host = dp.to_numpy(dp.apply_patches(vol, dp.TorchModel(net), 16, 8, channel_axis=0,
+                                        out_channels=3, batch_size=4))
+    assert calls["blocks"] == 0
+    model = dp.TorchModel(net, device="cpu", blend_on_device=True)
+    dev = dp.to_numpy(dp.apply_patches(vol, model, 16, 8, channel_axis=0, out_channels=3,
+                                       batch_size=4))
+    _close(host, dev)
+    assert calls["back"] == calls["blocks"] > 0
+
+
 def test_defaults_follow_the_device():
     net = _net()
     assert not dp.TorchModel(net).blends_on_device  # parameters on the CPU: the host blends
