@@ -22,7 +22,8 @@ import numpy as np
 from dask.base import tokenize
 
 from daskpatch.adapters.heads import Head, Heads, HeadsFn, head_values, parse_heads, parse_tta
-from daskpatch.adapters.torch import BatchFn, as_model, check_model_input, to_numpy
+from daskpatch.adapters.batch import BatchFn
+from daskpatch.adapters.torch import as_model, check_model_input, to_numpy
 from daskpatch.engine.numbers import acc_dtype, cast, nan_error
 from daskpatch.errors import ModelOutputError, ParameterError
 from daskpatch.geometry.layout import parse_layout

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from daskpatch.adapters.torch import BatchFn, as_model, to_numpy
+from daskpatch.adapters.batch import BatchFn
+from daskpatch.adapters.torch import as_model, to_numpy
 from daskpatch.errors import (ModelOutputError, ModelOutputTypeError, ParameterError,
                               ParameterTypeError)
 from daskpatch.geometry.parse import _describe, parse_int, parse_result_dtype

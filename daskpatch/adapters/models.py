@@ -16,7 +16,8 @@ import inspect
 import types
 from typing import Any
 
-from daskpatch.adapters.torch import BatchFn, TorchModel, is_module
+from daskpatch.adapters.batch import BatchFn
+from daskpatch.adapters.torch import TorchModel, is_module
 
 #: The ``by`` of a model nothing deterministic is known of.
 NOT_FINGERPRINTED = "nothing: pass run_id= to name the model's version"

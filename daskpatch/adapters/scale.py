@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from daskpatch.adapters.torch import BatchFn, to_numpy, wrap_fn
+from daskpatch.adapters.batch import BatchFn, wrap_fn
+from daskpatch.adapters.torch import to_numpy
 from daskpatch.errors import ModelOutputError, ParameterError
 from daskpatch.geometry.grid import PatchGrid
 from daskpatch.geometry.layout import Layout
