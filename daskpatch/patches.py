@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 import os
-from fractions import Fraction
 from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import dask

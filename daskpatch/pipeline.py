@@ -225,17 +225,20 @@ def plan(w: Write, z: zarr.Array, fingerprint: dict[str, Any],
     parts_todo = []
     if todo:
         wanted = set(todo)
-        written = da.map_blocks(
-            functools.partial(_writes.write_block, z=z, fingerprint=fingerprint,
-                              where=w.where, lease=lease), x,
-            chunks=tuple((1,) * n for n in x.numblocks),
-            dtype=np.uint8,
-            meta=np.empty((0,) * x.ndim, dtype=np.uint8),
-            name=f"to-zarr-write-{token}",
-        )
-        parts = _sched.to_delayed(written)
+        parts = _sched.to_delayed(_write_tasks(x, z, fingerprint, w.where, lease, token))
         parts_todo = [d for loc, d in np.ndenumerate(parts) if loc in wanted]
     return dask.delayed(finish, pure=False)(parts_todo, dask_key_name=name)
+
+
+def _write_tasks(x: da.Array, z: zarr.Array, fingerprint: dict[str, Any], where: str,
+                 lease: _lease.Lease | None, token: str) -> da.Array:
+    """One task per chunk of ``x``: write it into ``z`` (one Zarr chunk each) and record it as
+    done (:func:`daskpatch.storage.writes.write_block`); each returns a token of one byte."""
+    return da.map_blocks(
+        functools.partial(_writes.write_block, z=z, fingerprint=fingerprint, where=where,
+                          lease=lease), x,
+        chunks=tuple((1,) * n for n in x.numblocks), dtype=np.uint8,
+        meta=np.empty((0,) * x.ndim, dtype=np.uint8), name=f"to-zarr-write-{token}")
 
 
 def write_array(array: Any, store: Any, path: Any, *, chunks: Any, compressors: Any,
@@ -525,12 +528,7 @@ def _group_writes(arrays: list, lease: _lease.Lease) -> list[Delayed]:
     engine would read its halo parts twice)."""
     writes = []
     for w, z, fingerprint, done, low in arrays:
-        x = low.array
-        writes.append(da.map_blocks(
-            functools.partial(_writes.write_block, z=z, fingerprint=fingerprint,
-                              where=w.where, lease=lease), x,
-            chunks=tuple((1,) * n for n in x.numblocks), dtype=np.uint8,
-            meta=np.empty((0,) * x.ndim, dtype=np.uint8), name=f"to-zarr-write-{low.token}"))
+        writes.append(_write_tasks(low.array, z, fingerprint, w.where, lease, low.token))
     hlg = HighLevelGraph.merge(*[x.dask for x in writes])  # the engines' layers kept
     finals = []
     for (w, z, fingerprint, done, low), x in zip(arrays, writes):

@@ -116,8 +116,9 @@ def apply_block(spec: ApplyBlock | tuple[ApplyBlock, ...], region: Any,
     blends the previous output. An accelerator (or anything ``fn`` waits on with the GIL
     released) then always has the next batch queued; a cheap ``fn`` stays in this thread, with
     one batch in memory, and so does one that kept :data:`CORES_BUSY` of the process's cores
-    busy (a model on the CPU with threads of its own, which the pipeline would only slow). ``fn`` is called once at a time, in order, with this task's context
-    variables; outputs are blended in the same order either way, so the result is the same.
+    busy (a model on the CPU with threads of its own, which the pipeline would only slow).
+    ``fn`` is called once at a time, in order, with this task's context variables; outputs are
+    blended in the same order either way, so the result is the same.
 
     ``region`` is the region read ``(C, *region)``, or a :class:`daskpatch._source.Region` read
     slab by slab as the batches reach it (in the pipeline, while ``fn`` runs).

@@ -91,8 +91,6 @@ def _numbered(pairs: list[tuple[str, Any]]) -> dict[tuple[str, int], Any]:
     return out
 
 
-
-
 def record(fp: dict[str, Any]) -> dict[str, Any]:
     """The ``attrs["daskpatch"]`` value of a new output."""
     return {"fingerprint": fp,
